@@ -1,0 +1,59 @@
+"""The one place that names cardiac structures, diagnostic groups and attribute columns.
+
+Canonical label convention inside the project (the ACDC convention, used by every prepared
+dataset): 0 background, 1 RV blood pool, 2 LV myocardium, 3 LV blood pool. Readers of datasets
+with another convention (M&Ms, UK Biobank: LV=1, MYO=2, RV=3) remap to this one with
+`remap_labels` at read time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BACKGROUND = 0
+RV_BLOOD_POOL = 1
+LV_MYOCARDIUM = 2
+LV_BLOOD_POOL = 3
+NUM_LABELS = 4
+
+# Source convention -> {structure name: source label value}.
+LABEL_CONVENTIONS: dict[str, dict[str, int]] = {
+    "acdc": {"rv": 1, "myo": 2, "lv": 3},
+    "ukbb": {"lv": 1, "myo": 2, "rv": 3},
+    "mnms": {"lv": 1, "myo": 2, "rv": 3},
+}
+_CANONICAL = {"rv": RV_BLOOD_POOL, "myo": LV_MYOCARDIUM, "lv": LV_BLOOD_POOL}
+
+# ACDC diagnostic groups, in the class-index order used by the AR-SIVAE ACDC code.
+GROUPS: tuple[str, ...] = ("NOR", "MINF", "DCM", "HCM", "RV")
+GROUP_INDEX = {name: i for i, name in enumerate(GROUPS)}
+
+# Numeric per-subject attributes written to attributes.csv (in this column order) and stored
+# with every prepared example.
+ATTRIBUTE_NAMES: tuple[str, ...] = (
+    "lv_edv_ml", "lv_esv_ml", "rv_edv_ml", "rv_esv_ml", "myo_ed_ml", "myo_es_ml",
+    "lv_ef", "rv_ef", "lv_sv_ml", "myo_mass_g", "lv_wall_thickness_mm",
+)
+ATTRIBUTES_CSV_COLUMNS: tuple[str, ...] = (
+    "subject", "group", "ed_frame", "es_frame", *ATTRIBUTE_NAMES)
+
+
+def remap_labels(labels: np.ndarray, convention: str) -> np.ndarray:
+  """Maps a label map from `convention` to the canonical one.
+
+  Raises ValueError when the convention is unknown or the map holds values outside it.
+  """
+  if convention not in LABEL_CONVENTIONS:
+    raise ValueError(f"unknown label convention {convention!r}; known: "
+                     f"{sorted(LABEL_CONVENTIONS)}")
+  source = LABEL_CONVENTIONS[convention]
+  values = np.unique(labels)
+  allowed = {0, *source.values()}
+  bad = [int(v) for v in values if int(v) != v or int(v) not in allowed]
+  if bad:
+    raise ValueError(f"label values {bad} are outside the {convention!r} convention "
+                     f"(allowed {sorted(allowed)})")
+  out = np.zeros(labels.shape, np.uint8)
+  for name, value in source.items():
+    out[labels == value] = _CANONICAL[name]
+  return out
