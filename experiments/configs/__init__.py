@@ -1,0 +1,59 @@
+"""Experiment configs: one module per experiment, each with `get_config(arg) -> ConfigDict`.
+
+`NAME[:variant]` names a config: `vae`, `vae:smoke`, `ar_sivae:paper`. Variants are defined in
+`base.apply_variant`. `resolve_config_argv` turns `--config=NAME[:variant]` on a command line
+into the file path that ml_collections' config flag expects, so the name works from any working
+directory.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pathlib
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent
+_NOT_CONFIGS = {"__init__", "base"}
+
+
+def available_configs() -> list[str]:
+  return sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in _NOT_CONFIGS)
+
+
+def _split_name(spec: str) -> tuple[str, str | None]:
+  name, _, variant = spec.partition(":")
+  return name, (variant or None)
+
+
+def get_config(spec: str):
+  """The ConfigDict for `NAME[:variant]` (Python API used by tests, sweeps and benchmarks)."""
+  name, variant = _split_name(spec)
+  if name not in available_configs():
+    raise ValueError(f"unknown config {name!r}; available: {', '.join(available_configs())}")
+  module = importlib.import_module(f"experiments.configs.{name}")
+  return module.get_config(variant)
+
+
+def resolve_config_argv(argv: list[str], flag: str = "config") -> list[str]:
+  """Rewrites `--config=NAME[:variant]` (or `--config NAME`) to `--config=/abs/NAME.py[:v]`."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    value, joined = None, True
+    if arg.startswith(f"--{flag}="):
+      value = arg.split("=", 1)[1]
+    elif arg == f"--{flag}" and i + 1 < len(out):
+      value, joined = out[i + 1], False
+    if value is None:
+      continue
+    name, variant = _split_name(value)
+    if name.endswith(".py") or os.sep in name:
+      continue  # Already a path.
+    if name not in available_configs():
+      raise SystemExit(f"error: unknown config {name!r}; available: "
+                       f"{', '.join(available_configs())}")
+    path = str(CONFIG_DIR / f"{name}.py") + (f":{variant}" if variant else "")
+    if joined:
+      out[i] = f"--{flag}={path}"
+    else:
+      out[i + 1] = path
+  return out

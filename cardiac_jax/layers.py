@@ -1,0 +1,127 @@
+"""Shared Flax building blocks for the image models.
+
+Convolutions go through `Conv`, which owns one kernel parameter (kh, kw, C_in, C_out) and can
+compute the same function two ways:
+
+- "xla":    `lax.conv_general_dilated`, the natural choice on GPU/TPU;
+- "im2col": the kh*kw shifted views of the padded input concatenated on the channel axis and one
+            matmul with the reshaped kernel. On XLA:CPU the backward pass of `lax.conv` is several
+            times slower than a matmul of the same FLOPs (see the project's platform notes), and
+            the gradient of this formulation is just matmuls and slices.
+- "auto":   "im2col" on CPU, "xla" elsewhere.
+
+Both share the parameter layout, so a checkpoint trained with one runs with the other.
+Upsampling is nearest-neighbour + convolution: transposed convolutions are never used (they are
+an order of magnitude slower on XLA:CPU and cause checkerboard artefacts).
+
+The residual block follows the Soft-IntroVAE image model (Daniel & Tamar, CVPR 2021):
+skip = 1x1 conv (no bias) when the channel count changes; main = conv3x3 -> BN -> LeakyReLU(0.2)
+-> conv3x3 -> BN; out = LeakyReLU(0.2)(main + skip).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+CONV_IMPLS = ("auto", "xla", "im2col")
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """Maps "auto" to the implementation that is fastest on the default backend."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return "im2col" if jax.default_backend() == "cpu" else "xla"
+  return impl
+
+
+def conv2d_same(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
+  """Stride-1 'SAME' 2D convolution.
+
+  Args:
+    x: (B, H, W, C_in).
+    kernel: (kh, kw, C_in, C_out), odd kh and kw.
+    impl: "xla" or "im2col" (already resolved).
+  Returns:
+    (B, H, W, C_out).
+  """
+  kh, kw, c_in, c_out = kernel.shape
+  if kh == 1 and kw == 1:
+    return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
+  if impl == "xla":
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1), padding="SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  ph, pw = kh // 2, kw // 2
+  height, width = x.shape[1], x.shape[2]
+  padded = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  # Patch channel order (dy, dx, c) matches kernel.reshape(kh * kw * c_in, c_out).
+  patches = jnp.concatenate(
+      [padded[:, dy:dy + height, dx:dx + width, :]
+       for dy in range(kh) for dx in range(kw)], axis=-1)
+  return jnp.einsum("bhwk,kd->bhwd", patches, kernel.reshape(kh * kw * c_in, c_out))
+
+
+class Conv(nn.Module):
+  """Stride-1 'SAME' convolution with a selectable implementation (see module docstring)."""
+  features: int
+  kernel_size: int = 3
+  use_bias: bool = True
+  impl: str = "auto"
+  dtype: Dtype | None = None
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", self.kernel_init,
+                        (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
+                        jnp.float32)
+    dtype = self.dtype or x.dtype
+    y = conv2d_same(x.astype(dtype), kernel.astype(dtype), resolve_conv_impl(self.impl))
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+      y = y + bias.astype(dtype)
+    return y
+
+
+def avg_pool2(x: jax.Array) -> jax.Array:
+  """2x2 average pooling with stride 2 on (B, H, W, C), H and W even."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def upsample_nearest2(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour x2 upsampling of (B, H, W, C) to (B, 2H, 2W, C)."""
+  b, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+  return x.reshape(b, 2 * h, 2 * w, c)
+
+
+class ResBlock(nn.Module):
+  """Soft-IntroVAE residual block (see module docstring). (B, H, W, C_in) -> (B, H, W, C_out)."""
+  features: int
+  conv_impl: str = "auto"
+  dtype: Dtype | None = None
+  bn_axis_name: str | None = None
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    norm = lambda name: nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+        axis_name=self.bn_axis_name, name=name)
+    conv = lambda name, k: Conv(self.features, k, use_bias=False, impl=self.conv_impl,
+                                dtype=self.dtype, kernel_init=self.kernel_init, name=name)
+    skip = x if x.shape[-1] == self.features else conv("skip", 1)(x)
+    h = conv("conv1", 3)(x)
+    h = nn.leaky_relu(norm("bn1")(h), 0.2)
+    h = conv("conv2", 3)(h)
+    h = norm("bn2")(h)
+    return nn.leaky_relu(h + skip, 0.2)

@@ -1,0 +1,138 @@
+"""Residual image VAE shared by the VAE, beta-VAE, AR-VAE, Soft-IntroVAE and AR-SIVAE configs.
+
+Architecture of the Soft-IntroVAE image model as used by AR-SIVAE (Di Folco et al., MICCAI 2024):
+
+Encoder (B, H, W, C_in) -> mu, logvar (B, zdim):
+  conv5x5 (C_in -> ch[0]) -> BN -> LeakyReLU(0.2) -> avgpool2;
+  for c in ch[1:]: ResBlock(c) -> avgpool2;  ResBlock(ch[-1]);  flatten;  Dense(2 * zdim).
+Decoder (B, zdim) -> (B, H, W, C_out):
+  Dense(ch[-1] * s * s) -> ReLU, s = H / 2**len(ch);
+  for c in reversed(ch): ResBlock(c) -> nearest x2;  ResBlock(ch[0]);  conv5x5 -> C_out
+  (sigmoid output for images in [0, 1], as in the ACDC version).
+
+With ch = (64, 128, 256, 512, 512) and 128 px this is the reference model (4x4 bottleneck).
+The encoder and decoder are separate submodules ("encoder", "decoder") so that Soft-IntroVAE can
+give each its own optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from cardiac_jax import layers
+
+INITIALIZERS = {
+    "lecun_normal": nn.initializers.lecun_normal(),
+    "xavier_normal": nn.initializers.xavier_normal(),
+    "he_normal": nn.initializers.he_normal(),
+}
+
+
+def _bottleneck_size(image_size: int, num_levels: int) -> int:
+  size, remainder = divmod(image_size, 2 ** num_levels)
+  if remainder or size < 1:
+    raise ValueError(f"image_size {image_size} must be divisible by 2**{num_levels} "
+                     f"(one halving per entry of model.channels)")
+  return size
+
+
+class Encoder(nn.Module):
+  """(B, H, W, C) images -> (mu, logvar), each (B, latent_dim)."""
+  channels: Sequence[int]
+  latent_dim: int
+  conv_impl: str = "auto"
+  dtype: Any = None
+  bn_axis_name: str | None = None
+  initializer: str = "lecun_normal"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+    _bottleneck_size(x.shape[1], len(self.channels))
+    kernel_init = INITIALIZERS[self.initializer]
+    h = layers.Conv(self.channels[0], 5, use_bias=False, impl=self.conv_impl, dtype=self.dtype,
+                    kernel_init=kernel_init, name="stem")(x.astype(self.dtype or x.dtype))
+    h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                     dtype=self.dtype, axis_name=self.bn_axis_name, name="stem_bn")(h)
+    h = layers.avg_pool2(nn.leaky_relu(h, 0.2))
+    block = lambda c, name: layers.ResBlock(
+        c, conv_impl=self.conv_impl, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+        kernel_init=kernel_init, name=name)
+    for i, c in enumerate(self.channels[1:]):
+      h = layers.avg_pool2(block(c, f"down{i}")(h, train))
+    h = block(self.channels[-1], "bottleneck")(h, train)
+    h = h.reshape(h.shape[0], -1).astype(jnp.float32)
+    stats = nn.Dense(2 * self.latent_dim, kernel_init=kernel_init, name="to_latent")(h)
+    mu, logvar = jnp.split(stats, 2, axis=-1)
+    return mu, logvar
+
+
+class Decoder(nn.Module):
+  """(B, latent_dim) codes -> (B, image_size, image_size, out_channels) images."""
+  channels: Sequence[int]
+  image_size: int
+  out_channels: int
+  output_activation: str = "sigmoid"
+  conv_impl: str = "auto"
+  dtype: Any = None
+  bn_axis_name: str | None = None
+  initializer: str = "lecun_normal"
+
+  @nn.compact
+  def __call__(self, z: jax.Array, train: bool) -> jax.Array:
+    size = _bottleneck_size(self.image_size, len(self.channels))
+    kernel_init = INITIALIZERS[self.initializer]
+    h = nn.Dense(self.channels[-1] * size * size, kernel_init=kernel_init, name="from_latent")(z)
+    h = nn.relu(h).reshape(z.shape[0], size, size, self.channels[-1])
+    h = h.astype(self.dtype or h.dtype)
+    block = lambda c, name: layers.ResBlock(
+        c, conv_impl=self.conv_impl, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+        kernel_init=kernel_init, name=name)
+    for i, c in enumerate(reversed(self.channels)):
+      h = layers.upsample_nearest2(block(c, f"up{i}")(h, train))
+    h = block(self.channels[0], "head_block")(h, train)
+    y = layers.Conv(self.out_channels, 5, impl=self.conv_impl, dtype=self.dtype,
+                    kernel_init=kernel_init, name="to_image")(h).astype(jnp.float32)
+    if self.output_activation == "sigmoid":
+      return nn.sigmoid(y)
+    if self.output_activation == "none":
+      return y
+    raise ValueError(f"unknown output_activation {self.output_activation!r}")
+
+
+class VAE(nn.Module):
+  """Encoder + decoder; `__call__` is only used to create both parameter sets at init."""
+  channels: Sequence[int]
+  latent_dim: int
+  image_size: int
+  image_channels: int
+  output_activation: str = "sigmoid"
+  conv_impl: str = "auto"
+  dtype: Any = None
+  bn_axis_name: str | None = None
+  initializer: str = "lecun_normal"
+
+  def setup(self):
+    common = dict(channels=tuple(self.channels), conv_impl=self.conv_impl, dtype=self.dtype,
+                  bn_axis_name=self.bn_axis_name, initializer=self.initializer)
+    self.encoder = Encoder(latent_dim=self.latent_dim, **common)
+    self.decoder = Decoder(image_size=self.image_size, out_channels=self.image_channels,
+                           output_activation=self.output_activation, **common)
+
+  def encode(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+    return self.encoder(x, train)
+
+  def decode(self, z: jax.Array, train: bool) -> jax.Array:
+    return self.decoder(z, train)
+
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    mu, _ = self.encoder(x, train)
+    return self.decoder(mu, train)
+
+
+def reparameterize(key: jax.Array, mu: jax.Array, logvar: jax.Array) -> jax.Array:
+  """z = mu + exp(logvar / 2) * eps, eps ~ N(0, I)."""
+  return mu + jnp.exp(0.5 * logvar) * jax.random.normal(key, mu.shape, mu.dtype)

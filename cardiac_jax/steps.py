@@ -1,0 +1,317 @@
+"""Pure train and eval steps of the VAE family: VAE, beta-VAE, AR-VAE, Soft-IntroVAE, AR-SIVAE.
+
+Every step is a pure function `(state, batch, key) -> (state, metrics)`, compiled by the caller
+(see `cardiac_jax.parallel`). A batch is a dict with "image" (B, H, W, C) float32 in [0, 1] and
+"attributes" (B, A) float32.
+
+Objectives (config.loss.objective):
+- "vae": L = mean_i[Rec_i] + beta_kl * mean_i[KL_i] + gamma * AR(z, a). With beta_kl = 1 the
+  VAE, with beta_kl > 1 the beta-VAE (Higgins et al. 2017), with gamma > 0 the AR-VAE
+  (Pati & Lerch 2021). Encoder and decoder are updated together from the same loss.
+- "soft_intro": Soft-IntroVAE (Daniel & Tamar, CVPR 2021), with gamma > 0 AR-SIVAE (Di Folco et
+  al., MICCAI 2024). Per batch, the encoder is updated first (decoder frozen) with
+    L_E = s (beta_rec Rec(x, x_r) + beta_kl KL(x)) + 1/4 (expELBO(x_r) + expELBO(x_f)) + gamma AR,
+  where x_r = D(z), x_f = D(z_p), z_p ~ N(0, I), and the reconstructions and fakes are re-encoded
+  through a stop-gradient; then the decoder (encoder frozen, already updated) with
+    L_D = s (beta_rec Rec(x, x_r) + beta_kl/2 (KL(x_r) + KL(x_f))
+             + gamma_r beta_rec/2 (Rec(sg x_r, x_rr) + Rec(sg x_f, x_fr))).
+  s = 1 / (C H W). Each part has its own Adam optimizer. The AR term is not scaled by s.
+  During the first `loss.vae_warmup_steps` steps the VAE objective (with beta_rec/beta_kl
+  weights) is used instead, as the reference's `num_vae` epochs.
+
+BatchNorm statistics: the encoder keeps the statistics of its pass over real images, the decoder
+those of its pass decoding real codes; passes over fakes never update running statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cardiac_jax import losses
+from cardiac_jax.models import vae as vae_lib
+from cardiac_jax.train_state import TrainState, all_finite, make_optimizer, select_tree
+
+PARTS = ("encoder", "decoder")
+Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Plain, hashable copy of config.loss (see experiments/configs/base.py for meanings)."""
+  objective: str = "vae"
+  reconstruction: str = "mse"
+  beta_kl: float = 1.0
+  beta_rec: float = 1.0
+  beta_neg: float = 256.0
+  gamma_r: float = 1e-8
+  scale: str = "chw"
+  gamma: float = 0.0
+  delta: float = 1.0
+  regularized_dims: tuple[int, ...] = ()
+  vae_warmup_steps: int = 0
+
+  @classmethod
+  def from_config(cls, loss_config) -> "LossConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in loss_config.to_dict().items() if k in fields}
+    if "regularized_dims" in values:
+      values["regularized_dims"] = tuple(int(d) for d in values["regularized_dims"])
+    return cls(**values)
+
+
+def _split(key: jax.Array, n: int) -> list[jax.Array]:
+  return list(jax.random.split(key, n))
+
+
+class VAEFamily:
+  """The VAE family for one config: model, optimizers and pure steps.
+
+  Attributes used by the training loop: `init_state`, `train_step`, `warmup_train_step`
+  (or None), `eval_step`, `encode`, `decode`, `reconstruct`, `uses_warmup(step)`.
+  """
+
+  def __init__(self, config, bn_axis_name: str | None = None):
+    model_config = config.model
+    self.config = config
+    self.loss = LossConfig.from_config(config.loss)
+    self.image_size = int(config.data.image_size)
+    self.image_channels = len(config.data.channels)
+    self.latent_dim = int(model_config.latent_dim)
+    self.model = vae_lib.VAE(
+        channels=tuple(model_config.channels), latent_dim=self.latent_dim,
+        image_size=self.image_size, image_channels=self.image_channels,
+        output_activation=model_config.output_activation, conv_impl=model_config.conv_impl,
+        dtype=jnp.dtype(model_config.compute_dtype), bn_axis_name=bn_axis_name,
+        initializer=model_config.initializer)
+    self.tx = {part: make_optimizer(config.optimizer) for part in PARTS}
+    self.skip_nonfinite = bool(config.train.skip_nonfinite)
+    if self.loss.objective not in ("vae", "soft_intro"):
+      raise ValueError(f"unknown loss.objective {self.loss.objective!r} (vae or soft_intro)")
+    if self.loss.gamma and not self.loss.regularized_dims:
+      raise ValueError("loss.gamma > 0 needs loss.regularized_dims (one latent dimension per "
+                       "entry of data.attributes)")
+    if self.loss.regularized_dims:
+      if len(self.loss.regularized_dims) != len(config.data.attributes):
+        raise ValueError(
+            f"loss.regularized_dims {self.loss.regularized_dims} must have one dimension per "
+            f"data.attributes entry {tuple(config.data.attributes)}")
+      if max(self.loss.regularized_dims) >= self.latent_dim:
+        raise ValueError(f"loss.regularized_dims {self.loss.regularized_dims} exceed "
+                         f"model.latent_dim {self.latent_dim}")
+    chw = self.image_size * self.image_size * self.image_channels
+    hw = self.image_size * self.image_size
+    self.scale = {"chw": 1.0 / chw, "hw": 1.0 / hw, "none": 1.0}[self.loss.scale]
+
+  # ----------------------------------------------------------------------- model application
+  def _apply(self, part: str, params, batch_stats, inputs, train: bool,
+             update_stats: bool = False):
+    """Runs the encoder or decoder alone; with `update_stats` also returns its new BN stats."""
+    variables = {"params": {part: params[part]}, "batch_stats": {part: batch_stats[part]}}
+    fn = lambda module, inp: getattr(module, part)(inp, train)
+    if not train:
+      return self.model.apply(variables, inputs, method=fn)
+    out, updates = self.model.apply(variables, inputs, method=fn, mutable=["batch_stats"])
+    return (out, updates["batch_stats"][part]) if update_stats else out
+
+  def _encode(self, params, batch_stats, x, train: bool, update_stats: bool = False):
+    return self._apply("encoder", params, batch_stats, x, train, update_stats)
+
+  def _decode(self, params, batch_stats, z, train: bool, update_stats: bool = False):
+    return self._apply("decoder", params, batch_stats, z, train, update_stats)
+
+  # ------------------------------------------------------------------------------ state
+  def init_state(self, key: jax.Array) -> TrainState:
+    """Fresh state for a run whose root key is `key`."""
+    init_key = jax.random.fold_in(key, 0x1417)
+    x = jnp.zeros((1, self.image_size, self.image_size, self.image_channels), jnp.float32)
+    variables = self.model.init(init_key, x, train=False)
+    params = dict(variables["params"])
+    batch_stats = dict(variables.get("batch_stats", {part: {} for part in PARTS}))
+    opt_state = {part: self.tx[part].init(params[part]) for part in PARTS}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=opt_state, rng=key,
+                      skipped_nonfinite=jnp.zeros((), jnp.int32))
+
+  # ------------------------------------------------------------------------------ inference
+  def encode(self, state: TrainState, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(B, H, W, C) -> posterior (mu, logvar), BatchNorm in inference mode."""
+    return self._encode(state.params, state.batch_stats, images, train=False)
+
+  def decode(self, state: TrainState, z: jax.Array) -> jax.Array:
+    """(B, latent_dim) -> (B, H, W, C) images, BatchNorm in inference mode."""
+    return self._decode(state.params, state.batch_stats, z, train=False)
+
+  def reconstruct(self, state: TrainState, images: jax.Array) -> jax.Array:
+    """Decodes the posterior mean: the deterministic reconstruction used for evaluation."""
+    mu, _ = self.encode(state, images)
+    return self.decode(state, mu)
+
+  def eval_step(self, state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-example evaluation quantities (B,) plus reconstructions and codes."""
+    x = batch["image"]
+    mu, logvar = self.encode(state, x)
+    recon = self.decode(state, mu)
+    return {
+        "reconstruction_loss": losses.reconstruction_per_sample(x, recon,
+                                                                 self.loss.reconstruction),
+        "kl": losses.kl_per_sample(mu, logvar),
+        "mu": mu, "logvar": logvar, "reconstruction": recon,
+    }
+
+  # ------------------------------------------------------------------------------ training
+  def _ar(self, z, attributes):
+    if not self.loss.gamma:
+      return jnp.zeros((), jnp.float32)
+    return losses.attribute_regularization(z, attributes, self.loss.regularized_dims,
+                                           self.loss.delta)
+
+  def _optimizer_step(self, state: TrainState, part: str, grads, params):
+    updates, opt_state = self.tx[part].update(grads, state.opt_state[part], params)
+    return optax.apply_updates(params, updates), opt_state
+
+  def _finish(self, state: TrainState, params, opt_state, batch_stats, grads,
+              metrics: Metrics) -> tuple[TrainState, Metrics]:
+    """Adds norms, checks finiteness, advances the step (or skips a non-finite update)."""
+    for part in PARTS:
+      metrics[f"grad_norm_{part}"] = optax.global_norm(grads[part])
+      metrics[f"param_norm_{part}"] = optax.global_norm(params[part])
+    finite = all_finite((grads, metrics))
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    if self.skip_nonfinite:
+      skipped = state.replace(step=state.step + 1,
+                              skipped_nonfinite=state.skipped_nonfinite + 1)
+      new_state = select_tree(finite, new_state, skipped)
+    metrics["finite"] = finite.astype(jnp.float32)
+    metrics["skipped_nonfinite"] = new_state.skipped_nonfinite
+    return new_state, metrics
+
+  def vae_train_step(self, state: TrainState, batch: dict[str, jax.Array],
+                     key: jax.Array) -> tuple[TrainState, Metrics]:
+    """One joint encoder+decoder update of the VAE objective (module docstring)."""
+    x, attributes = batch["image"], batch["attributes"]
+    weighted = self.loss.objective == "soft_intro"  # SIVAE warm-up uses beta_rec/beta_kl.
+    rec_weight = self.loss.beta_rec if weighted else 1.0
+
+    def loss_fn(params):
+      (mu, logvar), enc_stats = self._encode(params, state.batch_stats, x, True, update_stats=True)
+      z = vae_lib.reparameterize(key, mu, logvar)
+      recon, dec_stats = self._decode(params, state.batch_stats, z, True, update_stats=True)
+      rec = jnp.mean(losses.reconstruction_per_sample(x, recon, self.loss.reconstruction))
+      kl = jnp.mean(losses.kl_per_sample(mu, logvar))
+      ar = self._ar(z, attributes)
+      scale = self.scale if weighted else 1.0
+      loss = scale * (rec_weight * rec + self.loss.beta_kl * kl) + self.loss.gamma * ar
+      metrics = {"loss": loss, "reconstruction_loss": rec, "kl": kl, "ar_loss": ar,
+                 "mse": rec / (x[0].size)}
+      return loss, ({"encoder": enc_stats, "decoder": dec_stats}, metrics)
+
+    grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+    params, opt_state = {}, {}
+    for part in PARTS:
+      params[part], opt_state[part] = self._optimizer_step(state, part, grads[part],
+                                                           state.params[part])
+    return self._finish(state, params, opt_state, batch_stats, grads, metrics)
+
+  def soft_intro_train_step(self, state: TrainState, batch: dict[str, jax.Array],
+                            key: jax.Array) -> tuple[TrainState, Metrics]:
+    """One Soft-IntroVAE encoder update followed by one decoder update (module docstring)."""
+    x, attributes = batch["image"], batch["attributes"]
+    cfg, s = self.loss, self.scale
+    rec_loss = lambda a, b: losses.reconstruction_per_sample(a, b, cfg.reconstruction)
+    kl = losses.kl_per_sample
+    k_prior, k_real, k_rec, k_fake, k_drec, k_dfake = _split(key, 6)
+    z_prior = jax.random.normal(k_prior, (x.shape[0], self.latent_dim), jnp.float32)
+    stats = state.batch_stats
+
+    # Encoder update: decoder parameters are constants of this loss.
+    def encoder_loss(enc_params):
+      params = {"encoder": enc_params, "decoder": state.params["decoder"]}
+      fake = self._decode(params, stats, z_prior, True)
+      (mu, logvar), enc_stats = self._encode(params, stats, x, True, update_stats=True)
+      z = vae_lib.reparameterize(k_real, mu, logvar)
+      recon, dec_stats = self._decode(params, stats, z, True, update_stats=True)
+      mu_r, logvar_r = self._encode(params, stats, jax.lax.stop_gradient(recon), True)
+      mu_f, logvar_f = self._encode(params, stats, jax.lax.stop_gradient(fake), True)
+      z_r = vae_lib.reparameterize(k_rec, mu_r, logvar_r)
+      z_f = vae_lib.reparameterize(k_fake, mu_f, logvar_f)
+      recon_rec = self._decode(params, stats, z_r, True)
+      fake_rec = self._decode(params, stats, z_f, True)
+      rec_real = jnp.mean(rec_loss(x, recon))
+      kl_real = jnp.mean(kl(mu, logvar))
+      loss_real = s * (cfg.beta_rec * rec_real + cfg.beta_kl * kl_real)
+      energy_rec = cfg.beta_rec * rec_loss(recon, recon_rec) + cfg.beta_neg * kl(mu_r, logvar_r)
+      energy_fake = cfg.beta_rec * rec_loss(fake, fake_rec) + cfg.beta_neg * kl(mu_f, logvar_f)
+      loss_fake = 0.25 * (losses.soft_intro_exp_elbo(energy_rec, s)
+                          + losses.soft_intro_exp_elbo(energy_fake, s))
+      ar = self._ar(z, attributes)
+      loss = loss_real + loss_fake + cfg.gamma * ar
+      aux = {"z": z, "enc_stats": enc_stats, "dec_stats": dec_stats, "metrics": {
+          "encoder_loss": loss, "loss_real": loss_real, "loss_fake": loss_fake,
+          "reconstruction_loss": rec_real, "kl": kl_real, "ar_loss": ar,
+          "kl_reconstructed": jnp.mean(kl(mu_r, logvar_r)),
+          "kl_fake": jnp.mean(kl(mu_f, logvar_f)), "mse": rec_real / x[0].size}}
+      return loss, aux
+
+    enc_grads, aux = jax.grad(encoder_loss, has_aux=True)(state.params["encoder"])
+    new_encoder, enc_opt = self._optimizer_step(state, "encoder", enc_grads,
+                                                state.params["encoder"])
+    z = jax.lax.stop_gradient(aux["z"])
+    new_stats = {"encoder": aux["enc_stats"], "decoder": aux["dec_stats"]}
+
+    # Decoder update: encoder (already updated) parameters are constants of this loss; the
+    # gradient still flows through the encoder's activations into the decoder.
+    def decoder_loss(dec_params):
+      params = {"encoder": new_encoder, "decoder": dec_params}
+      recon = self._decode(params, stats, z, True)
+      fake = self._decode(params, stats, z_prior, True)
+      mu_r, logvar_r = self._encode(params, stats, recon, True)
+      mu_f, logvar_f = self._encode(params, stats, fake, True)
+      z_r = jax.lax.stop_gradient(vae_lib.reparameterize(k_drec, mu_r, logvar_r))
+      z_f = jax.lax.stop_gradient(vae_lib.reparameterize(k_dfake, mu_f, logvar_f))
+      recon_rec = self._decode(params, stats, z_r, True)
+      fake_rec = self._decode(params, stats, z_f, True)
+      rec = jnp.mean(rec_loss(x, recon))
+      kl_terms = jnp.mean(kl(mu_r, logvar_r)) + jnp.mean(kl(mu_f, logvar_f))
+      rec_rec = (jnp.mean(rec_loss(jax.lax.stop_gradient(recon), recon_rec))
+                 + jnp.mean(rec_loss(jax.lax.stop_gradient(fake), fake_rec)))
+      loss = s * (cfg.beta_rec * rec + 0.5 * cfg.beta_kl * kl_terms
+                  + 0.5 * cfg.gamma_r * cfg.beta_rec * rec_rec)
+      return loss, {"decoder_loss": loss}
+
+    dec_grads, dec_metrics = jax.grad(decoder_loss, has_aux=True)(state.params["decoder"])
+    new_decoder, dec_opt = self._optimizer_step(state, "decoder", dec_grads,
+                                                state.params["decoder"])
+    metrics = {**aux["metrics"], **dec_metrics, "loss": aux["metrics"]["encoder_loss"]}
+    return self._finish(state, {"encoder": new_encoder, "decoder": new_decoder},
+                        {"encoder": enc_opt, "decoder": dec_opt}, new_stats,
+                        {"encoder": enc_grads, "decoder": dec_grads}, metrics)
+
+  @property
+  def train_step(self) -> Callable[..., tuple[TrainState, Metrics]]:
+    if self.loss.objective == "soft_intro":
+      return self.soft_intro_train_step
+    return self.vae_train_step
+
+  @property
+  def warmup_train_step(self) -> Callable[..., tuple[TrainState, Metrics]] | None:
+    if self.loss.objective == "soft_intro" and self.loss.vae_warmup_steps:
+      return self.vae_train_step
+    return None
+
+  def uses_warmup(self, step: int) -> bool:
+    return self.warmup_train_step is not None and step < self.loss.vae_warmup_steps
+
+
+def make_family(config, bn_axis_name: str | None = None) -> Any:
+  """The model family named by config.model.family."""
+  families = {"vae": VAEFamily}
+  name = config.model.family
+  if name not in families:
+    raise ValueError(f"unknown model.family {name!r}; known: {sorted(families)}")
+  return families[name](config, bn_axis_name=bn_axis_name)

@@ -1,0 +1,72 @@
+"""Pytree train states and optimizer construction.
+
+A `TrainState` holds everything a run needs to continue bit-for-bit: the step, parameters and
+BatchNorm statistics of every part of the model, one optimizer state per part (Soft-IntroVAE
+trains encoder and decoder with separate Adam optimizers), the root PRNG key (per-step keys are
+`fold_in(rng, step)`), and a counter of updates skipped because they were non-finite. The
+optimizers themselves are pure functions owned by the model family, not state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+PyTree = Any
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array               # int32 scalar: number of updates applied so far
+  params: PyTree                # {part: params}
+  batch_stats: PyTree           # {part: BatchNorm statistics} (empty dict without BN)
+  opt_state: PyTree             # {part: optax state}
+  rng: jax.Array                # root key of the run
+  skipped_nonfinite: jax.Array  # int32 scalar: updates skipped by `skip_nonfinite`
+
+
+def make_optimizer(optimizer_config) -> optax.GradientTransformation:
+  """Optax optimizer from a config with fields name, learning_rate, b1, b2, weight_decay,
+  grad_clip_norm (0 = off), warmup_steps and schedule ("constant" or "cosine" with decay_steps).
+  """
+  lr = optimizer_config.learning_rate
+  warmup = int(optimizer_config.get("warmup_steps", 0))
+  schedule_name = optimizer_config.get("schedule", "constant")
+  if schedule_name == "constant":
+    schedule = optax.constant_schedule(lr)
+    if warmup:
+      schedule = optax.join_schedules(
+          [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+  elif schedule_name == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, lr, max(warmup, 1), int(optimizer_config.decay_steps))
+  else:
+    raise ValueError(f"unknown optimizer.schedule {schedule_name!r} (constant or cosine)")
+  name = optimizer_config.name
+  b1, b2 = optimizer_config.get("b1", 0.9), optimizer_config.get("b2", 0.999)
+  weight_decay = optimizer_config.get("weight_decay", 0.0)
+  if name == "adam":
+    tx = optax.adam(schedule, b1=b1, b2=b2)
+  elif name == "adamw":
+    tx = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
+  else:
+    raise ValueError(f"unknown optimizer.name {name!r} (adam or adamw)")
+  clip = optimizer_config.get("grad_clip_norm", 0.0)
+  if clip:
+    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+  return tx
+
+
+def select_tree(keep_new: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  """Leafwise `new if keep_new else old` for a scalar boolean (used to skip bad updates)."""
+  return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+  """Scalar boolean: every leaf of `tree` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)

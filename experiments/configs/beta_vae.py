@@ -1,0 +1,10 @@
+"""beta-VAE (Higgins et al. 2017): the VAE with the KL term weighted by beta = 2."""
+
+from experiments.configs import base, vae
+
+
+def get_config(arg=None):
+  c = base.base_config()
+  c.name = "beta_vae"
+  c.loss.beta_kl = 2.0
+  return base.finalize(c, arg, vae.paper)
