@@ -22,12 +22,13 @@ SPACING = (1.5, 1.6, 8.0)
 ED_RADII_MM = (0.0, 15.0, 13.0, 11.0, 8.0, 0.0)
 ES_SCALE = 0.7
 WALL_MM = 7.0
-RV_RADIUS_MM = 11.0
+# RV radius per mm of LV blood-pool radius, so the RV shrinks from ED to ES as well.
+RV_PER_LV_RADIUS = 0.75
 
 
 def phantom_labels(lv_radii_mm, shape=SHAPE, spacing=SPACING, lv_centre_px=(22.0, 24.0),
                    rv_offset_mm=(4.0, -26.0), wall_mm=WALL_MM,
-                   rv_radius_mm=RV_RADIUS_MM) -> np.ndarray:
+                   rv_per_lv_radius=RV_PER_LV_RADIUS) -> np.ndarray:
   """(X, Y, Z) canonical labels of the phantom; RV centre at LV centre + rv_offset_mm."""
   rows, cols = np.mgrid[:shape[0], :shape[1]].astype(float)
   dist_lv = np.hypot((rows - lv_centre_px[0]) * spacing[0], (cols - lv_centre_px[1]) * spacing[1])
@@ -39,7 +40,7 @@ def phantom_labels(lv_radii_mm, shape=SHAPE, spacing=SPACING, lv_centre_px=(22.0
     if radius <= 0:
       continue
     plane = labels[:, :, z]
-    plane[dist_rv < rv_radius_mm * radius / max(lv_radii_mm)] = structures.RV_BLOOD_POOL
+    plane[dist_rv < rv_per_lv_radius * radius] = structures.RV_BLOOD_POOL
     plane[dist_lv < radius + wall_mm] = structures.LV_MYOCARDIUM
     plane[dist_lv < radius] = structures.LV_BLOOD_POOL
   return labels
