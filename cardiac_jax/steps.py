@@ -127,7 +127,7 @@ class VAEFamily:
   # ------------------------------------------------------------------------------ state
   def init_state(self, key: jax.Array) -> TrainState:
     """Fresh state for a run whose root key is `key`."""
-    init_key = jax.random.fold_in(key, 0x1417)
+    init_key = jax.random.fold_in(key, 0)
     x = jnp.zeros((1, self.image_size, self.image_size, self.image_channels), jnp.float32)
     variables = self.model.init(init_key, x, train=False)
     params = dict(variables["params"])

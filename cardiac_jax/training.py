@@ -1,0 +1,318 @@
+"""The training loop: config + data iterators -> trained, checkpointed, logged model.
+
+`train_and_evaluate(config, workdir, data)` is what `python -m experiments.train` calls; it needs
+no flags, so tests run it directly. The loop
+
+- writes the resolved config to workdir/config.json, and refuses a workdir written by a
+  different config (fields that may change on resume: `RESUMABLE_FIELDS`);
+- restores the latest orbax checkpoint when there is one and continues from its step: the data
+  iterator starts at that step and per-step keys are `fold_in(rng, step)`, so a resumed run
+  is the run that would have happened without interruption;
+- compiles the family's pure step once over the device mesh, donating the state;
+- stops at a non-finite loss or gradient naming the step and the metrics, writes the offending
+  batch's subject ids to workdir/nonfinite_step<N>.json and keeps the last good checkpoint
+  (or, with train.skip_nonfinite, skips such updates and counts them);
+- on SIGTERM/SIGINT finishes the current step, saves a checkpoint and exits cleanly;
+- logs scalars (metrics.jsonl + TensorBoard), a progress bar, periodic validation metrics and
+  figures (inputs vs reconstructions, prior samples) from process 0 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cardiac_jax import checkpointing, metric_logging, parallel, steps
+from cardiac_jax.metrics import reconstruction as recon_metrics
+from cardiac_jax.train_state import TrainState
+
+# Config fields that may differ between the run that wrote a workdir and the one resuming it.
+RESUMABLE_FIELDS = ("train.num_steps", "train.log_every", "train.eval_every",
+                    "train.checkpoint_every", "train.figure_every", "train.progress_bar",
+                    "train.max_checkpoints")
+
+
+class NonFiniteError(FloatingPointError):
+  """Training produced a non-finite loss or gradient."""
+
+
+class WorkdirConflictError(ValueError):
+  """The workdir belongs to a run with a different config."""
+
+
+class Preempted(Exception):
+  """Training stopped at a signal after saving a checkpoint (rerun the command to resume)."""
+
+
+@dataclasses.dataclass
+class DataSource:
+  """What the loop needs from the data side (built by experiments from data_pipelines).
+
+  train_batches(start_step) -> infinite iterator of this process's rows of global batches,
+      batch k of the iterator being global step start_step + k.
+  eval_batches() -> one pass over the validation split (dicts with an optional bool "mask").
+  """
+  train_batches: Callable[[int], Iterator[dict[str, np.ndarray]]]
+  eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def check_workdir_config(workdir: str, config) -> None:
+  """Writes workdir/config.json, or checks that an existing one comes from the same config."""
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    a, b = _flatten(saved), _flatten(current)
+    differing = sorted(k for k in set(a) | set(b)
+                       if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS)
+    if differing:
+      details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differing[:8])
+      raise WorkdirConflictError(
+          f"{workdir} holds a run with a different config ({details}). Use another --workdir, "
+          "or the same config to resume.")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+class _SignalFlag:
+  """Records SIGTERM/SIGINT so the loop can checkpoint and stop between steps."""
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # Not the main thread: leave signals alone.
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # Second Ctrl-C: stop at once.
+    self.received = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
+
+
+def _host(x) -> np.ndarray:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def evaluate_reconstruction(family, state: TrainState, batches: Iterable[dict], mesh,
+                            eval_fn: Callable | None = None,
+                            keep_outputs: bool = False) -> tuple[dict[str, float], dict]:
+  """Mean reconstruction metrics of the posterior-mean reconstruction over `batches`.
+
+  Returns (metrics, outputs): metrics has reconstruction_loss, kl, mse, psnr, ssim and per-channel
+  mse/psnr/ssim (channel index suffix); outputs (if keep_outputs) has per-example numpy arrays
+  (mu, logvar, attributes, group, subject, image, reconstruction) for downstream analyses.
+  """
+  eval_fn = eval_fn or parallel.jit_eval_step(_eval_with_image_metrics(family), mesh)
+  sums: dict[str, np.ndarray] = {}
+  count = 0
+  kept: dict[str, list] = {}
+  for batch in batches:
+    mask = np.asarray(batch.get("mask", np.ones(len(batch["image"]), bool)), bool)
+    out = {k: _host(v) for k, v in eval_fn(state, parallel.shard_batch(batch, mesh)).items()}
+    mask = _host(mask) if jax.process_count() > 1 else mask
+    for k in ("reconstruction_loss", "kl", "mse", "psnr", "ssim"):
+      values = out[k][mask]
+      sums[k] = sums.get(k, 0.0) + values.sum(axis=0)
+    count += int(mask.sum())
+    if keep_outputs:
+      for k in ("mu", "logvar", "reconstruction"):
+        kept.setdefault(k, []).append(out[k][mask])
+      for k in ("image", "attributes", "group", "subject"):
+        if k in batch:
+          kept.setdefault(k, []).append(np.asarray(batch[k])[mask])
+  if not count:
+    raise ValueError("evaluation saw no examples (empty split?)")
+  metrics: dict[str, float] = {}
+  for k, total in sums.items():
+    mean = np.asarray(total) / count
+    if mean.ndim:  # Per-channel (C,) values.
+      for c, v in enumerate(mean):
+        metrics[f"{k}_ch{c}"] = float(v)
+      metrics[k] = float(mean.mean())
+    else:
+      metrics[k] = float(mean)
+  outputs = {k: np.concatenate(v) for k, v in kept.items()}
+  return metrics, outputs
+
+
+def _eval_with_image_metrics(family) -> Callable:
+  def eval_fn(state, batch):
+    out = family.eval_step(state, batch)
+    x, y = batch["image"], out["reconstruction"]
+    out["mse"] = recon_metrics.mse(x, y)
+    out["psnr"] = recon_metrics.psnr(x, y)
+    out["ssim"] = recon_metrics.ssim(x, y)
+    return out
+  return eval_fn
+
+
+def _save_figures(family, state: TrainState, images: np.ndarray, figures_dir: str, step: int,
+                  key: jax.Array) -> None:
+  from cardiac_jax import viz  # matplotlib only where figures are drawn.
+  recon = np.asarray(jax.jit(family.reconstruct)(state, jnp.asarray(images)))
+  viz.save_reconstruction_figure(os.path.join(figures_dir, f"reconstructions_{step:07d}.png"),
+                                 images, recon)
+  z = jax.random.normal(key, (min(16, max(len(images), 8)), family.latent_dim))
+  samples = np.asarray(jax.jit(family.decode)(state, z))
+  viz.save_samples_figure(os.path.join(figures_dir, f"samples_{step:07d}.png"), samples)
+
+
+def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the final state."""
+  workdir = os.path.abspath(workdir)
+  is_chief = jax.process_index() == 0
+  check_workdir_config(workdir, config)
+  writer = metric_logging.MetricWriter(workdir, enabled=is_chief)
+  figures_dir = os.path.join(workdir, "figures")
+  tc = config.train
+
+  mesh = parallel.make_mesh(config.parallel.num_devices)
+  parallel.check_batch_size(tc.batch_size, mesh)
+  if config.parallel.backend != "jit":
+    raise NotImplementedError(
+        f"parallel.backend={config.parallel.backend!r}: only 'jit' is available in this build")
+  family = steps.make_family(config)
+  root_key = jax.random.key(config.seed)
+  # Independent streams: parameters (fold_in 0, inside init_state), training steps, figures.
+  step_keys, figure_key = jax.random.fold_in(root_key, 1), jax.random.fold_in(root_key, 2)
+  init = jax.jit(family.init_state, out_shardings=parallel.replicated(mesh))
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                            max_to_keep=tc.max_checkpoints)
+  start_step = checkpointer.latest_step()
+  if start_step is None:
+    state = init(root_key)
+    start_step = 0
+  else:
+    abstract = jax.eval_shape(family.init_state, root_key)
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated(mesh)),
+        abstract)
+    state = checkpointer.restore(abstract, start_step)
+    writer.truncate_after(start_step)
+    print(f"Resuming {workdir} from step {start_step}.", flush=True)
+
+  train_step = parallel.jit_train_step(family.train_step, mesh)
+  warmup_step = (parallel.jit_train_step(family.warmup_train_step, mesh)
+                 if family.warmup_train_step is not None else None)
+  eval_fn = parallel.jit_eval_step(_eval_with_image_metrics(family), mesh)
+  figure_images = None
+  if is_chief and tc.figure_every:
+    first = next(iter(data.eval_batches()))
+    figure_images = np.asarray(first["image"])[:8]
+
+  def run_eval(step: int) -> dict[str, float]:
+    metrics, _ = evaluate_reconstruction(family, state, data.eval_batches(), mesh, eval_fn)
+    writer.write(step, metrics, prefix="val/")
+    return metrics
+
+  progress = None
+  if is_chief and tc.progress_bar and start_step < tc.num_steps:
+    from tqdm import auto as tqdm
+    progress = tqdm.tqdm(total=tc.num_steps, initial=start_step, desc=config.name or "train",
+                         dynamic_ncols=True)
+  batches = data.train_batches(start_step)
+  accumulated: dict[str, float] = {}
+  accumulated_steps = 0
+  interval_start = time.perf_counter()
+  step = start_step
+  try:
+    with _SignalFlag() as flag:
+      while step < tc.num_steps:
+        batch = next(batches)
+        key = jax.random.fold_in(step_keys, step)
+        fn = warmup_step if family.uses_warmup(step) else train_step
+        state, metrics = fn(state, parallel.shard_batch(batch, mesh), key)
+        metrics = jax.device_get(metrics)
+        step += 1
+        if not metrics["finite"] and not family.skip_nonfinite:
+          _report_nonfinite(workdir, step, metrics, batch, is_chief)
+        for k, v in metrics.items():
+          accumulated[k] = accumulated.get(k, 0.0) + float(v)
+        accumulated_steps += 1
+        if progress is not None:
+          progress.update(1)
+        if step % tc.log_every == 0 or step == tc.num_steps:
+          elapsed = time.perf_counter() - interval_start
+          means = {k: v / accumulated_steps for k, v in accumulated.items()}
+          means["skipped_nonfinite"] = float(metrics["skipped_nonfinite"])
+          means["steps_per_sec"] = accumulated_steps / max(elapsed, 1e-9)
+          writer.write(step, means, prefix="train/")
+          if progress is not None:
+            progress.set_postfix(loss=f"{means['loss']:.4g}",
+                                 steps_s=f"{means['steps_per_sec']:.2f}")
+          accumulated, accumulated_steps = {}, 0
+          interval_start = time.perf_counter()
+        if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+          checkpointer.save(step, state)
+        if tc.eval_every and (step % tc.eval_every == 0 or step == tc.num_steps):
+          run_eval(step)
+        if figure_images is not None and (step % tc.figure_every == 0 or step == tc.num_steps):
+          _save_figures(family, state, figure_images, figures_dir, step, figure_key)
+        if flag.received is not None:
+          checkpointer.save(step, state, force=True)
+          checkpointer.wait()
+          raise Preempted(f"received signal {flag.received} at step {step}: checkpoint saved in "
+                          f"{checkpointer.directory}; rerun the same command to resume.")
+      if checkpointer.latest_step() != step:
+        checkpointer.save(step, state, force=True)
+  finally:
+    checkpointer.close()
+    writer.close()
+    if progress is not None:
+      progress.close()
+  return state
+
+
+def _report_nonfinite(workdir: str, step: int, metrics: dict, batch: dict,
+                      is_chief: bool) -> None:
+  bad = sorted(k for k, v in metrics.items() if not np.all(np.isfinite(v)))
+  subjects = [str(s) for s in np.asarray(batch.get("subject", []))]
+  path = os.path.join(workdir, f"nonfinite_step{step:07d}.json")
+  if is_chief:
+    with open(path, "w") as f:
+      json.dump({"step": step, "nonfinite_metrics": bad, "subjects": subjects,
+                 "metrics": {k: str(float(np.asarray(v))) for k, v in metrics.items()}},
+                f, indent=2)
+  raise NonFiniteError(
+      f"non-finite values at step {step} in {', '.join(bad) or 'gradients/parameters'}; the "
+      f"batch's subject ids are in {path}; the last good checkpoint is kept. Lower the "
+      "learning rate (or for Soft-IntroVAE raise loss.beta_neg), or set "
+      "train.skip_nonfinite=True to skip such updates.")

@@ -1,0 +1,101 @@
+"""Glue shared by the experiment entry points: where data lives, and how a config's data becomes
+the iterators the training loop consumes.
+
+Data resolution (config.data.dataset):
+- "synthetic": the synthetic cine cohort (data_pipelines.synthetic) of
+  data.synthetic.num_subjects subjects and seed data.synthetic.seed is generated once into
+  <cache>/synthetic/n<N>_seed<S>/raw, then prepared into .../prepared/<preparation key>.
+- "acdc": data.source_dir (ACDC layout) is prepared into <cache>/acdc/<hash of path>/<key>.
+- "prepared": data.prepared_dir is used as it is.
+Both generation and preparation skip work already done, so every run after the first starts at
+once. <cache> is data.cache_dir, else $CARDIAC_JAX_CACHE, else ~/.cache/cardiac_jax.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import jax
+
+from cardiac_jax.training import DataSource
+
+
+def cache_root(config) -> str:
+  return os.path.abspath(os.path.expanduser(
+      config.data.cache_dir or os.environ.get("CARDIAC_JAX_CACHE", "")
+      or "~/.cache/cardiac_jax"))
+
+
+def _preparation_key(config) -> str:
+  p = config.data.prepare
+  return (f"s{p.image_size}_sp{p.spacing_mm:g}_{p.slice_rule}_{p.label_convention}"
+          f"_split{p.split_seed}")
+
+
+def _preprocess_config(config):
+  from data_pipelines import preprocess
+  p = config.data.prepare
+  return preprocess.PreprocessConfig(image_size=p.image_size, spacing_mm=p.spacing_mm,
+                                     slice_rule=p.slice_rule)
+
+
+def prepared_dir(config, *, create: bool = True) -> str:
+  """The prepared dataset of `config`, generating and preparing it first if needed."""
+  dataset = config.data.dataset
+  if dataset == "prepared":
+    if not config.data.prepared_dir:
+      raise ValueError("data.dataset='prepared' needs --config.data.prepared_dir=DIR")
+    return os.path.abspath(config.data.prepared_dir)
+  if config.data.prepared_dir:
+    out = os.path.abspath(config.data.prepared_dir)
+  elif dataset == "synthetic":
+    s = config.data.synthetic
+    out = os.path.join(cache_root(config), "synthetic", f"n{s.num_subjects}_seed{s.seed}",
+                       "prepared", _preparation_key(config))
+  elif dataset == "acdc":
+    if not config.data.source_dir:
+      raise ValueError("data.dataset='acdc' needs --config.data.source_dir=<ACDC root>")
+    digest = hashlib.sha1(os.path.abspath(config.data.source_dir).encode()).hexdigest()[:10]
+    out = os.path.join(cache_root(config), "acdc", digest, _preparation_key(config))
+  else:
+    raise ValueError(f"unknown data.dataset {dataset!r} (synthetic, acdc or prepared)")
+  if not create:
+    return out
+  from data_pipelines import prepare
+  if dataset == "synthetic":
+    from data_pipelines import synthetic
+    s = config.data.synthetic
+    raw = os.path.join(cache_root(config), "synthetic", f"n{s.num_subjects}_seed{s.seed}", "raw")
+    synthetic.synthesize_cohort(raw, s.num_subjects, s.seed)
+    source = raw
+  else:
+    source = os.path.abspath(config.data.source_dir)
+  prepare.prepare_dataset(source, out, _preprocess_config(config), dataset="acdc",
+                          label_convention=config.data.prepare.label_convention,
+                          split_seed=config.data.prepare.split_seed)
+  return out
+
+
+def split_source(config, split: str):
+  """Random-access source of one split of the config's prepared dataset."""
+  from data_pipelines import prepare
+  return prepare.load_split(prepared_dir(config), split)
+
+
+def make_data_source(config, eval_split: str = "val") -> DataSource:
+  """Training and evaluation iterators of this process for the training loop."""
+  from data_pipelines import pipeline
+  train = split_source(config, "train")
+  val = split_source(config, eval_split)
+  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+
+  def train_batches(start_step: int):
+    return pipeline.train_batches(train, config.data, global_batch_size=config.train.batch_size,
+                                  seed=config.seed, start_step=start_step, **process)
+
+  def eval_batches():
+    return pipeline.eval_batches(val, config.data, batch_size=config.train.eval_batch_size,
+                                 **process)
+
+  return DataSource(train_batches=train_batches, eval_batches=eval_batches)

@@ -1,0 +1,149 @@
+"""Evaluate a trained VAE-family run: `python -m experiments.evaluate --workdir=DIR [--split=test]`.
+
+Writes DIR/eval/metrics.json with
+- reconstruction: MSE, PSNR, SSIM (overall and per channel) of the posterior-mean reconstruction,
+  plus the reconstruction loss and KL, on the held-out split;
+- interpretability: the AR-VAE metrics of the encoder means against the config's attributes
+  (interpretability score, MIG, SAP, SCC, modularity);
+- regularized: Spearman rho of each regularised latent dimension with its attribute;
+and draws DIR/eval/reconstructions.png, traversals.png (each regularised dimension, or for an
+unregularised model the dimension with the highest mutual information per attribute, decoded
+across its range with the other dimensions at a real subject's code), attribute_scatter.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by experiments.train.")
+_SPLIT = flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to evaluate.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_TRAVERSAL_STEPS = flags.DEFINE_integer("traversal_steps", 9, "Columns of the traversal grid.")
+_TRAVERSAL_RANGE = flags.DEFINE_float(
+    "traversal_range", 2.5, "Traversal half-width in standard deviations of the test codes.")
+
+
+def load_run_config(workdir: str):
+  """The resolved config a run was trained with (workdir/config.json)."""
+  import ml_collections
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {workdir} is not a training run directory")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_run(workdir: str, step: int | None = None):
+  """(config, family, state, mesh) of a run's checkpoint, for evaluation and analyses."""
+  import jax
+  from cardiac_jax import checkpointing, parallel, steps
+  config = load_run_config(workdir)
+  family = steps.make_family(config)
+  mesh = parallel.make_mesh(config.parallel.num_devices)
+  abstract = jax.eval_shape(family.init_state, jax.random.key(config.seed))
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated(mesh)),
+      abstract)
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    state = checkpointer.restore(abstract, step)
+  finally:
+    checkpointer.close()
+  return config, family, state, mesh
+
+
+def traversal_images(family, state, base_code, dims, values_per_dim):
+  """(len(dims), S, H, W, C) decodings of `base_code` with dims[r] set to values_per_dim[r]."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  codes = []
+  for d, values in zip(dims, values_per_dim):
+    block = np.repeat(base_code[None], len(values), axis=0)
+    block[:, d] = values
+    codes.append(block)
+  decoded = jax.jit(family.decode)(state, jnp.asarray(np.concatenate(codes)))
+  return np.asarray(decoded).reshape(len(dims), len(values_per_dim[0]), *decoded.shape[1:])
+
+
+def evaluate_run(workdir: str, split: str = "test", step: int | None = None,
+                 traversal_steps: int = 9, traversal_range: float = 2.5) -> dict:
+  """Computes and writes DIR/eval/metrics.json and the figures; returns the metrics."""
+  import numpy as np
+  from cardiac_jax import training, viz
+  from cardiac_jax.metrics import interpretability
+  from data_pipelines import pipeline
+  from experiments import common
+
+  config, family, state, mesh = restore_run(workdir, step)
+  source = common.split_source(config, split)
+  batches = pipeline.eval_batches(source, config.data, batch_size=config.train.eval_batch_size)
+  reconstruction, outputs = training.evaluate_reconstruction(family, state, batches, mesh,
+                                                             keep_outputs=True)
+  names = list(config.data.attributes)
+  latents, attributes = outputs["mu"], outputs["attributes"]
+  result = {"workdir": os.path.abspath(workdir), "config": config.name, "split": split,
+            "step": int(state.step), "num_subjects": int(len(latents)),
+            "reconstruction": reconstruction}
+  dims = [int(d) for d in config.loss.get("regularized_dims", ())]
+  if names and len(latents) > 4:
+    result["interpretability"] = interpretability.interpretability_metrics(
+        latents, attributes, names)
+    if dims:
+      result["regularized"] = interpretability.regularized_dimension_correlations(
+          latents, attributes, dims, names)
+
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  channel_names = [c.upper() for c in config.data.channels]
+  viz.save_reconstruction_figure(os.path.join(out_dir, "reconstructions.png"),
+                                 outputs["image"][:8], outputs["reconstruction"][:8],
+                                 channel_names=channel_names,
+                                 title=f"{config.name}: {split} inputs and reconstructions")
+  if names and "interpretability" in result:
+    shown = dims or [result["interpretability"][n]["dim"] for n in names]
+    # The subject whose code is closest to the median code anchors the traversal.
+    anchor = int(np.argmin(np.abs(latents - np.median(latents, axis=0)).sum(axis=1)))
+    mean, std = latents[:, shown].mean(axis=0), latents[:, shown].std(axis=0) + 1e-6
+    values = [np.linspace(m - traversal_range * s, m + traversal_range * s, traversal_steps)
+              for m, s in zip(mean, std)]
+    images = traversal_images(family, state, latents[anchor], shown, values)
+    labels = [f"z{d} ({n})" for d, n in zip(shown, names)]
+    viz.save_traversal_grid(os.path.join(out_dir, "traversals.png"), images[..., 0], labels,
+                            np.linspace(-traversal_range, traversal_range, traversal_steps),
+                            title=f"{config.name}: traversals (sigma units) of "
+                                  f"{outputs['subject'][anchor]}")
+    viz.save_attribute_scatter_grid(
+        os.path.join(out_dir, "attribute_scatter.png"), latents[:, shown], attributes,
+        xlabels=[f"z{d}" for d in shown], ylabels=names,
+        title=f"{config.name}: attributes vs latent dimensions ({split})")
+  path = os.path.join(out_dir, "metrics.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(result, f, indent=2)
+  os.replace(path + ".tmp", path)
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  result = evaluate_run(_WORKDIR.value, _SPLIT.value, _STEP.value, _TRAVERSAL_STEPS.value,
+                        _TRAVERSAL_RANGE.value)
+  rec = result["reconstruction"]
+  line = (f"{result['config']} step {result['step']} on {result['num_subjects']} "
+          f"{result['split']} subjects: SSIM {rec['ssim']:.4f}  PSNR {rec['psnr']:.2f} dB  "
+          f"MSE {rec['mse']:.5f}")
+  if "regularized" in result:
+    line += f"  mean |rho| of regularised dims {result['regularized']['mean_abs_rho']:.3f}"
+  print(line)
+  print(f"Wrote {os.path.join(_WORKDIR.value, 'eval', 'metrics.json')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(main)

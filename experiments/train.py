@@ -1,0 +1,51 @@
+"""Train a model: `python -m experiments.train --config=NAME[:variant] [--workdir=DIR]
+[--config.section.key=value ...]`.
+
+With no data flags it trains on the synthetic cohort (generated and prepared once into the
+cache). Rerunning the same command resumes from the latest checkpoint in the workdir.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments import configs
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: NAME[:variant].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Run directory (default: workdirs/<config name>).")
+
+
+def default_workdir(config) -> str:
+  return os.path.join("workdirs", config.name or "run")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError(f"--config is required; available: {', '.join(configs.available_configs())}")
+  from cardiac_jax import training  # Heavy imports after flag parsing.
+  from experiments import common
+  workdir = _WORKDIR.value or default_workdir(config)
+  try:
+    training.train_and_evaluate(config, workdir, common.make_data_source(config))
+  except training.Preempted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(0)
+  print(f"Done: {workdir}")
+
+
+def run():
+  sys.argv = configs.resolve_config_argv(sys.argv)
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
