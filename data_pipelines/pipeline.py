@@ -27,8 +27,9 @@ Pipeline stages (all on the host CPU; TensorFlow is kept off accelerators):
   counter of batch numbers -> parallel map: fetch the rows of one batch from the source through
   `tf.numpy_function` (a batched `__getitems__` where the source has one) -> parallel map:
   resize, augment, mask background (TF image ops on the whole batch) -> prefetch -> numpy.
-Fetching whole index batches is faster here than a per-example parallel map (measured with a
-tfds array_record source, see `measure_throughput`).
+Fetching whole index batches is faster than a per-example parallel map followed by batching:
+with a tfds array_record source on 2 CPU cores, batch 16, about 1.5x at 128x128 and 4x at 64x64
+(`measure_throughput` measures the pipeline as built here).
 
 Data config fields read (an `ml_collections.ConfigDict`, attribute access):
   image_size:      int, side of the square output images. Stored examples of another size are
@@ -119,6 +120,7 @@ class _Layout:
 
 @dataclasses.dataclass(frozen=True)
 class _Augment:
+  """The validated `augment` section of the data config (training only)."""
   max_shift_px: int
   zoom_prob: float
   zoom_range: tuple[float, float]
@@ -260,8 +262,9 @@ def train_batch_indices(num_examples: int, *, global_batch_size: int, seed: int,
   Positions [step*B, (step+1)*B) of the concatenation of the epoch permutations; computed
   directly, so the cost does not grow with `step`.
   """
-  if num_examples <= 0:
-    raise ValueError(f"num_examples must be positive, got {num_examples}")
+  if num_examples <= 0 or global_batch_size <= 0:
+    raise ValueError(f"num_examples ({num_examples}) and global_batch_size "
+                     f"({global_batch_size}) must be positive")
   seed = _non_negative_int(seed, "seed")
   step = _non_negative_int(step, "step")
   positions = step * global_batch_size + np.arange(global_batch_size, dtype=np.int64)
@@ -328,15 +331,17 @@ def _load_rows(source: RandomAccessSource, layout: _Layout,
   }
   valid_rows = np.flatnonzero(indices >= 0)
   examples = _fetch(source, [int(i) for i in indices[valid_rows]])
-  channels = list(layout.channel_indices)
   for row, example in zip(valid_rows, examples):
     image, label = np.asarray(example["image"]), np.asarray(example["label"])
     expected = (size, size, len(features.CHANNELS))
     if image.shape != expected or label.shape != expected:
       raise ValueError(f"example {indices[row]} of the source has image {image.shape} and "
                        f"label {label.shape}; every example must be {expected} like example 0")
-    batch["image"][row] = image[..., channels]
-    batch["label"][row] = label[..., channels]
+    # One strided copy per channel: a fancy-indexed image[..., channels] would first build a
+    # temporary copy, which made this loop several times slower.
+    for out_channel, stored_channel in enumerate(layout.channel_indices):
+      batch["image"][row, ..., out_channel] = image[..., stored_channel]
+      batch["label"][row, ..., out_channel] = label[..., stored_channel]
     attributes = example["attributes"]
     batch["attributes"][row] = [attributes[name] for name in layout.attribute_names]
     batch["group"][row] = example["group"]
@@ -394,7 +399,9 @@ def _batches(keys: tf.data.Dataset, load: Callable[[int], dict[str, np.ndarray]]
     if "transforms" in batch:
       image, label = _warp(image, label, batch.pop("transforms"))
     if layout.mask_background:
-      image = tf.where(label > 0, image, tf.zeros_like(image))
+      # A multiply by the heart mask: same result as tf.where here (intensities are finite),
+      # several times faster on the CPU.
+      image = image * tf.cast(label > 0, image.dtype)
     return {"image": image, "label": label, **batch}
 
   dataset = (keys
