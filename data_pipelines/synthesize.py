@@ -5,7 +5,7 @@
 
 Writes D/training/patientXXX/ (4D image and labels, ED/ES frames, Info.cfg) and
 D/parameters.csv (see `data_pipelines.synthetic`), skipping subjects already complete, then
-prints a per-group summary of the generated volumes measured from the written labels' targets.
+prints a per-group summary of the target volumes, ejection fractions and wall thicknesses.
 """
 
 from __future__ import annotations

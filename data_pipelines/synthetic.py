@@ -53,7 +53,6 @@ import math
 import multiprocessing
 import os
 import shutil
-import time
 import uuid
 from typing import Optional, Sequence
 
@@ -880,27 +879,29 @@ def render_short_axis(params: SubjectParameters, rng: np.random.Generator,
     centre = geometry.papillary_centres[:, :, m, :].astype(np.float32)
     distance = np.sqrt((rx - centre[..., 0:1]) ** 2 + (ry - centre[..., 1:2]) ** 2)
     radius = geometry.papillary_radii[:, :, m, None].astype(np.float32)
+    # ramp(r, e) measures from rho; shifting by rho - distance measures from the muscle centre.
     heart += ramp(radius + rho - distance, pixel) * (radius > 0.5) * lv_cavity * (
         myocardium - lv_blood)
 
   # Labels at pixel centres on the slab-effective boundaries: labelled areas are the model's.
-  lv_endo, lv_epi, rv_outer = (at_pixels(t.astype(np.float32)) for t in (
-      geometry.lv_endo, geometry.lv_epi, geometry.rv_outer))
-  heart_labels = np.where(
-      rho < lv_endo, structures.LV_BLOOD_POOL,
-      np.where(rho < lv_epi, structures.LV_MYOCARDIUM,
-               np.where(rho < rv_outer, structures.RV_BLOOD_POOL,
-                        structures.BACKGROUND))).astype(np.uint8)
+  # The boundaries are nested (endo <= epi <= RV outer), so counting the ones a pixel lies
+  # inside gives the ACDC label: 3 LV blood pool, 2 LV myocardium, 1 RV blood pool.
+  assert (structures.LV_BLOOD_POOL, structures.LV_MYOCARDIUM, structures.RV_BLOOD_POOL) == (
+      3, 2, 1)
+  heart_labels = np.zeros(heart.shape, np.uint8)
+  for table in (geometry.lv_endo, geometry.lv_epi, geometry.rv_outer):
+    heart_labels += rho < at_pixels(table.astype(np.float32))
 
-  image = np.repeat(thorax[..., None], p.nb_frame, axis=3)
+  # Receive-coil bias and the global scale multiply the noise-free signal.
+  gain = _bias_field(p, x, y) * np.float32(p.intensity_scale)
+  heart *= np.ascontiguousarray(gain[x0:x1, y0:y1].reshape(-1, p.nz).T)[:, None, :]
+  image = np.repeat((thorax * gain)[..., None], p.nb_frame, axis=3)
   labels = np.zeros(image.shape, np.uint8)
   box = (x1 - x0, y1 - y0)
   image[x0:x1, y0:y1] = heart.reshape(p.nz, p.nb_frame, *box).transpose(2, 3, 0, 1)
   labels[x0:x1, y0:y1] = heart_labels.reshape(p.nz, p.nb_frame, *box).transpose(2, 3, 0, 1)
 
-  # Receive-coil bias and the global scale, then Rician noise, in blocks of X rows so the
-  # temporaries stay in cache.
-  image *= (_bias_field(p, x, y) * np.float32(p.intensity_scale))[..., None]
+  # Rician noise, in blocks of X rows so the temporaries stay in cache.
   rows = max(1, _NOISE_BLOCK_VOXELS // (p.ny * p.nz * p.nb_frame))
   for start in range(0, p.nx, rows):
     _rician_magnitude(image[start:start + rows], p.noise_level * p.intensity_scale, rng)
@@ -1011,11 +1012,6 @@ def subject_is_complete(root: str, params: SubjectParameters) -> bool:
     return f.read() == info_cfg_text(params)
 
 
-def parameters_row(params: SubjectParameters) -> dict[str, object]:
-  """One parameters.csv row: every dataclass field."""
-  return dataclasses.asdict(params)
-
-
 def write_parameters_csv(path: str, subjects: Sequence[SubjectParameters]) -> None:
   """Writes parameters.csv (one row per subject, every generating parameter) atomically."""
   names = [f.name for f in dataclasses.fields(SubjectParameters)]
@@ -1025,7 +1021,7 @@ def write_parameters_csv(path: str, subjects: Sequence[SubjectParameters]) -> No
     writer.writeheader()
     for params in subjects:
       writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
-                       for k, v in parameters_row(params).items()})
+                       for k, v in dataclasses.asdict(params).items()})
   os.replace(partial, path)
 
 
