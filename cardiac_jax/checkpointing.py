@@ -21,21 +21,32 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the model of the current config."""
 
 
+def _leaf_names(tree: Any) -> dict[str, Any]:
+  """{"params/decoder/to_image/kernel": leaf} with attribute, key and index paths unified."""
+  def name(entry) -> str:
+    for attr in ("name", "key", "idx"):
+      if hasattr(entry, attr):
+        return str(getattr(entry, attr))
+    return str(entry)
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(name(e) for e in path): leaf for path, leaf in flat}
+
+
 def _describe_mismatch(saved: Any, target: Any) -> str:
-  """Names the first leaves whose shape or dtype differ between two abstract trees."""
-  saved_flat = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
+  """Names the first fields whose shape differs between two abstract trees, or that exist in
+  only one of them."""
+  saved_leaves, target_leaves = _leaf_names(saved), _leaf_names(target)
   problems = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
-    name = jax.tree_util.keystr(path)
-    other = saved_flat.get(path)
+  for name, leaf in target_leaves.items():
+    other = saved_leaves.get(name)
     if other is None:
       problems.append(f"{name}: missing in the checkpoint")
     elif tuple(getattr(other, "shape", ())) != tuple(getattr(leaf, "shape", ())):
       problems.append(f"{name}: checkpoint shape {tuple(other.shape)} != model shape "
                       f"{tuple(leaf.shape)}")
-    if len(problems) >= 5:
-      break
-  return "; ".join(problems)
+  problems += [f"{name}: in the checkpoint but not in the model"
+               for name in saved_leaves if name not in target_leaves]
+  return "; ".join(problems[:6])
 
 
 class Checkpointer:
@@ -81,3 +92,15 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def latest_step(directory: str) -> int | None:
+  """The newest finalised checkpoint step in `directory`, or None."""
+  with Checkpointer(directory) as checkpointer:
+    return checkpointer.latest_step()

@@ -218,78 +218,99 @@ class VAEFamily:
                                                            state.params[part])
     return self._finish(state, params, opt_state, batch_stats, grads, metrics)
 
+  def soft_intro_encoder_loss(self, enc_params, state: TrainState, x: jax.Array,
+                              attributes: jax.Array, z_prior: jax.Array, keys):
+    """L_E of Soft-IntroVAE (+ gamma AR) as a function of the encoder parameters only.
+
+    keys: (k_real, k_rec, k_fake) for sampling z, z_r and z_f. Returns (loss, aux) where aux
+    holds the sampled z, the new BatchNorm statistics, scalar metrics and the intermediate
+    tensors (for tests that re-evaluate the formula).
+    """
+    cfg, s, stats = self.loss, self.scale, state.batch_stats
+    k_real, k_rec, k_fake = keys
+    rec_loss = lambda a, b: losses.reconstruction_per_sample(a, b, cfg.reconstruction)
+    kl = losses.kl_per_sample
+    params = {"encoder": enc_params, "decoder": state.params["decoder"]}
+    fake = self._decode(params, stats, z_prior, True)
+    (mu, logvar), enc_stats = self._encode(params, stats, x, True, update_stats=True)
+    z = vae_lib.reparameterize(k_real, mu, logvar)
+    recon, dec_stats = self._decode(params, stats, z, True, update_stats=True)
+    mu_r, logvar_r = self._encode(params, stats, jax.lax.stop_gradient(recon), True)
+    mu_f, logvar_f = self._encode(params, stats, jax.lax.stop_gradient(fake), True)
+    z_r = vae_lib.reparameterize(k_rec, mu_r, logvar_r)
+    z_f = vae_lib.reparameterize(k_fake, mu_f, logvar_f)
+    recon_rec = self._decode(params, stats, z_r, True)
+    fake_rec = self._decode(params, stats, z_f, True)
+    rec_real = jnp.mean(rec_loss(x, recon))
+    kl_real = jnp.mean(kl(mu, logvar))
+    loss_real = s * (cfg.beta_rec * rec_real + cfg.beta_kl * kl_real)
+    energy_rec = cfg.beta_rec * rec_loss(recon, recon_rec) + cfg.beta_neg * kl(mu_r, logvar_r)
+    energy_fake = cfg.beta_rec * rec_loss(fake, fake_rec) + cfg.beta_neg * kl(mu_f, logvar_f)
+    loss_fake = 0.25 * (losses.soft_intro_exp_elbo(energy_rec, s)
+                        + losses.soft_intro_exp_elbo(energy_fake, s))
+    ar = self._ar(z, attributes)
+    loss = loss_real + loss_fake + cfg.gamma * ar
+    metrics = {"encoder_loss": loss, "loss_real": loss_real, "loss_fake": loss_fake,
+               "reconstruction_loss": rec_real, "kl": kl_real, "ar_loss": ar,
+               "kl_reconstructed": jnp.mean(kl(mu_r, logvar_r)),
+               "kl_fake": jnp.mean(kl(mu_f, logvar_f)), "mse": rec_real / x[0].size}
+    tensors = {"mu": mu, "logvar": logvar, "z": z, "recon": recon, "fake": fake,
+               "mu_r": mu_r, "logvar_r": logvar_r, "mu_f": mu_f, "logvar_f": logvar_f,
+               "recon_rec": recon_rec, "fake_rec": fake_rec}
+    return loss, {"z": z, "stats": {"encoder": enc_stats, "decoder": dec_stats},
+                  "metrics": metrics, "tensors": tensors}
+
+  def soft_intro_decoder_loss(self, dec_params, enc_params, state: TrainState, x: jax.Array,
+                              z: jax.Array, z_prior: jax.Array, keys):
+    """L_D of Soft-IntroVAE as a function of the decoder parameters only.
+
+    The encoder parameters are constants, but the gradient flows through the encoder's
+    activations on x_r and x_f into the decoder. keys: (k_rec, k_fake). Returns (loss, aux).
+    """
+    cfg, s, stats = self.loss, self.scale, state.batch_stats
+    k_rec, k_fake = keys
+    rec_loss = lambda a, b: losses.reconstruction_per_sample(a, b, cfg.reconstruction)
+    kl = losses.kl_per_sample
+    params = {"encoder": enc_params, "decoder": dec_params}
+    recon = self._decode(params, stats, z, True)
+    fake = self._decode(params, stats, z_prior, True)
+    mu_r, logvar_r = self._encode(params, stats, recon, True)
+    mu_f, logvar_f = self._encode(params, stats, fake, True)
+    z_r = jax.lax.stop_gradient(vae_lib.reparameterize(k_rec, mu_r, logvar_r))
+    z_f = jax.lax.stop_gradient(vae_lib.reparameterize(k_fake, mu_f, logvar_f))
+    recon_rec = self._decode(params, stats, z_r, True)
+    fake_rec = self._decode(params, stats, z_f, True)
+    rec = jnp.mean(rec_loss(x, recon))
+    kl_terms = jnp.mean(kl(mu_r, logvar_r)) + jnp.mean(kl(mu_f, logvar_f))
+    rec_rec = (jnp.mean(rec_loss(jax.lax.stop_gradient(recon), recon_rec))
+               + jnp.mean(rec_loss(jax.lax.stop_gradient(fake), fake_rec)))
+    loss = s * (cfg.beta_rec * rec + 0.5 * cfg.beta_kl * kl_terms
+                + 0.5 * cfg.gamma_r * cfg.beta_rec * rec_rec)
+    tensors = {"recon": recon, "fake": fake, "mu_r": mu_r, "logvar_r": logvar_r,
+               "mu_f": mu_f, "logvar_f": logvar_f, "recon_rec": recon_rec,
+               "fake_rec": fake_rec}
+    return loss, {"metrics": {"decoder_loss": loss}, "tensors": tensors}
+
   def soft_intro_train_step(self, state: TrainState, batch: dict[str, jax.Array],
                             key: jax.Array) -> tuple[TrainState, Metrics]:
     """One Soft-IntroVAE encoder update followed by one decoder update (module docstring)."""
     x, attributes = batch["image"], batch["attributes"]
-    cfg, s = self.loss, self.scale
-    rec_loss = lambda a, b: losses.reconstruction_per_sample(a, b, cfg.reconstruction)
-    kl = losses.kl_per_sample
     k_prior, k_real, k_rec, k_fake, k_drec, k_dfake = _split(key, 6)
     z_prior = jax.random.normal(k_prior, (x.shape[0], self.latent_dim), jnp.float32)
-    stats = state.batch_stats
-
-    # Encoder update: decoder parameters are constants of this loss.
-    def encoder_loss(enc_params):
-      params = {"encoder": enc_params, "decoder": state.params["decoder"]}
-      fake = self._decode(params, stats, z_prior, True)
-      (mu, logvar), enc_stats = self._encode(params, stats, x, True, update_stats=True)
-      z = vae_lib.reparameterize(k_real, mu, logvar)
-      recon, dec_stats = self._decode(params, stats, z, True, update_stats=True)
-      mu_r, logvar_r = self._encode(params, stats, jax.lax.stop_gradient(recon), True)
-      mu_f, logvar_f = self._encode(params, stats, jax.lax.stop_gradient(fake), True)
-      z_r = vae_lib.reparameterize(k_rec, mu_r, logvar_r)
-      z_f = vae_lib.reparameterize(k_fake, mu_f, logvar_f)
-      recon_rec = self._decode(params, stats, z_r, True)
-      fake_rec = self._decode(params, stats, z_f, True)
-      rec_real = jnp.mean(rec_loss(x, recon))
-      kl_real = jnp.mean(kl(mu, logvar))
-      loss_real = s * (cfg.beta_rec * rec_real + cfg.beta_kl * kl_real)
-      energy_rec = cfg.beta_rec * rec_loss(recon, recon_rec) + cfg.beta_neg * kl(mu_r, logvar_r)
-      energy_fake = cfg.beta_rec * rec_loss(fake, fake_rec) + cfg.beta_neg * kl(mu_f, logvar_f)
-      loss_fake = 0.25 * (losses.soft_intro_exp_elbo(energy_rec, s)
-                          + losses.soft_intro_exp_elbo(energy_fake, s))
-      ar = self._ar(z, attributes)
-      loss = loss_real + loss_fake + cfg.gamma * ar
-      aux = {"z": z, "enc_stats": enc_stats, "dec_stats": dec_stats, "metrics": {
-          "encoder_loss": loss, "loss_real": loss_real, "loss_fake": loss_fake,
-          "reconstruction_loss": rec_real, "kl": kl_real, "ar_loss": ar,
-          "kl_reconstructed": jnp.mean(kl(mu_r, logvar_r)),
-          "kl_fake": jnp.mean(kl(mu_f, logvar_f)), "mse": rec_real / x[0].size}}
-      return loss, aux
-
-    enc_grads, aux = jax.grad(encoder_loss, has_aux=True)(state.params["encoder"])
+    enc_grads, enc_aux = jax.grad(self.soft_intro_encoder_loss, has_aux=True)(
+        state.params["encoder"], state, x, attributes, z_prior, (k_real, k_rec, k_fake))
     new_encoder, enc_opt = self._optimizer_step(state, "encoder", enc_grads,
                                                 state.params["encoder"])
-    z = jax.lax.stop_gradient(aux["z"])
-    new_stats = {"encoder": aux["enc_stats"], "decoder": aux["dec_stats"]}
-
-    # Decoder update: encoder (already updated) parameters are constants of this loss; the
-    # gradient still flows through the encoder's activations into the decoder.
-    def decoder_loss(dec_params):
-      params = {"encoder": new_encoder, "decoder": dec_params}
-      recon = self._decode(params, stats, z, True)
-      fake = self._decode(params, stats, z_prior, True)
-      mu_r, logvar_r = self._encode(params, stats, recon, True)
-      mu_f, logvar_f = self._encode(params, stats, fake, True)
-      z_r = jax.lax.stop_gradient(vae_lib.reparameterize(k_drec, mu_r, logvar_r))
-      z_f = jax.lax.stop_gradient(vae_lib.reparameterize(k_dfake, mu_f, logvar_f))
-      recon_rec = self._decode(params, stats, z_r, True)
-      fake_rec = self._decode(params, stats, z_f, True)
-      rec = jnp.mean(rec_loss(x, recon))
-      kl_terms = jnp.mean(kl(mu_r, logvar_r)) + jnp.mean(kl(mu_f, logvar_f))
-      rec_rec = (jnp.mean(rec_loss(jax.lax.stop_gradient(recon), recon_rec))
-                 + jnp.mean(rec_loss(jax.lax.stop_gradient(fake), fake_rec)))
-      loss = s * (cfg.beta_rec * rec + 0.5 * cfg.beta_kl * kl_terms
-                  + 0.5 * cfg.gamma_r * cfg.beta_rec * rec_rec)
-      return loss, {"decoder_loss": loss}
-
-    dec_grads, dec_metrics = jax.grad(decoder_loss, has_aux=True)(state.params["decoder"])
+    # The decoder step sees the updated encoder and the (constant) codes of the real batch.
+    z = jax.lax.stop_gradient(enc_aux["z"])
+    dec_grads, dec_aux = jax.grad(self.soft_intro_decoder_loss, has_aux=True)(
+        state.params["decoder"], new_encoder, state, x, z, z_prior, (k_drec, k_dfake))
     new_decoder, dec_opt = self._optimizer_step(state, "decoder", dec_grads,
                                                 state.params["decoder"])
-    metrics = {**aux["metrics"], **dec_metrics, "loss": aux["metrics"]["encoder_loss"]}
+    metrics = {**enc_aux["metrics"], **dec_aux["metrics"],
+               "loss": enc_aux["metrics"]["encoder_loss"]}
     return self._finish(state, {"encoder": new_encoder, "decoder": new_decoder},
-                        {"encoder": enc_opt, "decoder": dec_opt}, new_stats,
+                        {"encoder": enc_opt, "decoder": dec_opt}, enc_aux["stats"],
                         {"encoder": enc_grads, "decoder": dec_grads}, metrics)
 
   @property

@@ -1,0 +1,173 @@
+"""The training loop at toy size: resume equality, non-finite stop, workdir safety, preemption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from cardiac_jax import checkpointing, metric_logging, steps, training
+from data_pipelines import pipeline
+from experiments.configs import get_config
+
+
+def smoke_config(**train):
+  config = get_config("vae:smoke")
+  config.data.image_size = 16
+  config.model.channels = (4, 8)
+  config.train.figure_every = 0
+  for k, v in train.items():
+    config.train[k] = v
+  return config
+
+
+def data_source(config, examples):
+  return training.DataSource(
+      train_batches=lambda start: pipeline.train_batches(
+          examples, config.data, global_batch_size=config.train.batch_size, seed=config.seed,
+          start_step=start),
+      eval_batches=lambda: pipeline.eval_batches(examples[:6], config.data,
+                                                 batch_size=config.train.eval_batch_size))
+
+
+def params_of(state):
+  return jax.tree.map(np.asarray, jax.device_get(state.params))
+
+
+def assert_trees_equal(a, b):
+  flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(flat_a) == len(flat_b)
+  for x, y in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, disc_examples):
+  config = smoke_config(num_steps=6, checkpoint_every=3, eval_every=3)
+  workdir = str(tmp_path_factory.mktemp("full"))
+  state = training.train_and_evaluate(config, workdir, data_source(config, disc_examples))
+  return config, workdir, state
+
+
+def test_run_writes_logs_checkpoints_and_config(uninterrupted):
+  config, workdir, state = uninterrupted
+  assert int(state.step) == 6
+  records = metric_logging.read_metrics(workdir)
+  train_steps = [r["step"] for r in records if "train/loss" in r]
+  assert train_steps == [1, 2, 3, 4, 5, 6]
+  assert all(np.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
+  val = [r for r in records if "val/ssim" in r]
+  assert [r["step"] for r in val] == [3, 6] and -1 <= val[-1]["val/ssim"] <= 1
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["model"]["channels"] == [4, 8]
+  assert checkpointing.latest_step(os.path.join(workdir, "checkpoints")) == 6
+
+
+def test_resume_gives_bitwise_identical_parameters(uninterrupted, tmp_path, disc_examples):
+  config, _, full_state = uninterrupted
+  workdir = str(tmp_path / "resumed")
+  first = smoke_config(num_steps=3, checkpoint_every=3, eval_every=3)
+  training.train_and_evaluate(first, workdir, data_source(first, disc_examples))
+  # Same config except the step budget: allowed on resume.
+  state = training.train_and_evaluate(config, workdir, data_source(config, disc_examples))
+  assert int(state.step) == 6
+  assert_trees_equal(params_of(state), params_of(full_state))
+  assert_trees_equal(jax.device_get(state.batch_stats), jax.device_get(full_state.batch_stats))
+  steps_logged = [r["step"] for r in metric_logging.read_metrics(workdir) if "train/loss" in r]
+  assert steps_logged == [1, 2, 3, 4, 5, 6]
+
+
+def test_workdir_of_another_config_is_refused(uninterrupted, disc_examples):
+  config, workdir, _ = uninterrupted
+  other = smoke_config(num_steps=6)
+  other.model.latent_dim = 4
+  with pytest.raises(training.WorkdirConflictError, match="model.latent_dim"):
+    training.train_and_evaluate(other, workdir, data_source(other, disc_examples))
+
+
+def test_checkpoint_of_another_model_is_refused_with_field_names(uninterrupted, tmp_path,
+                                                                 disc_examples):
+  _, workdir, _ = uninterrupted
+  other = smoke_config()
+  other.model.latent_dim = 4
+  family = steps.make_family(other)
+  abstract = jax.eval_shape(family.init_state, jax.random.key(0))
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="to_latent"):
+    ckpt.restore(abstract)
+  ckpt.close()
+
+
+def _poisoned(source, at_index: int):
+  """Wraps train_batches so that the batch at iterator position `at_index` holds a NaN pixel."""
+  original = source.train_batches
+
+  def train_batches(start):
+    for i, batch in enumerate(original(start)):
+      if i == at_index:
+        batch = dict(batch, image=batch["image"].copy())
+        batch["image"][0, 0, 0, 0] = np.nan
+      yield batch
+
+  source.train_batches = train_batches
+  return source
+
+
+def test_nonfinite_loss_stops_and_names_step_and_subjects(tmp_path, disc_examples):
+  config = smoke_config(num_steps=6, checkpoint_every=1, eval_every=0)
+  workdir = str(tmp_path / "nan")
+  source = _poisoned(data_source(config, disc_examples), at_index=3)
+  with pytest.raises(training.NonFiniteError, match=r"at step 4 in .*loss") as excinfo:
+    training.train_and_evaluate(config, workdir, source)
+  with open(os.path.join(workdir, "nonfinite_step0000004.json")) as f:
+    report = json.load(f)
+  expected_subjects = list(next(pipeline.train_batches(
+      disc_examples, config.data, global_batch_size=4, seed=0, start_step=3))["subject"])
+  assert report["subjects"] == expected_subjects
+  assert "loss" in report["nonfinite_metrics"] and report["step"] == 4
+  assert "nonfinite_step0000004.json" in str(excinfo.value)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  assert ckpt.latest_step() == 3  # The last good state, not the poisoned one.
+  restored = ckpt.restore(jax.eval_shape(steps.make_family(config).init_state,
+                                         jax.random.key(0)))
+  ckpt.close()
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(restored.params)))
+
+
+def test_skip_nonfinite_counts_and_keeps_parameters_finite(tmp_path, disc_examples):
+  config = smoke_config(num_steps=5, eval_every=0, skip_nonfinite=True)
+  workdir = str(tmp_path / "skip")
+  source = _poisoned(data_source(config, disc_examples), at_index=2)
+  state = training.train_and_evaluate(config, workdir, source)
+  assert int(state.step) == 5 and int(state.skipped_nonfinite) == 1
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params_of(state)))
+  last = metric_logging.read_metrics(workdir)[-1]
+  assert last["train/skipped_nonfinite"] == 1
+
+
+def test_sigterm_saves_checkpoint_and_rerun_resumes(tmp_path, disc_examples):
+  config = smoke_config(num_steps=50, checkpoint_every=0, eval_every=0)
+  workdir = str(tmp_path / "preempt")
+  source = data_source(config, disc_examples)
+  original = source.train_batches
+
+  def batches_with_signal(start):
+    for i, batch in enumerate(original(start)):
+      if i == 2:
+        threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGTERM)).start()
+      yield batch
+
+  source.train_batches = batches_with_signal
+  with pytest.raises(training.Preempted, match="rerun the same command"):
+    training.train_and_evaluate(config, workdir, source)
+  saved = checkpointing.latest_step(os.path.join(workdir, "checkpoints"))
+  assert saved is not None and 2 <= saved < 50
+  config.train.num_steps = saved + 2
+  state = training.train_and_evaluate(config, workdir, data_source(config, disc_examples))
+  assert int(state.step) == saved + 2
