@@ -236,7 +236,8 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
   figure_images = None
   if is_chief and tc.figure_every:
     first = next(iter(data.eval_batches()))
-    figure_images = np.asarray(first["image"])[:8]
+    real = np.asarray(first.get("mask", np.ones(len(first["image"]), bool)), bool)
+    figure_images = np.asarray(first["image"])[real][:8]
 
   def run_eval(step: int) -> dict[str, float]:
     metrics, _ = evaluate_reconstruction(family, state, data.eval_batches(), mesh, eval_fn)

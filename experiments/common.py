@@ -16,9 +16,18 @@ from __future__ import annotations
 import hashlib
 import os
 
-import jax
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow is first imported.
+
+import jax  # pylint: disable=g-import-not-at-top
+from absl import flags, logging
 
 from cardiac_jax.training import DataSource
+
+
+def quiet_logs() -> None:
+  """INFO logs of orbax/TensorFlow drown the progress bar: show warnings unless -v was given."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
 
 
 def cache_root(config) -> str:
@@ -67,7 +76,8 @@ def prepared_dir(config, *, create: bool = True) -> str:
     from data_pipelines import synthetic
     s = config.data.synthetic
     raw = os.path.join(cache_root(config), "synthetic", f"n{s.num_subjects}_seed{s.seed}", "raw")
-    synthetic.synthesize_cohort(raw, s.num_subjects, s.seed)
+    synthetic.synthesize_cohort(raw, s.num_subjects, s.seed,
+                                num_workers=min(os.cpu_count() or 1, 8))
     source = raw
   else:
     source = os.path.abspath(config.data.source_dir)
@@ -77,17 +87,19 @@ def prepared_dir(config, *, create: bool = True) -> str:
   return out
 
 
-def split_source(config, split: str):
-  """Random-access source of one split of the config's prepared dataset."""
+def split_source(config, split: str, directory: str | None = None):
+  """Random-access source of one split of the config's prepared dataset (in `directory` if
+  given, else wherever `prepared_dir(config)` puts it, preparing it first if needed)."""
   from data_pipelines import prepare
-  return prepare.load_split(prepared_dir(config), split)
+  return prepare.load_split(directory or prepared_dir(config), split)
 
 
 def make_data_source(config, eval_split: str = "val") -> DataSource:
   """Training and evaluation iterators of this process for the training loop."""
   from data_pipelines import pipeline
-  train = split_source(config, "train")
-  val = split_source(config, eval_split)
+  directory = prepared_dir(config)
+  train = split_source(config, "train", directory)
+  val = split_source(config, eval_split, directory)
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
 
   def train_batches(start_step: int):

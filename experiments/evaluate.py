@@ -105,7 +105,7 @@ def evaluate_run(workdir: str, split: str = "test", step: int | None = None,
                                  channel_names=channel_names,
                                  title=f"{config.name}: {split} inputs and reconstructions")
   if names and "interpretability" in result:
-    shown = dims or [result["interpretability"][n]["dim"] for n in names]
+    shown = dims or [result["interpretability"]["interpretability"][n]["dim"] for n in names]
     # The subject whose code is closest to the median code anchors the traversal.
     anchor = int(np.argmin(np.abs(latents - np.median(latents, axis=0)).sum(axis=1)))
     mean, std = latents[:, shown].mean(axis=0), latents[:, shown].std(axis=0) + 1e-6
@@ -133,6 +133,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
+  from experiments import common
+  common.quiet_logs()
   result = evaluate_run(_WORKDIR.value, _SPLIT.value, _STEP.value, _TRAVERSAL_STEPS.value,
                         _TRAVERSAL_RANGE.value)
   rec = result["reconstruction"]

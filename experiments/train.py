@@ -33,6 +33,7 @@ def main(argv):
     raise app.UsageError(f"--config is required; available: {', '.join(configs.available_configs())}")
   from cardiac_jax import training  # Heavy imports after flag parsing.
   from experiments import common
+  common.quiet_logs()
   workdir = _WORKDIR.value or default_workdir(config)
   try:
     training.train_and_evaluate(config, workdir, common.make_data_source(config))
