@@ -47,11 +47,14 @@ def remap_labels(labels: np.ndarray, convention: str) -> np.ndarray:
     raise ValueError(f"unknown label convention {convention!r}; known: "
                      f"{sorted(LABEL_CONVENTIONS)}")
   source = LABEL_CONVENTIONS[convention]
-  values = np.unique(labels)
   allowed = {0, *source.values()}
-  bad = [int(v) for v in values if int(v) != v or int(v) not in allowed]
+  values = np.unique(labels)
+  # Non-integer and non-finite values are outside every convention; list a few, not millions.
+  bad = [v for v in values.tolist() if not (np.isfinite(v) and v == int(v) and int(v) in allowed)]
   if bad:
-    raise ValueError(f"label values {bad} are outside the {convention!r} convention "
+    shown = ", ".join(str(int(v)) if np.isfinite(v) and v == int(v) else repr(v) for v in bad[:8])
+    more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+    raise ValueError(f"label values [{shown}]{more} are outside the {convention!r} convention "
                      f"(allowed {sorted(allowed)})")
   out = np.zeros(labels.shape, np.uint8)
   for name, value in source.items():

@@ -11,15 +11,26 @@ Layout (see /specs/data_formats.md):
 The ED and ES frame numbers are read from Info.cfg (ED is not always frame 1: patient090 has
 ED at frame 4). Spacing comes from the NIfTI header; any image size, slice and frame count is
 accepted. Label maps are remapped from the cohort's convention (a parameter: "acdc", "ukbb",
-"mnms") to the canonical one of `cardiac_jax.structures`. Every problem with a file raises
-`InvalidInputError` naming the file.
+"mnms") to the canonical one of `cardiac_jax.structures`.
+
+Every file is treated as possibly hostile (a cohort of 70,000 subjects always holds some broken
+ones): every problem raises `InvalidInputError` naming the file and the problem, and no input
+can make a reader allocate without bound or block. NIfTI files are decoded here rather than by
+`nibabel.load` so that the header is checked before any voxel is read: the declared data size is
+bounded (`MAX_VOXELS`), compared with what the file holds (truncation), and the gzip stream is
+inflated only as far as the header says plus a small margin (a "gzip bomb" cannot exhaust
+memory), with its CRC checked. nibabel still parses the header fields and computes the affine.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
+import math
 import os
 import re
+import stat
+import warnings
 import zlib
 from typing import Optional
 
@@ -30,10 +41,28 @@ from cardiac_jax import structures
 from data_pipelines.errors import InvalidInputError
 
 PARTITIONS = ("training", "testing")
-_SUBJECT_DIR = re.compile(r"^patient\d+$")
+# re.ASCII: "\d" would otherwise accept any Unicode digit ("patient١٢") as a subject id.
+_SUBJECT_DIR = re.compile(r"^patient\d+$", re.ASCII)
 # ACDC names the abnormal-RV group "RV"; some copies of the data spell it "ARV".
 _GROUP_ALIASES = {"ARV": "RV"}
 _REQUIRED_INFO_KEYS = ("ED", "ES", "Group", "NbFrame", "Height", "Weight")
+# A real Info.cfg is about 80 bytes; anything this large is not one, and is not read whole.
+MAX_INFO_CFG_BYTES = 64 * 1024
+# Largest voxel count accepted from a header: about 4x the largest ACDC cine
+# (428 x 512 x 18 x 30). A header declaring more is corrupt or hostile, and honouring it could
+# exhaust memory before the file is found to be short.
+MAX_VOXELS = 1 << 29
+# NIfTI extensions sit between the header and the voxels; real ones are a few kB.
+_MAX_EXTENSION_BYTES = 16 * 1024 * 1024
+# A gzip stream may hold a few bytes past the voxel block (padding); more is not a NIfTI.
+_MAX_TRAILING_BYTES = 1024 * 1024
+_READ_CHUNK = 1024 * 1024
+_GZIP_MAGIC = b"\x1f\x8b"
+# Image and labels (or ED and ES) are one voxel grid when their affines place every corner of
+# the volume within this distance of each other; a tenth of a millimetre is far below a voxel
+# (>= 1 mm in cardiac MRI) and far above float32 rounding of the header fields.
+AFFINE_TOLERANCE_MM = 0.1
+_SPACING_RTOL = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +84,31 @@ class SubjectRef:
   directory: str
 
 
+@dataclasses.dataclass(frozen=True)
+class RejectedEntry:
+  """A folder of a cohort that looks like a subject but cannot be one (e.g. its name is not
+  valid UTF-8). `name` is printable: undecodable bytes are shown as backslash escapes."""
+  name: str
+  directory: str
+  reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class NiftiVolume:
+  """A decoded NIfTI file.
+
+  data: (X, Y, Z) or (X, Y, Z, T) float32, all finite, no empty axis.
+  spacing_mm: (dx, dy, dz) from pixdim, finite and > 0.
+  affine: (4, 4) voxel -> scanner mm (nibabel's best affine), finite, non-singular.
+  has_orientation: whether the header sets a qform or sform (else `affine` only reflects the
+    spacing and cannot be compared with another file's).
+  """
+  data: np.ndarray
+  spacing_mm: tuple[float, float, float]
+  affine: np.ndarray
+  has_orientation: bool
+
+
 @dataclasses.dataclass
 class AcdcSubject:
   """One subject's ED and ES frames with canonical labels.
@@ -72,60 +126,143 @@ class AcdcSubject:
   cine: Optional[np.ndarray] = None
 
 
+def printable_path(path: str) -> str:
+  """`path` with bytes that are not UTF-8 (kept by Python as surrogates) as backslash escapes,
+  so that messages and reports holding it can be printed and written as UTF-8."""
+  return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+# ----------------------------------------------------------------------------- cohort listing
+
+def find_subjects(root: str) -> tuple[list[SubjectRef], list[RejectedEntry]]:
+  """Subject folders of an ACDC-layout cohort, and folders rejected as subjects.
+
+  Looks in root/training and root/testing; a root with patientXXX folders directly inside it
+  is accepted too. Subjects are sorted by partition then name. A folder is rejected (with a
+  reason, so a cohort job can report it) when its name is not valid UTF-8, or when it starts
+  with "patient" but is not `patient<digits>`; other folders and files are not subjects and are
+  ignored.
+  """
+  if not os.path.isdir(root):
+    raise InvalidInputError(f"{printable_path(root)}: cohort directory does not exist")
+  partitions = [p for p in PARTITIONS if os.path.isdir(os.path.join(root, p))] or [""]
+  refs, rejected = [], []
+  for partition in partitions:
+    folder = os.path.join(root, partition)
+    try:
+      names = sorted(os.listdir(folder))
+    except OSError as e:
+      raise InvalidInputError(f"{printable_path(folder)}: cannot list ({e.strerror})") from None
+    for name in names:
+      path = os.path.join(folder, name)
+      if not os.path.isdir(path):
+        continue
+      shown = printable_path(name)
+      if shown != name:
+        rejected.append(RejectedEntry(
+            name=shown, directory=printable_path(path),
+            reason=f"{printable_path(path)}: folder name is not valid UTF-8 text"))
+      elif _SUBJECT_DIR.match(name):
+        refs.append(SubjectRef(subject=name, partition=partition, directory=path))
+      elif name.lower().startswith("patient"):
+        rejected.append(RejectedEntry(
+            name=name, directory=path,
+            reason=f"{path}: folder name is not a subject id of the form patient<digits>"))
+  return refs, rejected
+
+
 def list_subjects(root: str) -> list[SubjectRef]:
   """Subject folders of an ACDC-layout cohort, sorted by partition then subject id.
 
-  Looks in root/training and root/testing; a root with patientXXX folders directly inside it
-  is accepted too.
+  Raises InvalidInputError when there is none (see `find_subjects` for what counts).
   """
-  if not os.path.isdir(root):
-    raise InvalidInputError(f"{root}: cohort directory does not exist")
-  partitions = [p for p in PARTITIONS if os.path.isdir(os.path.join(root, p))] or [""]
-  refs = []
-  for partition in partitions:
-    folder = os.path.join(root, partition)
-    for name in sorted(os.listdir(folder)):
-      path = os.path.join(folder, name)
-      if _SUBJECT_DIR.match(name) and os.path.isdir(path):
-        refs.append(SubjectRef(subject=name, partition=partition, directory=path))
+  refs, rejected = find_subjects(root)
   if not refs:
+    also = f" ({len(rejected)} folders rejected, e.g. {rejected[0].reason})" if rejected else ""
     raise InvalidInputError(
-        f"{root}: no patientXXX folders found (expected {root}/training/patient001/... as in "
-        "the ACDC release)")
+        f"{printable_path(root)}: no patientXXX folders found (expected "
+        f"{printable_path(root)}/training/patient001/... as in the ACDC release){also}")
   return refs
 
 
-def parse_info_cfg(path: str) -> SubjectInfo:
-  """Parses an ACDC Info.cfg (`key: value` lines) and checks it is consistent."""
+# ----------------------------------------------------------------------------- Info.cfg
+
+def _open_regular_file(path: str, what: str):
+  """Opens `path` for binary reading if it is a regular file (a FIFO or device would block or
+  never end); raises InvalidInputError naming the file otherwise."""
+  shown = printable_path(path)
   try:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
+    mode = os.stat(path).st_mode
   except FileNotFoundError:
-    raise InvalidInputError(f"{path}: Info.cfg is missing") from None
-  except (OSError, UnicodeDecodeError) as e:
-    raise InvalidInputError(f"{path}: cannot read Info.cfg ({e})") from None
-  values = {}
+    raise InvalidInputError(f"{shown}: {what} is missing") from None
+  except OSError as e:
+    raise InvalidInputError(f"{shown}: cannot access {what} ({e.strerror})") from None
+  if not stat.S_ISREG(mode):
+    raise InvalidInputError(f"{shown}: {what} is not a regular file")
+  try:
+    return open(path, "rb")
+  except OSError as e:
+    raise InvalidInputError(f"{shown}: cannot open {what} ({e.strerror})") from None
+
+
+def parse_info_cfg(path: str) -> SubjectInfo:
+  """Parses an ACDC Info.cfg (`key: value` lines) and checks it is consistent.
+
+  Rejected, with the file and the problem named: a missing, oversized, binary or non-UTF-8
+  file; lines that are not `key: value`; a key given twice; a missing key; ED, ES, NbFrame not
+  positive integers; Height, Weight not positive finite numbers; an unknown Group; ED or ES
+  beyond NbFrame; ED equal to ES (a single-phase series); NbFrame below 2. Unknown keys are
+  ignored.
+  """
+  shown = printable_path(path)
+  with _open_regular_file(path, "Info.cfg") as f:
+    try:
+      raw = f.read(MAX_INFO_CFG_BYTES + 1)
+    except OSError as e:
+      raise InvalidInputError(f"{shown}: cannot read Info.cfg ({e.strerror})") from None
+  if len(raw) > MAX_INFO_CFG_BYTES:
+    raise InvalidInputError(f"{shown}: Info.cfg is larger than {MAX_INFO_CFG_BYTES} bytes; "
+                            "not an ACDC Info.cfg")
+  try:
+    # utf-8-sig: a byte-order mark written by some editors is not part of the first key.
+    text = raw.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    raise InvalidInputError(f"{shown}: Info.cfg is not UTF-8 text (byte "
+                            f"{raw[e.start]:#04x} at offset {e.start})") from None
+  control = [c for c in text if ord(c) < 32 and c not in "\t\r\n"]
+  if control:
+    raise InvalidInputError(f"{shown}: Info.cfg holds binary data (control character "
+                            f"{ord(control[0]):#04x})")
+  values, first_line = {}, {}
   for line_number, line in enumerate(text.splitlines(), start=1):
     if not line.strip():
       continue
     key, sep, value = line.partition(":")
     if not sep:
-      raise InvalidInputError(f"{path}: line {line_number} is not 'key: value': {line!r}")
-    values[key.strip()] = value.strip()
+      raise InvalidInputError(f"{shown}: line {line_number} is not 'key: value': {line!r}")
+    key = key.strip()
+    if key in values:
+      raise InvalidInputError(f"{shown}: key {key!r} appears twice (lines "
+                              f"{first_line[key]} and {line_number})")
+    values[key] = value.strip()
+    first_line[key] = line_number
   missing = [k for k in _REQUIRED_INFO_KEYS if k not in values]
   if missing:
-    raise InvalidInputError(f"{path}: Info.cfg lacks {', '.join(missing)}")
+    raise InvalidInputError(f"{shown}: Info.cfg lacks {', '.join(missing)}")
 
-  def number(key, kind):
+  def number(key: str, kind: type):
     try:
-      parsed = kind(float(values[key])) if kind is int else kind(values[key])
+      value = float(values[key])
     except ValueError:
-      raise InvalidInputError(f"{path}: {key} is not a number: {values[key]!r}") from None
-    if kind is int and float(values[key]) != parsed:
-      raise InvalidInputError(f"{path}: {key} is not an integer: {values[key]!r}")
-    if not np.isfinite(parsed) or parsed <= 0:
-      raise InvalidInputError(f"{path}: {key} must be positive, got {values[key]!r}")
-    return parsed
+      raise InvalidInputError(f"{shown}: {key} is not a number: {values[key]!r}") from None
+    if not math.isfinite(value) or value <= 0:
+      raise InvalidInputError(f"{shown}: {key} must be positive and finite, got "
+                              f"{values[key]!r}")
+    if kind is int:
+      if value != int(value):
+        raise InvalidInputError(f"{shown}: {key} is not an integer: {values[key]!r}")
+      return int(value)
+    return value
 
   info = SubjectInfo(
       ed_frame=number("ED", int), es_frame=number("ES", int),
@@ -133,99 +270,314 @@ def parse_info_cfg(path: str) -> SubjectInfo:
       num_frames=number("NbFrame", int), height_cm=number("Height", float),
       weight_kg=number("Weight", float))
   if info.group not in structures.GROUPS:
-    raise InvalidInputError(f"{path}: unknown Group {values['Group']!r}; expected one of "
+    raise InvalidInputError(f"{shown}: unknown Group {values['Group']!r}; expected one of "
                             f"{list(structures.GROUPS)}")
   for key, frame in (("ED", info.ed_frame), ("ES", info.es_frame)):
     if frame > info.num_frames:
-      raise InvalidInputError(f"{path}: {key} frame {frame} exceeds NbFrame {info.num_frames}")
+      raise InvalidInputError(f"{shown}: {key} frame {frame} exceeds NbFrame {info.num_frames}")
+  if info.num_frames < 2:
+    raise InvalidInputError(f"{shown}: NbFrame is {info.num_frames}; a cine series needs at "
+                            "least 2 frames")
+  if info.ed_frame == info.es_frame:
+    raise InvalidInputError(f"{shown}: ED and ES are the same frame ({info.ed_frame}); "
+                            "volumes and ejection fraction need two phases")
   return info
+
+
+# ----------------------------------------------------------------------------- NIfTI
+
+class _ByteStream:
+  """The bytes of an open file, gunzipped on the fly when `gzipped`, read only as far as asked.
+
+  `buffer` holds what was read so far; `fill(n)` extends it to n bytes or to the end of the
+  data. Corrupt or truncated gzip streams raise InvalidInputError.
+  """
+
+  def __init__(self, file, shown_path: str, gzipped: bool):
+    self._file = file
+    self._shown = shown_path
+    self._gzipped = gzipped
+    self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzipped else None
+    self._pending = b""
+    self.buffer = bytearray()
+    self.at_end = False
+
+  def fill(self, size: int) -> None:
+    while len(self.buffer) < size and not self.at_end:
+      if not self._gzipped:
+        chunk = self._file.read(min(_READ_CHUNK, size - len(self.buffer)))
+        self.buffer += chunk
+        self.at_end = not chunk
+        continue
+      if self._inflater.eof:
+        # A gzip file may hold several members back to back; anything else after a member
+        # (padding) is ignored, as gzip readers do.
+        tail = self._inflater.unused_data or self._file.read(_READ_CHUNK)
+        if not tail.startswith(_GZIP_MAGIC):
+          self.at_end = True
+          continue
+        self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._pending = tail
+      if not self._pending:
+        self._pending = self._file.read(_READ_CHUNK)
+        if not self._pending:
+          raise InvalidInputError(
+              f"{self._shown}: cannot read NIfTI, the gzip stream ends early: the file is "
+              f"truncated (after {len(self.buffer)} bytes of data)")
+      try:
+        # max_length bounds what one call inflates, so a small file cannot expand without end.
+        self.buffer += self._inflater.decompress(self._pending, size - len(self.buffer))
+      except zlib.error as e:
+        raise InvalidInputError(f"{self._shown}: cannot read NIfTI, the gzip stream is "
+                                f"corrupt ({e})") from None
+      self._pending = self._inflater.unconsumed_tail
+
+
+def _header_class(first_bytes: bytes, shown: str):
+  """Nifti1Header or Nifti2Header, from sizeof_hdr (348 or 540) in either byte order."""
+  if len(first_bytes) < 4:
+    raise InvalidInputError(f"{shown}: cannot read NIfTI, the file is truncated or corrupt "
+                            f"(only {len(first_bytes)} bytes)")
+  for order in ("<", ">"):
+    size = int(np.frombuffer(first_bytes[:4], dtype=f"{order}i4")[0])
+    if size == 348:
+      return nib.Nifti1Header
+    if size == 540:
+      return nib.Nifti2Header
+  raise InvalidInputError(f"{shown}: cannot read NIfTI, the file is truncated or corrupt "
+                          "(no NIfTI-1/2 header: sizeof_hdr is neither 348 nor 540)")
+
+
+def _volume_shape(header, shown: str) -> tuple[int, ...]:
+  dims = [int(d) for d in header["dim"]]
+  if not 1 <= dims[0] <= 7:
+    raise InvalidInputError(f"{shown}: header dim[0] = {dims[0]} is not a number of axes "
+                            "(1 to 7)")
+  shape = dims[1:dims[0] + 1]
+  # Axes 5-7 (vector components) of size 1 carry nothing; drop them.
+  while len(shape) > 4 and shape[-1] == 1:
+    shape.pop()
+  if len(shape) not in (3, 4):
+    raise InvalidInputError(f"{shown}: expected a 3D or 4D volume, got shape {tuple(shape)}")
+  if min(shape) <= 0:
+    raise InvalidInputError(f"{shown}: volume shape {tuple(shape)} has an empty axis")
+  if math.prod(shape) > MAX_VOXELS:
+    raise InvalidInputError(f"{shown}: header declares {math.prod(shape)} voxels "
+                            f"{tuple(shape)}, more than the {MAX_VOXELS} accepted")
+  return tuple(shape)
+
+
+def read_nifti(path: str) -> NiftiVolume:
+  """Decodes a NIfTI-1 or NIfTI-2 single file (.nii, or gzipped .nii.gz) defensively.
+
+  Returns:
+    The volume (see `NiftiVolume` for the guarantees on its fields).
+
+  Raises:
+    InvalidInputError naming the file: missing or not a regular file; a .nii.gz that is not
+    gzip or whose stream is truncated/corrupt; no NIfTI header; fewer than 3 or more than 4
+    axes, an empty axis, more than MAX_VOXELS voxels; a voxel type that is not a real number
+    (complex, RGB); less voxel data than the header declares; spacing (pixdim) not finite and
+    positive; an affine that is not finite or is singular; NaN or infinite voxels (after
+    scaling).
+  """
+  shown = printable_path(path)
+  gzipped = path.endswith(".gz")
+  with _open_regular_file(path, "file") as f:
+    stream = _ByteStream(f, shown, gzipped)
+    try:
+      if gzipped:
+        magic = f.read(2)
+        f.seek(0)
+        if magic != _GZIP_MAGIC:
+          raise InvalidInputError(f"{shown}: cannot read NIfTI, the file is not gzip-compressed "
+                                  "although its name ends in .gz (truncated or corrupt)")
+      stream.fill(540)
+      header_class = _header_class(bytes(stream.buffer[:4]), shown)
+      header_size = header_class.sizeof_hdr
+      if len(stream.buffer) < header_size:
+        raise InvalidInputError(f"{shown}: cannot read NIfTI, the file is truncated "
+                                f"({len(stream.buffer)} bytes, the header alone is "
+                                f"{header_size})")
+      try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+          warnings.simplefilter("ignore")
+          header = header_class.from_fileobj(
+              io.BytesIO(bytes(stream.buffer[:header_size])), check=False)
+          dtype = header.get_data_dtype()
+          offset = float(header["vox_offset"])
+          slope, inter = header.get_slope_inter()
+          affine = np.asarray(header.get_best_affine(), dtype=np.float64)
+          has_orientation = bool(header["sform_code"] != 0 or header["qform_code"] != 0)
+          pixdim = [float(p) for p in header["pixdim"][1:4]]
+          magic = bytes(header["magic"])
+      except InvalidInputError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        # nibabel parses the hostile bytes: whatever it raises is a problem of this file.
+        raise InvalidInputError(f"{shown}: cannot read NIfTI, the header is corrupt "
+                                f"({type(e).__name__}: {e})") from None
+      if magic[:3] not in (b"n+1", b"n+2"):
+        raise InvalidInputError(f"{shown}: NIfTI magic {magic!r} is not that of a single "
+                                "file (n+1 / n+2); .hdr/.img pairs are not supported")
+      shape = _volume_shape(header, shown)
+      if dtype.fields is not None or dtype.kind not in "iuf":
+        raise InvalidInputError(f"{shown}: voxel type {dtype} is not a real number type")
+      if not (math.isfinite(offset) and offset == int(offset)
+              and header_size <= offset <= header_size + _MAX_EXTENSION_BYTES):
+        raise InvalidInputError(f"{shown}: header vox_offset {offset} does not point past the "
+                                "header")
+      offset = int(offset)
+      data_bytes = math.prod(shape) * dtype.itemsize
+      stream.fill(offset + data_bytes)
+      if len(stream.buffer) < offset + data_bytes:
+        raise InvalidInputError(
+            f"{shown}: cannot read NIfTI, the file is truncated: the header declares "
+            f"{data_bytes} bytes of voxel data {shape} {dtype}, the file holds "
+            f"{max(0, len(stream.buffer) - offset)}")
+      if gzipped:
+        # Inflate to the end of the stream (bounded) so the gzip CRC is checked: a corrupt
+        # voxel block is not taken for data.
+        limit = offset + data_bytes + _MAX_TRAILING_BYTES
+        stream.fill(limit + 1)
+        if len(stream.buffer) > limit:
+          raise InvalidInputError(f"{shown}: decompresses to more data than its header "
+                                  f"declares ({data_bytes} bytes of voxels)")
+    except OSError as e:
+      raise InvalidInputError(f"{shown}: cannot read NIfTI ({e})") from None
+  voxels = np.frombuffer(stream.buffer, dtype=dtype, count=math.prod(shape), offset=offset)
+  with np.errstate(all="ignore"):
+    data = voxels.reshape(shape, order="F").astype(np.float32)
+    if slope is not None and (slope, inter) != (1.0, 0.0):
+      data = (data * np.float32(slope) + np.float32(inter)).astype(np.float32)
+  if not all(math.isfinite(p) and p > 0 for p in pixdim):
+    raise InvalidInputError(f"{shown}: header voxel spacing (pixdim) {tuple(pixdim)} is not "
+                            "positive and finite")
+  if not np.all(np.isfinite(affine)):
+    raise InvalidInputError(f"{shown}: the header's affine (sform/qform) holds NaN or "
+                            "infinite values")
+  axes = affine[:3, :3]
+  lengths = np.linalg.norm(axes, axis=0)
+  if not np.all(lengths > 0) or abs(np.linalg.det(axes)) < 1e-6 * np.prod(lengths):
+    raise InvalidInputError(f"{shown}: the header's affine (sform/qform) is singular: its voxel "
+                            f"axes {np.round(axes, 4).tolist()} do not span 3D space")
+  bad = int(np.count_nonzero(~np.isfinite(data)))
+  if bad:
+    raise InvalidInputError(f"{shown}: {bad} voxels are NaN or infinite")
+  return NiftiVolume(data=data, spacing_mm=(pixdim[0], pixdim[1], pixdim[2]), affine=affine,
+                     has_orientation=has_orientation)
+
+
+def load_nifti(path: str) -> tuple[np.ndarray, tuple[float, ...]]:
+  """Loads a NIfTI volume as float32 with its voxel spacing (mm, spatial axes only).
+
+  Returns (data, (dx, dy, dz)): data (X, Y, Z) or (X, Y, Z, T) float32, all finite; spacing
+  finite and positive. Every problem raises InvalidInputError naming the file (`read_nifti`).
+  """
+  volume = read_nifti(path)
+  return volume.data, volume.spacing_mm
 
 
 def _nifti_path(directory: str, stem: str) -> str:
   """The .nii.gz (or uncompressed .nii) file for `stem`; raises naming the expected file."""
   for extension in (".nii.gz", ".nii"):
     path = os.path.join(directory, stem + extension)
-    if os.path.isfile(path):
+    if os.path.lexists(path):
       return path
-  raise InvalidInputError(f"{os.path.join(directory, stem + '.nii.gz')}: file is missing")
+  raise InvalidInputError(
+      f"{printable_path(os.path.join(directory, stem + '.nii.gz'))}: file is missing")
 
 
-def load_nifti(path: str) -> tuple[np.ndarray, tuple[float, ...]]:
-  """Loads a NIfTI volume as float32 with its voxel spacing (mm, spatial axes only).
+def check_same_grid(volume: NiftiVolume, path: str, reference: NiftiVolume,
+                    reference_path: str, what: str, reference_what: str) -> None:
+  """Raises InvalidInputError unless `volume` lies on the voxel grid of `reference`.
 
-  Truncated or corrupt files (bad gzip stream, short data block, bad header) raise
-  InvalidInputError naming the file.
+  Same (X, Y, Z), spacing within 0.1 %, and, when both headers set an orientation, affines
+  that place every corner of the volume within AFFINE_TOLERANCE_MM; the message says whether
+  the origin or the axes (orientation/scale) differ, and by how much. `what` and
+  `reference_what` name the two ("label" and "image", "cine" and "ED frame") in the message.
   """
-  try:
-    image = nib.load(path)
-    data = np.asarray(image.dataobj, dtype=np.float32)
-    zooms = tuple(float(z) for z in image.header.get_zooms()[:min(3, data.ndim)])
-  except FileNotFoundError:
-    raise InvalidInputError(f"{path}: file is missing") from None
-  except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as e:
+  shown, reference_shown = printable_path(path), printable_path(reference_path)
+  shape, reference_shape = volume.data.shape[:3], reference.data.shape[:3]
+  if shape != reference_shape:
+    raise InvalidInputError(f"{shown}: {what} shape {shape} does not match "
+                            f"{reference_what} {reference_shown} shape {reference_shape}")
+  if not np.allclose(volume.spacing_mm, reference.spacing_mm, rtol=_SPACING_RTOL, atol=0):
+    raise InvalidInputError(f"{shown}: {what} spacing {volume.spacing_mm} does not match "
+                            f"{reference_what} {reference_shown} spacing {reference.spacing_mm}")
+  if not (volume.has_orientation and reference.has_orientation):
+    return
+  corners = np.array([[x, y, z, 1.0] for x in (0, shape[0] - 1) for y in (0, shape[1] - 1)
+                      for z in (0, shape[2] - 1)]).T
+  displacement = np.linalg.norm(((volume.affine - reference.affine) @ corners)[:3], axis=0)
+  worst = float(displacement.max())
+  if worst > AFFINE_TOLERANCE_MM:
+    origin_shift = float(np.linalg.norm(volume.affine[:3, 3] - reference.affine[:3, 3]))
+    axes_change = float(np.abs(volume.affine[:3, :3] - reference.affine[:3, :3]).max())
+    parts = []
+    if origin_shift > AFFINE_TOLERANCE_MM / 2:
+      parts.append(f"origin shifted by {origin_shift:.3g} mm")
+    if axes_change * max(shape) > AFFINE_TOLERANCE_MM / 2:
+      parts.append(f"voxel axes (orientation/scale) differ by up to {axes_change:.3g} mm per "
+                   "voxel")
     raise InvalidInputError(
-        f"{path}: cannot read NIfTI, the file is truncated or corrupt "
-        f"({type(e).__name__}: {e})") from None
-  if data.ndim < 3:
-    raise InvalidInputError(f"{path}: expected a 3D or 4D volume, got shape {data.shape}")
-  if len(zooms) < 3 or not all(np.isfinite(z) and z > 0 for z in zooms):
-    raise InvalidInputError(f"{path}: header voxel spacing {zooms} is not positive")
-  return data, zooms
+        f"{shown}: {what} affine does not match that of {reference_what} {reference_shown}: "
+        f"voxels are up to {worst:.3g} mm apart (tolerance {AFFINE_TOLERANCE_MM} mm; "
+        f"{', '.join(parts) or 'small differences add up'})")
 
 
 def _load_frame(directory: str, subject: str, frame: int, label_convention: str,
-                ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-  """Image (float32), canonical labels (uint8) and spacing of one annotated frame."""
+                ) -> tuple[NiftiVolume, np.ndarray, str]:
+  """Image volume, canonical labels (uint8, (X, Y, Z)) and image path of one annotated frame."""
   stem = f"{subject}_frame{frame:02d}"
   image_path = _nifti_path(directory, stem)
   labels_path = _nifti_path(directory, stem + "_gt")
-  image, spacing = load_nifti(image_path)
-  labels, label_spacing = load_nifti(labels_path)
-  if image.ndim != 3:
-    raise InvalidInputError(f"{image_path}: expected a (X, Y, Z) frame, got shape {image.shape}")
-  if image.shape != labels.shape:
-    raise InvalidInputError(f"{labels_path}: label shape {labels.shape} does not match image "
-                            f"{image_path} shape {image.shape}")
-  if not np.allclose(spacing, label_spacing, rtol=1e-3):
-    raise InvalidInputError(f"{labels_path}: spacing {label_spacing} does not match image "
-                            f"spacing {spacing}")
-  if not np.all(np.isfinite(image)):
-    raise InvalidInputError(f"{image_path}: {int(np.sum(~np.isfinite(image)))} voxels are NaN "
-                            "or infinite")
-  if not np.all(np.isfinite(labels)):
-    raise InvalidInputError(f"{labels_path}: label map holds NaN or infinite values")
+  image = read_nifti(image_path)
+  labels = read_nifti(labels_path)
+  for volume, path in ((image, image_path), (labels, labels_path)):
+    if volume.data.ndim == 4 and volume.data.shape[3] != 1:
+      raise InvalidInputError(f"{printable_path(path)}: expected a (X, Y, Z) frame, got shape "
+                              f"{volume.data.shape}")
+  if image.data.ndim == 4:
+    image = dataclasses.replace(image, data=image.data[..., 0])
+  check_same_grid(labels, labels_path, image, image_path, "label", "image")
   try:
-    canonical = structures.remap_labels(labels, label_convention)
+    canonical = structures.remap_labels(labels.data[..., 0] if labels.data.ndim == 4
+                                        else labels.data, label_convention)
   except ValueError as e:
-    raise InvalidInputError(f"{labels_path}: {e}") from None
-  return image, canonical, spacing
+    raise InvalidInputError(f"{printable_path(labels_path)}: {e}") from None
+  return image, canonical, image_path
 
 
 def load_subject(ref: SubjectRef | str, label_convention: str = "acdc",
                  load_cine: bool = False) -> AcdcSubject:
-  """Loads the ED and ES frames (and optionally the 4D cine) of one subject folder."""
+  """Loads the ED and ES frames (and optionally the 4D cine) of one subject folder.
+
+  The frames and labels must share one voxel grid (`check_same_grid`); the cine, when loaded,
+  too, with at least 2 frames and at least max(ED, ES).
+  """
   directory = ref.directory if isinstance(ref, SubjectRef) else str(ref)
   subject = os.path.basename(os.path.normpath(directory))
   info = parse_info_cfg(os.path.join(directory, "Info.cfg"))
-  ed_image, ed_labels, spacing = _load_frame(directory, subject, info.ed_frame, label_convention)
-  es_image, es_labels, es_spacing = _load_frame(directory, subject, info.es_frame,
-                                                label_convention)
-  if ed_image.shape != es_image.shape or not np.allclose(spacing, es_spacing, rtol=1e-3):
-    raise InvalidInputError(
-        f"{directory}: ED frame {info.ed_frame} {ed_image.shape} @ {spacing} mm and ES frame "
-        f"{info.es_frame} {es_image.shape} @ {es_spacing} mm differ in geometry")
+  ed, ed_labels, ed_path = _load_frame(directory, subject, info.ed_frame, label_convention)
+  es, es_labels, es_path = _load_frame(directory, subject, info.es_frame, label_convention)
+  check_same_grid(es, es_path, ed, ed_path, f"ES frame {info.es_frame}",
+                  f"ED frame {info.ed_frame}")
   cine = None
   if load_cine:
     cine_path = _nifti_path(directory, f"{subject}_4d")
-    cine, _ = load_nifti(cine_path)
-    if cine.ndim != 4 or cine.shape[:3] != ed_image.shape:
-      raise InvalidInputError(f"{cine_path}: cine shape {cine.shape} does not match the "
-                              f"frames' (X, Y, Z) = {ed_image.shape}")
+    cine_volume = read_nifti(cine_path)
+    cine = cine_volume.data
+    shown = printable_path(cine_path)
+    if cine.ndim != 4:
+      raise InvalidInputError(f"{shown}: expected a (X, Y, Z, T) cine, got shape {cine.shape}")
+    check_same_grid(cine_volume, cine_path, ed, ed_path, "cine", "ED frame")
+    if cine.shape[3] < 2:
+      raise InvalidInputError(f"{shown}: a single-frame series ({cine.shape}); a cine needs at "
+                              "least 2 frames")
     if cine.shape[3] < max(info.ed_frame, info.es_frame):
-      raise InvalidInputError(f"{cine_path}: only {cine.shape[3]} frames, but ED/ES are "
+      raise InvalidInputError(f"{shown}: only {cine.shape[3]} frames, but ED/ES are "
                               f"{info.ed_frame}/{info.es_frame}")
-    if not np.all(np.isfinite(cine)):
-      raise InvalidInputError(f"{cine_path}: cine holds NaN or infinite voxels")
-  return AcdcSubject(subject=subject, info=info, ed_image=ed_image, ed_labels=ed_labels,
-                     es_image=es_image, es_labels=es_labels,
-                     spacing_mm=tuple(spacing[:3]), cine=cine)
+  return AcdcSubject(subject=subject, info=info, ed_image=ed.data, ed_labels=ed_labels,
+                     es_image=es.data, es_labels=es_labels,
+                     spacing_mm=tuple(ed.spacing_mm), cine=cine)
