@@ -17,22 +17,37 @@ Design: this module is a thin driver around the builder. The builder runs the pe
 preparation (`tfds_builders.run_subject`), so a tfds user with only the builder and a manual_dir
 gets the same examples; the driver adds the files a researcher reads and the guarantees a
 training job relies on:
-- atomicity: everything is written under O/.staging-<id>/ and renamed into place, report.json
+- atomicity: the dataset is written under O/.staging-<id>/ and renamed into place, report.json
   last, so an interrupted run never leaves a dataset that looks complete;
+- resumption: each subject's outcome is kept in the work area O/.subjects/ (one file per
+  subject, see `tfds_builders`) as soon as it is computed; a run that is killed or interrupted
+  in the per-subject loop is finished by rerunning the same command, which reuses those files
+  and processes only the remaining subjects. The work area records the configuration it belongs
+  to and is deleted once report.json is in place;
 - idempotence: if O already holds a complete preparation with the same configuration (and
   input directory), `prepare_dataset` returns its report without redoing work; a different
-  configuration in a non-empty O is refused, as is a non-empty O that is not a preparation.
+  configuration in a non-empty O (complete, or unfinished in the work area) is refused, as is a
+  non-empty O that is not a preparation. Nothing already prepared is overwritten;
+- concurrency: every process of a multi-process job may call `prepare_dataset` on the same O.
+  One takes an exclusive lock (flock on O/.prepare.lock) and prepares; the others wait for the
+  lock, then find the complete report and return it. The kernel releases the lock when its
+  holder dies, even by SIGKILL, so a crashed run never blocks the next one. Processes on
+  different hosts share the lock where the file system supports flock across clients (local
+  disks, NFS with lockd); elsewhere let one process per output directory prepare.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
-from typing import Optional
+from typing import Iterator, Optional
 
 from absl import app
 from absl import flags
@@ -47,8 +62,12 @@ REPORT = "report.json"
 ATTRIBUTES = "attributes.csv"
 SPLITS = "splits.json"
 TFDS_DIR = "tfds"
+WORK_DIR = ".subjects"
+LOCK_FILE = ".prepare.lock"
+_WORK_CONFIG = "config.json"
 _STAGING_PREFIX = ".staging-"
 _OUTPUT_NAMES = (TFDS_DIR, ATTRIBUTES, SPLITS, REPORT)
+_OWN_NAMES = (*_OUTPUT_NAMES, WORK_DIR, LOCK_FILE)
 DATASETS = ("acdc",)
 # Bumped when the prepared output changes for the same configuration.
 FORMAT_VERSION = 1
@@ -80,11 +99,97 @@ def _is_complete(output_dir: str, report: dict) -> bool:
 
 
 def _clear_own_leftovers(output_dir: str) -> None:
-  """Removes what an interrupted or incomplete run of this job left behind."""
+  """Removes what an interrupted or incomplete run left behind, except the per-subject work
+  area (which a rerun resumes from) and the lock (held by the caller)."""
   for name in os.listdir(output_dir):
     path = os.path.join(output_dir, name)
     if name in _OUTPUT_NAMES or name.startswith(_STAGING_PREFIX):
       shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  subjects = os.path.join(output_dir, WORK_DIR, "subjects")
+  if os.path.isdir(subjects):
+    for name in os.listdir(subjects):
+      if tfds_builders.is_cache_temporary(name):
+        os.remove(os.path.join(subjects, name))
+
+
+def _refuse_foreign(output_dir: str) -> None:
+  """Raises FileExistsError if output_dir holds anything this job does not write."""
+  if not os.path.isdir(output_dir):
+    return
+  foreign = sorted(n for n in os.listdir(output_dir)
+                   if n not in _OWN_NAMES and not n.startswith(_STAGING_PREFIX))
+  if foreign:
+    raise FileExistsError(f"{output_dir} is not empty and is not a prepared dataset "
+                          f"(it holds {foreign[:5]}); choose an empty --output_dir")
+
+
+def _finished_report(output_dir: str, requested: dict) -> Optional[dict]:
+  """The report of a complete preparation of `requested` in output_dir, or None if there is
+  none (yet). Raises FileExistsError when output_dir holds another configuration."""
+  if not os.path.isdir(output_dir):
+    return None
+  report = _read_json(os.path.join(output_dir, REPORT))
+  if report is not None and report.get("config") != requested:
+    raise FileExistsError(
+        f"{output_dir} holds a dataset prepared with a different configuration:\n"
+        f"  existing:  {json.dumps(report.get('config'), sort_keys=True)}\n"
+        f"  requested: {json.dumps(requested, sort_keys=True)}\n"
+        "Choose another --output_dir or delete this one.")
+  if report is not None and _is_complete(output_dir, report):
+    return report
+  work_config = _read_json(os.path.join(output_dir, WORK_DIR, _WORK_CONFIG))
+  if work_config is not None and work_config != requested:
+    subjects = os.path.join(output_dir, WORK_DIR, "subjects")
+    done = len(os.listdir(subjects)) if os.path.isdir(subjects) else 0
+    raise FileExistsError(
+        f"{output_dir} holds an unfinished preparation ({done} subjects done, in "
+        f"{os.path.join(output_dir, WORK_DIR)}) with a different configuration:\n"
+        f"  unfinished: {json.dumps(work_config, sort_keys=True)}\n"
+        f"  requested:  {json.dumps(requested, sort_keys=True)}\n"
+        "Rerun with that configuration to finish it, or choose another --output_dir.")
+  return None
+
+
+@contextlib.contextmanager
+def _exclusive_lock(output_dir: str, verbose: bool) -> Iterator[None]:
+  """Holds an exclusive flock on output_dir/LOCK_FILE, waiting for another holder to finish.
+
+  The holder unlinks the file before releasing it, so a waiter may end up locking an unlinked
+  file: it checks that the path still names the file it locked, and starts over if not.
+  """
+  path = os.path.join(output_dir, LOCK_FILE)
+  told = False
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        if verbose and not told:
+          print(f"{output_dir}: another process is preparing it; waiting", flush=True)
+          told = True
+        fcntl.flock(fd, fcntl.LOCK_EX)
+      try:
+        locked = os.fstat(fd)
+        current = os.stat(path)
+        same = (locked.st_dev, locked.st_ino) == (current.st_dev, current.st_ino)
+      except FileNotFoundError:
+        same = False
+    except BaseException:
+      os.close(fd)
+      raise
+    if same:
+      break
+    os.close(fd)
+  try:
+    # For a person wondering who holds the lock.
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
+    yield
+  finally:
+    with contextlib.suppress(OSError):
+      os.unlink(path)
+    os.close(fd)
 
 
 def _write_attributes_csv(path: str, outcomes) -> None:
@@ -138,33 +243,41 @@ def prepare_dataset(input_dir: str, output_dir: str,
                                              split_fractions)
   requested = _requested_config(dataset, input_dir, builder_config)
 
-  if os.path.isdir(output_dir) and os.listdir(output_dir):
-    report = _read_json(os.path.join(output_dir, REPORT))
-    if report is not None and report.get("config") != requested:
-      raise FileExistsError(
-          f"{output_dir} holds a dataset prepared with a different configuration:\n"
-          f"  existing:  {json.dumps(report.get('config'), sort_keys=True)}\n"
-          f"  requested: {json.dumps(requested, sort_keys=True)}\n"
-          "Choose another --output_dir or delete this one.")
-    if report is not None and _is_complete(output_dir, report):
-      if verbose:
-        print(f"{output_dir}: already prepared ({report['counts']['prepared']} subjects), "
-              "nothing to do")
-      return report
-    foreign = [n for n in os.listdir(output_dir)
-               if n not in _OUTPUT_NAMES and not n.startswith(_STAGING_PREFIX)]
-    if foreign:
-      raise FileExistsError(f"{output_dir} is not empty and is not a prepared dataset "
-                            f"(it holds {sorted(foreign)[:5]}); choose an empty --output_dir")
-    _clear_own_leftovers(output_dir)
-  os.makedirs(output_dir, exist_ok=True)
+  report = _finished_report(output_dir, requested)
+  if report is None:
+    # Checked before the lock file is created, so a foreign folder is left as it was.
+    _refuse_foreign(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    with _exclusive_lock(output_dir, verbose):
+      # Another process may have finished, or started something else, while this one waited.
+      report = _finished_report(output_dir, requested)
+      if report is None:
+        _refuse_foreign(output_dir)
+        report = _prepare_locked(input_dir, output_dir, builder_config, requested, split_seed,
+                                 start)
+        _print_summary(output_dir, report, verbose)
+        return report
+  if verbose:
+    print(f"{output_dir}: already prepared ({report['counts']['prepared']} subjects), "
+          "nothing to do")
+  return report
 
+
+def _prepare_locked(input_dir: str, output_dir: str,
+                    builder_config: tfds_builders.AcdcConfig, requested: dict, split_seed: int,
+                    start: float) -> dict:
+  """The preparation itself; the caller holds the lock and has checked output_dir."""
+  _clear_own_leftovers(output_dir)
+  work = os.path.join(output_dir, WORK_DIR)
+  os.makedirs(work, exist_ok=True)
+  _write_json(os.path.join(work, _WORK_CONFIG), requested)
   staging = os.path.join(output_dir, f"{_STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
   os.makedirs(staging)
   try:
     builder = tfds_builders.Acdc(config=builder_config,
                                  data_dir=os.path.join(staging, TFDS_DIR),
-                                 file_format="array_record")
+                                 file_format="array_record",
+                                 subject_cache_dir=os.path.join(work, "subjects"))
     builder.download_and_prepare(
         download_dir=os.path.join(staging, "downloads"),
         download_config=tfds.download.DownloadConfig(manual_dir=input_dir))
@@ -188,6 +301,7 @@ def prepare_dataset(input_dir: str, output_dir: str,
                       **({"split": split_of[o.subject], "group": o.group}
                          if o.status == "prepared" else {"reason": o.reason})}
                      for o in outcomes],
+        "resumed_subjects": builder.num_reused,
         "seconds": round(time.time() - start, 2),
     }
     # Rename into place, report.json last: until it exists, the preparation is incomplete.
@@ -197,15 +311,23 @@ def prepare_dataset(input_dir: str, output_dir: str,
     os.replace(os.path.join(staging, REPORT), os.path.join(output_dir, REPORT))
   finally:
     shutil.rmtree(staging, ignore_errors=True)
-  if verbose:
-    counts = report["counts"]
-    print(f"prepared {counts['prepared']} of {counts['found']} subjects "
-          f"({counts['skipped']} skipped; train/val/test {counts['train']}/{counts['val']}/"
-          f"{counts['test']}) into {output_dir} in {report['seconds']:.1f} s")
-    for entry in report["subjects"]:
-      if entry["status"] == "skipped":
-        print(f"  skipped {entry['subject']}: {entry['reason']}")
+  # Complete: the work area has served its purpose (its arrays are in the tfds files now).
+  shutil.rmtree(work, ignore_errors=True)
   return report
+
+
+def _print_summary(output_dir: str, report: dict, verbose: bool) -> None:
+  if not verbose:
+    return
+  counts = report["counts"]
+  resumed = (f", {report['resumed_subjects']} taken from an interrupted run"
+             if report.get("resumed_subjects") else "")
+  print(f"prepared {counts['prepared']} of {counts['found']} subjects "
+        f"({counts['skipped']} skipped; train/val/test {counts['train']}/{counts['val']}/"
+        f"{counts['test']}{resumed}) into {output_dir} in {report['seconds']:.1f} s")
+  for entry in report["subjects"]:
+    if entry["status"] == "skipped":
+      print(f"  skipped {entry['subject']}: {entry['reason']}")
 
 
 # ----------------------------------------------------------------------------- consumers

@@ -10,15 +10,24 @@ either returns a prepared example or raises `InvalidInputError`; `run_subject` t
 a `SubjectOutcome` ("prepared" or "skipped" with a reason naming the file), catching any other
 exception too, so one bad subject never stops a cohort. The builder prepares all subjects in
 `_split_generators`, before any split is written, because the split assignment is stratified
-over the subjects that actually were prepared (tfds also refuses a split with no examples);
-the prepared examples are held in memory until written (about 5 bytes x 2 x S^2 each, 160 kB at
-S = 128: fine for ACDC-sized cohorts of hundreds to a few thousand subjects). After
-`download_and_prepare` the builder's `outcomes` and `split_assignment` hold what happened to
-every subject; `data_pipelines.prepare` is the driver that turns them into attributes.csv,
-report.json and splits.json around an atomic write.
+over the subjects that actually were prepared (tfds also refuses a split with no examples).
+
+Each subject's outcome is cached as one file in a work area (`subject_cache_dir`, by default
+<download_dir>/subjects): `<subject>.npz` with the prepared arrays and, as JSON, the status,
+reason, group, frames and attributes. A file is written under a temporary name and renamed, so
+it is either complete or absent, and it is reused only when its `subject_cache_key` (format,
+preprocessing, label convention) and its input fingerprint (name, size and mtime of every file
+in the subject folder) match. Hence a preparation killed in the per-subject loop resumes where
+it stopped, and `_generate_examples` streams examples from the work area: only the small
+per-subject metadata is held in memory, whatever the cohort size. Skips caused by unexpected
+exceptions (possibly transient: a network file system, memory) are not cached, so a rerun tries
+those subjects again. After `download_and_prepare` the builder's `outcomes`,
+`split_assignment` and `num_reused` hold what happened to every subject;
+`data_pipelines.prepare` is the driver that turns them into attributes.csv, report.json and
+splits.json around an atomic write, and serialises concurrent runs.
 
 Usage as a tfds dataset:
-  builder = Acdc(data_dir=D, file_format="array_record")
+  builder = Acdc(data_dir=D, file_format="array_record")     # optional: subject_cache_dir=W
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir="/path/to/ACDC"))
   builder.as_data_source("train")[0]
@@ -29,7 +38,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import traceback
+import uuid
 from typing import Iterable, Optional
 
 import numpy as np
@@ -43,6 +54,10 @@ from data_pipelines import preprocess
 from data_pipelines.errors import InvalidInputError
 
 SPLITS = ("train", "val", "test")
+# Bumped when a cached subject outcome would differ for the same inputs and configuration.
+SUBJECT_CACHE_VERSION = 1
+_CACHE_SUFFIX = ".npz"
+_CACHE_TEMP_SUFFIX = ".tmp"
 DEFAULT_SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 _STRUCTURE_NAMES = {structures.RV_BLOOD_POOL: "RV blood pool",
                     structures.LV_MYOCARDIUM: "LV myocardium",
@@ -63,6 +78,9 @@ class SubjectOutcome:
   es_frame: Optional[int] = None
   attributes: Optional[dict[str, float]] = None
   example: Optional[dict] = dataclasses.field(default=None, repr=False)
+  # The skip came from an unexpected exception (not InvalidInputError); such outcomes are not
+  # cached, so a rerun retries the subject.
+  unexpected: bool = False
 
 
 def _check_structures_present(subject: acdc.AcdcSubject, directory: str) -> None:
@@ -108,7 +126,8 @@ def prepare_subject(ref: acdc.SubjectRef, config: preprocess.PreprocessConfig,
       "slice_index": np.int32(prepared.slice_index),
       "attributes": {name: np.float32(value) for name, value in attributes.items()},
   }
-  return SubjectOutcome(subject=ref.subject, directory=ref.directory, status="prepared",
+  return SubjectOutcome(subject=ref.subject, directory=acdc.printable_path(ref.directory),
+                        status="prepared",
                         group=subject.info.group, ed_frame=subject.info.ed_frame,
                         es_frame=subject.info.es_frame, attributes=attributes,
                         example=example)
@@ -124,13 +143,102 @@ def run_subject(ref: acdc.SubjectRef, config: preprocess.PreprocessConfig,
   try:
     return prepare_subject(ref, config, label_convention)
   except InvalidInputError as e:
-    reason = str(e)
+    reason, unexpected = str(e), False
   except Exception as e:  # pylint: disable=broad-except
     where = traceback.extract_tb(e.__traceback__)[-1]
     reason = (f"{ref.directory}: unexpected {type(e).__name__}: {e} "
               f"(at {where.filename}:{where.lineno})")
-  return SubjectOutcome(subject=ref.subject, directory=ref.directory, status="skipped",
-                        reason=reason)
+    unexpected = True
+  # Paths with bytes that are not UTF-8 would make the report unprintable.
+  return SubjectOutcome(subject=ref.subject, directory=acdc.printable_path(ref.directory),
+                        status="skipped", reason=acdc.printable_path(reason),
+                        unexpected=unexpected)
+
+
+# ----------------------------------------------------------------------------- subject cache
+
+def subject_cache_key(config: preprocess.PreprocessConfig, label_convention: str) -> str:
+  """What a cached subject outcome depends on besides its input files, as a short digest."""
+  text = json.dumps({"version": SUBJECT_CACHE_VERSION, "preprocess": config.to_dict(),
+                     "label_convention": label_convention}, sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def input_fingerprint(directory: str) -> str:
+  """Digest of the name, size and modification time of every file in a subject folder.
+
+  A changed, added or removed file changes it, so a cached outcome is not reused for inputs
+  that are no longer the ones it was computed from. "" when the folder cannot be listed.
+  """
+  try:
+    entries = sorted((os.fsencode(e.name).hex(), e.stat().st_size, e.stat().st_mtime_ns)
+                     for e in os.scandir(directory) if e.is_file())
+  except OSError:
+    return ""
+  return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def cache_path(cache_dir: str, subject: str) -> str:
+  return os.path.join(cache_dir, subject + _CACHE_SUFFIX)
+
+
+def is_cache_temporary(name: str) -> bool:
+  """Whether a work-area file name is a temporary left by an interrupted `save_outcome`."""
+  return name.endswith(_CACHE_TEMP_SUFFIX)
+
+
+def save_outcome(cache_dir: str, outcome: SubjectOutcome, key: str, fingerprint: str) -> None:
+  """Writes one subject's outcome to `cache_dir/<subject>.npz` (temporary name, then rename)."""
+  meta = {"subject": outcome.subject, "directory": outcome.directory, "status": outcome.status,
+          "reason": outcome.reason, "group": outcome.group, "ed_frame": outcome.ed_frame,
+          "es_frame": outcome.es_frame, "attributes": outcome.attributes, "key": key,
+          "fingerprint": fingerprint}
+  arrays = {"meta": np.array(json.dumps(meta))}
+  if outcome.status == "prepared":
+    example = outcome.example
+    arrays.update(image=example["image"], label=example["label"],
+                  slice_index=np.int32(example["slice_index"]))
+  os.makedirs(cache_dir, exist_ok=True)
+  final = cache_path(cache_dir, outcome.subject)
+  temporary = f"{final}.{os.getpid()}-{uuid.uuid4().hex[:8]}{_CACHE_TEMP_SUFFIX}"
+  try:
+    with open(temporary, "wb") as f:
+      np.savez(f, **arrays)
+    os.replace(temporary, final)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+
+
+def load_outcome(cache_dir: str, subject: str, key: str,
+                 fingerprint: str) -> Optional[SubjectOutcome]:
+  """The cached outcome of `subject` (without its example arrays), or None when there is none,
+  it is unreadable, or it was computed for another configuration or other input files."""
+  try:
+    with np.load(cache_path(cache_dir, subject), allow_pickle=False) as cached:
+      meta = json.loads(str(cached["meta"]))
+  except (OSError, ValueError, KeyError, EOFError):
+    return None
+  if meta.get("key") != key or meta.get("fingerprint") != fingerprint or not fingerprint:
+    return None
+  fields = {f.name for f in dataclasses.fields(SubjectOutcome)}
+  return SubjectOutcome(**{k: v for k, v in meta.items() if k in fields})
+
+
+def load_example(cache_dir: str, subject: str) -> dict:
+  """The prepared example of `subject` from the work area, as `prepare_subject` made it."""
+  path = cache_path(cache_dir, subject)
+  try:
+    with np.load(path, allow_pickle=False) as cached:
+      meta = json.loads(str(cached["meta"]))
+      image, label = cached["image"], cached["label"]
+      slice_index = np.int32(cached["slice_index"])
+  except (OSError, ValueError, KeyError, EOFError) as e:
+    raise InvalidInputError(f"{path}: the work-area file of {subject} is gone or unreadable "
+                            f"({type(e).__name__}: {e}); rerun the preparation") from None
+  return {"subject": subject, "group": meta["group"], "image": image, "label": label,
+          "slice_index": slice_index,
+          "attributes": {name: np.float32(value) for name, value in meta["attributes"].items()}}
 
 
 # ----------------------------------------------------------------------------- splits
@@ -227,10 +335,14 @@ class Acdc(tfds.core.GeneratorBasedBuilder):
   by `python -m data_pipelines.synthesize` has the same layout and works the same way.
   """
 
-  def __init__(self, **kwargs):
+  def __init__(self, *, subject_cache_dir: Optional[str] = None, **kwargs):
+    """`subject_cache_dir`: the work area of per-subject outcomes (module docstring); by
+    default <download_dir>/subjects. Other arguments as for any tfds builder."""
     super().__init__(**kwargs)
+    self.subject_cache_dir = subject_cache_dir
     self.outcomes: list[SubjectOutcome] = []
     self.split_assignment: dict[str, list[str]] = {}
+    self.num_reused = 0
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -244,28 +356,49 @@ class Acdc(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     config: AcdcConfig = self.builder_config
-    refs = acdc.list_subjects(str(dl_manager.manual_dir))
-    self.outcomes = []
+    manual_dir = str(dl_manager.manual_dir)
+    refs, rejected = acdc.find_subjects(manual_dir)
+    if not refs:
+      acdc.list_subjects(manual_dir)     # raises, explaining what was expected
+    cache_dir = self.subject_cache_dir or os.path.join(str(dl_manager.download_dir), "subjects")
+    self._cache_dir = cache_dir
+    key = subject_cache_key(config.preprocess, config.label_convention)
+    self.outcomes, self.num_reused = [], 0
     seen = {}
     for ref in refs:
       if ref.subject in seen:
         self.outcomes.append(SubjectOutcome(
-            subject=ref.subject, directory=ref.directory, status="skipped",
-            reason=f"{ref.directory}: subject id {ref.subject} also in {seen[ref.subject]}"))
+            subject=ref.subject, directory=acdc.printable_path(ref.directory),
+            status="skipped", reason=acdc.printable_path(
+                f"{ref.directory}: subject id {ref.subject} also in {seen[ref.subject]}")))
         continue
       seen[ref.subject] = ref.directory
-      self.outcomes.append(run_subject(ref, config.preprocess, config.label_convention))
+      fingerprint = input_fingerprint(ref.directory)
+      outcome = load_outcome(cache_dir, ref.subject, key, fingerprint)
+      if outcome is not None:
+        self.num_reused += 1
+      else:
+        outcome = run_subject(ref, config.preprocess, config.label_convention)
+        if not outcome.unexpected:
+          save_outcome(cache_dir, outcome, key, fingerprint)
+        # The arrays now live in the work area; keep only the metadata in memory.
+        outcome.example = None
+      self.outcomes.append(outcome)
+    self.outcomes.extend(
+        SubjectOutcome(subject=r.name, directory=r.directory, status="skipped", reason=r.reason)
+        for r in rejected)
     prepared = {o.subject: o for o in self.outcomes if o.status == "prepared"}
     if not prepared:
       reasons = "\n  ".join(f"{o.subject}: {o.reason}" for o in self.outcomes[:10])
       raise InvalidInputError(
-          f"{dl_manager.manual_dir}: none of the {len(self.outcomes)} subjects could be "
-          f"prepared. First reasons:\n  {reasons}")
+          f"{acdc.printable_path(manual_dir)}: none of the {len(self.outcomes)} subjects could "
+          f"be prepared. First reasons:\n  {reasons}")
     self.split_assignment = stratified_split(
         {s: o.group for s, o in prepared.items()}, config.split_fractions, config.split_seed)
-    return {split: self._generate_examples([prepared[s].example for s in subjects])
+    return {split: self._generate_examples(subjects)
             for split, subjects in self.split_assignment.items() if subjects}
 
-  def _generate_examples(self, examples: Iterable[dict]):
-    for example in examples:
-      yield example["subject"], example
+  def _generate_examples(self, subjects: Iterable[str]):
+    """Streams the prepared examples of `subjects` from the work area, keyed by subject id."""
+    for subject in subjects:
+      yield subject, load_example(self._cache_dir, subject)

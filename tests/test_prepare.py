@@ -311,7 +311,8 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path, monkeypatc
   monkeypatch.setattr(prepare, "_write_attributes_csv", interrupted)
   with pytest.raises(KeyboardInterrupt):
     prepare.prepare_dataset(root, output, SMALL, verbose=False)
-  assert os.listdir(output) == []
+  # Only the per-subject work area remains (no staging folder, no lock, nothing complete).
+  assert os.listdir(output) == [prepare.WORK_DIR]
   with pytest.raises(InvalidInputError, match="not a complete prepared dataset"):
     prepare.open_prepared(output)
   monkeypatch.undo()
