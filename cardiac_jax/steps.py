@@ -21,6 +21,12 @@ Objectives (config.loss.objective):
 
 BatchNorm statistics: the encoder keeps the statistics of its pass over real images, the decoder
 those of its pass decoding real codes; passes over fakes never update running statistics.
+
+Per-replica execution (the pmap backend, `axis_name` set): each replica holds B/R rows of the
+global batch. Gradients are averaged over the replicas before every optimizer update, scalar
+metrics are averaged, BatchNorm uses global batch statistics, the attribute-regularisation
+pairs span the global batch, and every replica draws the global batch's noise and keeps its own
+rows, so the update equals the one the jit backend computes on the whole batch.
 """
 
 from __future__ import annotations
@@ -75,9 +81,12 @@ class VAEFamily:
   (or None), `eval_step`, `encode`, `decode`, `reconstruct`, `uses_warmup(step)`.
   """
 
-  def __init__(self, config, bn_axis_name: str | None = None):
+  def __init__(self, config, bn_axis_name: str | None = None, axis_name: str | None = None):
     model_config = config.model
     self.config = config
+    # Name of the replica axis when the steps run per replica (pmap); None under jit.
+    self.axis_name = axis_name
+    bn_axis_name = bn_axis_name or axis_name
     self.loss = LossConfig.from_config(config.loss)
     self.image_size = int(config.data.image_size)
     self.image_channels = len(config.data.channels)
@@ -167,16 +176,39 @@ class VAEFamily:
   def _ar(self, z, attributes):
     if not self.loss.gamma:
       return jnp.zeros((), jnp.float32)
+    if self.axis_name is not None:  # Pairs over the global batch, as under jit.
+      z = jax.lax.all_gather(z, self.axis_name, tiled=True)
+      attributes = jax.lax.all_gather(attributes, self.axis_name, tiled=True)
     return losses.attribute_regularization(z, attributes, self.loss.regularized_dims,
                                            self.loss.delta)
 
+  def _reparameterize(self, key, mu, logvar):
+    if self.axis_name is None:
+      return vae_lib.reparameterize(key, mu, logvar)
+    return mu + jnp.exp(0.5 * logvar) * self._normal(key, mu.shape, mu.dtype)
+
+  def _normal(self, key, shape, dtype=jnp.float32):
+    """N(0, I) noise for this replica's (B/R, ...) rows: under pmap every replica draws the
+    global (B, ...) block from the shared key and keeps its rows (same numbers as jit)."""
+    if self.axis_name is None:
+      return jax.random.normal(key, shape, dtype)
+    replicas = jax.lax.psum(1, self.axis_name)
+    noise = jax.random.normal(key, (replicas * shape[0],) + tuple(shape[1:]), dtype)
+    return jax.lax.dynamic_slice_in_dim(noise, jax.lax.axis_index(self.axis_name) * shape[0],
+                                        shape[0])
+
   def _optimizer_step(self, state: TrainState, part: str, grads, params):
+    """Returns (params, opt_state, grads): grads averaged over the replicas (if any) first."""
+    if self.axis_name is not None:
+      grads = jax.lax.pmean(grads, self.axis_name)
     updates, opt_state = self.tx[part].update(grads, state.opt_state[part], params)
-    return optax.apply_updates(params, updates), opt_state
+    return optax.apply_updates(params, updates), opt_state, grads
 
   def _finish(self, state: TrainState, params, opt_state, batch_stats, grads,
               metrics: Metrics) -> tuple[TrainState, Metrics]:
     """Adds norms, checks finiteness, advances the step (or skips a non-finite update)."""
+    if self.axis_name is not None:
+      metrics = jax.lax.pmean(metrics, self.axis_name)
     for part in PARTS:
       metrics[f"grad_norm_{part}"] = optax.global_norm(grads[part])
       metrics[f"param_norm_{part}"] = optax.global_norm(params[part])
@@ -200,7 +232,7 @@ class VAEFamily:
 
     def loss_fn(params):
       (mu, logvar), enc_stats = self._encode(params, state.batch_stats, x, True, update_stats=True)
-      z = vae_lib.reparameterize(key, mu, logvar)
+      z = self._reparameterize(key, mu, logvar)
       recon, dec_stats = self._decode(params, state.batch_stats, z, True, update_stats=True)
       rec = jnp.mean(losses.reconstruction_per_sample(x, recon, self.loss.reconstruction))
       kl = jnp.mean(losses.kl_per_sample(mu, logvar))
@@ -214,8 +246,8 @@ class VAEFamily:
     grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
     params, opt_state = {}, {}
     for part in PARTS:
-      params[part], opt_state[part] = self._optimizer_step(state, part, grads[part],
-                                                           state.params[part])
+      params[part], opt_state[part], grads[part] = self._optimizer_step(
+          state, part, grads[part], state.params[part])
     return self._finish(state, params, opt_state, batch_stats, grads, metrics)
 
   def soft_intro_encoder_loss(self, enc_params, state: TrainState, x: jax.Array,
@@ -233,12 +265,12 @@ class VAEFamily:
     params = {"encoder": enc_params, "decoder": state.params["decoder"]}
     fake = self._decode(params, stats, z_prior, True)
     (mu, logvar), enc_stats = self._encode(params, stats, x, True, update_stats=True)
-    z = vae_lib.reparameterize(k_real, mu, logvar)
+    z = self._reparameterize(k_real, mu, logvar)
     recon, dec_stats = self._decode(params, stats, z, True, update_stats=True)
     mu_r, logvar_r = self._encode(params, stats, jax.lax.stop_gradient(recon), True)
     mu_f, logvar_f = self._encode(params, stats, jax.lax.stop_gradient(fake), True)
-    z_r = vae_lib.reparameterize(k_rec, mu_r, logvar_r)
-    z_f = vae_lib.reparameterize(k_fake, mu_f, logvar_f)
+    z_r = self._reparameterize(k_rec, mu_r, logvar_r)
+    z_f = self._reparameterize(k_fake, mu_f, logvar_f)
     recon_rec = self._decode(params, stats, z_r, True)
     fake_rec = self._decode(params, stats, z_f, True)
     rec_real = jnp.mean(rec_loss(x, recon))
@@ -276,8 +308,8 @@ class VAEFamily:
     fake = self._decode(params, stats, z_prior, True)
     mu_r, logvar_r = self._encode(params, stats, recon, True)
     mu_f, logvar_f = self._encode(params, stats, fake, True)
-    z_r = jax.lax.stop_gradient(vae_lib.reparameterize(k_rec, mu_r, logvar_r))
-    z_f = jax.lax.stop_gradient(vae_lib.reparameterize(k_fake, mu_f, logvar_f))
+    z_r = jax.lax.stop_gradient(self._reparameterize(k_rec, mu_r, logvar_r))
+    z_f = jax.lax.stop_gradient(self._reparameterize(k_fake, mu_f, logvar_f))
     recon_rec = self._decode(params, stats, z_r, True)
     fake_rec = self._decode(params, stats, z_f, True)
     rec = jnp.mean(rec_loss(x, recon))
@@ -296,17 +328,17 @@ class VAEFamily:
     """One Soft-IntroVAE encoder update followed by one decoder update (module docstring)."""
     x, attributes = batch["image"], batch["attributes"]
     k_prior, k_real, k_rec, k_fake, k_drec, k_dfake = _split(key, 6)
-    z_prior = jax.random.normal(k_prior, (x.shape[0], self.latent_dim), jnp.float32)
+    z_prior = self._normal(k_prior, (x.shape[0], self.latent_dim), jnp.float32)
     enc_grads, enc_aux = jax.grad(self.soft_intro_encoder_loss, has_aux=True)(
         state.params["encoder"], state, x, attributes, z_prior, (k_real, k_rec, k_fake))
-    new_encoder, enc_opt = self._optimizer_step(state, "encoder", enc_grads,
-                                                state.params["encoder"])
+    new_encoder, enc_opt, enc_grads = self._optimizer_step(state, "encoder", enc_grads,
+                                                           state.params["encoder"])
     # The decoder step sees the updated encoder and the (constant) codes of the real batch.
     z = jax.lax.stop_gradient(enc_aux["z"])
     dec_grads, dec_aux = jax.grad(self.soft_intro_decoder_loss, has_aux=True)(
         state.params["decoder"], new_encoder, state, x, z, z_prior, (k_drec, k_dfake))
-    new_decoder, dec_opt = self._optimizer_step(state, "decoder", dec_grads,
-                                                state.params["decoder"])
+    new_decoder, dec_opt, dec_grads = self._optimizer_step(state, "decoder", dec_grads,
+                                                           state.params["decoder"])
     metrics = {**enc_aux["metrics"], **dec_aux["metrics"],
                "loss": enc_aux["metrics"]["encoder_loss"]}
     return self._finish(state, {"encoder": new_encoder, "decoder": new_decoder},
@@ -329,10 +361,10 @@ class VAEFamily:
     return self.warmup_train_step is not None and step < self.loss.vae_warmup_steps
 
 
-def make_family(config, bn_axis_name: str | None = None) -> Any:
-  """The model family named by config.model.family."""
+def make_family(config, bn_axis_name: str | None = None, axis_name: str | None = None) -> Any:
+  """The model family named by config.model.family (`axis_name`: replica axis under pmap)."""
   families = {"vae": VAEFamily}
   name = config.model.family
   if name not in families:
     raise ValueError(f"unknown model.family {name!r}; known: {sorted(families)}")
-  return families[name](config, bn_axis_name=bn_axis_name)
+  return families[name](config, bn_axis_name=bn_axis_name, axis_name=axis_name)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cardiac_jax import checkpointing, metric_logging, parallel, steps
+from cardiac_jax import checkpointing, distributed, metric_logging, parallel, steps
 from cardiac_jax.metrics import reconstruction as recon_metrics
 from cardiac_jax.train_state import TrainState
 
@@ -197,6 +197,7 @@ def _save_figures(family, state: TrainState, images: np.ndarray, figures_dir: st
 
 def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the final state."""
+  distributed.initialize_from_environment()  # Multi-host runs: before any device is touched.
   workdir = os.path.abspath(workdir)
   is_chief = jax.process_index() == 0
   check_workdir_config(workdir, config)
@@ -206,9 +207,7 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
 
   mesh = parallel.make_mesh(config.parallel.num_devices)
   parallel.check_batch_size(tc.batch_size, mesh)
-  if config.parallel.backend != "jit":
-    raise NotImplementedError(
-        f"parallel.backend={config.parallel.backend!r}: only 'jit' is available in this build")
+  parallel.check_backend(config.parallel.backend)
   family = steps.make_family(config)
   root_key = jax.random.key(config.seed)
   # Independent streams: parameters (fold_in 0, inside init_state), training steps, figures.
@@ -229,8 +228,11 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
     writer.truncate_after(start_step)
     print(f"Resuming {workdir} from step {start_step}.", flush=True)
 
-  train_step = parallel.jit_train_step(family.train_step, mesh)
-  warmup_step = (parallel.jit_train_step(family.warmup_train_step, mesh)
+  compile_step = lambda name: parallel.compile_train_step(
+      lambda axis: getattr(steps.make_family(config, axis_name=axis), name), mesh,
+      config.parallel.backend)
+  train_step = compile_step("train_step")
+  warmup_step = (compile_step("warmup_train_step")
                  if family.warmup_train_step is not None else None)
   eval_fn = parallel.jit_eval_step(_eval_with_image_metrics(family), mesh)
   figure_images = None
@@ -260,7 +262,7 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
         batch = next(batches)
         key = jax.random.fold_in(step_keys, step)
         fn = warmup_step if family.uses_warmup(step) else train_step
-        state, metrics = fn(state, parallel.shard_batch(batch, mesh), key)
+        state, metrics = fn(state, batch, key)
         metrics = jax.device_get(metrics)
         step += 1
         if not metrics["finite"] and not family.skip_nonfinite:
