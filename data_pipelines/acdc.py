@@ -409,7 +409,9 @@ def read_nifti(path: str) -> NiftiVolume:
           slope, inter = header.get_slope_inter()
           affine = np.asarray(header.get_best_affine(), dtype=np.float64)
           has_orientation = bool(header["sform_code"] != 0 or header["qform_code"] != 0)
-          pixdim = [float(p) for p in header["pixdim"][1:4]]
+          # Through str: the shortest decimal of the stored float32 (1.6, not 1.600000023...),
+          # which is the value the writer meant.
+          pixdim = [float(str(p)) for p in header["pixdim"][1:4]]
           magic = bytes(header["magic"])
       except InvalidInputError:
         raise
