@@ -29,6 +29,7 @@ from data_pipelines.errors import InvalidInputError
 from tests.test_acdc_reader import ED_RADII_MM
 from tests.test_acdc_reader import ES_SCALE
 from tests.test_acdc_reader import phantom_labels
+from tests.test_acdc_reader import save_header_nifti
 from tests.test_acdc_reader import save_nifti
 from tests.test_acdc_reader import SPACING
 from tests.test_acdc_reader import write_subject
@@ -186,6 +187,80 @@ def _write_hostile_cohort(root: str) -> dict[str, str]:
   image[5, 5, 2] = np.inf
   save_nifti(os.path.join(d, "patient016_frame01.nii.gz"), image)
   hostile["patient016"] = r"patient016_frame01\.nii\.gz: 1 voxels are NaN or infinite"
+  hostile.update(_write_more_hostile_subjects(root))
+  return hostile
+
+
+def _info_cfg(directory: str, content: bytes) -> None:
+  with open(os.path.join(directory, "Info.cfg"), "wb") as f:
+    f.write(content)
+
+
+def _write_more_hostile_subjects(root: str) -> dict[str, str]:
+  """One subject per remaining hostile case of the reliability checklist."""
+  hostile = {}
+  info = b"ED: 1\nES: 4\nGroup: NOR\nHeight: 172.0\nNbFrame: 6\nWeight: 70.5\n"
+  cases = {
+      "patient017": (info + b"ES: 5\n", r"patient017/Info\.cfg: key 'ES' appears twice"),
+      "patient018": (bytes(range(256)) * 4, r"patient018/Info\.cfg: Info\.cfg is not UTF-8"),
+      "patient019": (info.replace(b"Group: NOR", b"Group: NOR\x00\x01"),
+                     r"patient019/Info\.cfg: Info\.cfg holds binary data"),
+      "patient020": (info.replace(b"ES: 4", b"ES: 40"),
+                     r"patient020/Info\.cfg: ES frame 40 exceeds NbFrame 6"),
+      "patient021": (info.replace(b"NOR", b"XYZ"), r"patient021/Info\.cfg: unknown Group 'XYZ'"),
+      "patient022": (info.replace(b"Height: 172.0", b"Height: tall"),
+                     r"patient022/Info\.cfg: Height is not a number"),
+      "patient023": (info.replace(b"Weight: 70.5\n", b""), r"patient023/Info\.cfg: Info\.cfg lacks "
+                     r"Weight"),
+      "patient024": (b"ED: 1\nES: 1\nGroup: NOR\nHeight: 172\nNbFrame: 1\nWeight: 70\n",
+                     r"patient024/Info\.cfg: NbFrame is 1; a cine series needs at least 2"),
+  }
+  for i, (subject, (content, pattern)) in enumerate(cases.items()):
+    _info_cfg(write_subject(root, subject, seed=17 + i), content)
+    hostile[subject] = pattern
+  d = write_subject(root, "patient025", seed=25)
+  with open(os.path.join(d, "patient025_frame01.nii.gz"), "wb") as f:
+    f.write(b"\x5c\x01 not gzip " * 100)
+  hostile["patient025"] = r"patient025_frame01\.nii\.gz: cannot read NIfTI, the file is not gzip"
+  d = write_subject(root, "patient026", seed=26)
+  nib.save(nib.Nifti1Image(np.ones((48, 44), np.float32), np.eye(4)),
+           os.path.join(d, "patient026_frame04.nii.gz"))
+  hostile["patient026"] = r"patient026_frame04\.nii\.gz: expected a 3D or 4D volume"
+  d = write_subject(root, "patient027", seed=27)
+  save_nifti(os.path.join(d, "patient027_frame01_gt.nii.gz"), np.zeros((48, 0, 6), np.uint8))
+  hostile["patient027"] = r"patient027_frame01_gt\.nii\.gz: volume shape \(48, 0, 6\) has an empty"
+  d = write_subject(root, "patient028", seed=28)
+  shifted = np.diag([*SPACING, 1.0])
+  shifted[0, 3] = 3.0
+  save_header_nifti(os.path.join(d, "patient028_frame01_gt.nii.gz"), phantom_labels(ED_RADII_MM),
+                    affine=shifted, qform_code=0)
+  hostile["patient028"] = (r"patient028_frame01_gt\.nii\.gz: label affine does not match that of "
+                           r"image .*patient028_frame01\.nii\.gz: .*origin shifted by 3 mm")
+  d = write_subject(root, "patient029", seed=29)
+  save_header_nifti(os.path.join(d, "patient029_frame04.nii.gz"),
+                    np.ones((48, 44, 6), np.float32), pixdim=(1.5, np.nan, 8.0))
+  hostile["patient029"] = r"patient029_frame04\.nii\.gz: header voxel spacing \(pixdim\)"
+  d = write_subject(root, "patient030", seed=30)
+  labels = phantom_labels(ED_RADII_MM)
+  labels[labels == LV] = MYO
+  save_nifti(os.path.join(d, "patient030_frame01_gt.nii.gz"), labels)
+  hostile["patient030"] = r"patient030_frame01_gt\.nii\.gz: the ED labels have no LV blood pool"
+  # Every structure present, but no slice with more than 10 pixels of each: tiny hearts.
+  write_subject(root, "patient031", seed=31, ed_radii_mm=(0.0, 2.0, 0.0, 0.0, 0.0, 0.0))
+  hostile["patient031"] = (r"patient031_frame01_gt\.nii\.gz: cannot preprocess: no slice has more "
+                           r"than 10 pixels")
+  # The myocardium is cut open on every slice: wall thickness is undefined.
+  d = write_subject(root, "patient032", seed=32)
+  labels = phantom_labels(ED_RADII_MM)
+  labels[22:, 24, :][labels[22:, 24, :] == MYO] = 0
+  save_nifti(os.path.join(d, "patient032_frame01_gt.nii.gz"), labels)
+  hostile["patient032"] = (r"patient032_frame01_gt\.nii\.gz: cannot measure the heart: no slice "
+                           r"has a closed LV myocardial ring")
+  # Folders that are not subjects: a name that is not UTF-8, a malformed id.
+  write_subject(os.fsdecode(os.fsencode(root)), os.fsdecode(b"patient\xff33"), seed=33)
+  hostile["patient\\xff33"] = r"training/patient\\xff33: folder name is not valid UTF-8 text"
+  write_subject(root, "patient34b", seed=34)
+  hostile["patient34b"] = r"training/patient34b: folder name is not a subject id"
   return hostile
 
 
@@ -204,7 +279,7 @@ def test_report_records_every_subject(prepared):
     assert json.load(f) == report
   entries = {e["subject"]: e for e in report["subjects"]}
   assert set(entries) == set(VALID) | set(hostile)
-  assert report["counts"]["found"] == 16
+  assert report["counts"]["found"] == len(VALID) + len(hostile)
   assert report["counts"]["prepared"] == len(VALID)
   assert report["counts"]["skipped"] == len(hostile)
   for subject, pattern in hostile.items():
