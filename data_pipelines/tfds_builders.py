@@ -41,6 +41,7 @@ import json
 import os
 import traceback
 import uuid
+import zipfile
 from typing import Iterable, Optional
 
 import numpy as np
@@ -217,7 +218,7 @@ def load_outcome(cache_dir: str, subject: str, key: str,
   try:
     with np.load(cache_path(cache_dir, subject), allow_pickle=False) as cached:
       meta = json.loads(str(cached["meta"]))
-  except (OSError, ValueError, KeyError, EOFError):
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
     return None
   if meta.get("key") != key or meta.get("fingerprint") != fingerprint or not fingerprint:
     return None
@@ -233,7 +234,7 @@ def load_example(cache_dir: str, subject: str) -> dict:
       meta = json.loads(str(cached["meta"]))
       image, label = cached["image"], cached["label"]
       slice_index = np.int32(cached["slice_index"])
-  except (OSError, ValueError, KeyError, EOFError) as e:
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
     raise InvalidInputError(f"{path}: the work-area file of {subject} is gone or unreadable "
                             f"({type(e).__name__}: {e}); rerun the preparation") from None
   return {"subject": subject, "group": meta["group"], "image": image, "label": label,
