@@ -1,0 +1,342 @@
+"""Compare evaluated runs side by side: `python -m experiments.compare DIR1 DIR2 ...
+[--output=FILE.md] [--group_by_config]`.
+
+Builds the comparison table of the AR-SIVAE paper (Di Folco et al., MICCAI 2024, Table 1) from
+each run's DIR/eval/metrics.json (written by `python -m experiments.evaluate --workdir=DIR`):
+one row per run, columns
+
+  reconstruction MSE, PSNR (dB), SSIM | interpretability score, MIG, SAP, SCC (means over
+  attributes), modularity | mean |Spearman rho| of the regularised dimensions
+
+("-" where a run has no such metric, e.g. no regularised dimension). A row is named by its
+config name plus the config fields that distinguish it from the other runs of the same config
+(read from DIR/config.json), or by the workdir's basename when the run has no config.json.
+
+With `--group_by_config`, runs whose configs are equal except for the field `seed` form one
+row showing mean ± std over the seeds (std with Bessel's correction, ddof=1, the spread of a
+seed population estimated from a few seeds; a group of one run shows its value alone).
+
+The markdown table is printed and written to --output (default ./comparison.md); the same
+table goes to a CSV file with the same stem (means and stds in separate columns), for plotting.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Any, Sequence
+
+from absl import app, flags
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+  """One metric column: where it lives in eval/metrics.json and how it is printed."""
+  key: str                   # Row dict / CSV key.
+  header: str                # Markdown header.
+  path: tuple[str, ...]      # Keys into metrics.json.
+  digits: int                # Decimals in the markdown table.
+
+
+COLUMNS = (
+    Column("mse", "MSE", ("reconstruction", "mse"), 5),
+    Column("psnr", "PSNR (dB)", ("reconstruction", "psnr"), 2),
+    Column("ssim", "SSIM", ("reconstruction", "ssim"), 4),
+    Column("interpretability", "Interpretability",
+           ("interpretability", "interpretability", "mean"), 3),
+    Column("mig", "MIG", ("interpretability", "mig", "mean"), 3),
+    Column("sap", "SAP", ("interpretability", "sap", "mean"), 3),
+    Column("scc", "SCC", ("interpretability", "scc", "mean"), 3),
+    Column("modularity", "Modularity", ("interpretability", "modularity"), 3),
+    Column("regularized_abs_rho", "Mean abs rho (reg. dims)",
+           ("regularized", "mean_abs_rho"), 3),
+)
+
+# Fields that change what a run logs or where it caches, not what it learns: they never name or
+# split a row.
+_BOOKKEEPING_FIELDS = frozenset({
+    "train.log_every", "train.eval_every", "train.checkpoint_every", "train.figure_every",
+    "train.max_checkpoints", "train.progress_bar", "data.cache_dir", "parallel.num_devices"})
+# A label listing more differing fields than this is unreadable: the workdir name is used.
+_MAX_LABEL_FIELDS = 4
+
+
+class MissingEvaluationError(FileNotFoundError):
+  """A run to compare has no eval/metrics.json."""
+
+
+@dataclasses.dataclass
+class Run:
+  """One run directory: its resolved config (flattened, may be empty) and eval metrics."""
+  workdir: str
+  config_name: str | None
+  fields: dict[str, Any]     # Flattened config.json ("loss.gamma" -> 0.05); {} if absent.
+  metrics: dict[str, Any]    # eval/metrics.json.
+
+  @property
+  def seed(self) -> Any:
+    return self.fields.get("seed")
+
+  @property
+  def basename(self) -> str:
+    return os.path.basename(os.path.normpath(self.workdir))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      # JSON turns the config's tuples into lists; tuples keep the values hashable.
+      out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+  return out
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); rerun the job that writes it") from e
+  if not isinstance(data, dict):
+    raise ValueError(f"{path} holds a {type(data).__name__}, expected a JSON object")
+  return data
+
+
+def load_run(workdir: str) -> Run:
+  """Reads DIR/config.json (optional) and DIR/eval/metrics.json (required)."""
+  metrics_path = os.path.join(workdir, "eval", "metrics.json")
+  if not os.path.isfile(metrics_path):
+    raise MissingEvaluationError(
+        f"run {workdir} has no {metrics_path}: evaluate it first with "
+        f"`python -m experiments.evaluate --workdir={workdir}`")
+  metrics = _read_json(metrics_path)
+  config_path = os.path.join(workdir, "config.json")
+  fields, name = {}, None
+  if os.path.isfile(config_path):
+    fields = _flatten(_read_json(config_path))
+    name = fields.get("name") or None
+  return Run(workdir=workdir, config_name=name, fields=fields, metrics=metrics)
+
+
+def load_runs(workdirs: Sequence[str]) -> list[Run]:
+  """Loads every run, reporting all runs without evaluation in one error."""
+  if not workdirs:
+    raise ValueError("no run directories given")
+  runs, missing = [], []
+  for workdir in workdirs:
+    try:
+      runs.append(load_run(workdir))
+    except MissingEvaluationError as e:
+      missing.append(str(e))
+  if missing:
+    raise MissingEvaluationError("\n".join(missing))
+  return runs
+
+
+def metric_value(metrics: dict, column: Column) -> float | None:
+  """The column's number in one eval/metrics.json, or None when the run has no such metric."""
+  node: Any = metrics
+  for key in column.path:
+    if not isinstance(node, dict) or key not in node:
+      return None
+    node = node[key]
+  if isinstance(node, bool) or not isinstance(node, (int, float)):
+    return None
+  return float(node)
+
+
+def _format_field_value(value: Any) -> str:
+  if isinstance(value, float):
+    return repr(value)  # Exact and short: 0.05, 0.0002, 1e-05.
+  if isinstance(value, tuple):
+    return "(" + ",".join(_format_field_value(v) for v in value) + ")"
+  return str(value)
+
+
+def _distinguishing_fields(field_sets: Sequence[dict[str, Any]],
+                           ignore: frozenset[str]) -> list[str]:
+  """Fields (sorted) whose values are not the same in all of `field_sets`."""
+  keys = sorted(set().union(*field_sets)) if field_sets else []
+  missing = object()
+  return [k for k in keys if k not in ignore
+          and len({repr(f.get(k, missing)) for f in field_sets}) > 1]
+
+
+def _labels(items: Sequence[tuple[str | None, dict[str, Any], str]],
+            ignore: frozenset[str]) -> list[str]:
+  """Row names for (config name, fields, workdir basename) items: the config name plus the
+  fields that differ among the items of the same config name; unique by construction."""
+  labels = []
+  for name, fields, basename in items:
+    if name is None:
+      labels.append(basename)
+      continue
+    siblings = [f for n, f, _ in items if n == name]
+    differing = _distinguishing_fields(siblings, ignore)
+    if not differing:
+      labels.append(name)
+    elif len(differing) > _MAX_LABEL_FIELDS:
+      labels.append(f"{name} ({basename})")
+    else:
+      labels.append(name + " " + ",".join(
+          f"{k}={_format_field_value(fields.get(k, '-'))}" for k in differing))
+  # Equal configs in different workdirs (a rerun, a copy) would share a label.
+  counts = {label: labels.count(label) for label in labels}
+  return [f"{label} [{basename}]" if counts[label] > 1 else label
+          for label, (_, _, basename) in zip(labels, items)]
+
+
+def _group_runs(runs: Sequence[Run]) -> list[list[Run]]:
+  """Runs whose configs are equal except for `seed`, in order of first appearance."""
+  groups: dict[Any, list[Run]] = {}
+  for run in runs:
+    if run.fields:
+      key = (run.config_name, tuple(sorted(
+          (k, repr(v)) for k, v in run.fields.items()
+          if k != "seed" and k not in _BOOKKEEPING_FIELDS)))
+    else:
+      key = ("workdir", os.path.abspath(run.workdir))  # Nothing to group a config-less run by.
+    groups.setdefault(key, []).append(run)
+  return list(groups.values())
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+  if not values:
+    return None, None
+  mean = math.fsum(values) / len(values)
+  if len(values) == 1:
+    return mean, None
+  variance = math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)
+  return mean, math.sqrt(variance)
+
+
+def _format_cell(mean: float | None, std: float | None, digits: int) -> str:
+  if mean is None:
+    return "-"
+  text = f"{mean:.{digits}f}"
+  if std is not None:
+    text += f" ± {std:.{digits}f}"
+  return text
+
+
+def build_rows(runs: Sequence[Run], group_by_config: bool = False) -> list[dict]:
+  """One dict per row: name, workdirs, seeds, n, and per column `key` (mean or value, None when
+  absent) and `key_std` (None for a single run)."""
+  if group_by_config:
+    groups = _group_runs(runs)
+    ignore = _BOOKKEEPING_FIELDS | {"seed"}
+  else:
+    groups = [[run] for run in runs]
+    ignore = _BOOKKEEPING_FIELDS
+  names = _labels([(g[0].config_name, g[0].fields, g[0].basename) for g in groups], ignore)
+  rows = []
+  for name, group in zip(names, groups):
+    row: dict[str, Any] = {"name": name, "workdirs": [r.workdir for r in group],
+                           "seeds": [r.seed for r in group], "n": len(group)}
+    for column in COLUMNS:
+      values = [v for v in (metric_value(r.metrics, column) for r in group) if v is not None]
+      row[column.key], row[f"{column.key}_std"] = _mean_std(values)
+    rows.append(row)
+  return rows
+
+
+def _format_seeds(seeds: Sequence[Any]) -> str:
+  return ",".join("?" if s is None else str(s) for s in seeds)
+
+
+def markdown_table(rows: Sequence[dict], group_by_config: bool = False) -> str:
+  """The rows as a GitHub-flavoured markdown table (one line per row, trailing newline)."""
+  headers = ["Run"] + (["Seeds"] if group_by_config else []) + [c.header for c in COLUMNS]
+  lines = ["| " + " | ".join(headers) + " |",
+           "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+  for row in rows:
+    cells = [row["name"].replace("|", "\\|")]
+    if group_by_config:
+      cells.append(_format_seeds(row["seeds"]))
+    cells += [_format_cell(row[c.key], row[f"{c.key}_std"], c.digits) for c in COLUMNS]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def comparison_table(workdirs: Sequence[str],
+                     group_by_config: bool = False) -> tuple[str, list[dict]]:
+  """(markdown, rows) comparing the evaluated runs in `workdirs` (see the module docstring).
+
+  Raises:
+    MissingEvaluationError: a run has no eval/metrics.json (all such runs are named).
+    ValueError: a config.json or metrics.json is not a JSON object; no workdirs.
+  """
+  rows = build_rows(load_runs(workdirs), group_by_config)
+  return markdown_table(rows, group_by_config), rows
+
+
+def write_csv(path: str, rows: Sequence[dict], group_by_config: bool = False) -> None:
+  """The table as CSV: run name, seeds, then each metric (and its std when grouped)."""
+  header = ["run"] + (["seeds", "n"] if group_by_config else ["seed"])
+  for column in COLUMNS:
+    header += [column.key] + ([f"{column.key}_std"] if group_by_config else [])
+  header.append("workdirs")
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    for row in rows:
+      line = [row["name"]]
+      line += ([_format_seeds(row["seeds"]), row["n"]] if group_by_config
+               else [_format_seeds(row["seeds"])])
+      for column in COLUMNS:
+        keys = [column.key] + ([f"{column.key}_std"] if group_by_config else [])
+        line += ["" if row[k] is None else repr(row[k]) for k in keys]
+      line.append(";".join(row["workdirs"]))
+      writer.writerow(line)
+
+
+def write_comparison(workdirs: Sequence[str], output: str,
+                     group_by_config: bool = False) -> tuple[str, list[dict]]:
+  """Writes `output` (markdown) and the CSV beside it; returns (markdown, rows)."""
+  markdown, rows = comparison_table(workdirs, group_by_config)
+  directory = os.path.dirname(os.path.abspath(output))
+  os.makedirs(directory, exist_ok=True)
+  with open(output, "w") as f:
+    f.write(markdown)
+  write_csv(csv_path(output), rows, group_by_config)
+  return markdown, rows
+
+
+def csv_path(markdown_path: str) -> str:
+  return os.path.splitext(markdown_path)[0] + ".csv"
+
+
+def define_flags() -> None:
+  """The command-line flags; defined only when run as a program, so that importing this module
+  (the sweep, tests) never collides with another entry point's flags in the same process."""
+  flags.DEFINE_string("output", "comparison.md",
+                      "Markdown file to write; the CSV goes next to it (same stem).")
+  flags.DEFINE_bool("group_by_config", False, "One row per config (runs differing only in "
+                    "`seed`), mean ± std over the seeds.")
+
+
+def main(argv):
+  workdirs = argv[1:]
+  if not workdirs:
+    raise app.UsageError("give the run directories to compare: "
+                         "python -m experiments.compare DIR1 DIR2 ...")
+  output = flags.FLAGS.output
+  try:
+    markdown, _ = write_comparison(workdirs, output, flags.FLAGS.group_by_config)
+  except (MissingEvaluationError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(markdown, end="")
+  print(f"Wrote {output} and {csv_path(output)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

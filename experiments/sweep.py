@@ -1,0 +1,495 @@
+"""Run an ablation grid of config overrides and seeds: `python -m experiments.sweep
+--config=NAME[:variant] --set=config.loss.gamma=0,0.05,0.1 [--set=...] --seeds=0,1,2
+[--root=DIR] [--dry_run] [--extra=--config.train.num_steps=100]`.
+
+The grid is the cartesian product of every --set list and the seeds (the AR-VAE / AR-SIVAE
+papers sweep gamma and delta over decades and report mean ± std over seeds). Each job gets its
+own workdir under --root named from its settings (`gamma=0.05,seed=1`) and runs, one after the
+other and each in its own process as on a cluster,
+
+  python -m experiments.train --config=SPEC --workdir=DIR --config.seed=S --config.loss.gamma=V
+  python -m experiments.evaluate --workdir=DIR
+
+with the output of both appended to DIR/sweep.log. Before anything runs, every --set key and
+every --config.* override in --extra is checked against the config (an unknown key or a value
+of the wrong type is refused, naming it). A job whose DIR/eval/metrics.json exists is skipped,
+so rerunning the command finishes an interrupted sweep (a half-trained job resumes from its
+checkpoint). A failing job is reported with the tail of its log and the sweep goes on. At the
+end the evaluated jobs are compared (experiments.compare, grouped by config: mean ± std over
+seeds) into <root>/comparison.md and comparison.csv.
+
+Values are passed to the override flags as the strings given, so ml_collections parses them
+into the field's type exactly as `experiments.train` does; a value containing commas (a tuple)
+is kept whole when written in brackets: --set=config.model.channels=(8,16),(16,32).
+
+--dry_run prints one shell line per job (`train && evaluate`) and nothing else, e.g. to feed a
+SLURM array: `sed -n "${SLURM_ARRAY_TASK_ID}p" jobs.txt | bash`.
+
+SIGINT/SIGTERM: the running job is forwarded the signal (training saves a checkpoint and
+stops), and the sweep stops; rerun the same command to continue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from typing import Sequence, TextIO
+
+from absl import app, flags
+
+from experiments import configs
+
+# The directory holding the `experiments` package: put on PYTHONPATH of the jobs so that
+# `python -m experiments.train` works from any working directory.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOG_NAME = "sweep.log"
+_LOG_TAIL_LINES = 25
+
+
+class SweepConfigError(ValueError):
+  """The sweep's settings do not fit the config (nothing has been run)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepAxis:
+  """One --set: a config field and the values it takes (strings, parsed by ml_collections)."""
+  path: str                  # Dotted path inside the config, e.g. "loss.gamma".
+  values: tuple[str, ...]
+
+  @property
+  def flag(self) -> str:
+    return f"--config.{self.path}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One grid point: a workdir and the override flags that define it."""
+  name: str                  # "gamma=0.05,seed=1": the workdir's basename.
+  workdir: str
+  seed: int
+  overrides: tuple[str, ...]  # ("--config.seed=1", "--config.loss.gamma=0.05").
+
+
+@dataclasses.dataclass
+class JobResult:
+  job: Job
+  status: str                # "done" | "skipped" | "failed" | "interrupted".
+  message: str = ""
+  seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Parsing and validation (no job runs before all of this has passed).
+# ------------------------------------------------------------------------------------------------
+
+
+def split_top_level(text: str) -> list[str]:
+  """Splits at commas outside brackets and quotes: "1,(8,16),'a,b'" -> ["1", "(8,16)", "'a,b'"]."""
+  parts, current, depth, quote = [], [], 0, None
+  for char in text:
+    if quote:
+      quote = None if char == quote else quote
+    elif char in "'\"":
+      quote = char
+    elif char in "([{":
+      depth += 1
+    elif char in ")]}":
+      depth -= 1
+    elif char == "," and depth == 0:
+      parts.append("".join(current))
+      current = []
+      continue
+    current.append(char)
+  parts.append("".join(current))
+  return [p.strip() for p in parts]
+
+
+def parse_set(text: str) -> SweepAxis:
+  """'config.loss.gamma=0,0.05' (the `config.` prefix is optional) -> SweepAxis."""
+  key, sep, values_text = text.partition("=")
+  key = key.strip().removeprefix("--").removeprefix("config.")
+  if not sep or not key:
+    raise SweepConfigError(f"--set={text!r}: expected config.section.key=v1,v2,...")
+  values = split_top_level(values_text)
+  if any(not v for v in values):
+    raise SweepConfigError(f"--set={text!r}: empty value in the list {values_text!r}")
+  if len(set(values)) != len(values):
+    raise SweepConfigError(f"--set={text!r}: a value is repeated")
+  return SweepAxis(path=key, values=tuple(values))
+
+
+def parse_seeds(values: Sequence[str]) -> list[int]:
+  seeds = []
+  for value in values:
+    try:
+      seeds.append(int(value))
+    except ValueError:
+      raise SweepConfigError(f"--seeds: {value!r} is not an integer") from None
+  if not seeds:
+    raise SweepConfigError("--seeds: give at least one seed")
+  if len(set(seeds)) != len(seeds):
+    raise SweepConfigError(f"--seeds: a seed is repeated in {seeds}")
+  return seeds
+
+
+def parse_extra(values: Sequence[str]) -> list[str]:
+  """--extra values, each split like a shell word list (`--extra="--a=1 --b=2"` works too)."""
+  return [arg for value in values for arg in shlex.split(value)]
+
+
+def check_field_path(config, path: str, source: str) -> None:
+  """Raises SweepConfigError unless `path` ("loss.gamma") is a leaf field of `config`."""
+  node, walked = config, []
+  for part in path.split("."):
+    children = node.keys() if hasattr(node, "keys") else None
+    if children is None or part not in children:
+      where = f"config.{'.'.join(walked)}" if walked else "the config"
+      options = ", ".join(sorted(children)) if children is not None else "(not a section)"
+      raise SweepConfigError(f"{source}: unknown config key config.{path}: {where} has no "
+                             f"field {part!r} (fields: {options})")
+    node = node[part]
+    walked.append(part)
+  if hasattr(node, "keys"):
+    raise SweepConfigError(f"{source}: config.{path} is a section, not a field; set one of "
+                           f"its fields ({', '.join(sorted(node.keys()))})")
+
+
+def check_override_values(config, overrides: Sequence[str], source: str) -> None:
+  """Parses `--config.x=v` flags with ml_collections' own config flag (as experiments.train
+  will), so a value of the wrong type is refused now rather than in every job."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  argv = ["sweep", *overrides]
+  flag_values = flags.FlagValues()
+  try:
+    config_flags.DEFINE_config_dict("config", config.copy_and_resolve_references(),
+                                    flag_values=flag_values, lock_config=True, sys_argv=argv)
+    flag_values(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    raise SweepConfigError(f"{source}: {' '.join(overrides)} is not valid for this config: "
+                           f"{e}") from None
+
+
+def validate_sweep(config_spec: str, axes: Sequence[SweepAxis], extra: Sequence[str]) -> None:
+  """Checks the whole sweep against the config before any job runs.
+
+  Raises:
+    SweepConfigError: unknown config, unknown or duplicated --set key, a value the field cannot
+      take, or an --extra flag the sweep sets itself.
+  """
+  try:
+    config = configs.get_config(config_spec)
+  except ValueError as e:
+    raise SweepConfigError(f"--config={config_spec}: {e}") from None
+  seen = set()
+  for axis in axes:
+    if axis.path == "seed":
+      raise SweepConfigError("--set=config.seed: give seeds with --seeds=0,1,2")
+    if axis.path in seen:
+      raise SweepConfigError(f"--set: config.{axis.path} is given twice")
+    seen.add(axis.path)
+    check_field_path(config, axis.path, f"--set={axis.flag.removeprefix('--')}")
+    for value in axis.values:
+      check_override_values(config, [f"{axis.flag}={value}"], "--set")
+  config_overrides = []
+  for arg in extra:
+    name = arg.split("=", 1)[0]
+    if name in ("--config", "--workdir") or not arg.startswith("-"):
+      raise SweepConfigError(f"--extra: {arg!r} is not allowed: the sweep sets --config and "
+                             "--workdir itself; give extra training flags as --flag=value")
+    if name.startswith("--config."):
+      if "=" not in arg:
+        raise SweepConfigError(f"--extra: write {arg}=VALUE as one word")
+      path = name.removeprefix("--config.")
+      if path == "seed" or path in seen:
+        raise SweepConfigError(f"--extra: {name} is already set by the sweep "
+                               f"({'--seeds' if path == 'seed' else '--set'})")
+      check_field_path(config, path, f"--extra={arg}")
+      config_overrides.append(arg)
+  if config_overrides:
+    check_override_values(config, config_overrides, "--extra")
+
+
+# ------------------------------------------------------------------------------------------------
+# The grid.
+# ------------------------------------------------------------------------------------------------
+
+
+def _value_for_name(value: str) -> str:
+  """A value as it appears in a workdir name: brackets and quotes dropped, commas, spaces and
+  path separators turned into '-' ("(8,16)" -> "8-16")."""
+  value = re.sub(r"[()\[\]{}'\"]", "", value)
+  return re.sub(r"[^A-Za-z0-9._+=-]", "-", value)
+
+
+def axis_labels(axes: Sequence[SweepAxis]) -> list[str]:
+  """Short names of the axes in workdir names: the field's last part ("gamma"), or the whole
+  path when two axes share that last part."""
+  leaves = [a.path.rsplit(".", 1)[-1] for a in axes]
+  return [leaf if leaves.count(leaf) == 1 else axis.path for leaf, axis in zip(leaves, axes)]
+
+
+def make_jobs(axes: Sequence[SweepAxis], seeds: Sequence[int], root: str) -> list[Job]:
+  """The cartesian product of the axes' values and the seeds (seed varying fastest)."""
+  labels = axis_labels(axes)
+  jobs = []
+  for values in itertools.product(*(a.values for a in axes)):
+    for seed in seeds:
+      name = ",".join([f"{label}={_value_for_name(v)}" for label, v in zip(labels, values)]
+                      + [f"seed={seed}"])
+      overrides = (f"--config.seed={seed}",) + tuple(
+          f"{axis.flag}={value}" for axis, value in zip(axes, values))
+      jobs.append(Job(name=name, workdir=os.path.join(root, name), seed=seed,
+                      overrides=overrides))
+  names = [j.name for j in jobs]
+  clashes = sorted({n for n in names if names.count(n) > 1})
+  if clashes:
+    raise SweepConfigError(f"different values give the same workdir name {clashes}; write the "
+                           "values so that they differ in letters or digits")
+  return jobs
+
+
+def default_root(config_spec: str, axes: Sequence[SweepAxis]) -> str:
+  """workdirs/sweeps/<config>[_<variant>]_<swept fields> (or _seeds when only seeds vary)."""
+  name = config_spec.replace(":", "_")
+  suffix = "_".join(axis_labels(axes)) or "seeds"
+  return os.path.join("workdirs", "sweeps", f"{name}_{_value_for_name(suffix)}")
+
+
+def train_command(job: Job, config_spec: str, extra: Sequence[str],
+                  python: str = "python") -> list[str]:
+  return [python, "-m", "experiments.train", f"--config={config_spec}",
+          f"--workdir={job.workdir}", *job.overrides, *extra]
+
+
+def evaluate_command(job: Job, python: str = "python") -> list[str]:
+  return [python, "-m", "experiments.evaluate", f"--workdir={job.workdir}"]
+
+
+def shell_line(job: Job, config_spec: str, extra: Sequence[str]) -> str:
+  """One job as a shell line for a cluster scheduler: train && evaluate."""
+  return (f"{shlex.join(train_command(job, config_spec, extra))} && "
+          f"{shlex.join(evaluate_command(job))}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Running.
+# ------------------------------------------------------------------------------------------------
+
+
+def metrics_path(workdir: str) -> str:
+  return os.path.join(workdir, "eval", "metrics.json")
+
+
+def training_complete(workdir: str) -> bool:
+  """Whether the run logged its last step (train.num_steps of its config.json): the training
+  loop always logs the final step, and exits cleanly without it only when it was preempted."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      num_steps = json.load(f)["train"]["num_steps"]
+    last = 0
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      for line in f:
+        record = json.loads(line)
+        if any(k.startswith("train/") for k in record):
+          last = max(last, int(record["step"]))
+  except (OSError, KeyError, ValueError):
+    return False
+  return last >= num_steps
+
+
+def _log_tail(path: str, lines: int = _LOG_TAIL_LINES) -> str:
+  try:
+    with open(path, errors="replace") as f:
+      return "".join(f.readlines()[-lines:])
+  except OSError:
+    return "(no log)"
+
+
+class _SignalForwarder:
+  """While a job runs, SIGINT/SIGTERM received by the sweep are passed on to it (jobs run in
+  their own session so that a terminal's Ctrl-C reaches them once, through here) and recorded
+  so that the sweep stops after that job."""
+
+  def __init__(self):
+    self.received: int | None = None
+    self.process: subprocess.Popen | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # Not the main thread (e.g. called from a test runner's thread).
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signum
+    if self.process is not None and self.process.poll() is None:
+      self.process.send_signal(signum)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
+
+
+def _run_logged(command: Sequence[str], log_path: str, forwarder: _SignalForwarder) -> int:
+  """Runs `command` with its output appended to `log_path`; returns its exit status."""
+  env = dict(os.environ)  # The jobs see the sweep's environment (data cache, devices, ...).
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+  with open(log_path, "a") as log:
+    log.write(f"\n[{time.strftime('%Y-%m-%d %H:%M:%S')}] $ {shlex.join(command)}\n")
+    log.flush()
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                               start_new_session=True)
+    forwarder.process = process
+    try:
+      return process.wait()
+    finally:
+      forwarder.process = None
+
+
+def run_job(job: Job, config_spec: str, extra: Sequence[str],
+            forwarder: _SignalForwarder) -> JobResult:
+  """Trains (or resumes) and evaluates one job unless it is already evaluated."""
+  if os.path.isfile(metrics_path(job.workdir)):
+    return JobResult(job, "skipped", "already evaluated")
+  start = time.perf_counter()
+  os.makedirs(job.workdir, exist_ok=True)
+  log_path = os.path.join(job.workdir, LOG_NAME)
+  python = sys.executable
+  for stage, command in (("train", train_command(job, config_spec, extra, python)),
+                         ("evaluate", evaluate_command(job, python))):
+    status = _run_logged(command, log_path, forwarder)
+    seconds = time.perf_counter() - start
+    if forwarder.received is not None:
+      return JobResult(job, "interrupted", f"signal {forwarder.received} during {stage}",
+                       seconds)
+    if status != 0:
+      return JobResult(job, "failed", f"{stage} exited with status {status}; last lines of "
+                       f"{log_path}:\n{_log_tail(log_path)}", seconds)
+    if stage == "train" and not training_complete(job.workdir):
+      # The loop exits cleanly after a preemption signal sent to the job itself.
+      return JobResult(job, "interrupted", "training stopped before its last step", seconds)
+  return JobResult(job, "done", "", time.perf_counter() - start)
+
+
+def _write_manifest(root: str, config_spec: str, axes: Sequence[SweepAxis],
+                    seeds: Sequence[int], extra: Sequence[str], jobs: Sequence[Job]) -> None:
+  """<root>/sweep.json: what the sweep was asked to do, so its table can be traced back."""
+  manifest = {"config": config_spec, "set": {f"config.{a.path}": list(a.values) for a in axes},
+              "seeds": list(seeds), "extra": list(extra),
+              "jobs": [{"name": j.name, "workdir": j.workdir, "command": shell_line(
+                  j, config_spec, extra)} for j in jobs]}
+  path = os.path.join(root, "sweep.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(manifest, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def run_sweep(config_spec: str, axes: Sequence[SweepAxis], seeds: Sequence[int], root: str,
+              extra: Sequence[str] = (), dry_run: bool = False,
+              out: TextIO = sys.stdout) -> list[JobResult]:
+  """Validates, then prints (dry_run) or runs every job and writes <root>/comparison.md.
+
+  Returns one JobResult per job ([] for a dry run).
+
+  Raises:
+    SweepConfigError: the settings do not fit the config (before any job runs).
+  """
+  validate_sweep(config_spec, axes, extra)
+  jobs = make_jobs(axes, seeds, root)
+  if dry_run:
+    for job in jobs:
+      print(shell_line(job, config_spec, extra), file=out)
+    return []
+  os.makedirs(root, exist_ok=True)
+  _write_manifest(root, config_spec, axes, seeds, extra, jobs)
+  results = []
+  with _SignalForwarder() as forwarder:
+    for index, job in enumerate(jobs, 1):
+      print(f"[{index}/{len(jobs)}] {job.name}: ", end="", file=out, flush=True)
+      result = run_job(job, config_spec, extra, forwarder)
+      results.append(result)
+      if result.status == "done":
+        print(f"done in {result.seconds:.0f} s", file=out, flush=True)
+      elif result.status == "skipped":
+        print(f"skipped ({result.message})", file=out, flush=True)
+      elif result.status == "failed":
+        print(f"FAILED in {result.seconds:.0f} s ({job.workdir}): {result.message}", file=out,
+              flush=True)
+      else:
+        print(f"interrupted ({result.message}); rerun the same command to continue the sweep",
+              file=out, flush=True)
+        break
+  _summarize(results, jobs, root, out)
+  return results
+
+
+def _summarize(results: Sequence[JobResult], jobs: Sequence[Job], root: str,
+               out: TextIO) -> None:
+  from experiments import compare  # pylint: disable=g-import-not-at-top
+  counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
+  not_run = len(jobs) - len(results)
+  print(f"{counts['done']} done, {counts['skipped']} already done, {counts['failed']} failed"
+        + (f", {not_run} not run" if not_run else "") + f" of {len(jobs)} jobs", file=out)
+  for result in results:
+    if result.status == "failed":
+      print(f"  failed: {result.job.workdir} (log: "
+            f"{os.path.join(result.job.workdir, LOG_NAME)})", file=out)
+  evaluated = [j.workdir for j in jobs if os.path.isfile(metrics_path(j.workdir))]
+  if not evaluated:
+    print("No evaluated job to compare.", file=out)
+    return
+  output = os.path.join(root, "comparison.md")
+  markdown, _ = compare.write_comparison(evaluated, output, group_by_config=True)
+  print(markdown, end="", file=out)
+  print(f"Wrote {output} and {compare.csv_path(output)}", file=out, flush=True)
+
+
+def define_flags() -> None:
+  """The command-line flags; defined only when run as a program, so that importing this module
+  never collides with another entry point's flags (both have a --config) in one process."""
+  flags.DEFINE_string("config", None, "Experiment config: NAME[:variant].")
+  flags.DEFINE_multi_string("set", [], "config.section.key=v1,v2,...: a swept field "
+                            "(repeatable; the grid is the product of all of them).")
+  flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed) of every grid point.")
+  flags.DEFINE_string("root", None, "Directory of the job workdirs and the comparison "
+                      "(default: workdirs/sweeps/<config>_<swept fields>).")
+  flags.DEFINE_bool("dry_run", False, "Print one `train && evaluate` shell line per job only.")
+  flags.DEFINE_multi_string("extra", [], "Extra flags for every training job, e.g. "
+                            "--extra=--config.train.num_steps=100 (repeatable).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  if not f.config:
+    raise app.UsageError(f"--config is required; available: "
+                         f"{', '.join(configs.available_configs())}")
+  try:
+    axes = [parse_set(text) for text in f.set]
+    root = f.root or default_root(f.config, axes)
+    results = run_sweep(f.config, axes, parse_seeds(f.seeds), root, parse_extra(f.extra),
+                        dry_run=f.dry_run)
+  except SweepConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if any(r.status in ("failed", "interrupted") for r in results):
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,337 @@
+"""The comparison table (experiments.compare) on run directories with known numbers, and the
+sweep (experiments.sweep): its grid, validation, job bookkeeping, and one real tiny sweep."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from experiments import compare, sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(args, cwd, timeout=600):
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def write_run(workdir, config, metrics):
+  """A run directory as train + evaluate leave it (only the files compare reads)."""
+  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+  if config is not None:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config, f)
+  if metrics is not None:
+    with open(os.path.join(workdir, "eval", "metrics.json"), "w") as f:
+      json.dump(metrics, f)
+  return str(workdir)
+
+
+def fake_config(name, seed, gamma, log_every=25):
+  return {"name": name, "seed": seed,
+          "loss": {"gamma": gamma, "beta_kl": 1.0, "regularized_dims": [0, 1, 2]},
+          "model": {"channels": [8, 16]}, "train": {"num_steps": 100, "log_every": log_every}}
+
+
+def fake_metrics(mse, psnr, ssim, interp, mig, sap, scc, modularity, rho=None):
+  names = ("lv_edv_ml", "myo_ed_ml", "rv_edv_ml")
+  metrics = {
+      "workdir": "x", "config": "ar_sivae", "split": "test", "step": 100, "num_subjects": 30,
+      "reconstruction": {"mse": mse, "psnr": psnr, "ssim": ssim, "mse_ch0": mse,
+                         "reconstruction_loss": 1.0, "kl": 2.0},
+      "interpretability": {
+          "interpretability": {**{n: {"dim": i, "score": interp} for i, n in enumerate(names)},
+                               "mean": interp},
+          "mig": {**{n: mig for n in names}, "mean": mig},
+          "sap": {**{n: sap for n in names}, "mean": sap},
+          "scc": {**{n: scc for n in names}, "mean": scc},
+          "scc_dims": {n: 0 for n in names}, "modularity": modularity,
+          "self_information": {n: 1.0 for n in names}}}
+  if rho is not None:
+    metrics["regularized"] = {**{n: {"dim": i, "spearman_rho": rho, "p_value": 0.01}
+                                 for i, n in enumerate(names)}, "mean_abs_rho": rho}
+  return metrics
+
+
+# (config name, seed, gamma) -> metric numbers; the first two differ only in seed.
+RUNS = {
+    "a": (("ar_sivae", 0, 0.1), (0.010, 20.0, 0.80, 0.60, 0.30, 0.20, 0.70, 0.90, 0.95)),
+    "b": (("ar_sivae", 1, 0.1), (0.014, 18.0, 0.70, 0.40, 0.10, 0.40, 0.50, 0.80, 0.85)),
+    "c": (("ar_sivae", 0, 0.05), (0.020, 17.0, 0.60, 0.30, 0.20, 0.10, 0.40, 0.70, 0.75)),
+    "d": (("vae", 0, 0.0), (0.030, 15.0, 0.50, 0.20, 0.05, 0.05, 0.30, 0.60, None)),
+}
+
+
+@pytest.fixture(scope="module")
+def fake_runs(tmp_path_factory):
+  base = tmp_path_factory.mktemp("runs")
+  dirs = {}
+  for key, ((name, seed, gamma), numbers) in RUNS.items():
+    # Run b logs more often than a: a bookkeeping field that must not split or name a row.
+    dirs[key] = write_run(base / f"run_{key}",
+                          fake_config(name, seed, gamma, log_every=5 if key == "b" else 25),
+                          fake_metrics(*numbers))
+  return dirs
+
+
+def table_cells(markdown):
+  """Rows of a markdown table as lists of stripped cells (header first, separator dropped)."""
+  lines = [l for l in markdown.strip().splitlines() if not l.startswith("|---")]
+  return [[c.strip() for c in l.strip().strip("|").split(" | ")] for l in lines]
+
+
+HEADER = ["Run", "MSE", "PSNR (dB)", "SSIM", "Interpretability", "MIG", "SAP", "SCC",
+          "Modularity", "Mean abs rho (reg. dims)"]
+
+
+def test_table_has_one_row_per_run_with_its_numbers(fake_runs):
+  order = ["a", "b", "c", "d"]
+  markdown, rows = compare.comparison_table([fake_runs[k] for k in order])
+  cells = table_cells(markdown)
+  assert cells[0] == HEADER
+  assert [c[0] for c in cells[1:]] == [
+      "ar_sivae loss.gamma=0.1,seed=0", "ar_sivae loss.gamma=0.1,seed=1",
+      "ar_sivae loss.gamma=0.05,seed=0", "vae"]
+  assert cells[1][1:] == ["0.01000", "20.00", "0.8000", "0.600", "0.300", "0.200", "0.700",
+                          "0.900", "0.950"]
+  assert cells[4][-1] == "-"  # The VAE has no regularised dimension.
+  for row, key in zip(rows, order):
+    for column, value in zip(compare.COLUMNS, RUNS[key][1]):
+      assert row[column.key] == (None if value is None else pytest.approx(value)), column.key
+    assert row["n"] == 1 and row["mse_std"] is None and row["workdirs"] == [fake_runs[key]]
+
+
+def test_group_by_config_gives_mean_and_std_over_seeds(fake_runs):
+  markdown, rows = compare.comparison_table(
+      [fake_runs[k] for k in ("a", "c", "b", "d")], group_by_config=True)
+  assert [r["name"] for r in rows] == ["ar_sivae loss.gamma=0.1", "ar_sivae loss.gamma=0.05",
+                                       "vae"]
+  grouped = rows[0]
+  assert grouped["n"] == 2 and grouped["seeds"] == [0, 1]
+  a, b = RUNS["a"][1], RUNS["b"][1]
+  for i, column in enumerate(compare.COLUMNS):
+    assert grouped[column.key] == pytest.approx((a[i] + b[i]) / 2)
+    assert grouped[f"{column.key}_std"] == pytest.approx(statistics.stdev([a[i], b[i]]))
+  cells = table_cells(markdown)
+  assert cells[0] == HEADER[:1] + ["Seeds"] + HEADER[1:]
+  # MSE 0.012 ± 0.002828, PSNR 19 ± 1.414, |rho| 0.9 ± 0.0707.
+  assert cells[1][:4] == ["ar_sivae loss.gamma=0.1", "0,1", "0.01200 ± 0.00283", "19.00 ± 1.41"]
+  assert cells[1][-1] == "0.900 ± 0.071"
+  assert cells[2][2] == "0.02000"  # A single seed: the value alone.
+  assert cells[3][-1] == "-"
+
+
+def test_runs_without_config_are_named_by_workdir(tmp_path):
+  first = write_run(tmp_path / "baseline_run", None, fake_metrics(*RUNS["d"][1]))
+  second = write_run(tmp_path / "other", None, fake_metrics(*RUNS["a"][1]))
+  _, rows = compare.comparison_table([first, second], group_by_config=True)
+  assert [r["name"] for r in rows] == ["baseline_run", "other"]
+  assert rows[1]["regularized_abs_rho"] == pytest.approx(0.95)
+
+
+def test_missing_evaluation_names_the_run_and_the_command(fake_runs, tmp_path):
+  unevaluated = write_run(tmp_path / "not_evaluated", fake_config("vae", 0, 0.0), None)
+  with pytest.raises(compare.MissingEvaluationError) as error:
+    compare.comparison_table([fake_runs["a"], unevaluated])
+  message = str(error.value)
+  assert unevaluated in message
+  assert f"python -m experiments.evaluate --workdir={unevaluated}" in message
+  broken = write_run(tmp_path / "broken", None, None)
+  with open(os.path.join(broken, "eval", "metrics.json"), "w") as f:
+    f.write("{not json")
+  with pytest.raises(ValueError, match="broken.*metrics.json"):
+    compare.comparison_table([broken])
+
+
+def test_compare_command_writes_markdown_and_csv(fake_runs, tmp_path):
+  result = run_module(["experiments.compare", fake_runs["a"], fake_runs["b"],
+                       fake_runs["c"], "--group_by_config"], cwd=tmp_path, timeout=120)
+  assert result.returncode == 0, result.stderr
+  with open(tmp_path / "comparison.md") as f:
+    written = f.read()
+  assert written in result.stdout and len(table_cells(written)) == 3
+  with open(tmp_path / "comparison.csv") as f:
+    records = list(csv.DictReader(f))
+  assert [r["run"] for r in records] == ["ar_sivae loss.gamma=0.1", "ar_sivae loss.gamma=0.05"]
+  assert float(records[0]["ssim"]) == pytest.approx(0.75)
+  assert float(records[0]["ssim_std"]) == pytest.approx(statistics.stdev([0.8, 0.7]))
+  assert records[1]["ssim_std"] == "" and records[0]["seeds"] == "0,1"
+
+  missing = run_module(["experiments.compare", fake_runs["a"], str(tmp_path / "nowhere"),
+                        f"--output={tmp_path / 'x.md'}"], cwd=tmp_path, timeout=120)
+  assert missing.returncode != 0
+  assert "nowhere" in missing.stderr and "experiments.evaluate --workdir=" in missing.stderr
+  assert not os.path.exists(tmp_path / "x.md")
+
+
+# ------------------------------------------------------------------------------------------------
+# Sweep.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_dry_run_prints_one_line_per_grid_point(tmp_path):
+  root = str(tmp_path / "sweep")
+  result = run_module(["experiments.sweep", "--config=ar_sivae:smoke",
+                       "--set=config.loss.gamma=0,0.05,0.1",
+                       "--set=optimizer.learning_rate=1e-4,2e-4", "--seeds=0,1,2",
+                       f"--root={root}", "--dry_run",
+                       "--extra=--config.train.num_steps=100"], cwd=tmp_path, timeout=120)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert len(lines) == 3 * 2 * 3
+  assert not os.path.exists(root)  # A dry run starts nothing and writes nothing.
+  workdirs = set()
+  for line in lines:
+    train, evaluate = line.split(" && ")
+    words = train.split()
+    assert words[:4] == ["python", "-m", "experiments.train", "--config=ar_sivae:smoke"]
+    workdir = words[4].removeprefix("--workdir=")
+    assert evaluate == f"python -m experiments.evaluate --workdir={workdir}"
+    assert words[-1] == "--config.train.num_steps=100"
+    settings = dict(w.removeprefix("--config.").split("=") for w in words[5:8])
+    assert set(settings) == {"seed", "loss.gamma", "optimizer.learning_rate"}
+    assert os.path.basename(workdir) == (f"gamma={settings['loss.gamma']},learning_rate="
+                                         f"{settings['optimizer.learning_rate']},"
+                                         f"seed={settings['seed']}")
+    assert os.path.dirname(workdir) == root
+    workdirs.add(workdir)
+  assert len(workdirs) == 18
+  assert "--config.loss.gamma=0.05" in lines[6] and "--config.seed=0" in lines[6]
+
+
+def test_grid_keeps_bracketed_values_whole():
+  axis = sweep.parse_set("config.model.channels=(8,16),(16,32)")
+  assert axis == sweep.SweepAxis("model.channels", ("(8,16)", "(16,32)"))
+  jobs = sweep.make_jobs([axis, sweep.parse_set("loss.gamma=1")], [3], "r")
+  assert [j.name for j in jobs] == ["channels=8-16,gamma=1,seed=3",
+                                    "channels=16-32,gamma=1,seed=3"]
+  assert jobs[1].overrides == ("--config.seed=3", "--config.model.channels=(16,32)",
+                               "--config.loss.gamma=1")
+  sweep.validate_sweep("vae:smoke", [axis], [])
+  out = io.StringIO()
+  sweep.run_sweep("vae:smoke", [axis], [0], "r", dry_run=True, out=out)
+  assert "'--config.model.channels=(8,16)'" in out.getvalue()  # Quoted for the shell.
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--set=config.loss.no_such_weight=1,2"], "config.loss.no_such_weight"),
+    (["--set=config.nosection.gamma=1"], "nosection"),
+    (["--set=config.loss=1"], "config.loss is a section"),
+    (["--set=config.train.batch_size=4,large"], "batch_size=large"),
+    (["--set=config.loss.gamma=1", "--extra=--config.train.num_stepz=3"], "num_stepz"),
+    (["--set=config.seed=1,2"], "--seeds"),
+])
+def test_bad_settings_are_refused_before_any_job(tmp_path, args, named):
+  root = tmp_path / "sweep"
+  result = run_module(["experiments.sweep", "--config=vae:smoke", f"--root={root}", *args],
+                      cwd=tmp_path, timeout=120)
+  assert result.returncode != 0
+  assert named in result.stderr
+  assert not os.path.exists(root)
+
+
+FAKE_TRAIN = textwrap.dedent("""
+    import json, os, sys
+    args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+    workdir, beta = args["--workdir"], args["--config.loss.beta_kl"]
+    if beta == "3":
+      print("Traceback: beta_kl=3 diverged")
+      sys.exit(1)
+    os.makedirs(workdir, exist_ok=True)
+    json.dump({"name": "vae", "seed": int(args["--config.seed"]),
+               "loss": {"beta_kl": float(beta)}, "train": {"num_steps": 2},
+               "cache": os.environ.get("CARDIAC_JAX_CACHE")},
+              open(os.path.join(workdir, "config.json"), "w"))
+    last = 1 if beta == "4" else 2  # beta_kl=4 plays a preempted run.
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps({"step": last, "train/loss": 1.0}) + "\\n")
+""")
+FAKE_EVALUATE = textwrap.dedent("""
+    import json, os, sys
+    workdir = sys.argv[1].split("=", 1)[1]
+    beta = json.load(open(os.path.join(workdir, "config.json")))["loss"]["beta_kl"]
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    json.dump({"reconstruction": {"mse": 0.01 * beta, "psnr": 20.0, "ssim": 0.5}},
+              open(os.path.join(workdir, "eval", "metrics.json"), "w"))
+""")
+
+
+@pytest.fixture
+def fake_jobs(monkeypatch):
+  """Jobs that are small Python scripts instead of training: the sweep's bookkeeping alone."""
+  monkeypatch.setattr(sweep, "train_command", lambda job, spec, extra, python="python": [
+      sys.executable, "-c", FAKE_TRAIN, f"--workdir={job.workdir}", *job.overrides, *extra])
+  monkeypatch.setattr(sweep, "evaluate_command", lambda job, python="python": [
+      sys.executable, "-c", FAKE_EVALUATE, f"--workdir={job.workdir}"])
+
+
+def test_failed_job_is_reported_and_the_sweep_goes_on(fake_jobs, tmp_path):
+  root = str(tmp_path / "sweep")
+  out = io.StringIO()
+  axes = [sweep.parse_set("config.loss.beta_kl=1,3,2")]
+  results = sweep.run_sweep("vae:smoke", axes, [0], root, out=out)
+  assert [r.status for r in results] == ["done", "failed", "done"]
+  failed = results[1]
+  assert failed.job.workdir == os.path.join(root, "beta_kl=3,seed=0")
+  assert "beta_kl=3 diverged" in failed.message and "train exited with status 1" in failed.message
+  report = out.getvalue()
+  assert "FAILED" in report and "beta_kl=3 diverged" in report
+  with open(os.path.join(failed.job.workdir, "sweep.log")) as f:
+    assert "beta_kl=3 diverged" in f.read()
+  with open(os.path.join(root, "beta_kl=1,seed=0", "config.json")) as f:
+    assert json.load(f)["cache"] == os.environ["CARDIAC_JAX_CACHE"]  # Environment inherited.
+  with open(os.path.join(root, "comparison.md")) as f:
+    cells = table_cells(f.read())
+  assert [c[0] for c in cells[1:]] == ["vae loss.beta_kl=1.0", "vae loss.beta_kl=2.0"]
+  assert [c[2] for c in cells[1:]] == ["0.01000", "0.02000"]
+  assert os.path.exists(os.path.join(root, "comparison.csv"))
+  with open(os.path.join(root, "sweep.json")) as f:
+    assert len(json.load(f)["jobs"]) == 3
+
+  # A rerun skips the evaluated jobs and retries the failed one.
+  again = sweep.run_sweep("vae:smoke", axes, [0], root, out=io.StringIO())
+  assert [r.status for r in again] == ["skipped", "failed", "skipped"]
+
+
+def test_preempted_job_stops_the_sweep_without_evaluating(fake_jobs, tmp_path):
+  root = str(tmp_path / "sweep")
+  results = sweep.run_sweep("vae:smoke", [sweep.parse_set("loss.beta_kl=4,1")], [0, 1], root,
+                            out=io.StringIO())
+  assert [r.status for r in results] == ["interrupted"]
+  assert not os.path.exists(sweep.metrics_path(results[0].job.workdir))
+  assert not os.path.exists(os.path.join(root, "beta_kl=1,seed=0"))
+
+
+@pytest.mark.slow
+def test_tiny_real_sweep_end_to_end(tmp_path, isolated_cache):
+  """Two real smoke jobs (train + evaluate as subprocesses) and their comparison."""
+  root = tmp_path / "sweep"
+  args = ["experiments.sweep", "--config=vae:smoke", "--set=config.loss.beta_kl=1,2",
+          "--seeds=0", f"--root={root}",
+          "--extra=--config.train.num_steps=2 --config.train.figure_every=0 "
+          "--config.train.eval_every=0"]
+  result = run_module(args, cwd=tmp_path)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert os.listdir(os.path.join(isolated_cache, "synthetic"))  # The session's cache was used.
+  with open(root / "comparison.md") as f:
+    cells = table_cells(f.read())
+  assert [c[0] for c in cells[1:]] == ["vae loss.beta_kl=1.0", "vae loss.beta_kl=2.0"]
+  for row in cells[1:]:
+    mse, psnr, ssim = (float(v) for v in row[2:5])
+    assert 0 < mse < 1 and psnr > 0 and -1 <= ssim <= 1
+  for beta in (1, 2):
+    with open(root / f"beta_kl={beta},seed=0" / "config.json") as f:
+      config = json.load(f)
+    assert config["loss"]["beta_kl"] == beta and config["train"]["num_steps"] == 2
+  rerun = run_module(args, cwd=tmp_path, timeout=120)
+  assert rerun.returncode == 0 and rerun.stdout.count("skipped") == 2
