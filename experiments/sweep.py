@@ -22,8 +22,10 @@ Values are passed to the override flags as the strings given, so ml_collections 
 into the field's type exactly as `experiments.train` does; a value containing commas (a tuple)
 is kept whole when written in brackets: --set=config.model.channels=(8,16),(16,32).
 
---dry_run prints one shell line per job (`train && evaluate`) and nothing else, e.g. to feed a
-SLURM array: `sed -n "${SLURM_ARRAY_TASK_ID}p" jobs.txt | bash`.
+--dry_run prints one shell line per job (`train && evaluate`, with the `python` of the job's
+PATH, run from the directory the sweep was started in) and nothing else, e.g. to feed a SLURM
+array: `sed -n "${SLURM_ARRAY_TASK_ID}p" jobs.txt | bash`; `python -m experiments.compare
+--group_by_config <root>/*/` then builds the table.
 
 SIGINT/SIGTERM: the running job is forwarded the signal (training saves a checkpoint and
 stops), and the sweep stops; rerun the same command to continue.

@@ -7,10 +7,13 @@ import csv
 import io
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -310,6 +313,46 @@ def test_preempted_job_stops_the_sweep_without_evaluating(fake_jobs, tmp_path):
   assert [r.status for r in results] == ["interrupted"]
   assert not os.path.exists(sweep.metrics_path(results[0].job.workdir))
   assert not os.path.exists(os.path.join(root, "beta_kl=1,seed=0"))
+
+
+SLOW_TRAIN = textwrap.dedent("""
+    import os, signal, sys, time
+    workdir = [a for a in sys.argv if a.startswith("--workdir=")][0].split("=", 1)[1]
+    os.makedirs(workdir, exist_ok=True)
+    def checkpoint_and_stop(signum, frame):
+      open(os.path.join(workdir, "stopped_by_signal"), "w").write(str(signum))
+      sys.exit(0)  # As the training loop does after saving its checkpoint.
+    signal.signal(signal.SIGTERM, checkpoint_and_stop)
+    open(os.path.join(workdir, "ready"), "w").close()
+    time.sleep(60)
+""")
+
+
+def test_signal_to_the_sweep_reaches_the_job_and_stops_the_sweep(monkeypatch, tmp_path):
+  monkeypatch.setattr(sweep, "train_command", lambda job, spec, extra, python="python": [
+      sys.executable, "-c", SLOW_TRAIN, f"--workdir={job.workdir}"])
+  root = str(tmp_path / "sweep")
+  first = os.path.join(root, "beta_kl=1,seed=0")
+
+  def terminate_when_ready():
+    deadline = time.monotonic() + 30
+    while not os.path.exists(os.path.join(first, "ready")) and time.monotonic() < deadline:
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  handler_before = signal.getsignal(signal.SIGTERM)
+  killer = threading.Thread(target=terminate_when_ready)
+  killer.start()
+  start = time.monotonic()
+  results = sweep.run_sweep("vae:smoke", [sweep.parse_set("loss.beta_kl=1,2")], [0], root,
+                            out=io.StringIO())
+  killer.join()
+  assert time.monotonic() - start < 30
+  assert [r.status for r in results] == ["interrupted"]
+  with open(os.path.join(first, "stopped_by_signal")) as f:
+    assert f.read() == str(int(signal.SIGTERM))
+  assert not os.path.exists(os.path.join(root, "beta_kl=2,seed=0"))
+  assert signal.getsignal(signal.SIGTERM) == handler_before  # The sweep's handler is gone.
 
 
 @pytest.mark.slow
