@@ -274,7 +274,12 @@ def _prepare_locked(input_dir: str, output_dir: str,
   staging = os.path.join(output_dir, f"{_STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
   os.makedirs(staging)
   try:
-    builder = tfds_builders.Acdc(config=builder_config,
+    # tfds refuses a config object named like a predefined one: pass the predefined by name
+    # (names carry a digest of the content, so equal names mean equal configs).
+    predefined = {c.name for c in tfds_builders.Acdc.BUILDER_CONFIGS}
+    builder = tfds_builders.Acdc(config=(builder_config.name
+                                         if builder_config.name in predefined
+                                         else builder_config),
                                  data_dir=os.path.join(staging, TFDS_DIR),
                                  file_format="array_record",
                                  subject_cache_dir=os.path.join(work, "subjects"))
