@@ -19,6 +19,13 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: NA
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Run directory (default: workdirs/<config name>).")
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process runs: host:port of process 0 (default: "
+    "$CARDIAC_JAX_COORDINATOR, or detected under SLURM / on a TPU pod).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Multi-process runs: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "Multi-process runs: this process's index in [0, num_processes).")
 
 
 def default_workdir(config) -> str:
@@ -31,7 +38,9 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError(f"--config is required; available: {', '.join(configs.available_configs())}")
-  from cardiac_jax import training  # Heavy imports after flag parsing.
+  from cardiac_jax import distributed, training  # Heavy imports after flag parsing.
+  distributed.initialize_from_environment(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
+                                          _PROCESS_ID.value)  # Before any device is touched.
   from experiments import common
   common.quiet_logs()
   workdir = _WORKDIR.value or default_workdir(config)

@@ -80,8 +80,9 @@ step_fn = parallel.compile_train_step(
     lambda axis: steps.make_family(config, axis_name=axis).train_step, mesh, "pmap")
 losses = []
 batches = train_batches(0)
+step_keys = jax.random.fold_in(root, 1)  # As in train_and_evaluate.
 for step in range(NUM_STEPS):
-  state, metrics = step_fn(state, next(batches), jax.random.fold_in(jax.random.fold_in(root, 1), step))
+  state, metrics = step_fn(state, next(batches), jax.random.fold_in(step_keys, step))
   losses.append(float(jax.device_get(metrics)["loss"]))
 result["pmap_losses"] = losses
 params.update({"pmap/" + jax.tree_util.keystr(p): np.asarray(v)
