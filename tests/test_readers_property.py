@@ -1,0 +1,400 @@
+"""Property-based tests: the ACDC readers on random hostile input (hypothesis).
+
+Random bytes, random NIfTI files (shapes with empty axes, many voxel types, singular or NaN
+affines, zero/negative/NaN spacing, fuzzed header bytes, truncation, gzip or not) and random
+Info.cfg text go to `acdc.load_nifti`, `acdc.parse_info_cfg` and, assembled into subject
+folders, to `acdc.load_subject` and `tfds_builders.prepare_subject`. Every failure must be an
+`InvalidInputError` naming the file (never another exception type, never a hang: each call runs
+under an alarm), and every accepted input must give sane output (finite spacing > 0, shapes and
+dtypes as documented, the voxel values that were written). The number of inputs tried is
+printed by the last test, for the README's reliability section.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import gzip
+import os
+import shutil
+import signal
+import tempfile
+
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+import nibabel as nib
+import numpy as np
+
+from cardiac_jax import structures
+from data_pipelines import acdc
+from data_pipelines import preprocess
+from data_pipelines import tfds_builders
+from data_pipelines.errors import InvalidInputError
+from tests.test_acdc_reader import ED_RADII_MM
+from tests.test_acdc_reader import ES_SCALE
+from tests.test_acdc_reader import phantom_image
+from tests.test_acdc_reader import phantom_labels
+
+# Per property: inputs tried, and how many were rejected with InvalidInputError.
+TRIED = collections.Counter()
+REJECTED = collections.Counter()
+# The slowest legitimate call (a 4D volume on this shared machine) is far below this.
+CALL_TIMEOUT_S = 20.0
+PROPERTY_SETTINGS = settings(
+    max_examples=150, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                           HealthCheck.filter_too_much])
+SMALL = preprocess.PreprocessConfig(image_size=16, spacing_mm=3.0)
+
+
+class Hang(Exception):
+  """Raised by the alarm when a reader call does not return in time."""
+
+
+@contextlib.contextmanager
+def _no_hang():
+  def alarm(signum, frame):
+    raise Hang(f"reader call took more than {CALL_TIMEOUT_S} s")
+  previous = signal.signal(signal.SIGALRM, alarm)
+  signal.setitimer(signal.ITIMER_REAL, CALL_TIMEOUT_S)
+  try:
+    yield
+  finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def _call(name: str, function, *args, path: str):
+  """Calls a reader; returns its result, or None after a clean InvalidInputError naming
+  `path`. Any other exception (or a hang) fails the test."""
+  TRIED[name] += 1
+  try:
+    with _no_hang():
+      return function(*args)
+  except InvalidInputError as e:
+    REJECTED[name] += 1
+    assert acdc.printable_path(path) in str(e), (path, str(e))
+    return None
+
+
+# ----------------------------------------------------------------------------- NIfTI bytes
+
+DTYPES = ("u1", "i1", "<i2", ">i2", "<u2", "<i4", ">i4", "<u4", "<i8", "<f4", ">f4", "<f8",
+          "<c8", "f16")
+SPECIAL_FLOATS = st.sampled_from([0.0, -0.0, -1.0, np.nan, np.inf, -np.inf, 1e-30, 1e30])
+SPACINGS = st.one_of(st.floats(0.2, 12.0), SPECIAL_FLOATS)
+
+
+@st.composite
+def nifti_files(draw):
+  """(file bytes, written array or None, whether the header is untouched) of a random NIfTI."""
+  # Hostile choices are drawn often, but not always: accepted files must be checked too.
+  often = lambda: draw(st.integers(0, 9)) < 7  # pylint: disable=unnecessary-lambda-assignment
+  if often():
+    ndim = draw(st.integers(3, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 6), min_size=ndim, max_size=ndim)))
+  else:
+    ndim = draw(st.integers(1, 5))
+    shape = tuple(draw(st.lists(st.integers(0, 6), min_size=ndim, max_size=ndim)))
+  dtype = np.dtype(draw(st.sampled_from(DTYPES[:-1])))
+  count = int(np.prod(shape))
+  if dtype.kind == "f":
+    special = SPECIAL_FLOATS if not often() else st.just(0.5)
+    values = draw(st.lists(st.one_of(st.floats(-1e3, 1e3), special), min_size=count,
+                           max_size=count))
+  elif dtype.kind == "c":
+    values = draw(st.lists(st.floats(-10, 10), min_size=count, max_size=count))
+  else:
+    info = np.iinfo(dtype)
+    values = draw(st.lists(st.integers(max(info.min, -1000), min(info.max, 1000)),
+                           min_size=count, max_size=count))
+  array = np.array(values, dtype=dtype).reshape(shape)
+  header = nib.Nifti1Header()
+  header.set_data_dtype(dtype)
+  header.set_data_shape(shape)
+  pixdim = [draw(st.floats(0.2, 12.0) if often() else SPACINGS) for _ in range(3)]
+  header["pixdim"][1:4] = pixdim
+  affine_kind = draw(st.sampled_from(["diagonal", "random", "none"]) if often() else
+                     st.sampled_from(["random", "singular", "nan", "none"]))
+  if affine_kind == "diagonal":
+    affine = np.diag([*(abs(p) if np.isfinite(p) and p else 1.0 for p in pixdim), 1.0])
+  elif affine_kind == "random":
+    affine = np.eye(4)
+    affine[:3] = np.array(draw(st.lists(st.floats(-20, 20), min_size=12, max_size=12))
+                          ).reshape(3, 4)
+  elif affine_kind == "singular":
+    affine = np.diag([1.0, 1.0, 0.0, 1.0])
+  else:
+    affine = np.full((4, 4), np.nan)
+  header.set_sform(affine, code=0 if affine_kind == "none" else draw(st.integers(1, 4)))
+  if not often():
+    header["qform_code"] = draw(st.integers(0, 4))
+    for field in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x"):
+      header[field] = draw(st.one_of(st.floats(-1, 1), SPECIAL_FLOATS))
+  if not often():
+    header["scl_slope"] = draw(st.one_of(st.floats(-5, 5), SPECIAL_FLOATS))
+    header["scl_inter"] = draw(st.one_of(st.floats(-5, 5), SPECIAL_FLOATS))
+  header["vox_offset"] = 352
+  header["magic"] = b"n+1"
+  if dtype.byteorder == ">":
+    header = header.as_byteswapped(">")
+  raw = bytearray(header.binaryblock + bytes(4) + array.tobytes(order="F"))
+  pristine = True
+  for _ in range(0 if often() else draw(st.integers(1, 3))):
+    # Fuzz a header byte (dims, datatype, vox_offset, magic, ...).
+    raw[draw(st.integers(0, 351))] = draw(st.integers(0, 255))
+    pristine = False
+  if not often():
+    header_dims = np.array([draw(st.integers(-2, 9))] + [draw(st.integers(-3, 32767))
+                                                         for _ in range(7)], dtype=np.int16)
+    raw[40:56] = header_dims.astype(header.endianness + "i2").tobytes()
+    pristine = False
+  if not often():
+    raw = raw[:draw(st.integers(0, len(raw)))]
+    pristine = False
+  return bytes(raw), array, pristine
+
+
+def _write(directory: str, name: str, content: bytes, gzipped: bool) -> str:
+  path = os.path.join(directory, name + (".nii.gz" if gzipped else ".nii"))
+  with open(path, "wb") as f:
+    f.write(gzip.compress(content, compresslevel=1) if gzipped else content)
+  return path
+
+
+def _check_volume(data, spacing, path):
+  assert isinstance(data, np.ndarray) and data.dtype == np.float32, path
+  assert data.ndim in (3, 4) and min(data.shape) > 0, (path, data.shape)
+  assert np.all(np.isfinite(data)), path
+  assert len(spacing) == 3 and all(np.isfinite(s) and s > 0 for s in spacing), (path, spacing)
+
+
+@PROPERTY_SETTINGS
+@given(nifti=nifti_files(), gzipped=st.booleans())
+def test_load_nifti_random_headers_and_arrays(nifti, gzipped):
+  content, array, pristine = nifti
+  with tempfile.TemporaryDirectory() as directory:
+    path = _write(directory, "volume", content, gzipped)
+    result = _call("load_nifti: random NIfTI headers/arrays", acdc.load_nifti, path, path=path)
+  if result is None:
+    return
+  data, spacing = result
+  _check_volume(data, spacing, path)
+  if pristine:
+    header = nib.Nifti1Header.from_fileobj(__import__("io").BytesIO(content[:348]))
+    slope, inter = header.get_slope_inter()
+    expected = array.astype(np.float32)
+    if slope is not None:
+      expected = expected * np.float32(slope) + np.float32(inter)
+    np.testing.assert_array_equal(data.reshape(-1), expected.reshape(-1))
+    assert data.shape[:3] == array.shape[:3]
+    np.testing.assert_allclose(spacing, [float(str(p)) for p in header["pixdim"][1:4]])
+
+
+@PROPERTY_SETTINGS
+@given(content=st.binary(max_size=2048), gzipped=st.booleans(),
+       compress=st.booleans())
+def test_load_nifti_random_bytes(content, gzipped, compress):
+  with tempfile.TemporaryDirectory() as directory:
+    path = os.path.join(directory, "volume.nii.gz" if gzipped else "volume.nii")
+    with open(path, "wb") as f:
+      f.write(gzip.compress(content) if compress else content)
+    result = _call("load_nifti: random bytes", acdc.load_nifti, path, path=path)
+  if result is not None:
+    _check_volume(*result, path)
+
+
+# ----------------------------------------------------------------------------- Info.cfg
+
+INFO_KEYS = ("ED", "ES", "Group", "NbFrame", "Height", "Weight")
+NUMBER_TEXT = st.one_of(st.integers(-3, 40).map(str), st.floats(allow_nan=True).map(str),
+                        st.sampled_from(["1e400", "nan", "-inf", "0x10", "1_0", " 7 ", "",
+                                         "12.0", "3.5"]),
+                        st.text(max_size=6))
+VALUE_TEXT = {"Group": st.one_of(st.sampled_from([*structures.GROUPS, "ARV", "nor", ""]),
+                                 st.text(max_size=5))}
+
+
+@st.composite
+def info_cfg_texts(draw):
+  """Random Info.cfg bytes: key/value lines with hostile values, shuffled, duplicated or
+  missing keys, odd separators, or plain random bytes."""
+  mode = draw(st.integers(0, 5))
+  if mode == 0:
+    return draw(st.binary(max_size=300))
+  if mode >= 3:
+    # A valid file with (mostly) one hostile edit: a value replaced, a line dropped or doubled.
+    lines = _info_text(draw(valid_info()), draw(st.permutations(INFO_KEYS))).decode().split("\n")
+    edit = draw(st.sampled_from(["none", "value", "drop", "double", "bytes"]))
+    index = draw(st.integers(0, len(INFO_KEYS) - 1))
+    key = lines[index].split(":")[0]
+    if edit == "value":
+      lines[index] = f"{key}: {draw(VALUE_TEXT.get(key, NUMBER_TEXT))}"
+    elif edit == "drop":
+      del lines[index]
+    elif edit == "double":
+      lines.append(lines[index])
+    encoded = "\n".join(lines).encode("utf-8", "surrogatepass")
+    if edit == "bytes":
+      position = draw(st.integers(0, len(encoded)))
+      encoded = encoded[:position] + draw(st.binary(min_size=1, max_size=4)) + encoded[position:]
+    return encoded
+  lines = []
+  for key in draw(st.lists(st.sampled_from(INFO_KEYS + ("Extra", "ED ", "")), max_size=9)):
+    value = draw(VALUE_TEXT.get(key, NUMBER_TEXT))
+    lines.append(f"{key}{draw(st.sampled_from([':', ': ', ' : ', '=', '']))}{value}")
+  text = draw(st.sampled_from(["\n", "\r\n"])).join(lines)
+  encoded = text.encode("utf-8", "surrogatepass")
+  if draw(st.booleans()):
+    encoded = draw(st.sampled_from([b"\xef\xbb\xbf", b"", b"\xff", b"\x00"])) + encoded
+  return encoded
+
+
+@st.composite
+def valid_info(draw):
+  num_frames = draw(st.integers(2, 35))
+  ed, es = draw(st.lists(st.integers(1, num_frames), min_size=2, max_size=2, unique=True))
+  return acdc.SubjectInfo(ed_frame=ed, es_frame=es, group=draw(st.sampled_from(
+      structures.GROUPS)), num_frames=num_frames, height_cm=draw(st.floats(100, 220)),
+                          weight_kg=draw(st.floats(30, 200)))
+
+
+def _info_text(info: acdc.SubjectInfo, order) -> bytes:
+  values = {"ED": info.ed_frame, "ES": info.es_frame, "Group": info.group,
+            "NbFrame": info.num_frames, "Height": repr(info.height_cm),
+            "Weight": repr(info.weight_kg)}
+  return "".join(f"{k}: {values[k]}\n" for k in order).encode()
+
+
+def _check_info(info, path):
+  assert info.group in structures.GROUPS, path
+  assert 1 <= info.ed_frame <= info.num_frames and 1 <= info.es_frame <= info.num_frames
+  assert info.ed_frame != info.es_frame and info.num_frames >= 2
+  assert np.isfinite(info.height_cm) and info.height_cm > 0
+  assert np.isfinite(info.weight_kg) and info.weight_kg > 0
+
+
+@PROPERTY_SETTINGS
+@given(content=info_cfg_texts())
+def test_parse_info_cfg_random_text(content):
+  with tempfile.TemporaryDirectory() as directory:
+    path = os.path.join(directory, "Info.cfg")
+    with open(path, "wb") as f:
+      f.write(content)
+    info = _call("parse_info_cfg: random text", acdc.parse_info_cfg, path, path=path)
+  if info is not None:
+    _check_info(info, path)
+
+
+@settings(PROPERTY_SETTINGS, max_examples=60)
+@given(info=valid_info(), order=st.permutations(INFO_KEYS))
+def test_parse_info_cfg_accepts_every_valid_file(info, order):
+  with tempfile.TemporaryDirectory() as directory:
+    path = os.path.join(directory, "Info.cfg")
+    with open(path, "wb") as f:
+      f.write(_info_text(info, order))
+    TRIED["parse_info_cfg: valid files (must be accepted)"] += 1
+    assert acdc.parse_info_cfg(path) == info
+
+
+# ----------------------------------------------------------------------------- subject folders
+
+PHANTOM_LABELS = {"ed": phantom_labels(ED_RADII_MM),
+                  "es": phantom_labels(tuple(r * ES_SCALE for r in ED_RADII_MM))}
+
+
+def _phantom_nifti(kind: str, gt: bool) -> bytes:
+  labels = PHANTOM_LABELS[kind]
+  data = labels if gt else phantom_image(labels, 0)
+  image = nib.Nifti1Image(data, np.diag([1.5, 1.6, 8.0, 1.0]))
+  return image.to_bytes()
+
+
+PHANTOM_FILES = {(kind, gt): _phantom_nifti(kind, gt) for kind in ("ed", "es")
+                 for gt in (False, True)}
+
+
+@st.composite
+def subject_folders(draw):
+  """{file name: bytes or None (absent)} of a subject folder: each file valid, replaced by a
+  random NIfTI or random bytes, or missing; Info.cfg valid or random."""
+  files = {}
+  # Hostile choices sit at the high end: hypothesis favours small values while shrinking.
+  if draw(st.integers(0, 2)) == 2:
+    files["Info.cfg"] = draw(info_cfg_texts())
+  else:
+    files["Info.cfg"] = b"ED: 1\nES: 4\nGroup: DCM\nHeight: 170\nNbFrame: 6\nWeight: 70\n"
+  for frame, kind in ((1, "ed"), (4, "es")):
+    for gt in (False, True):
+      name = f"patient001_frame{frame:02d}{'_gt' if gt else ''}.nii.gz"
+      choice = draw(st.integers(0, 9))
+      if choice <= 5:
+        content = PHANTOM_FILES[(kind, gt)]
+      elif choice <= 7:
+        content = draw(nifti_files())[0]
+      elif choice == 8:
+        content = draw(st.binary(max_size=600))
+      else:
+        content = None
+      files[name] = None if content is None else (
+          gzip.compress(content, compresslevel=1) if draw(st.integers(0, 9)) < 9 else content)
+  return files
+
+
+@PROPERTY_SETTINGS
+@given(files=subject_folders(), odd_parent=st.booleans())
+def test_load_and_prepare_subject_on_random_folders(files, odd_parent):
+  root = tempfile.mkdtemp()
+  try:
+    # A parent folder whose name is not UTF-8 must not break messages or reports.
+    parent = os.path.join(root, os.fsdecode(b"caf\xe9") if odd_parent else "cohort")
+    directory = os.path.join(parent, "patient001")
+    os.makedirs(directory)
+    for name, content in files.items():
+      if content is not None:
+        with open(os.path.join(directory, name), "wb") as f:
+          f.write(content)
+    subject = _call("load_subject: random subject folders", acdc.load_subject, directory,
+                    path=directory)
+    if subject is not None:
+      shape = subject.ed_image.shape
+      assert len(shape) == 3 and min(shape) > 0
+      for array in (subject.ed_image, subject.es_image):
+        assert array.shape == shape and array.dtype == np.float32
+        assert np.all(np.isfinite(array))
+      for labels in (subject.ed_labels, subject.es_labels):
+        assert labels.shape == shape and labels.dtype == np.uint8
+        assert set(np.unique(labels).tolist()) <= {0, 1, 2, 3}
+      assert all(np.isfinite(s) and s > 0 for s in subject.spacing_mm)
+      _check_info(subject.info, directory)
+    ref = acdc.SubjectRef(subject="patient001", partition="", directory=directory)
+    outcome = _call("prepare_subject: random subject folders", tfds_builders.prepare_subject,
+                    ref, SMALL, path=directory)
+    if outcome is not None:
+      assert subject is not None
+      example = outcome.example
+      assert example["image"].shape == (16, 16, 2) and example["label"].shape == (16, 16, 2)
+      assert 0.0 <= example["image"].min() and example["image"].max() <= 1.0
+      assert all(np.isfinite(v) for v in outcome.attributes.values())
+    # The cohort-level wrapper never raises and its reason is printable as UTF-8.
+    run = tfds_builders.run_subject(ref, SMALL)
+    assert run.status == ("prepared" if outcome is not None else "skipped")
+    assert not run.unexpected, run.reason
+    (run.reason or "").encode("utf-8")
+  finally:
+    shutil.rmtree(root)
+
+
+def test_zz_print_number_of_hostile_inputs(capsys):
+  """Prints how many random inputs the properties above tried (README reliability section)."""
+  lines = [f"  {name}: {TRIED[name]} tried, {REJECTED[name]} rejected cleanly"
+           for name in sorted(TRIED)]
+  with capsys.disabled():
+    print(f"\nproperty tests: {sum(TRIED.values())} random inputs in all\n" + "\n".join(lines))
+  if TRIED:
+    # Both sides of every reader were exercised: some inputs rejected, some accepted.
+    assert REJECTED["load_nifti: random NIfTI headers/arrays"] > 0
+    assert TRIED["load_subject: random subject folders"] > REJECTED[
+        "load_subject: random subject folders"] > 0
