@@ -10,8 +10,10 @@ Writes into O:
 - attributes.csv:   one row per prepared subject, columns `structures.ATTRIBUTES_CSV_COLUMNS`;
 - splits.json:      subject ids per split (stratified by group, seeded);
 - report.json:      every subject found, "prepared" or "skipped" with the reason, counts, the
-                    configuration, and where the tfds dataset is. Written last: its presence
-                    marks O as complete.
+                    configuration, where the tfds dataset is, and how many subjects were taken
+                    from an interrupted run. Written last: its presence marks O as complete.
+While a preparation runs (or after it was interrupted) O also holds .subjects/ (the per-subject
+work area), .prepare.lock and .staging-<id>/; a finished preparation leaves only the four above.
 
 Design: this module is a thin driver around the builder. The builder runs the per-subject
 preparation (`tfds_builders.run_subject`), so a tfds user with only the builder and a manual_dir
