@@ -82,12 +82,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.decay_steps = 0
 
   c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 32          # Global batch size (all devices and processes).
-  c.train.num_steps = 3000
+  c.train.batch_size = 16          # Global batch size (all devices and processes).
+  c.train.num_steps = 1000         # 57 epochs of the 280 training subjects of the default cohort.
   c.train.log_every = 25
-  c.train.eval_every = 500
-  c.train.checkpoint_every = 500
-  c.train.figure_every = 500
+  c.train.eval_every = 250
+  c.train.checkpoint_every = 250
+  c.train.figure_every = 250
   c.train.max_checkpoints = 3
   c.train.eval_batch_size = 64
   c.train.skip_nonfinite = False   # Skip (and count) non-finite updates instead of stopping.
