@@ -93,6 +93,14 @@ def split_batch_for_replicas(batch: dict[str, Any], mesh: Mesh) -> dict[str, np.
   return out
 
 
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is True on any of them (e.g. a SIGTERM that reached
+  only some hosts); one small all-gather when there are several processes."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, replicated(mesh))
 

@@ -8,11 +8,13 @@ no flags, so tests run it directly. The loop
 - restores the latest orbax checkpoint when there is one and continues from its step: the data
   iterator starts at that step and per-step keys are `fold_in(rng, step)`, so a resumed run
   is the run that would have happened without interruption;
-- compiles the family's pure step once over the device mesh, donating the state;
+- compiles the family's pure step once over the device mesh, donating the state, with the
+  backend of config.parallel.backend ("jit" or "pmap", see `cardiac_jax.parallel`);
 - stops at a non-finite loss or gradient naming the step and the metrics, writes the offending
   batch's subject ids to workdir/nonfinite_step<N>.json and keeps the last good checkpoint
   (or, with train.skip_nonfinite, skips such updates and counts them);
-- on SIGTERM/SIGINT finishes the current step, saves a checkpoint and exits cleanly;
+- on SIGTERM/SIGINT (reaching any process) finishes the current step, saves a checkpoint and
+  exits cleanly, every process after the same step;
 - logs scalars (metrics.jsonl + TensorBoard), a progress bar, periodic validation metrics and
   figures (inputs vs reconstructions, prior samples) from process 0 only.
 """
@@ -289,10 +291,13 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
           run_eval(step)
         if figure_images is not None and (step % tc.figure_every == 0 or step == tc.num_steps):
           _save_figures(family, state, figure_images, figures_dir, step, figure_key)
-        if flag.received is not None:
+        # Every process stops after the same step, or the collective save would hang.
+        if parallel.any_process(flag.received is not None):
           checkpointer.save(step, state, force=True)
           checkpointer.wait()
-          raise Preempted(f"received signal {flag.received} at step {step}: checkpoint saved in "
+          cause = (f"received signal {flag.received}" if flag.received is not None
+                   else "another process received a signal")
+          raise Preempted(f"{cause} at step {step}: checkpoint saved in "
                           f"{checkpointer.directory}; rerun the same command to resume.")
       if checkpointer.latest_step() != step:
         checkpointer.save(step, state, force=True)

@@ -3,9 +3,11 @@
 Each worker process joins the runtime through `cardiac_jax.distributed`, reads its half of every
 global batch from `data_pipelines.pipeline` (process_index/process_count) and then
 
-1. runs `training.train_and_evaluate` (jit backend) for a few steps in a shared workdir, which
-   exercises the config check, the metric writer (process 0 only), evaluation with gathered
-   outputs and a collective orbax checkpoint save;
+1. runs `training.train_and_evaluate` (jit backend) for a few steps in a shared workdir, with a
+   SIGTERM delivered to one process only in the middle: both processes must stop after the
+   same step and save one checkpoint together (collective orbax save), then the rerun resumes
+   from it (restore) to the end. This exercises the config check, the metric writer (process 0
+   only), evaluation with gathered outputs, preemption and resume;
 2. runs the same steps again with the pmap backend through `parallel.compile_train_step`,
    recording the loss of every step on every process.
 
@@ -29,7 +31,7 @@ NUM_STEPS = 3
 TIMEOUT_S = 240
 
 WORKER = r"""
-import json, os, sys
+import json, os, signal, sys
 import numpy as np
 port, process_id, num_processes, workdir, out = sys.argv[1:6]
 process_id, num_processes = int(process_id), int(num_processes)
@@ -65,8 +67,25 @@ data = training.DataSource(
     train_batches=train_batches,
     eval_batches=lambda: pipeline.eval_batches(examples[:12], config.data, batch_size=8,
                                                **process))
+# First attempt: a SIGTERM reaches process 1 only (the last process when alone), while step 2
+# runs; every process must stop after that same step with one checkpoint, then the same call
+# resumes from it to the end.
+def signalled_batches(start):
+  for index, batch in enumerate(train_batches(start)):
+    if index == 1 and jax.process_index() == num_processes - 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+    yield batch
+
+try:
+  training.train_and_evaluate(config, workdir, training.DataSource(
+      train_batches=signalled_batches, eval_batches=data.eval_batches))
+  raise AssertionError("training did not stop at the signal")
+except training.Preempted as e:
+  preempted_message = str(e)
+preempted_at = checkpointing.latest_step(os.path.join(workdir, "checkpoints"))
 state = training.train_and_evaluate(config, workdir, data)
-result = {"jit_step": int(jax.device_get(state.step)),
+result = {"jit_step": int(jax.device_get(state.step)), "preempted_at": preempted_at,
+          "preempted_message": preempted_message,
           "checkpoint_step": checkpointing.latest_step(os.path.join(workdir, "checkpoints"))}
 params = {"jit/" + jax.tree_util.keystr(p): np.asarray(v)
           for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]}
@@ -194,3 +213,15 @@ def test_only_process_zero_logs_and_the_checkpoint_is_saved(runs):
   assert [r["step"] for r in val] == [NUM_STEPS]
   assert result0["jit_step"] == result1["jit_step"] == NUM_STEPS
   assert result0["checkpoint_step"] == result1["checkpoint_step"] == NUM_STEPS
+
+
+def test_a_signal_to_one_process_stops_both_after_the_same_step(runs):
+  two, one = runs
+  result0, _ = _load(two, 0)
+  result1, _ = _load(two, 1)
+  assert result0["preempted_at"] == result1["preempted_at"] == 2
+  assert result1["preempted_message"].startswith("received signal 15 at step 2")
+  assert result0["preempted_message"].startswith("another process received a signal at step 2")
+  # Lines logged before the preemption are kept once, the resumed steps appended.
+  assert [r["step"] for r in _records(two)] == list(range(1, NUM_STEPS + 1))
+  assert _load(one, 0)[0]["preempted_at"] == 2
