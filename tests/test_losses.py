@@ -94,7 +94,7 @@ def test_soft_intro_encoder_loss_matches_formula(sivae):
   loss, aux = family.soft_intro_encoder_loss(state.params["encoder"], state, x, attributes,
                                              z_prior, keys)
   t = {k: np.asarray(v, np.float64) for k, v in aux["tensors"].items()}
-  xn, s = np.asarray(x, np.float64), 1.0 / (32 * 32 * 2)
+  xn, s = np.asarray(x, np.float64), 1.0 / (16 * 16 * 2)
   loss_real = s * (cfg.beta_rec * np_rec(xn, t["recon"]).mean()
                    + cfg.beta_kl * np_kl(t["mu"], t["logvar"]).mean())
   e_r = cfg.beta_rec * np_rec(t["recon"], t["recon_rec"]) + cfg.beta_neg * np_kl(t["mu_r"],
@@ -122,7 +122,7 @@ def test_soft_intro_decoder_loss_matches_formula(sivae):
   loss, aux = family.soft_intro_decoder_loss(state.params["decoder"], state.params["encoder"],
                                              state, x, z, z_prior, keys)
   t = {k: np.asarray(v, np.float64) for k, v in aux["tensors"].items()}
-  xn, s = np.asarray(x, np.float64), 1.0 / (32 * 32 * 2)
+  xn, s = np.asarray(x, np.float64), 1.0 / (16 * 16 * 2)
   expected = s * (cfg.beta_rec * np_rec(xn, t["recon"]).mean()
                   + 0.5 * cfg.beta_kl * (np_kl(t["mu_r"], t["logvar_r"]).mean()
                                          + np_kl(t["mu_f"], t["logvar_f"]).mean())
