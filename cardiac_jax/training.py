@@ -66,13 +66,17 @@ class DataSource:
   eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]]
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten_config(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """{"model.channels": (32, 64), ...} from a nested config dict (e.g. config.json).
+
+  JSON turns the config's tuples into lists; lists become tuples so values are hashable.
+  """
   out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten_config(value, f"{prefix}{key}."))
     else:
-      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+      out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
   return out
 
 
@@ -83,7 +87,7 @@ def check_workdir_config(workdir: str, config) -> None:
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    a, b = _flatten(saved), _flatten(current)
+    a, b = flatten_config(saved), flatten_config(current)
     differing = sorted(k for k in set(a) | set(b)
                        if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS)
     if differing:

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 from absl import app, flags
 
+from cardiac_jax.training import flatten_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,17 +88,6 @@ class Run:
     return os.path.basename(os.path.normpath(self.workdir))
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      # JSON turns the config's tuples into lists; tuples keep the values hashable.
-      out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-  return out
-
-
 def _read_json(path: str) -> dict:
   try:
     with open(path) as f:
@@ -120,7 +110,7 @@ def load_run(workdir: str) -> Run:
   config_path = os.path.join(workdir, "config.json")
   fields, name = {}, None
   if os.path.isfile(config_path):
-    fields = _flatten(_read_json(config_path))
+    fields = flatten_config(_read_json(config_path))
     name = fields.get("name") or None
   return Run(workdir=workdir, config_name=name, fields=fields, metrics=metrics)
 
