@@ -306,6 +306,10 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
       if checkpointer.latest_step() != step:
         checkpointer.save(step, state, force=True)
   finally:
+    # Stop the input pipeline's threads now: left to interpreter shutdown, a tf.data iterator
+    # with in-flight numpy_function calls can deadlock and keep a preempted process alive.
+    if hasattr(batches, "close"):
+      batches.close()
     checkpointer.close()
     writer.close()
     if progress is not None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -79,3 +81,30 @@ def test_config_errors_fail_before_training(tmp_path):
   assert not os.path.exists(tmp_path / "a" / "checkpoints")
   missing = run(["experiments.train", "--config=nope"], cwd=tmp_path, check=False)
   assert missing.returncode != 0 and "available" in missing.stderr
+
+
+def test_sigterm_checkpoints_and_the_process_exits(tmp_path):
+  """A preempted job must save, print how to resume, and actually exit (no hung threads)."""
+  workdir = tmp_path / "preempted"
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  process = subprocess.Popen(
+      [sys.executable, "-m", "experiments.train", "--config=vae:smoke", f"--workdir={workdir}",
+       "--config.train.num_steps=100000", "--config.train.eval_every=0",
+       "--config.train.figure_every=0"],
+      cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if metrics.exists() and metrics.read_text().count("\n") >= 3:
+      break
+    time.sleep(0.5)
+  assert process.poll() is None, process.communicate()[1][-3000:]
+  process.send_signal(signal.SIGTERM)
+  try:
+    _, stderr = process.communicate(timeout=120)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    raise AssertionError("the training process did not exit after SIGTERM")
+  assert process.returncode == 0, stderr[-3000:]
+  assert "rerun the same command to resume" in stderr
+  assert any(p.isdigit() for p in os.listdir(workdir / "checkpoints"))

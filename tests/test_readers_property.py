@@ -393,8 +393,10 @@ def test_zz_print_number_of_hostile_inputs(capsys):
            for name in sorted(TRIED)]
   with capsys.disabled():
     print(f"\nproperty tests: {sum(TRIED.values())} random inputs in all\n" + "\n".join(lines))
-  if TRIED:
-    # Both sides of every reader were exercised: some inputs rejected, some accepted.
+  # Both sides of the readers were exercised: some inputs rejected, some accepted. Only the
+  # properties that ran in this process count (a test distributor may split the module).
+  if TRIED.get("load_nifti: random NIfTI headers/arrays"):
     assert REJECTED["load_nifti: random NIfTI headers/arrays"] > 0
+  if TRIED.get("load_subject: random subject folders"):
     assert TRIED["load_subject: random subject folders"] > REJECTED[
         "load_subject: random subject folders"] > 0
