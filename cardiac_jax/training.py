@@ -297,7 +297,9 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
           _save_figures(family, state, figure_images, figures_dir, step, figure_key)
         # Every process stops after the same step, or the collective save would hang.
         if parallel.any_process(flag.received is not None):
-          checkpointer.save(step, state, force=True)
+          checkpointer.wait()
+          if checkpointer.latest_step() != step:  # The periodic save may have just run.
+            checkpointer.save(step, state, force=True)
           checkpointer.wait()
           cause = (f"received signal {flag.received}" if flag.received is not None
                    else "another process received a signal")

@@ -90,6 +90,7 @@ def test_sigterm_checkpoints_and_the_process_exits(tmp_path):
   process = subprocess.Popen(
       [sys.executable, "-m", "experiments.train", "--config=vae:smoke", f"--workdir={workdir}",
        "--config.train.num_steps=100000", "--config.train.eval_every=0",
+       "--config.train.checkpoint_every=1",
        "--config.train.figure_every=0"],
       cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = workdir / "metrics.jsonl"
