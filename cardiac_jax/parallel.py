@@ -178,3 +178,11 @@ def jit_eval_step(eval_fn: Callable, mesh: Mesh) -> Callable:
   """jit of `(state, batch) -> per-example outputs`, outputs sharded like the batch."""
   return jax.jit(eval_fn, in_shardings=(replicated(mesh), data_sharded(mesh)),
                  out_shardings=data_sharded(mesh))
+
+
+def abstract_state(init_fn: Callable, key: jax.Array, mesh: Mesh) -> Any:
+  """Shapes, dtypes and replicated shardings of `init_fn(key)` without computing it: the
+  restore target of a checkpoint."""
+  return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)),
+      jax.eval_shape(init_fn, key))

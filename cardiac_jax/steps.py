@@ -183,8 +183,7 @@ class VAEFamily:
                                            self.loss.delta)
 
   def _reparameterize(self, key, mu, logvar):
-    if self.axis_name is None:
-      return vae_lib.reparameterize(key, mu, logvar)
+    """z = mu + sigma * eps with eps from `_normal` (this replica's rows under pmap)."""
     return mu + jnp.exp(0.5 * logvar) * self._normal(key, mu.shape, mu.dtype)
 
   def _normal(self, key, shape, dtype=jnp.float32):

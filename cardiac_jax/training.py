@@ -226,11 +226,8 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
     state = init(root_key)
     start_step = 0
   else:
-    abstract = jax.eval_shape(family.init_state, root_key)
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated(mesh)),
-        abstract)
-    state = checkpointer.restore(abstract, start_step)
+    state = checkpointer.restore(parallel.abstract_state(family.init_state, root_key, mesh),
+                                 start_step)
     writer.truncate_after(start_step)
     print(f"Resuming {workdir} from step {start_step}.", flush=True)
 

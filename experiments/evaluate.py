@@ -44,10 +44,7 @@ def restore_run(workdir: str, step: int | None = None):
   config = load_run_config(workdir)
   family = steps.make_family(config)
   mesh = parallel.make_mesh(config.parallel.num_devices)
-  abstract = jax.eval_shape(family.init_state, jax.random.key(config.seed))
-  abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated(mesh)),
-      abstract)
+  abstract = parallel.abstract_state(family.init_state, jax.random.key(config.seed), mesh)
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
     state = checkpointer.restore(abstract, step)
