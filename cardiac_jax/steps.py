@@ -32,13 +32,17 @@ rows, so the update equals the one the jit backend computes on the whole batch.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cardiac_jax import losses
+from cardiac_jax.metrics import reconstruction as recon_metrics
 from cardiac_jax.models import vae as vae_lib
 from cardiac_jax.train_state import TrainState, all_finite, make_optimizer, select_tree
 
@@ -77,9 +81,13 @@ def _split(key: jax.Array, n: int) -> list[jax.Array]:
 class VAEFamily:
   """The VAE family for one config: model, optimizers and pure steps.
 
-  Attributes used by the training loop: `init_state`, `train_step`, `warmup_train_step`
-  (or None), `eval_step`, `encode`, `decode`, `reconstruct`, `uses_warmup(step)`.
+  Implements the family protocol of `cardiac_jax.training` (`init_state`, `train_step`,
+  `warmup_train_step`, `uses_warmup`, `eval_step`, `eval_metric_keys`, `eval_keep_keys`,
+  `finalize_eval`, `save_figures`) plus `encode`, `decode` and `reconstruct` for analyses.
   """
+
+  eval_metric_keys = ("reconstruction_loss", "kl", "mse", "psnr", "ssim")
+  eval_keep_keys: tuple[str, ...] = ()
 
   def __init__(self, config, bn_axis_name: str | None = None, axis_name: str | None = None):
     model_config = config.model
@@ -161,7 +169,8 @@ class VAEFamily:
     return self.decode(state, mu)
 
   def eval_step(self, state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Per-example evaluation quantities (B,) plus reconstructions and codes."""
+    """Per-example evaluation quantities: (B,) losses, (B, C) image metrics of the
+    posterior-mean reconstruction, the reconstructions and the codes."""
     x = batch["image"]
     mu, logvar = self.encode(state, x)
     recon = self.decode(state, mu)
@@ -169,8 +178,26 @@ class VAEFamily:
         "reconstruction_loss": losses.reconstruction_per_sample(x, recon,
                                                                  self.loss.reconstruction),
         "kl": losses.kl_per_sample(mu, logvar),
+        "mse": recon_metrics.mse(x, recon), "psnr": recon_metrics.psnr(x, recon),
+        "ssim": recon_metrics.ssim(x, recon),
         "mu": mu, "logvar": logvar, "reconstruction": recon,
     }
+
+  def finalize_eval(self, outputs: dict[str, Any]) -> dict[str, float]:
+    del outputs  # Every VAE metric is a per-example mean.
+    return {}
+
+  def save_figures(self, state: TrainState, examples: dict[str, Any], figures_dir: str,
+                   step: int, key: jax.Array) -> None:
+    """Inputs next to their reconstructions, and decoded prior samples."""
+    from cardiac_jax import viz  # pylint: disable=g-import-not-at-top (matplotlib on demand)
+    images = np.asarray(examples["image"])
+    recon = np.asarray(jax.jit(self.reconstruct)(state, jnp.asarray(images)))
+    viz.save_reconstruction_figure(os.path.join(figures_dir, f"reconstructions_{step:07d}.png"),
+                                   images, recon)
+    z = jax.random.normal(key, (min(16, max(len(images), 8)), self.latent_dim))
+    samples = np.asarray(jax.jit(self.decode)(state, z))
+    viz.save_samples_figure(os.path.join(figures_dir, f"samples_{step:07d}.png"), samples)
 
   # ------------------------------------------------------------------------------ training
   def _ar(self, z, attributes):
@@ -360,10 +387,21 @@ class VAEFamily:
     return self.warmup_train_step is not None and step < self.loss.vae_warmup_steps
 
 
-def make_family(config, bn_axis_name: str | None = None, axis_name: str | None = None) -> Any:
+# config.model.family -> "module:class" of the family; imported on first use, so a family's
+# dependencies load only when it is trained. The protocol a class implements is described in
+# `cardiac_jax.training`.
+FAMILIES = {
+    "vae": "cardiac_jax.steps:VAEFamily",
+    "temporal_classifier": "cardiac_jax.temporal_steps:TemporalClassifierFamily",
+    "dcgan": "cardiac_jax.gan_steps:DCGANFamily",
+    "diffae3d": "cardiac_jax.diffae_steps:DiffAEFamily",
+}
+
+
+def make_family(config, axis_name: str | None = None) -> Any:
   """The model family named by config.model.family (`axis_name`: replica axis under pmap)."""
-  families = {"vae": VAEFamily}
   name = config.model.family
-  if name not in families:
-    raise ValueError(f"unknown model.family {name!r}; known: {sorted(families)}")
-  return families[name](config, bn_axis_name=bn_axis_name, axis_name=axis_name)
+  if name not in FAMILIES:
+    raise ValueError(f"unknown model.family {name!r}; known: {sorted(FAMILIES)}")
+  module_name, class_name = FAMILIES[name].split(":")
+  return getattr(importlib.import_module(module_name), class_name)(config, axis_name=axis_name)

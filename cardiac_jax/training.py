@@ -16,7 +16,19 @@ no flags, so tests run it directly. The loop
 - on SIGTERM/SIGINT (reaching any process) finishes the current step, saves a checkpoint and
   exits cleanly, every process after the same step;
 - logs scalars (metrics.jsonl + TensorBoard), a progress bar, periodic validation metrics and
-  figures (inputs vs reconstructions, prior samples) from process 0 only.
+  the family's figures from process 0 only.
+
+A model family (`steps.FAMILIES`, chosen by config.model.family) is an object built as
+`Family(config, axis_name=None)` with
+- `skip_nonfinite: bool` and `init_state(key) -> TrainState`;
+- `train_step`: pure `(state, batch, key) -> (state, metrics)`, scalar metrics including "loss",
+  "finite" and "skipped_nonfinite"; with `axis_name` set (pmap backend) it averages gradients
+  and metrics over that axis so the update equals the jit one;
+- `warmup_train_step` (or None) and `uses_warmup(step)`: a first training stage;
+- `eval_step(state, batch) -> {key: (B, ...) array}`, pure; `eval_metric_keys` (averaged over
+  real examples and logged as val/<key>), `eval_keep_keys` and `finalize_eval(outputs)` for
+  metrics of a whole split (e.g. AUC);
+- `save_figures(state, examples, figures_dir, step, key)`.
 """
 
 from __future__ import annotations
@@ -29,11 +41,9 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cardiac_jax import checkpointing, distributed, metric_logging, parallel, steps
-from cardiac_jax.metrics import reconstruction as recon_metrics
 from cardiac_jax.train_state import TrainState
 
 # Config fields that may differ between the run that wrote a workdir and the one resuming it.
@@ -137,33 +147,34 @@ def _host(x) -> np.ndarray:
   return np.asarray(x)
 
 
-def evaluate_reconstruction(family, state: TrainState, batches: Iterable[dict], mesh,
-                            eval_fn: Callable | None = None,
-                            keep_outputs: bool = False) -> tuple[dict[str, float], dict]:
-  """Mean reconstruction metrics of the posterior-mean reconstruction over `batches`.
+def evaluate(family, state: TrainState, batches: Iterable[dict], mesh,
+             eval_fn: Callable | None = None,
+             keep: Iterable[str] = ()) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+  """Runs the family's eval step over `batches` (one pass over a split).
 
-  Returns (metrics, outputs): metrics has reconstruction_loss, kl, mse, psnr, ssim and per-channel
-  mse/psnr/ssim (channel index suffix); outputs (if keep_outputs) has per-example numpy arrays
-  (mu, logvar, attributes, group, subject, image, reconstruction) for downstream analyses.
+  Returns (metrics, outputs). metrics: the mean over real examples (the batches' bool "mask"
+  marks padding rows) of every `family.eval_metric_keys` output ((B, C) values also give one
+  <key>_ch<c> entry per channel and their mean), plus `family.finalize_eval(outputs)`.
+  outputs: per-example numpy arrays, concatenated over the split, of the keys in
+  `family.eval_keep_keys` and `keep` (eval-step outputs or batch fields).
   """
-  eval_fn = eval_fn or parallel.jit_eval_step(_eval_with_image_metrics(family), mesh)
+  eval_fn = eval_fn or parallel.jit_eval_step(family.eval_step, mesh)
+  keep = tuple(dict.fromkeys(tuple(family.eval_keep_keys) + tuple(keep)))
   sums: dict[str, np.ndarray] = {}
   count = 0
   kept: dict[str, list] = {}
   for batch in batches:
-    mask = np.asarray(batch.get("mask", np.ones(len(batch["image"]), bool)), bool)
+    mask = np.asarray(batch.get("mask", np.ones(len(next(iter(batch.values()))), bool)), bool)
     out = {k: _host(v) for k, v in eval_fn(state, parallel.shard_batch(batch, mesh)).items()}
     mask = _host(mask) if jax.process_count() > 1 else mask
-    for k in ("reconstruction_loss", "kl", "mse", "psnr", "ssim"):
-      values = out[k][mask]
-      sums[k] = sums.get(k, 0.0) + values.sum(axis=0)
+    for k in family.eval_metric_keys:
+      sums[k] = sums.get(k, 0.0) + out[k][mask].sum(axis=0)
     count += int(mask.sum())
-    if keep_outputs:
-      for k in ("mu", "logvar", "reconstruction"):
+    for k in keep:
+      if k in out:
         kept.setdefault(k, []).append(out[k][mask])
-      for k in ("image", "attributes", "group", "subject"):
-        if k in batch:
-          kept.setdefault(k, []).append(np.asarray(batch[k])[mask])
+      elif k in batch:
+        kept.setdefault(k, []).append(np.asarray(batch[k])[mask])
   if not count:
     raise ValueError("evaluation saw no examples (empty split?)")
   metrics: dict[str, float] = {}
@@ -176,29 +187,17 @@ def evaluate_reconstruction(family, state: TrainState, batches: Iterable[dict], 
     else:
       metrics[k] = float(mean)
   outputs = {k: np.concatenate(v) for k, v in kept.items()}
+  metrics.update(family.finalize_eval(outputs))
   return metrics, outputs
 
 
-def _eval_with_image_metrics(family) -> Callable:
-  def eval_fn(state, batch):
-    out = family.eval_step(state, batch)
-    x, y = batch["image"], out["reconstruction"]
-    out["mse"] = recon_metrics.mse(x, y)
-    out["psnr"] = recon_metrics.psnr(x, y)
-    out["ssim"] = recon_metrics.ssim(x, y)
-    return out
-  return eval_fn
-
-
-def _save_figures(family, state: TrainState, images: np.ndarray, figures_dir: str, step: int,
-                  key: jax.Array) -> None:
-  from cardiac_jax import viz  # matplotlib only where figures are drawn.
-  recon = np.asarray(jax.jit(family.reconstruct)(state, jnp.asarray(images)))
-  viz.save_reconstruction_figure(os.path.join(figures_dir, f"reconstructions_{step:07d}.png"),
-                                 images, recon)
-  z = jax.random.normal(key, (min(16, max(len(images), 8)), family.latent_dim))
-  samples = np.asarray(jax.jit(family.decode)(state, z))
-  viz.save_samples_figure(os.path.join(figures_dir, f"samples_{step:07d}.png"), samples)
+def _figure_examples(data: DataSource) -> dict[str, np.ndarray]:
+  """The first <= 8 real rows of the first validation batch (fixed across a run)."""
+  first = next(iter(data.eval_batches()))
+  size = len(next(iter(first.values())))
+  real = np.asarray(first.get("mask", np.ones(size, bool)), bool)
+  return {k: np.asarray(v)[real][:8] for k, v in first.items()
+          if k != "mask" and np.ndim(v) and len(v) == size}
 
 
 def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
@@ -237,15 +236,11 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
   train_step = compile_step("train_step")
   warmup_step = (compile_step("warmup_train_step")
                  if family.warmup_train_step is not None else None)
-  eval_fn = parallel.jit_eval_step(_eval_with_image_metrics(family), mesh)
-  figure_images = None
-  if is_chief and tc.figure_every:
-    first = next(iter(data.eval_batches()))
-    real = np.asarray(first.get("mask", np.ones(len(first["image"]), bool)), bool)
-    figure_images = np.asarray(first["image"])[real][:8]
+  eval_fn = parallel.jit_eval_step(family.eval_step, mesh)
+  figure_examples = _figure_examples(data) if is_chief and tc.figure_every else None
 
   def run_eval(step: int) -> dict[str, float]:
-    metrics, _ = evaluate_reconstruction(family, state, data.eval_batches(), mesh, eval_fn)
+    metrics, _ = evaluate(family, state, data.eval_batches(), mesh, eval_fn)
     writer.write(step, metrics, prefix="val/")
     return metrics
 
@@ -290,8 +285,10 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
           checkpointer.save(step, state)
         if tc.eval_every and (step % tc.eval_every == 0 or step == tc.num_steps):
           run_eval(step)
-        if figure_images is not None and (step % tc.figure_every == 0 or step == tc.num_steps):
-          _save_figures(family, state, figure_images, figures_dir, step, figure_key)
+        if figure_examples is not None and (step % tc.figure_every == 0
+                                            or step == tc.num_steps):
+          os.makedirs(figures_dir, exist_ok=True)
+          family.save_figures(state, figure_examples, figures_dir, step, figure_key)
         # Every process stops after the same step, or the collective save would hang.
         if parallel.any_process(flag.received is not None):
           checkpointer.wait()

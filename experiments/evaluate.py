@@ -79,8 +79,9 @@ def evaluate_run(workdir: str, split: str = "test", step: int | None = None,
   config, family, state, mesh = restore_run(workdir, step)
   source = common.split_source(config, split)
   batches = pipeline.eval_batches(source, config.data, batch_size=config.train.eval_batch_size)
-  reconstruction, outputs = training.evaluate_reconstruction(family, state, batches, mesh,
-                                                             keep_outputs=True)
+  reconstruction, outputs = training.evaluate(
+      family, state, batches, mesh,
+      keep=("mu", "logvar", "reconstruction", "image", "attributes", "group", "subject"))
   names = list(config.data.attributes)
   latents, attributes = outputs["mu"], outputs["attributes"]
   result = {"workdir": os.path.abspath(workdir), "config": config.name, "split": split,
