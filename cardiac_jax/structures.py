@@ -15,6 +15,12 @@ RV_BLOOD_POOL = 1
 LV_MYOCARDIUM = 2
 LV_BLOOD_POOL = 3
 NUM_LABELS = 4
+# Long-axis views (the synthetic 4-chamber cine) add the atrial blood pools to the four labels
+# above, which keep their meaning there: 1 RV, 2 LV myocardium, 3 LV blood pool, 4 LA blood
+# pool, 5 RA blood pool. Short-axis label maps never hold 4 or 5.
+LA_BLOOD_POOL = 4
+RA_BLOOD_POOL = 5
+NUM_LONG_AXIS_LABELS = 6
 
 # Source convention -> {structure name: source label value}.
 LABEL_CONVENTIONS: dict[str, dict[str, int]] = {
