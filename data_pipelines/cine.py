@@ -1,0 +1,1149 @@
+"""Cine data path: raw cine series -> prepared tfds dataset -> deterministic (B, T, ...) batches.
+
+The input of the temporal VAE-classifier (Clough et al.; /specs/interpretability.md: T frames of
+the 3 central short-axis slices, LV blood-pool volume curve) and of the 3D diffusion
+autoencoder (/specs/diffae3d.md "Input": a cine as a (T, H, W) volume, long-axis 4-chamber view
+cropped around the heart from the temporal-variance mask, per-volume min-max to [-1, 1]).
+
+Raw layouts (`DATASETS`):
+- "synthetic": the ACDC layout of `data_pipelines.synthetic` (Info.cfg, <s>_4d.nii.gz, labels of
+  every frame <s>_4d_gt.nii.gz, optional 4-chamber <s>_la_4ch.nii.gz). ED from Info.cfg.
+- "ukbb": converted UK Biobank NIfTI, one folder per subject: sa.nii.gz (X, Y, Z, T) short-axis
+  cine, la_4ch.nii.gz (X, Y, 1, T) 4-chamber cine (optional unless the long axis is required),
+  seg_sa.nii.gz (X, Y, Z, T) optional labels of every frame in the UK Biobank convention
+  (LV=1, Myo=2, RV=3; `label_convention`, remapped by `structures.remap_labels`). The series
+  are ECG-triggered, so ED is frame 0 (without labels) or the frame of largest LV volume.
+Every file is read by `acdc.read_nifti` (defensive decoding); every problem of a subject raises
+`InvalidInputError` naming the file, which the preparation records as that subject's reason.
+
+Prepared example (one per subject; batch fields in /briefs/cine_format.md), T = num_frames,
+S = image_size:
+- subject (str), group (int32 index into structures.GROUPS, -1 when unknown, e.g. UK Biobank);
+- sa_image (T, S, S, 3) float32 in [0, 1]: the 3 central short-axis slices (middle of the
+  slices where RV, myocardium and LV all appear at ED) as channels, apex-ward last, after
+  `preprocess.align_slice` (resampled to spacing_mm, LV-centred, rotated to the canonical
+  LV -> RV axis; the ED transform for every frame) and `preprocess.normalize_intensity` between
+  the 1st and 99th percentiles of the subject's three slices over all frames;
+- sa_label (T, S, S, 3) uint8 canonical labels of the same pixels (nearest neighbour);
+- lv_volume_ml (T,) float32: LV blood-pool volume of the whole stack in each frame (the source
+  frame nearest in time, like the labels); NaN without labels;
+- pixel_spacing_mm: in-plane spacing of sa_image/sa_label (= spacing_mm; in batches resized
+  to data.image_size, scaled accordingly); slice_thickness_mm: the source's slice spacing;
+- sa_mid_image (T, S, S, 1) float32 in [-1, 1]: the middle slice of sa_image before
+  normalisation, min-max per volume then (x - 0.5) / 0.5;
+- la_image (T, S, S, 1) float32 in [-1, 1] (when the configuration has the long axis): the
+  4-chamber cine resampled to spacing_mm, an S x S window centred on the bounding box of the
+  largest connected region of pixels whose temporal variance exceeds variance_fraction x its
+  image mean (after morphological opening and closing), min-max per volume, (x - 0.5) / 0.5.
+Time: frames are resampled to T over one cycle starting at ED: source position
+ED + k T_src / T (cyclic), images linearly, labels by the nearest frame.
+
+Preparation (`prepare_cine_dataset`) writes the same files as data_pipelines/prepare.py
+(tfds/ array_record, attributes.csv for labelled subjects, splits.json, report.json last) with
+the same guarantees, reusing its lock, leftovers and report helpers: the per-subject outcomes
+are kept in O/.subjects/subjects/ as soon as computed, so an interrupted run resumes where it
+stopped; a broken subject is "skipped" with its reason. Splits are subject-level, stratified by
+group (`tfds_builders.stratified_split`), fractions configurable.
+
+Batches (`make_data_source(config)`): the training batch at global step k is a pure function of
+(config.seed, k) as in data_pipelines/pipeline.py (same index schedule and augmentation draws:
+`pipeline.train_batch_indices`, `pipeline._augment_transforms`), process p of P keeps rows
+[p B/P, (p+1) B/P). Augmentation (training only, config.data.augment): integer in-plane shifts
+up to max_shift_px, optional zoom, horizontal flip with flip_prob; one map per sequence, applied
+to every frame and to every image field and the labels alike (nearest for labels). Fields are
+resized from the stored size to config.data.image_size when they differ (area averaging when
+shrinking, nearest for labels). Fill outside the shifted image: 0 for [0, 1] images and labels,
+-1 for [-1, 1] images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import traceback
+import uuid
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Optional
+
+import numpy as np
+from scipy import ndimage
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from cardiac_jax import cardiac
+from cardiac_jax import structures
+from data_pipelines import acdc
+from data_pipelines import pipeline
+from data_pipelines import prepare
+from data_pipelines import preprocess
+from data_pipelines import synthetic
+from data_pipelines import tfds_builders
+from data_pipelines.errors import InvalidInputError
+
+DATASETS = ("synthetic", "ukbb")
+VIEWS = ("la_4ch", "sa_mid")
+UKBB_SHORT_AXIS = "sa.nii.gz"
+UKBB_LONG_AXIS = "la_4ch.nii.gz"
+UKBB_SEGMENTATION = "seg_sa.nii.gz"
+NUM_SHORT_AXIS_SLICES = 3
+UNKNOWN_GROUP = -1
+# Bumped when a prepared cine example would differ for the same inputs and configuration.
+FORMAT_VERSION = 1
+# Image fields and their value range: [0, 1] images fill shifted-in pixels with 0, [-1, 1] with -1.
+_UNIT_IMAGES = ("sa_image",)
+_SYMMETRIC_IMAGES = ("sa_mid_image", "la_image")
+_SCALARS = ("pixel_spacing_mm", "slice_thickness_mm")
+# Labels need more pixels than this of each structure at ED on a central slice.
+_MIN_LABEL_PIXELS = 10
+
+
+# ----------------------------------------------------------------------------- configuration
+
+@dataclasses.dataclass(frozen=True)
+class CineConfig:
+  """What decides how a subject's cine becomes a prepared example.
+
+  Attributes:
+    num_frames: T, frames per cycle after temporal resampling from ED.
+    image_size: S, side of the square crops in pixels.
+    spacing_mm: in-plane pixel spacing of the crops.
+    long_axis: store la_image; subjects without a 4-chamber view are then skipped.
+    intensity_percentiles: (low, high) percentiles mapped to 0 and 1 in sa_image.
+    variance_fraction: the heart mask of the 4-chamber crop keeps pixels whose temporal variance
+      exceeds this fraction of the image's mean temporal variance (0.5 in the DiffAE reference).
+  """
+  num_frames: int = 50
+  image_size: int = 80
+  spacing_mm: float = 1.8
+  long_axis: bool = True
+  intensity_percentiles: tuple[float, float] = (1.0, 99.0)
+  variance_fraction: float = 0.5
+
+  def __post_init__(self):
+    if self.num_frames < 2:
+      raise ValueError(f"num_frames must be >= 2, got {self.num_frames}")
+    if self.image_size < 8:
+      raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+    if not self.spacing_mm > 0:
+      raise ValueError(f"spacing_mm must be positive, got {self.spacing_mm}")
+    if not self.variance_fraction > 0:
+      raise ValueError(f"variance_fraction must be positive, got {self.variance_fraction}")
+    low, high = self.intensity_percentiles
+    if not 0 <= low < high <= 100:
+      raise ValueError(f"intensity_percentiles must satisfy 0 <= low < high <= 100, got "
+                       f"{self.intensity_percentiles}")
+    object.__setattr__(self, "intensity_percentiles", (float(low), float(high)))
+    object.__setattr__(self, "spacing_mm", float(self.spacing_mm))
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- reading
+
+@dataclasses.dataclass
+class CineSubject:
+  """One subject's raw cine series, as read.
+
+  cine: (X, Y, Z, T) float32 short-axis stack; labels: (X, Y, Z, T) uint8 canonical or None;
+  spacing_mm: (dx, dy, dz); ed_frame / es_frame: 0-based (es None when unknown);
+  long_axis: (X, Y, T') float32 4-chamber cine or None, with long_axis_spacing_mm (dx, dy) and
+  long_axis_ed_frame (0-based).
+  """
+  subject: str
+  directory: str
+  group: Optional[str]
+  cine: np.ndarray
+  labels: Optional[np.ndarray]
+  spacing_mm: tuple[float, float, float]
+  ed_frame: int
+  es_frame: Optional[int]
+  long_axis: Optional[np.ndarray] = None
+  long_axis_spacing_mm: Optional[tuple[float, float]] = None
+  long_axis_ed_frame: int = 0
+
+
+def _read_cine_volume(path: str, what: str) -> acdc.NiftiVolume:
+  volume = acdc.read_nifti(path)
+  shown = acdc.printable_path(path)
+  if volume.data.ndim != 4:
+    raise InvalidInputError(f"{shown}: expected a (X, Y, Z, T) {what}, got shape "
+                            f"{volume.data.shape}")
+  if volume.data.shape[3] < 2:
+    raise InvalidInputError(f"{shown}: a single-frame series {volume.data.shape}; a cine needs "
+                            "at least 2 frames")
+  return volume
+
+
+def _read_long_axis(path: str) -> acdc.NiftiVolume:
+  volume = _read_cine_volume(path, "4-chamber cine")
+  if volume.data.shape[2] != 1:
+    raise InvalidInputError(f"{acdc.printable_path(path)}: expected one 4-chamber plane "
+                            f"(X, Y, 1, T), got shape {volume.data.shape}")
+  return volume
+
+
+def _read_labels(path: str, reference: acdc.NiftiVolume, reference_path: str,
+                 label_convention: str) -> np.ndarray:
+  volume = _read_cine_volume(path, "label series")
+  shown = acdc.printable_path(path)
+  acdc.check_same_grid(volume, path, reference, reference_path, "label", "cine")
+  if volume.data.shape[3] != reference.data.shape[3]:
+    raise InvalidInputError(f"{shown}: {volume.data.shape[3]} label frames for "
+                            f"{reference.data.shape[3]} cine frames")
+  try:
+    return structures.remap_labels(volume.data, label_convention)
+  except ValueError as e:
+    raise InvalidInputError(f"{shown}: {e}") from None
+
+
+def _lv_volumes_ml(labels: np.ndarray, spacing_mm) -> np.ndarray:
+  """(T,) LV blood-pool volume (ml) of a (X, Y, Z, T) canonical label series."""
+  return synthetic.lv_volume_curve_from_labels(labels, spacing_mm)
+
+
+def read_synthetic_cine(directory: str, label_convention: str = "acdc",
+                        long_axis: bool = True) -> CineSubject:
+  """Reads one subject folder of the ACDC layout with labels for every frame.
+
+  Raises InvalidInputError naming the file: Info.cfg, <s>_4d.nii.gz, <s>_4d_gt.nii.gz missing or
+  broken, grids that differ, fewer frames than Info.cfg's ED/ES; a broken <s>_la_4ch.nii.gz
+  (only read when `long_axis`).
+  """
+  subject = os.path.basename(os.path.normpath(directory))
+  info = acdc.parse_info_cfg(os.path.join(directory, "Info.cfg"))
+  cine_path = os.path.join(directory, f"{subject}_4d.nii.gz")
+  cine = _read_cine_volume(cine_path, "cine")
+  if cine.data.shape[3] < max(info.ed_frame, info.es_frame):
+    raise InvalidInputError(f"{acdc.printable_path(cine_path)}: only {cine.data.shape[3]} "
+                            f"frames, but ED/ES are {info.ed_frame}/{info.es_frame}")
+  labels = _read_labels(os.path.join(directory, f"{subject}_4d_gt.nii.gz"), cine, cine_path,
+                        label_convention)
+  result = CineSubject(subject=subject, directory=directory, group=info.group, cine=cine.data,
+                       labels=labels, spacing_mm=cine.spacing_mm, ed_frame=info.ed_frame - 1,
+                       es_frame=info.es_frame - 1)
+  la_path = os.path.join(directory, f"{subject}_{synthetic.LONG_AXIS_4CH}.nii.gz")
+  if long_axis and os.path.lexists(la_path):
+    la = _read_long_axis(la_path)
+    if la.data.shape[3] != cine.data.shape[3]:
+      raise InvalidInputError(f"{acdc.printable_path(la_path)}: {la.data.shape[3]} frames, the "
+                              f"short-axis cine has {cine.data.shape[3]}")
+    result.long_axis = la.data[:, :, 0, :]
+    result.long_axis_spacing_mm = la.spacing_mm[:2]
+    result.long_axis_ed_frame = info.ed_frame - 1
+  return result
+
+
+def read_ukbb_cine(directory: str, label_convention: str = "ukbb",
+                   long_axis: bool = True) -> CineSubject:
+  """Reads one converted UK Biobank subject folder (sa.nii.gz, la_4ch.nii.gz, seg_sa.nii.gz).
+
+  ED is the frame of largest LV volume when seg_sa.nii.gz is present (ES the smallest), else
+  frame 0 (the series are triggered on the R wave). The group is unknown.
+
+  Raises InvalidInputError naming the file: sa.nii.gz missing or not a cine; seg_sa.nii.gz on
+  another grid, with another frame count or label values outside `label_convention`, or
+  without LV voxels; la_4ch.nii.gz broken (only read when `long_axis`).
+  """
+  subject = acdc.printable_path(os.path.basename(os.path.normpath(directory)))
+  sa_path = os.path.join(directory, UKBB_SHORT_AXIS)
+  cine = _read_cine_volume(sa_path, "short-axis cine")
+  labels, ed, es = None, 0, None
+  seg_path = os.path.join(directory, UKBB_SEGMENTATION)
+  if os.path.lexists(seg_path):
+    labels = _read_labels(seg_path, cine, sa_path, label_convention)
+    volumes = _lv_volumes_ml(labels, cine.spacing_mm)
+    if not volumes.max() > 0:
+      raise InvalidInputError(f"{acdc.printable_path(seg_path)}: no LV blood-pool voxels in any "
+                              "frame")
+    ed, es = int(np.argmax(volumes)), int(np.argmin(volumes))
+  result = CineSubject(subject=subject, directory=directory, group=None, cine=cine.data,
+                       labels=labels, spacing_mm=cine.spacing_mm, ed_frame=ed, es_frame=es)
+  la_path = os.path.join(directory, UKBB_LONG_AXIS)
+  if long_axis and os.path.lexists(la_path):
+    la = _read_long_axis(la_path)
+    result.long_axis = la.data[:, :, 0, :]
+    result.long_axis_spacing_mm = la.spacing_mm[:2]
+    # The same trigger: ED is the first frame of the 4-chamber series as well.
+    result.long_axis_ed_frame = 0
+  return result
+
+
+def find_cine_subjects(root: str, dataset: str) -> tuple[list[tuple[str, str]],
+                                                        list[tuple[str, str, str]]]:
+  """([(subject, directory)], [(name, directory, reason)]) of a raw cohort of `dataset`."""
+  if dataset == "synthetic":
+    refs, rejected = acdc.find_subjects(root)
+    return ([(r.subject, r.directory) for r in refs],
+            [(r.name, r.directory, r.reason) for r in rejected])
+  if dataset != "ukbb":
+    raise ValueError(f"unknown cine dataset {dataset!r}; known: {DATASETS}")
+  if not os.path.isdir(root):
+    raise InvalidInputError(f"{acdc.printable_path(root)}: cohort directory does not exist")
+  found, rejected = [], []
+  for name in sorted(os.listdir(root)):
+    path = os.path.join(root, name)
+    if name.startswith(".") or not os.path.isdir(path):
+      continue
+    shown = acdc.printable_path(name)
+    if shown != name:
+      rejected.append((shown, acdc.printable_path(path),
+                       f"{acdc.printable_path(path)}: folder name is not valid UTF-8 text"))
+    else:
+      found.append((name, path))
+  return found, rejected
+
+
+def read_cine_subject(directory: str, dataset: str, long_axis: bool = True) -> CineSubject:
+  """The reader of `dataset` ("synthetic" or "ukbb") applied to one subject folder."""
+  if dataset == "synthetic":
+    return read_synthetic_cine(directory, long_axis=long_axis)
+  if dataset == "ukbb":
+    return read_ukbb_cine(directory, long_axis=long_axis)
+  raise ValueError(f"unknown cine dataset {dataset!r}; known: {DATASETS}")
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+def resampled_frame_positions(num_source_frames: int, ed_frame: int,
+                              num_frames: int) -> np.ndarray:
+  """(T,) source-frame positions (float, in [0, T_src)) of the T output frames from ED."""
+  return (ed_frame + np.arange(num_frames) * (num_source_frames / num_frames)) % (
+      num_source_frames)
+
+
+def resample_time(series: np.ndarray, ed_frame: int, num_frames: int,
+                  nearest: bool = False) -> np.ndarray:
+  """Resamples the last (time) axis of `series` to `num_frames` over one cycle from ED.
+
+  Images: linear interpolation between the neighbouring frames, cyclic (the last frame is
+  followed by the first). Labels (`nearest`): the nearest frame.
+  """
+  count = series.shape[-1]
+  positions = resampled_frame_positions(count, ed_frame, num_frames)
+  if nearest:
+    return np.take(series, np.rint(positions).astype(int) % count, axis=-1)
+  lower = np.floor(positions).astype(int)
+  weight = (positions - lower).astype(np.float32)
+  before = np.take(series, lower % count, axis=-1).astype(np.float32)
+  after = np.take(series, (lower + 1) % count, axis=-1).astype(np.float32)
+  return before + weight * (after - before)
+
+
+def central_slices(labels_ed: Optional[np.ndarray], num_slices: int) -> np.ndarray:
+  """Indices of the 3 central short-axis slices: around the middle of the slices where RV,
+  myocardium and LV all appear at ED (the middle of the stack without labels)."""
+  if num_slices < NUM_SHORT_AXIS_SLICES:
+    raise InvalidInputError(f"the stack has {num_slices} slices; {NUM_SHORT_AXIS_SLICES} "
+                            "are needed")
+  if labels_ed is None:
+    middle = num_slices // 2
+  else:
+    usable = preprocess.usable_slices(labels_ed, _MIN_LABEL_PIXELS)
+    if usable.size == 0:
+      raise InvalidInputError(f"no slice has more than {_MIN_LABEL_PIXELS} pixels of each of "
+                              "RV, myocardium and LV at ED")
+    middle = int(usable[len(usable) // 2])
+  middle = int(np.clip(middle, 1, num_slices - 2))
+  return np.array([middle - 1, middle, middle + 1])
+
+
+def heart_mask(planes: np.ndarray, variance_fraction: float = 0.5) -> np.ndarray:
+  """(X, Y) bool mask of the beating heart in a (X, Y, T) cine (DiffAE reference crop).
+
+  Pixels whose temporal variance exceeds `variance_fraction` times the image's mean temporal
+  variance, cleaned by a binary opening and closing (noise specks, thin gaps), largest
+  connected component. Raises InvalidInputError when nothing moves.
+  """
+  variance = planes.astype(np.float64).var(axis=-1)
+  mask = variance > variance_fraction * variance.mean()
+  mask = ndimage.binary_opening(mask, iterations=2)
+  mask = ndimage.binary_closing(mask, iterations=2)
+  components, count = ndimage.label(mask)
+  if count == 0:
+    raise InvalidInputError("no region of the cine changes over time: cannot find the heart")
+  sizes = np.bincount(components.ravel())[1:]
+  return components == (int(np.argmax(sizes)) + 1)
+
+
+def heart_crop_centre(planes: np.ndarray, variance_fraction: float = 0.5) -> tuple[int, int]:
+  """(row, col) pixel centre of the bounding box of `heart_mask` of a (X, Y, T) cine."""
+  rows, cols = np.nonzero(heart_mask(planes, variance_fraction))
+  return (int(round((rows.min() + rows.max()) / 2.0)),
+          int(round((cols.min() + cols.max()) / 2.0)))
+
+
+def crop_around(planes: np.ndarray, centre: tuple[int, int], size: int,
+                fill: float = 0.0) -> np.ndarray:
+  """(size, size, C) window of (X, Y, C) planes whose pixel (size // 2, size // 2) is
+  `centre`; parts outside the planes are `fill`."""
+  out = np.full((size, size) + planes.shape[2:], fill, dtype=planes.dtype)
+  start = np.asarray(centre) - size // 2
+  src_lo = np.maximum(start, 0)
+  src_hi = np.minimum(start + size, planes.shape[:2])
+  if np.any(src_hi <= src_lo):
+    return out
+  dst_lo = src_lo - start
+  dst_hi = dst_lo + (src_hi - src_lo)
+  out[dst_lo[0]:dst_hi[0], dst_lo[1]:dst_hi[1]] = planes[src_lo[0]:src_hi[0],
+                                                        src_lo[1]:src_hi[1]]
+  return out
+
+
+def to_symmetric_range(volume: np.ndarray, what: str) -> np.ndarray:
+  """Per-volume min-max to [0, 1], then (x - 0.5) / 0.5: float32 in [-1, 1]."""
+  low, high = float(volume.min()), float(volume.max())
+  if not high > low:
+    raise InvalidInputError(f"the {what} is constant ({low}); cannot normalise")
+  unit = (volume.astype(np.float32) - np.float32(low)) / np.float32(high - low)
+  return np.clip((unit - 0.5) / 0.5, -1.0, 1.0).astype(np.float32)
+
+
+def _short_axis_fields(subject: CineSubject, config: CineConfig) -> dict[str, np.ndarray]:
+  """sa_image, sa_label, sa_mid_image, lv_volume_ml of one subject (module docstring)."""
+  t_out, size = config.num_frames, config.image_size
+  nx, ny, nz, _ = subject.cine.shape
+  labels = subject.labels
+  zs = central_slices(None if labels is None else labels[..., subject.ed_frame], nz)
+  # (X, Y, 3, T) -> (X, Y, T, 3) -> (X, Y, T * 3): channel t * 3 + k.
+  images = resample_time(subject.cine[:, :, zs, :], subject.ed_frame, t_out)
+  images = images.transpose(0, 1, 3, 2)
+  low, high = preprocess.intensity_window(images, config.intensity_percentiles)
+  prep = preprocess.PreprocessConfig(image_size=size, spacing_mm=config.spacing_mm)
+  if labels is not None:
+    label_series = resample_time(labels[:, :, zs, :], subject.ed_frame, t_out, nearest=True)
+    label_series = label_series.transpose(0, 1, 3, 2)
+    # align_slice takes its transform from label channel 0: put the ED middle slice first.
+    order = np.array([1, 0, 2])
+    flat_images = images[..., order].reshape(nx, ny, -1)
+    flat_labels = label_series[..., order].reshape(nx, ny, -1)
+    aligned, aligned_labels = preprocess.align_slice(flat_images, flat_labels,
+                                                     subject.spacing_mm, prep)
+    back = np.argsort(order)
+    aligned = aligned.reshape(size, size, t_out, 3)[..., back]
+    aligned_labels = aligned_labels.reshape(size, size, t_out, 3)[..., back]
+    volumes = _lv_volumes_ml(labels, subject.spacing_mm)
+    positions = resampled_frame_positions(labels.shape[3], subject.ed_frame, t_out)
+    lv_volume = volumes[np.rint(positions).astype(int) % labels.shape[3]]
+  else:
+    # No labels: resample to the output spacing and centre the window on the moving heart.
+    resampled = preprocess.resample_in_plane(images.reshape(nx, ny, -1), subject.spacing_mm,
+                                             config.spacing_mm, order=1)
+    centre = heart_crop_centre(resampled.reshape(*resampled.shape[:2], t_out, 3)[..., 1],
+                               config.variance_fraction)
+    aligned = crop_around(resampled, centre, size).reshape(size, size, t_out, 3)
+    aligned_labels = np.zeros(aligned.shape, np.uint8)
+    lv_volume = np.full(t_out, np.nan)
+  sa_image = preprocess.normalize_intensity(aligned, low, high)
+  return {
+      "sa_image": np.ascontiguousarray(sa_image.transpose(2, 0, 1, 3)),
+      "sa_label": np.ascontiguousarray(aligned_labels.transpose(2, 0, 1, 3)).astype(np.uint8),
+      "sa_mid_image": to_symmetric_range(
+          np.ascontiguousarray(aligned[..., 1].transpose(2, 0, 1))[..., None],
+          "mid-ventricular short-axis cine"),
+      "lv_volume_ml": lv_volume.astype(np.float32),
+  }
+
+
+def _long_axis_field(subject: CineSubject, config: CineConfig) -> np.ndarray:
+  """la_image (T, S, S, 1) of one subject (module docstring)."""
+  series = resample_time(subject.long_axis, subject.long_axis_ed_frame, config.num_frames)
+  resampled = preprocess.resample_in_plane(series, subject.long_axis_spacing_mm,
+                                           config.spacing_mm, order=1)
+  centre = heart_crop_centre(resampled, config.variance_fraction)
+  window = crop_around(resampled, centre, config.image_size)
+  return to_symmetric_range(np.ascontiguousarray(window.transpose(2, 0, 1))[..., None],
+                            "4-chamber cine")
+
+
+def preprocess_cine(subject: CineSubject, config: CineConfig) -> dict[str, Any]:
+  """The prepared example of one subject (fields in the module docstring).
+
+  Raises InvalidInputError (without a file name; the caller adds it) when the subject cannot
+  be prepared: too few slices, no slice with every structure, a constant image, no 4-chamber
+  view although `config.long_axis`.
+  """
+  example = {
+      "subject": subject.subject,
+      "group": np.int32(structures.GROUP_INDEX[subject.group] if subject.group is not None
+                        else UNKNOWN_GROUP),
+      **_short_axis_fields(subject, config),
+      "pixel_spacing_mm": np.float32(config.spacing_mm),
+      "slice_thickness_mm": np.float32(subject.spacing_mm[2]),
+  }
+  if config.long_axis:
+    if subject.long_axis is None:
+      raise InvalidInputError("no 4-chamber long-axis cine, which this preparation requires")
+    example["la_image"] = _long_axis_field(subject, config)
+  return example
+
+
+# ----------------------------------------------------------------------------- one subject
+
+def _subject_attributes(subject: CineSubject) -> Optional[dict[str, float]]:
+  """Whole-heart measurements at ED and ES (`cardiac.subject_attributes`), None without
+  labels; InvalidInputError when they cannot be measured."""
+  if subject.labels is None or subject.es_frame is None:
+    return None
+  try:
+    attributes = cardiac.subject_attributes(subject.labels[..., subject.ed_frame],
+                                            subject.labels[..., subject.es_frame],
+                                            subject.spacing_mm)
+  except ValueError as e:
+    raise InvalidInputError(f"cannot measure the heart: {e}") from None
+  bad = [name for name, value in attributes.items() if not np.isfinite(value)]
+  if bad:
+    raise InvalidInputError(f"non-finite measurements {bad}")
+  return attributes
+
+
+def prepare_subject(directory: str, dataset: str,
+                    config: CineConfig) -> tfds_builders.SubjectOutcome:
+  """Reads and preprocesses one subject; InvalidInputError names the folder or file."""
+  subject = read_cine_subject(directory, dataset, long_axis=config.long_axis)
+  shown = acdc.printable_path(directory)
+  try:
+    attributes = _subject_attributes(subject)
+    example = preprocess_cine(subject, config)
+  except InvalidInputError as e:
+    raise InvalidInputError(f"{shown}: {e}") from None
+  return tfds_builders.SubjectOutcome(
+      subject=subject.subject, directory=shown, status="prepared",
+      group=subject.group, ed_frame=subject.ed_frame + 1,
+      es_frame=None if subject.es_frame is None else subject.es_frame + 1,
+      attributes=attributes, example=example)
+
+
+def run_subject(subject: str, directory: str, dataset: str,
+                config: CineConfig) -> tfds_builders.SubjectOutcome:
+  """`prepare_subject` that never raises: a failure is a "skipped" outcome with the reason.
+
+  Unexpected exceptions are recorded with type, message and innermost frame, and marked so the
+  outcome is not cached (a rerun tries again). KeyboardInterrupt still stops.
+  """
+  try:
+    return prepare_subject(directory, dataset, config)
+  except InvalidInputError as e:
+    reason, unexpected = str(e), False
+  except Exception as e:  # pylint: disable=broad-except
+    where = traceback.extract_tb(e.__traceback__)[-1]
+    reason = (f"{directory}: unexpected {type(e).__name__}: {e} "
+              f"(at {where.filename}:{where.lineno})")
+    unexpected = True
+  return tfds_builders.SubjectOutcome(
+      subject=subject, directory=acdc.printable_path(directory), status="skipped",
+      reason=acdc.printable_path(reason), unexpected=unexpected)
+
+
+# ----------------------------------------------------------------------------- work area
+
+def _array_fields(config: CineConfig) -> tuple[str, ...]:
+  names = ("sa_image", "sa_label", "sa_mid_image", "lv_volume_ml")
+  return names + (("la_image",) if config.long_axis else ())
+
+
+def save_outcome(cache_dir: str, outcome: tfds_builders.SubjectOutcome, config: CineConfig,
+                 key: str, fingerprint: str) -> None:
+  """Writes one outcome to cache_dir/<subject>.npz (temporary name, then rename); its metadata
+  is what `tfds_builders.load_outcome` reads back."""
+  meta = {"subject": outcome.subject, "directory": outcome.directory, "status": outcome.status,
+          "reason": outcome.reason, "group": outcome.group, "ed_frame": outcome.ed_frame,
+          "es_frame": outcome.es_frame, "attributes": outcome.attributes, "key": key,
+          "fingerprint": fingerprint}
+  arrays = {"meta": np.array(json.dumps(meta))}
+  if outcome.status == "prepared":
+    example = outcome.example
+    arrays.update({name: example[name] for name in _array_fields(config)})
+    arrays.update(group_index=np.int32(example["group"]),
+                  **{name: np.float32(example[name]) for name in _SCALARS})
+  os.makedirs(cache_dir, exist_ok=True)
+  final = tfds_builders.cache_path(cache_dir, outcome.subject)
+  temporary = f"{final}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+  assert tfds_builders.is_cache_temporary(temporary)
+  try:
+    with open(temporary, "wb") as f:
+      np.savez(f, **arrays)
+    os.replace(temporary, final)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+
+
+def load_example(cache_dir: str, subject: str, config: CineConfig) -> dict[str, Any]:
+  """The prepared example of `subject` from the work area."""
+  path = tfds_builders.cache_path(cache_dir, subject)
+  try:
+    with np.load(path, allow_pickle=False) as cached:
+      example = {name: cached[name] for name in _array_fields(config)}
+      example["group"] = np.int32(cached["group_index"])
+      example.update({name: np.float32(cached[name]) for name in _SCALARS})
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    raise InvalidInputError(f"{path}: the work-area file of {subject} is gone or unreadable "
+                            f"({type(e).__name__}: {e}); rerun the preparation") from None
+  example["subject"] = subject
+  return example
+
+
+# ----------------------------------------------------------------------------- tfds builder
+
+@dataclasses.dataclass(eq=False)
+class CineBuilderConfig(tfds.core.BuilderConfig):
+  """A prepared cine configuration: raw layout, preprocessing and subject split."""
+  dataset: str = "synthetic"
+  cine: CineConfig = CineConfig()
+  split_seed: int = 0
+  split_fractions: tuple[float, float, float] = tfds_builders.DEFAULT_SPLIT_FRACTIONS
+
+  def to_dict(self) -> dict:
+    return {"dataset": self.dataset, "cine": self.cine.to_dict(), "split_seed": self.split_seed,
+            "split_fractions": list(self.split_fractions)}
+
+
+def make_builder_config(dataset: str, cine_config: CineConfig, split_seed: int = 0,
+                        split_fractions=tfds_builders.DEFAULT_SPLIT_FRACTIONS,
+                        ) -> CineBuilderConfig:
+  """A CineBuilderConfig named after its values (tfds keeps one directory per name)."""
+  if dataset not in DATASETS:
+    raise ValueError(f"unknown cine dataset {dataset!r}; known: {DATASETS}")
+  fractions = tuple(float(f) for f in split_fractions)
+  if len(fractions) != 3 or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
+    raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got "
+                     f"{fractions}")
+  config = CineBuilderConfig(name="pending", dataset=dataset, cine=cine_config,
+                             split_seed=int(split_seed), split_fractions=fractions)
+  text = json.dumps({"format_version": FORMAT_VERSION, **config.to_dict()}, sort_keys=True)
+  digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+  config.name = (f"{dataset}_t{cine_config.num_frames}_s{cine_config.image_size}_"
+                 f"{cine_config.spacing_mm:g}mm_{'la' if cine_config.long_axis else 'sa'}_"
+                 f"{digest}")
+  config.description = text
+  return config
+
+
+def cine_features(config: CineConfig) -> tfds.features.FeaturesDict:
+  """The FeaturesDict of one prepared cine subject."""
+  t, s = config.num_frames, config.image_size
+  features = {
+      "subject": tfds.features.Text(),
+      "group": tfds.features.Scalar(dtype=np.int32),
+      "sa_image": tfds.features.Tensor(shape=(t, s, s, NUM_SHORT_AXIS_SLICES), dtype=np.float32),
+      "sa_label": tfds.features.Tensor(shape=(t, s, s, NUM_SHORT_AXIS_SLICES), dtype=np.uint8),
+      "sa_mid_image": tfds.features.Tensor(shape=(t, s, s, 1), dtype=np.float32),
+      "lv_volume_ml": tfds.features.Tensor(shape=(t,), dtype=np.float32),
+      "pixel_spacing_mm": tfds.features.Scalar(dtype=np.float32),
+      "slice_thickness_mm": tfds.features.Scalar(dtype=np.float32),
+  }
+  if config.long_axis:
+    features["la_image"] = tfds.features.Tensor(shape=(t, s, s, 1), dtype=np.float32)
+  return tfds.features.FeaturesDict(features)
+
+
+class CardiacCine(tfds.core.GeneratorBasedBuilder):
+  """Raw cine cohort (synthetic ACDC layout or converted UK Biobank) -> one cine per subject.
+
+  manual_dir is the raw cohort root. Subjects are prepared in `_split_generators` (the split is
+  stratified over the subjects actually prepared), each outcome cached in `subject_cache_dir`
+  and reused when its configuration key and input fingerprint match, so an interrupted
+  preparation resumes. After `download_and_prepare`: `outcomes`, `split_assignment`,
+  `num_reused`.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Short-axis (3 slices + labels) and 4-chamber cines, T frames."}
+  BUILDER_CONFIGS = []
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Pass the raw cohort root as manual_dir: a synthetic cohort written by
+  `data_pipelines.synthetic.synthesize_cohort(..., long_axis_4ch=True)`, or a folder of
+  converted UK Biobank subjects (<id>/sa.nii.gz, la_4ch.nii.gz, seg_sa.nii.gz).
+  """
+
+  def __init__(self, *, subject_cache_dir: Optional[str] = None, **kwargs):
+    super().__init__(**kwargs)
+    self.subject_cache_dir = subject_cache_dir
+    self.outcomes: list[tfds_builders.SubjectOutcome] = []
+    self.split_assignment: dict[str, list[str]] = {}
+    self.num_reused = 0
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=("Cine MRI per subject: 3 central short-axis slices with labels, the "
+                     "mid-ventricular slice and the 4-chamber view, resampled to T frames "
+                     "from ED, LV volume curve."),
+        features=cine_features(self.builder_config.cine))
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    config: CineBuilderConfig = self.builder_config
+    manual_dir = str(dl_manager.manual_dir)
+    found, rejected = find_cine_subjects(manual_dir, config.dataset)
+    if not found:
+      raise InvalidInputError(f"{acdc.printable_path(manual_dir)}: no subject folders found "
+                              f"for the {config.dataset!r} layout")
+    cache_dir = self.subject_cache_dir or os.path.join(str(dl_manager.download_dir),
+                                                       "subjects")
+    self._cache_dir = cache_dir
+    key = hashlib.sha256(config.description.encode()).hexdigest()[:16]
+    self.outcomes, self.num_reused = [], 0
+    for subject, directory in found:
+      fingerprint = tfds_builders.input_fingerprint(directory)
+      outcome = tfds_builders.load_outcome(cache_dir, subject, key, fingerprint)
+      if outcome is not None:
+        self.num_reused += 1
+      else:
+        outcome = run_subject(subject, directory, config.dataset, config.cine)
+        if not outcome.unexpected:
+          save_outcome(cache_dir, outcome, config.cine, key, fingerprint)
+        outcome.example = None
+      self.outcomes.append(outcome)
+    self.outcomes.extend(tfds_builders.SubjectOutcome(
+        subject=name, directory=directory, status="skipped", reason=reason)
+        for name, directory, reason in rejected)
+    prepared = {o.subject: o for o in self.outcomes if o.status == "prepared"}
+    if not prepared:
+      reasons = "\n  ".join(f"{o.subject}: {o.reason}" for o in self.outcomes[:10])
+      raise InvalidInputError(
+          f"{acdc.printable_path(manual_dir)}: none of the {len(self.outcomes)} subjects could "
+          f"be prepared. First reasons:\n  {reasons}")
+    self.split_assignment = tfds_builders.stratified_split(
+        {s: o.group or "unknown" for s, o in prepared.items()}, config.split_fractions,
+        config.split_seed)
+    return {split: self._generate_examples(subjects)
+            for split, subjects in self.split_assignment.items() if subjects}
+
+  def _generate_examples(self, subjects):
+    config: CineBuilderConfig = self.builder_config
+    for subject in subjects:
+      yield subject, load_example(self._cache_dir, subject, config.cine)
+
+
+# ----------------------------------------------------------------------------- prepare driver
+
+def _requested_config(input_dir: str, builder_config: CineBuilderConfig) -> dict:
+  config = {"format_version": FORMAT_VERSION, "format": "cine",
+            "input_dir": os.path.abspath(input_dir), **builder_config.to_dict()}
+  return json.loads(json.dumps(config))
+
+
+def prepare_cine_dataset(input_dir: str, output_dir: str, config: Optional[CineConfig] = None,
+                         *, dataset: str = "synthetic", split_seed: int = 0,
+                         split_fractions=tfds_builders.DEFAULT_SPLIT_FRACTIONS,
+                         verbose: bool = False) -> dict:
+  """Prepares the raw cine cohort in `input_dir` into `output_dir`; returns report.json.
+
+  Same outputs and guarantees as `prepare.prepare_dataset` (atomic, resumable per subject,
+  idempotent, one preparing process per output directory under a lock): O/tfds,
+  O/attributes.csv (labelled subjects), O/splits.json, O/report.json (every subject "prepared"
+  with its split, or "skipped" with the reason; `resumed_subjects` counts the outcomes taken
+  from an interrupted run; `seconds_per_subject` the preparation time of the others).
+
+  Raises:
+    InvalidInputError: input_dir missing, or no subject could be prepared.
+    FileExistsError: output_dir holds another preparation or unrelated files.
+  """
+  start = time.time()
+  if not os.path.isdir(input_dir):
+    raise InvalidInputError(f"{acdc.printable_path(input_dir)}: input directory does not exist")
+  builder_config = make_builder_config(dataset, config or CineConfig(), split_seed,
+                                       split_fractions)
+  requested = _requested_config(input_dir, builder_config)
+  report = prepare._finished_report(output_dir, requested)  # pylint: disable=protected-access
+  if report is not None:
+    return report
+  prepare._refuse_foreign(output_dir)  # pylint: disable=protected-access
+  os.makedirs(output_dir, exist_ok=True)
+  with prepare._exclusive_lock(output_dir, verbose):  # pylint: disable=protected-access
+    report = prepare._finished_report(output_dir, requested)  # pylint: disable=protected-access
+    if report is not None:
+      return report
+    prepare._refuse_foreign(output_dir)  # pylint: disable=protected-access
+    report = _prepare_locked(input_dir, output_dir, builder_config, requested, start)
+  if verbose:
+    counts = report["counts"]
+    print(f"prepared {counts['prepared']} of {counts['found']} cine subjects into {output_dir} "
+          f"in {report['seconds']:.1f} s ({counts['skipped']} skipped)")
+    for entry in report["subjects"]:
+      if entry["status"] == "skipped":
+        print(f"  skipped {entry['subject']}: {entry['reason']}")
+  return report
+
+
+def _prepare_locked(input_dir: str, output_dir: str, builder_config: CineBuilderConfig,
+                    requested: dict, start: float) -> dict:
+  """The preparation itself; the caller holds the lock and has checked output_dir."""
+  # pylint: disable=protected-access
+  prepare._clear_own_leftovers(output_dir)
+  work = os.path.join(output_dir, prepare.WORK_DIR)
+  os.makedirs(work, exist_ok=True)
+  prepare._write_json(os.path.join(work, "config.json"), requested)
+  staging = os.path.join(output_dir, f".staging-{uuid.uuid4().hex[:12]}")
+  os.makedirs(staging)
+  try:
+    builder = CardiacCine(config=builder_config,
+                          data_dir=os.path.join(staging, prepare.TFDS_DIR),
+                          file_format="array_record",
+                          subject_cache_dir=os.path.join(work, "subjects"))
+    builder.download_and_prepare(
+        download_dir=os.path.join(staging, "downloads"),
+        download_config=tfds.download.DownloadConfig(manual_dir=input_dir))
+    outcomes = builder.outcomes
+    prepare._write_attributes_csv(os.path.join(staging, prepare.ATTRIBUTES),
+                                  [o for o in outcomes if o.attributes is not None])
+    prepare._write_json(os.path.join(staging, prepare.SPLITS), {
+        "seed": builder_config.split_seed, "fractions": list(builder_config.split_fractions),
+        **{split: builder.split_assignment.get(split, []) for split in tfds_builders.SPLITS}})
+    split_of = {s: split for split, subjects in builder.split_assignment.items()
+                for s in subjects}
+    num_prepared = sum(o.status == "prepared" for o in outcomes)
+    seconds = time.time() - start
+    computed = max(1, len(outcomes) - builder.num_reused)
+    report = {
+        "config": requested,
+        "tfds_dir": os.path.relpath(str(builder.data_dir), staging),
+        "counts": {"found": len(outcomes), "prepared": num_prepared,
+                   "skipped": len(outcomes) - num_prepared,
+                   **{split: len(builder.split_assignment.get(split, []))
+                      for split in tfds_builders.SPLITS}},
+        "subjects": [{"subject": o.subject, "directory": o.directory, "status": o.status,
+                      **({"split": split_of[o.subject], "group": o.group}
+                         if o.status == "prepared" else {"reason": o.reason})}
+                     for o in outcomes],
+        "resumed_subjects": builder.num_reused,
+        "seconds": round(seconds, 2),
+        "seconds_per_subject": round(seconds / computed, 3),
+    }
+    for name in (prepare.TFDS_DIR, prepare.SPLITS, prepare.ATTRIBUTES):
+      os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    prepare._write_json(os.path.join(staging, prepare.REPORT), report)
+    os.replace(os.path.join(staging, prepare.REPORT), os.path.join(output_dir, prepare.REPORT))
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  shutil.rmtree(work, ignore_errors=True)
+  return report
+
+
+# ----------------------------------------------------------------------------- config
+
+# Data-config fields with their defaults where a config (e.g. one built on base.py's data
+# section) leaves them out; experiments/configs/cine_data.py defines every field.
+_OPTIONAL_FIELDS = {
+    "view": "la_4ch",
+    "split": tfds_builders.DEFAULT_SPLIT_FRACTIONS,
+    "eval_split": "val",
+    "prepare.long_axis": True,
+    "prepare.intensity_percentiles": (1.0, 99.0),
+    "prepare.heart_variance_fraction": 0.5,
+}
+
+
+def data_field(data_config, dotted_name: str) -> Any:
+  """config.data.<dotted_name>, the default of `_OPTIONAL_FIELDS` when absent; a ValueError
+  naming the field when it is required."""
+  value = data_config
+  for part in dotted_name.split("."):
+    if isinstance(value, Mapping) and part in value:
+      value = value[part]
+    elif not isinstance(value, Mapping) and hasattr(value, part):
+      value = getattr(value, part)
+    elif dotted_name in _OPTIONAL_FIELDS:
+      return _OPTIONAL_FIELDS[dotted_name]
+    else:
+      raise ValueError(f"the cine data config has no field {dotted_name!r} (see "
+                       "experiments/configs/cine_data.py for every field)")
+  return value
+
+
+def cine_config_from(data_config) -> CineConfig:
+  """The CineConfig of a data config (prepare.* fields and num_frames)."""
+  view = data_field(data_config, "view")
+  if view not in VIEWS:
+    raise ValueError(f"data.view must be one of {VIEWS}, got {view!r}")
+  long_axis = bool(data_field(data_config, "prepare.long_axis"))
+  if view == "la_4ch" and not long_axis:
+    raise ValueError("data.view='la_4ch' needs data.prepare.long_axis=True")
+  return CineConfig(
+      num_frames=int(data_field(data_config, "num_frames")),
+      image_size=int(data_field(data_config, "prepare.image_size")),
+      spacing_mm=float(data_field(data_config, "prepare.spacing_mm")),
+      long_axis=long_axis,
+      intensity_percentiles=tuple(data_field(data_config, "prepare.intensity_percentiles")),
+      variance_fraction=float(data_field(data_config, "prepare.heart_variance_fraction")))
+
+
+def _cache_root(data_config) -> str:
+  return os.path.abspath(os.path.expanduser(
+      data_field(data_config, "cache_dir") or os.environ.get("CARDIAC_JAX_CACHE", "")
+      or "~/.cache/cardiac_jax"))
+
+
+def synthetic_raw_dir(data_config) -> str:
+  """<cache>/synthetic/n<N>_seed<S>/raw: the raw synthetic cohort, shared with the slice data."""
+  return os.path.join(_cache_root(data_config), "synthetic",
+                      f"n{int(data_field(data_config, 'synthetic.num_subjects'))}_seed"
+                      f"{int(data_field(data_config, 'synthetic.seed'))}", "raw")
+
+
+def prepared_cine_dir(config, *, create: bool = True, num_workers: Optional[int] = None) -> str:
+  """The prepared cine dataset of `config` (config.data), generating and preparing it if needed.
+
+  - dataset "synthetic": the cohort of data.synthetic.{num_subjects, seed} in
+    `synthetic_raw_dir` (the same raw cohort as the slice data; generated with the 4-chamber
+    view, which is added to an existing cohort without rewriting its other files), prepared
+    into <cache>/synthetic/n<N>_seed<S>/cine/<configuration name>;
+  - dataset "ukbb": data.source_dir prepared into <cache>/ukbb/<hash of path>/cine/<name>;
+  - dataset "prepared": data.prepared_dir as it is.
+  data.prepared_dir, when set, is the output directory of the first two.
+  """
+  data = config.data
+  dataset = data_field(data, "dataset")
+  if dataset == "prepared":
+    if not data_field(data, "prepared_dir"):
+      raise ValueError("data.dataset='prepared' needs data.prepared_dir=DIR")
+    return os.path.abspath(data_field(data, "prepared_dir"))
+  if dataset not in DATASETS:
+    raise ValueError(f"unknown data.dataset {dataset!r} for cine data (synthetic, ukbb or "
+                     "prepared)")
+  cine_config = cine_config_from(data)
+  split_seed = int(data_field(data, "prepare.split_seed"))
+  fractions = tuple(float(f) for f in data_field(data, "split"))
+  name = make_builder_config(dataset, cine_config, split_seed, fractions).name
+  if dataset == "synthetic":
+    raw = synthetic_raw_dir(data)
+    out = os.path.join(os.path.dirname(raw), "cine", name)
+  else:
+    if not data_field(data, "source_dir"):
+      raise ValueError("data.dataset='ukbb' needs data.source_dir=<folder of subject folders>")
+    raw = os.path.abspath(data_field(data, "source_dir"))
+    digest = hashlib.sha1(raw.encode()).hexdigest()[:10]
+    out = os.path.join(_cache_root(data), "ukbb", digest, "cine", name)
+  if data_field(data, "prepared_dir"):
+    out = os.path.abspath(data_field(data, "prepared_dir"))
+  if not create:
+    return out
+  if dataset == "synthetic":
+    synthetic.synthesize_cohort(
+        raw, int(data_field(data, "synthetic.num_subjects")),
+        int(data_field(data, "synthetic.seed")), long_axis_4ch=True,
+        num_workers=num_workers or min(os.cpu_count() or 1, 8))
+  prepare_cine_dataset(raw, out, cine_config, dataset=dataset, split_seed=split_seed,
+                       split_fractions=fractions)
+  return out
+
+
+# ----------------------------------------------------------------------------- batches
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """Stored shapes of the source's fields and the batch output size."""
+  num_examples: int
+  shapes: dict[str, tuple[int, ...]]
+  dtypes: dict[str, np.dtype]
+  stored_size: int
+  image_size: int
+
+
+def _read_layout(source, data_config) -> _Layout:
+  num_examples = len(source)
+  if num_examples == 0:
+    raise ValueError(f"the source {type(source).__name__} is empty: nothing to batch (check "
+                     "the split name and the prepared dataset directory)")
+  first = source[0]
+  shapes, dtypes = {}, {}
+  for name in ("sa_image", "sa_label", "sa_mid_image", "lv_volume_ml", "la_image"):
+    if name in first:
+      array = np.asarray(first[name])
+      shapes[name], dtypes[name] = array.shape, array.dtype
+  if "sa_image" not in shapes or len(shapes["sa_image"]) != 4:
+    raise ValueError("example 0 of the source is not a prepared cine (no (T, S, S, 3) "
+                     "sa_image); prepare it with data_pipelines.cine")
+  image_size = int(data_field(data_config, "image_size"))
+  if image_size <= 0:
+    raise ValueError(f"data.image_size must be positive, got {image_size}")
+  return _Layout(num_examples=num_examples, shapes=shapes, dtypes=dtypes,
+                 stored_size=int(shapes["sa_image"][1]), image_size=image_size)
+
+
+def _load_rows(source, layout: _Layout, indices: np.ndarray) -> dict[str, np.ndarray]:
+  """Stacks the examples at `indices` (b,); rows with index -1 stay zero (padding)."""
+  rows = len(indices)
+  batch = {name: np.zeros((rows,) + shape, layout.dtypes[name])
+           for name, shape in layout.shapes.items()}
+  batch.update(group=np.zeros(rows, np.int32), subject=np.full(rows, b"", dtype=object),
+               index=indices.astype(np.int64),
+               **{name: np.zeros(rows, np.float32) for name in _SCALARS})
+  valid = np.flatnonzero(indices >= 0)
+  fetch = getattr(source, "__getitems__", None)
+  wanted = [int(i) for i in indices[valid]]
+  examples = fetch(wanted) if fetch is not None else [source[i] for i in wanted]
+  for row, example in zip(valid, examples):
+    for name, shape in layout.shapes.items():
+      value = np.asarray(example[name])
+      if value.shape != shape:
+        raise ValueError(f"example {indices[row]} has {name} {value.shape}; every example must "
+                         f"be {shape} like example 0")
+      batch[name][row] = value
+    for name in _SCALARS:
+      batch[name][row] = example[name]
+    batch["group"][row] = example["group"]
+    subject = example["subject"]
+    batch["subject"][row] = subject.encode("utf-8") if isinstance(subject, str) else subject
+  return batch
+
+
+def _signature(layout: _Layout, rows: int) -> dict[str, tuple[tf.DType, tuple[int, ...]]]:
+  signature = {name: (tf.as_dtype(layout.dtypes[name]), (rows,) + shape)
+               for name, shape in layout.shapes.items()}
+  signature.update(group=(tf.int32, (rows,)), subject=(tf.string, (rows,)),
+                   index=(tf.int64, (rows,)),
+                   **{name: (tf.float32, (rows,)) for name in _SCALARS})
+  return signature
+
+
+def _per_frame(x: tf.Tensor, fn) -> tf.Tensor:
+  """Applies an image op on (b, S, S, T*C) to a (b, T, S, S, C) tensor, frames as channels."""
+  b, t, s, _, c = x.shape
+  y = fn(tf.reshape(tf.transpose(x, [0, 2, 3, 1, 4]), [b, s, s, t * c]))
+  size = y.shape[1]
+  return tf.transpose(tf.reshape(y, [b, size, size, t, c]), [0, 3, 1, 2, 4])
+
+
+def _transform_op(batch: dict[str, tf.Tensor], layout: _Layout) -> dict[str, tf.Tensor]:
+  """Resize to the model size, augment (training), labels to int32."""
+  transforms = batch.pop("transforms", None)
+  size = layout.image_size
+  # Resizing the crop (same field of view) changes its pixel size.
+  batch["pixel_spacing_mm"] = batch["pixel_spacing_mm"] * (layout.stored_size / size)
+  for name in layout.shapes:
+    if name == "lv_volume_ml":
+      continue
+    is_label = name == "sa_label"
+    # [-1, 1] images are shifted by +1 around the warp so that shifted-in pixels get -1.
+    offset = 1.0 if name in _SYMMETRIC_IMAGES else 0.0
+
+    def op(y, is_label=is_label, offset=offset):
+      if size != layout.stored_size:
+        method = "nearest" if is_label else ("area" if size < layout.stored_size
+                                             else "bilinear")
+        y = tf.image.resize(y, (size, size), method=method)
+        y = tf.cast(y, tf.uint8) if is_label else y
+      if transforms is not None:
+        y = y + offset if offset else y
+        y = tf.raw_ops.ImageProjectiveTransformV3(
+            images=y, transforms=transforms, output_shape=tf.constant([size, size]),
+            fill_value=tf.constant(0.0, tf.float32),
+            interpolation="NEAREST" if is_label else "BILINEAR", fill_mode="CONSTANT")
+        y = y - offset if offset else y
+      return y
+
+    if size != layout.stored_size or transforms is not None:
+      batch[name] = _per_frame(batch[name], op)
+    if is_label:
+      batch[name] = tf.cast(batch[name], tf.int32)
+  return batch
+
+
+def _batches(keys: tf.data.Dataset, load, signature, layout: _Layout,
+             ) -> Iterator[dict[str, np.ndarray]]:
+  """keys -> load (numpy, parallel) -> resize/augment (TF) -> prefetch -> numpy batches."""
+  names = tuple(signature)
+
+  def load_op(key):
+    tensors = tf.numpy_function(lambda k: tuple(load(int(k))[n] for n in names), [key],
+                                [signature[n][0] for n in names])
+    return {n: tf.ensure_shape(t, signature[n][1]) for n, t in zip(names, tensors)}
+
+  dataset = (keys
+             .map(load_op, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+             .map(lambda b: _transform_op(b, layout), num_parallel_calls=tf.data.AUTOTUNE,
+                  deterministic=True)
+             .prefetch(2))
+  for batch in dataset.as_numpy_iterator():
+    batch["subject"] = np.asarray([s.decode("utf-8") for s in batch["subject"]], dtype=str)
+    yield batch
+
+
+def train_batches(source, data_config, *, global_batch_size: int, seed: int,
+                  start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """Infinite augmented cine training batches of this process from global step `start_step`.
+
+  Global batch k holds source indices `pipeline.train_batch_indices(N, B, seed, k)` with the
+  augmentation maps `pipeline._augment_transforms(seed, k)` of data.augment (shift, zoom,
+  flip; one map per sequence): a pure function of (seed, k). Process p of P gets rows
+  [p B/P, (p+1) B/P). Fields: module docstring (sa_label int32).
+  """
+  # pylint: disable=protected-access
+  layout = _read_layout(source, data_config)
+  augment = pipeline._read_augment(data_config)
+  rows = pipeline._process_rows(global_batch_size, process_index, process_count,
+                                "global_batch_size")
+
+  def load(step: int) -> dict[str, np.ndarray]:
+    indices = pipeline.train_batch_indices(layout.num_examples,
+                                           global_batch_size=global_batch_size, seed=seed,
+                                           step=step)
+    batch = _load_rows(source, layout, indices[rows])
+    if not augment.is_identity:
+      batch["transforms"] = pipeline._augment_transforms(
+          augment, seed=seed, step=step, global_batch_size=global_batch_size,
+          image_size=layout.image_size)[rows]
+    return batch
+
+  signature = _signature(layout, rows.stop - rows.start)
+  if not augment.is_identity:
+    signature["transforms"] = (tf.float32, (rows.stop - rows.start, 8))
+  keys = tf.data.Dataset.counter(start=int(start_step), dtype=tf.int64)
+  return _batches(keys, load, signature, layout)
+
+
+def eval_batches(source, data_config, *, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over the source in index order without augmentation; full-size batches whose
+  rows past the end are zero padding with `mask` False, index -1 and subject ""."""
+  # pylint: disable=protected-access
+  layout = _read_layout(source, data_config)
+  rows = pipeline._process_rows(batch_size, process_index, process_count, "batch_size")
+  num_batches = -(-layout.num_examples // batch_size)
+
+  def load(batch_number: int) -> dict[str, np.ndarray]:
+    indices = batch_number * batch_size + np.arange(batch_size, dtype=np.int64)
+    indices[indices >= layout.num_examples] = -1
+    batch = _load_rows(source, layout, indices[rows])
+    batch["mask"] = batch["index"] >= 0
+    return batch
+
+  signature = _signature(layout, rows.stop - rows.start)
+  signature["mask"] = (tf.bool, (rows.stop - rows.start,))
+  return _batches(tf.data.Dataset.range(num_batches), load, signature, layout)
+
+
+def make_data_source(config, *, process_index: Optional[int] = None,
+                     process_count: Optional[int] = None):
+  """`cardiac_jax.training.DataSource` of this process for a cine config.
+
+  Reads config.data (experiments/configs/cine_data.py), config.seed, config.train.batch_size
+  (global) and config.train.eval_batch_size; the evaluation split is data.eval_split. The
+  process index and count default to JAX's.
+  """
+  from cardiac_jax.training import DataSource  # pylint: disable=g-import-not-at-top
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index, process_count = jax.process_index(), jax.process_count()
+  directory = prepared_cine_dir(config)
+  train = prepare.load_split(directory, "train")
+  evaluation = prepare.load_split(directory, data_field(config.data, "eval_split"))
+  process = dict(process_index=process_index, process_count=process_count)
+
+  def train_iterator(start_step: int):
+    return train_batches(train, config.data, global_batch_size=config.train.batch_size,
+                         seed=config.seed, start_step=start_step, **process)
+
+  def eval_iterator():
+    return eval_batches(evaluation, config.data, batch_size=config.train.eval_batch_size,
+                        **process)
+
+  return DataSource(train_batches=train_iterator, eval_batches=eval_iterator)
