@@ -1,0 +1,410 @@
+"""Pure train and eval steps of the temporal VAE-classifier (Clough et al. 2019).
+
+Model: `cardiac_jax.models.temporal_classifier`. Input: the cine batch of
+data_pipelines/cine.py, "sa_label" (B, T, S, S, 3) int labels (default, one-hot per slice) or
+"sa_image" (B, T, S, S, 3) floats in [0, 1] (config.data.input), and "group" (B,) int32; the
+disease target is y = group in config.data.positive_groups.
+
+Objective (Clough et al. eq. 1), for a batch of B sequences of T frames:
+  L = mean_{b,t}[ Rec(x_bt, D(z_bt)) + beta KL(q(z_bt | x_bt) || N(0, I)) ] + gamma BCE(y_b, C(M_b))
+with z_bt = mu_bt + sigma_bt * eps (decoder, training), M_b = [mu_b1 .. mu_bT] (classifier, always
+the means, as in the paper) and
+- Rec: per frame, the cross-entropy of the decoder's per-slice class logits against the input
+  labels summed over pixels and slices (segmentations), or the squared error summed over pixels
+  and slices (images, `losses.reconstruction_per_sample` "mse"): the per-sample-sum convention
+  of every reconstruction loss in this project;
+- KL: `losses.kl_per_sample` per frame; beta = config.loss.beta_kl (0.2 in the paper);
+- BCE: binary cross-entropy of the logit, gamma = config.loss.gamma (1 in the paper).
+Two stages: during the first config.train.stage1_steps steps `warmup_train_step` trains the VAE
+alone (gamma = 0, classifier parameters and optimizer state untouched); then `train_step`
+trains everything jointly. Augmentation: one random shift of up to config.data.augment.
+max_shift_px pixels in each in-plane direction per sequence (the same for all its frames),
+zero-filled (background), applied inside the step so it is part of the pure function of the key.
+
+Evaluation (inference uses mu only): per-subject reconstruction loss, KL, BCE, accuracy and Dice
+per structure (RV, LV myocardium, LV blood pool over all frames and slices) or MSE for images,
+and the AUC of the logits over the whole split (`finalize_eval`, rank-based).
+
+Per-replica execution (pmap, `axis_name` set): gradients and metrics are averaged over the
+replicas, BatchNorm uses global statistics, and every replica draws the global batch's noise
+and shifts and keeps its rows, so the update equals the jit one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from scipy import stats
+
+from cardiac_jax import losses
+from cardiac_jax import structures
+from cardiac_jax.models import temporal_classifier as model_lib
+from cardiac_jax.train_state import TrainState, all_finite, make_optimizer, select_tree
+
+PARTS = ("encoder", "decoder", "classifier")
+NUM_SLICES = 3
+INPUTS = ("sa_label", "sa_image")
+# Structures scored by Dice, in this order (val/dice_ch0 .. ch2).
+DICE_STRUCTURES = (structures.RV_BLOOD_POOL, structures.LV_MYOCARDIUM, structures.LV_BLOOD_POOL)
+Metrics = dict[str, jax.Array]
+
+
+# ------------------------------------------------------------------------------ pure terms
+def one_hot_slices(labels: jax.Array) -> jax.Array:
+  """(..., S, S, 3) int labels -> (..., S, S, 3 * NUM_LABELS) float one-hot, slice-major."""
+  one_hot = jax.nn.one_hot(labels, structures.NUM_LABELS, dtype=jnp.float32)
+  return one_hot.reshape(labels.shape[:-1] + (labels.shape[-1] * structures.NUM_LABELS,))
+
+
+def label_cross_entropy_per_frame(labels: jax.Array, logits: jax.Array) -> jax.Array:
+  """Cross-entropy summed over pixels and slices, per frame.
+
+  Args:
+    labels: (B, T, S, S, 3) int labels.
+    logits: (B, T, S, S, 3 * NUM_LABELS) decoder outputs (slice-major class logits).
+  Returns:
+    (B, T).
+  """
+  logits = logits.reshape(labels.shape + (structures.NUM_LABELS,)).astype(jnp.float32)
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  picked = jnp.take_along_axis(log_p, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return -jnp.sum(picked, axis=(2, 3, 4))
+
+
+def image_squared_error_per_frame(images: jax.Array, reconstruction: jax.Array) -> jax.Array:
+  """(B, T, S, S, C) images and reconstructions -> (B, T) per-frame summed squared error."""
+  b, t = images.shape[:2]
+  per_frame = losses.reconstruction_per_sample(
+      images.reshape((b * t,) + images.shape[2:]),
+      reconstruction.reshape((b * t,) + reconstruction.shape[2:]), "mse")
+  return per_frame.reshape(b, t)
+
+
+def binary_cross_entropy_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """(B,) logits and {0, 1} targets -> (B,) numerically stable BCE."""
+  targets = targets.astype(jnp.float32)
+  return jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+
+
+def dice_per_structure(labels: jax.Array, predicted: jax.Array) -> jax.Array:
+  """(B, ...) true and predicted label maps -> (B, 3) Dice of RV, LV myocardium, LV blood pool
+  over all frames and slices of each subject (1 when a structure is absent from both)."""
+  axes = tuple(range(1, labels.ndim))
+  out = []
+  for value in DICE_STRUCTURES:
+    a, b = labels == value, predicted == value
+    overlap = jnp.sum(a & b, axis=axes).astype(jnp.float32)
+    total = (jnp.sum(a, axis=axes) + jnp.sum(b, axis=axes)).astype(jnp.float32)
+    out.append(jnp.where(total > 0, 2 * overlap / jnp.maximum(total, 1), 1.0))
+  return jnp.stack(out, axis=-1)
+
+
+def roc_auc(scores, labels) -> float:
+  """Area under the ROC curve from the ranks (Mann-Whitney U), ties counted as 1/2.
+
+  AUC = (sum of the ranks of the positives - n_pos (n_pos + 1) / 2) / (n_pos n_neg), average
+  ranks for ties. NaN when one class is missing.
+  """
+  scores = np.asarray(scores, np.float64).ravel()
+  labels = np.asarray(labels).ravel().astype(bool)
+  if scores.shape != labels.shape:
+    raise ValueError(f"{scores.shape[0]} scores for {labels.shape[0]} labels")
+  n_pos = int(labels.sum())
+  n_neg = labels.size - n_pos
+  if n_pos == 0 or n_neg == 0:
+    return float("nan")
+  ranks = stats.rankdata(scores)
+  return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def shift_sequences(x: jax.Array, shifts: jax.Array, max_shift: int) -> jax.Array:
+  """Shifts every sequence of (B, T, S, S, C) in-plane by its (dy, dx) in `shifts` (B, 2)
+  (|d| <= max_shift), filling with zeros (background label / black)."""
+  if max_shift == 0:
+    return x
+  size = x.shape[2]
+  pad = ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0))
+
+  def one(sequence, shift):
+    padded = jnp.pad(sequence, pad)
+    start = (0, max_shift - shift[0], max_shift - shift[1], 0)
+    return jax.lax.dynamic_slice(padded, start, (sequence.shape[0], size, size,
+                                                 sequence.shape[-1]))
+
+  return jax.vmap(one)(x, shifts)
+
+
+# ------------------------------------------------------------------------------ family
+class TemporalClassifierFamily:
+  """Model family "temporal_classifier" (protocol in `cardiac_jax.training`), plus `encode`,
+  `decode`, `concepts`, `head` and `logits` for the TCAV analysis."""
+
+  eval_keep_keys = ("logit", "label")
+
+  def __init__(self, config, axis_name: str | None = None):
+    self.config = config
+    self.axis_name = axis_name
+    data, model, loss = config.data, config.model, config.loss
+    self.input = data.input
+    if self.input not in INPUTS:
+      raise ValueError(f"data.input must be one of {INPUTS}, got {self.input!r}")
+    self.num_frames = int(data.num_frames)
+    self.image_size = int(data.image_size)
+    self.latent_dim = int(model.latent_dim)
+    unknown = sorted(set(data.positive_groups) - set(structures.GROUPS))
+    if unknown or not data.positive_groups:
+      raise ValueError(f"data.positive_groups {tuple(data.positive_groups)} must be a non-empty "
+                       f"subset of {structures.GROUPS}")
+    self.positive_groups = tuple(structures.GROUP_INDEX[g] for g in data.positive_groups)
+    self.beta = float(loss.beta_kl)
+    self.gamma = float(loss.gamma)
+    self.stage1_steps = int(config.train.stage1_steps)
+    self.max_shift = int(data.augment.max_shift_px)
+    labels_in = self.input == "sa_label"
+    self.in_channels = NUM_SLICES * (structures.NUM_LABELS if labels_in else 1)
+    self.model = model_lib.TemporalVAEClassifier(
+        channels=tuple(model.channels), latent_dim=self.latent_dim, image_size=self.image_size,
+        in_channels=self.in_channels, out_channels=self.in_channels,
+        output_activation="none" if labels_in else "sigmoid",
+        frame_units=tuple(model.frame_units), sequence_units=tuple(model.sequence_units),
+        concept_units=int(model.concept_units), head_units=tuple(model.head_units),
+        conv_impl=model.conv_impl, dtype=jnp.dtype(model.compute_dtype),
+        bn_axis_name=axis_name, initializer=model.initializer)
+    self.tx = {part: make_optimizer(config.optimizer) for part in PARTS}
+    self.skip_nonfinite = bool(config.train.skip_nonfinite)
+    self.eval_metric_keys = ("reconstruction_loss", "kl", "bce", "accuracy",
+                             "dice" if labels_in else "mse")
+
+  # ---------------------------------------------------------------------------- batches
+  def raw_input(self, batch: dict[str, jax.Array]) -> jax.Array:
+    """The configured input field, checked against (B, T, S, S, 3)."""
+    x = batch[self.input]
+    expected = (self.num_frames, self.image_size, self.image_size, NUM_SLICES)
+    if tuple(x.shape[1:]) != expected:
+      raise ValueError(f"batch field {self.input!r} has shape {tuple(x.shape)}; the config "
+                       f"expects (B, {', '.join(map(str, expected))}) (data.num_frames, "
+                       "data.image_size and 3 slices)")
+    return x
+
+  def model_input(self, raw: jax.Array) -> jax.Array:
+    """(B, T, S, S, 3) labels or images -> (B, T, S, S, C_in) float network input."""
+    if self.input == "sa_label":
+      return one_hot_slices(raw)
+    return raw.astype(jnp.float32)
+
+  def disease_label(self, batch: dict[str, jax.Array]) -> jax.Array:
+    """(B,) float32: 1 for the groups in data.positive_groups, else 0."""
+    group = batch["group"]
+    return jnp.isin(group, jnp.asarray(self.positive_groups)).astype(jnp.float32)
+
+  def reconstruction_per_frame(self, raw: jax.Array, output: jax.Array) -> jax.Array:
+    if self.input == "sa_label":
+      return label_cross_entropy_per_frame(raw, output)
+    return image_squared_error_per_frame(raw.astype(jnp.float32), output)
+
+  # ---------------------------------------------------------------------------- application
+  def _apply(self, params, batch_stats, method, inputs, mutable: bool = False):
+    variables = {"params": params, "batch_stats": batch_stats}
+    if mutable:
+      return self.model.apply(variables, inputs, method=method, mutable=["batch_stats"])
+    return self.model.apply(variables, inputs, method=method)
+
+  def init_state(self, key: jax.Array) -> TrainState:
+    x = jnp.zeros((1, self.num_frames, self.image_size, self.image_size, self.in_channels),
+                  jnp.float32)
+    variables = self.model.init(jax.random.fold_in(key, 0), x, train=False)
+    params = dict(variables["params"])
+    batch_stats = {part: variables.get("batch_stats", {}).get(part, {}) for part in PARTS}
+    opt_state = {part: self.tx[part].init(params[part]) for part in PARTS}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=opt_state, rng=key, skipped_nonfinite=jnp.zeros((), jnp.int32))
+
+  def encode(self, state: TrainState, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(B, T, S, S, C_in) network input -> mu, logvar (B, T, latent_dim), inference mode."""
+    return self._apply(state.params, state.batch_stats, lambda m, v: m.encode(v, False), x)
+
+  def decode(self, state: TrainState, z: jax.Array) -> jax.Array:
+    """(B, T, latent_dim) -> (B, T, S, S, C_in) class logits (labels) or images."""
+    return self._apply(state.params, state.batch_stats, lambda m, v: m.decode(v, False), z)
+
+  def concepts(self, state: TrainState, means: jax.Array) -> jax.Array:
+    """(B, T, latent_dim) means -> (B, concept_units) concept-layer activations."""
+    return self._apply(state.params, state.batch_stats,
+                       lambda m, v: m.classifier.concepts(v), means)
+
+  def head(self, classifier_params, concepts: jax.Array) -> jax.Array:
+    """(B, concept_units) -> (B,) logits: a pure function of the concept activations, the one
+    TCAV differentiates."""
+    return self.model.apply({"params": {"classifier": classifier_params}}, concepts,
+                            method=lambda m, v: m.classifier.head(v))
+
+  def logits(self, state: TrainState, means: jax.Array) -> jax.Array:
+    return self.head(state.params["classifier"], self.concepts(state, means))
+
+  def decode_labels(self, state: TrainState, z: jax.Array) -> jax.Array:
+    """(B, T, latent_dim) -> (B, T, S, S, 3) int labels (argmax per slice); labels input only."""
+    out = self.decode(state, z)
+    return jnp.argmax(out.reshape(out.shape[:-1] + (NUM_SLICES, structures.NUM_LABELS)), -1)
+
+  # ---------------------------------------------------------------------------- loss
+  def _replica_rows(self, sample: Callable[[tuple], jax.Array], shape: tuple) -> jax.Array:
+    """`sample(shape)` for this replica's rows: under pmap every replica draws the global
+    (R*B_local, ...) block with the shared key and keeps its rows (same numbers as jit)."""
+    if self.axis_name is None:
+      return sample(shape)
+    replicas = jax.lax.psum(1, self.axis_name)
+    block = sample((replicas * shape[0],) + tuple(shape[1:]))
+    return jax.lax.dynamic_slice_in_dim(block, jax.lax.axis_index(self.axis_name) * shape[0],
+                                        shape[0])
+
+  def loss_terms(self, params, batch_stats, raw: jax.Array, label: jax.Array,
+                 noise: jax.Array, train: bool = True) -> tuple[dict[str, jax.Array], Any]:
+    """Per-example loss terms for a fixed noise (B, T, latent_dim).
+
+    Returns ({reconstruction (B, T), kl (B, T), bce (B,), logit (B,), mu, logvar, output},
+    new batch_stats).
+    """
+    x = self.model_input(raw)
+    (mu, logvar), enc_updates = self._apply(params, batch_stats,
+                                            lambda m, v: m.encode(v, train), x, mutable=True)
+    z = mu + jnp.exp(0.5 * logvar) * noise
+    output, dec_updates = self._apply(params, batch_stats, lambda m, v: m.decode(v, train), z,
+                                      mutable=True)
+    logit = self._apply(params, batch_stats, lambda m, v: m.classify(v), mu)
+    b, t = mu.shape[:2]
+    kl = losses.kl_per_sample(mu.reshape(b * t, -1), logvar.reshape(b * t, -1)).reshape(b, t)
+    terms = {"reconstruction": self.reconstruction_per_frame(raw, output), "kl": kl,
+             "bce": binary_cross_entropy_with_logits(logit, label), "logit": logit,
+             "mu": mu, "logvar": logvar, "output": output}
+    new_stats = {"encoder": enc_updates["batch_stats"]["encoder"],
+                 "decoder": dec_updates["batch_stats"]["decoder"],
+                 "classifier": batch_stats["classifier"]}
+    return terms, new_stats
+
+  def total_loss(self, terms: dict[str, jax.Array], gamma: float) -> jax.Array:
+    """mean_{b,t}[rec + beta KL] + gamma mean_b BCE (module docstring)."""
+    return (jnp.mean(terms["reconstruction"] + self.beta * terms["kl"])
+            + gamma * jnp.mean(terms["bce"]))
+
+  def _step(self, state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
+            joint: bool) -> tuple[TrainState, Metrics]:
+    raw = self.raw_input(batch)
+    label = self.disease_label(batch)
+    shift_key, noise_key = jax.random.split(key)
+    b = raw.shape[0]
+    shifts = self._replica_rows(lambda shape: jax.random.randint(
+        shift_key, shape, -self.max_shift, self.max_shift + 1), (b, 2))
+    raw = shift_sequences(raw, shifts, self.max_shift)
+    noise = self._replica_rows(lambda shape: jax.random.normal(noise_key, shape),
+                               (b, self.num_frames, self.latent_dim))
+    gamma = self.gamma if joint else 0.0
+
+    def loss_fn(params):
+      terms, new_stats = self.loss_terms(params, state.batch_stats, raw, label, noise)
+      loss = self.total_loss(terms, gamma)
+      correct = ((terms["logit"] > 0) == (label > 0.5)).astype(jnp.float32)
+      metrics = {"loss": loss, "reconstruction_loss": jnp.mean(terms["reconstruction"]),
+                 "kl": jnp.mean(terms["kl"]), "bce": jnp.mean(terms["bce"]),
+                 "accuracy": jnp.mean(correct), "stage": jnp.float32(2.0 if joint else 1.0)}
+      return loss, (new_stats, metrics)
+
+    grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+    if self.axis_name is not None:
+      grads = jax.lax.pmean(grads, self.axis_name)
+      metrics = jax.lax.pmean(metrics, self.axis_name)
+    params, opt_state = dict(state.params), dict(state.opt_state)
+    # Stage 1 leaves the classifier and its optimizer state exactly as they are.
+    for part in (PARTS if joint else ("encoder", "decoder")):
+      updates, opt_state[part] = self.tx[part].update(grads[part], state.opt_state[part],
+                                                      state.params[part])
+      params[part] = optax.apply_updates(state.params[part], updates)
+    for part in PARTS:
+      metrics[f"grad_norm_{part}"] = optax.global_norm(grads[part])
+      metrics[f"param_norm_{part}"] = optax.global_norm(params[part])
+    finite = all_finite((grads, metrics))
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    if self.skip_nonfinite:
+      skipped = state.replace(step=state.step + 1, skipped_nonfinite=state.skipped_nonfinite + 1)
+      new_state = select_tree(finite, new_state, skipped)
+    metrics["finite"] = finite.astype(jnp.float32)
+    metrics["skipped_nonfinite"] = new_state.skipped_nonfinite
+    return new_state, metrics
+
+  def vae_train_step(self, state: TrainState, batch: dict[str, jax.Array],
+                     key: jax.Array) -> tuple[TrainState, Metrics]:
+    """Stage 1: encoder and decoder on mean_t[rec + beta KL] (gamma = 0)."""
+    return self._step(state, batch, key, joint=False)
+
+  def joint_train_step(self, state: TrainState, batch: dict[str, jax.Array],
+                       key: jax.Array) -> tuple[TrainState, Metrics]:
+    """Stage 2: every part on the full objective."""
+    return self._step(state, batch, key, joint=True)
+
+  @property
+  def train_step(self) -> Callable[..., tuple[TrainState, Metrics]]:
+    return self.joint_train_step
+
+  @property
+  def warmup_train_step(self) -> Callable[..., tuple[TrainState, Metrics]] | None:
+    return self.vae_train_step if self.stage1_steps > 0 else None
+
+  def uses_warmup(self, step: int) -> bool:
+    return step < self.stage1_steps
+
+  # ---------------------------------------------------------------------------- evaluation
+  def eval_step(self, state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-subject metrics of the posterior-mean reconstruction and the classifier."""
+    raw = self.raw_input(batch)
+    label = self.disease_label(batch)
+    terms, _ = self.loss_terms(state.params, state.batch_stats, raw, label,
+                               jnp.zeros(raw.shape[:2] + (self.latent_dim,)), train=False)
+    logit = terms["logit"]
+    out = {"reconstruction_loss": jnp.mean(terms["reconstruction"], axis=1),
+           "kl": jnp.mean(terms["kl"], axis=1), "bce": terms["bce"],
+           "accuracy": ((logit > 0) == (label > 0.5)).astype(jnp.float32),
+           "logit": logit, "label": label, "mu": terms["mu"]}
+    if self.input == "sa_label":
+      output = terms["output"]
+      predicted = jnp.argmax(
+          output.reshape(output.shape[:-1] + (NUM_SLICES, structures.NUM_LABELS)), axis=-1)
+      out["dice"] = dice_per_structure(raw, predicted)
+    else:
+      out["mse"] = jnp.mean(jnp.square(terms["output"] - raw.astype(jnp.float32)),
+                            axis=(1, 2, 3, 4))
+    return out
+
+  def finalize_eval(self, outputs: dict[str, np.ndarray]) -> dict[str, float]:
+    """AUC of the logits over the split (omitted when a class is missing)."""
+    auc = roc_auc(outputs["logit"], outputs["label"])
+    return {} if np.isnan(auc) else {"auc": auc}
+
+  def save_figures(self, state: TrainState, examples: dict[str, np.ndarray], figures_dir: str,
+                   step: int, key: jax.Array) -> None:
+    """Input vs posterior-mean reconstruction of the middle slice at up to 8 frames for the
+    first two subjects (labels drawn as grey levels 0..3, images as they are)."""
+    del key
+    from cardiac_jax import viz  # pylint: disable=g-import-not-at-top (matplotlib on demand)
+    raw = np.asarray(examples[self.input])[:2]
+    x = self.model_input(jnp.asarray(raw))
+    mu, _ = jax.jit(self.encode)(state, x)
+    if self.input == "sa_label":
+      recon = np.asarray(jax.jit(self.decode_labels)(state, mu))
+      vmax = structures.NUM_LABELS - 1
+    else:
+      recon = np.asarray(jax.jit(self.decode)(state, mu))
+      vmax = 1.0
+    frames = np.unique(np.linspace(0, self.num_frames - 1, min(8, self.num_frames)).astype(int))
+    rows, titles = [], []
+    for i in range(raw.shape[0]):
+      rows.append([raw[i, t, :, :, 1] for t in frames])
+      rows.append([recon[i, t, :, :, 1] for t in frames])
+      titles += [f"subject {i} input", f"subject {i} recon"]
+    viz.save_image_grid(os.path.join(figures_dir, f"reconstructions_{step:07d}.png"), rows,
+                        row_titles=titles, col_titles=[f"t={t}" for t in frames], vmin=0.0,
+                        vmax=float(vmax), title=f"step {step}")
