@@ -356,19 +356,25 @@ def central_slices(labels_ed: Optional[np.ndarray], num_slices: int) -> np.ndarr
 def heart_mask(planes: np.ndarray, variance_fraction: float = 0.5) -> np.ndarray:
   """(X, Y) bool mask of the beating heart in a (X, Y, T) cine (DiffAE reference crop).
 
-  Pixels whose temporal variance exceeds `variance_fraction` times the image's mean temporal
-  variance, cleaned by a binary opening and closing (noise specks, thin gaps), largest
-  connected component. Raises InvalidInputError when nothing moves.
+  Pixels whose temporal variance (of the frames smoothed in-plane, Gaussian sigma 1.5 px)
+  exceeds `variance_fraction` times the image's mean temporal variance, cleaned up
+  morphologically: a closing first joins the moving borders of the
+  chambers (which are what varies in a cine) into one region, an opening then removes isolated
+  noise specks; the largest connected component with its holes filled. Raises
+  InvalidInputError when nothing moves.
   """
-  variance = planes.astype(np.float64).var(axis=-1)
+  # A light in-plane smoothing first: per-pixel noise would otherwise make the temporal
+  # variance of static tissue pass the threshold in noisy or short series.
+  smooth = ndimage.gaussian_filter(planes.astype(np.float64), (1.5, 1.5, 0.0))
+  variance = smooth.var(axis=-1)
   mask = variance > variance_fraction * variance.mean()
-  mask = ndimage.binary_opening(mask, iterations=2)
-  mask = ndimage.binary_closing(mask, iterations=2)
+  mask = ndimage.binary_closing(np.pad(mask, 4), iterations=4)[4:-4, 4:-4]
+  mask = ndimage.binary_opening(mask, iterations=1)
   components, count = ndimage.label(mask)
   if count == 0:
     raise InvalidInputError("no region of the cine changes over time: cannot find the heart")
   sizes = np.bincount(components.ravel())[1:]
-  return components == (int(np.argmax(sizes)) + 1)
+  return ndimage.binary_fill_holes(components == (int(np.argmax(sizes)) + 1))
 
 
 def heart_crop_centre(planes: np.ndarray, variance_fraction: float = 0.5) -> tuple[int, int]:
