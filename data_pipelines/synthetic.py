@@ -38,8 +38,26 @@ Heart model (all lengths in mm, volumes in ml):
   noise texture, a smooth multiplicative coil sensitivity (bias) field, Rician noise (magnitude
   of complex Gaussian noise), a random global intensity scale and int16 storage.
 
+Long-axis 4-chamber view (`render_long_axis_4ch`, written on request as
+<subject>_la_4ch.nii.gz (X, Y, 1, T) with labels <subject>_la_4ch_gt.nii.gz): the same heart
+cut by the plane through the LV long axis and the LV -> RV direction. The ventricles are the
+short-axis model evaluated on thin slabs along the axis (`long_axis_geometry`), so volumes,
+wall thickening, base descent (the valve plane moves towards the fixed apex in systole) and the
+group abnormalities are those of the short-axis images. The atria are prolate ellipsoids above
+the valve plane, split by the interatrial septum, whose volume V = V_min + f (EDV - V(t)) rises
+while the ventricles eject (reservoir), falls in early filling and in the atrial kick; their
+size depends on the group (dilated LA in DCM, HCM, MINF; dilated RA with RV disease). Mitral and
+tricuspid leaflets are closed in systole and swing towards the apex while the ventricles fill.
+Image formation as for the short axis (thorax model on one plane plus the liver dome, partial
+volume from edge ramps and three sub-planes across the slab, coil bias, Rician noise). Labels:
+0 background, 1 RV, 2 LV myocardium, 3 LV blood pool, 4 LA, 5 RA (structures.LA_BLOOD_POOL,
+structures.RA_BLOOD_POOL). The affine places the plane in the scanner frame of the short-axis
+stack (it holds the stack's slice normal and passes through the LV axis at the mid slice).
+
 Determinism: subject i (0-based, written as patient{i+1:03d}) uses np.random.default_rng([seed,
-i]) for its parameters and then its rendering, so it is identical whatever the cohort size.
+i]) for its parameters and then its rendering, so it is identical whatever the cohort size. The
+4-chamber view uses its own stream `long_axis_generator(seed, i)`, so adding it to a cohort
+leaves the short-axis files as they were.
 Groups are balanced: each consecutive block of five subjects holds each group once, in an order
 drawn from the block's own seeded permutation.
 """
