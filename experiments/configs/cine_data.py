@@ -75,3 +75,11 @@ def _update(section: ml_collections.ConfigDict, overrides: dict, where: str) -> 
       _update(section[key], value, f"{where}.{key}")
     else:
       section[key] = value
+
+
+def get_config(arg=None):
+  """Not an experiment: a clear error for `--config=cine_data` (the registry lists every
+  module of this folder)."""
+  raise ValueError(f"cine_data{':' + arg if arg else ''} is the data section of the cine "
+                   "experiments, not an experiment; use e.g. --config=temporal_classifier or "
+                   "--config=diffae3d (which build their data section with get_data_config)")
