@@ -220,14 +220,14 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
   init = jax.jit(family.init_state, out_shardings=parallel.replicated(mesh))
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                             max_to_keep=tc.max_checkpoints)
-  start_step = checkpointer.latest_step()
-  if start_step is None:
-    state = init(root_key)
-    start_step = 0
+  restored = checkpointer.restore_latest(
+      parallel.abstract_state(family.init_state, root_key, mesh))
+  if restored is None:
+    state, start_step = init(root_key), 0
   else:
-    state = checkpointer.restore(parallel.abstract_state(family.init_state, root_key, mesh),
-                                 start_step)
-    writer.truncate_after(start_step)
+    state, start_step = restored
+  writer.truncate_after(start_step)  # Lines beyond the restored step (or all, from scratch).
+  if start_step:
     print(f"Resuming {workdir} from step {start_step}.", flush=True)
 
   compile_step = lambda name: parallel.compile_train_step(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import threading
 
 import jax
@@ -171,3 +172,31 @@ def test_sigterm_saves_checkpoint_and_rerun_resumes(tmp_path, disc_examples):
   config.train.num_steps = saved + 2
   state = training.train_and_evaluate(config, workdir, data_source(config, disc_examples))
   assert int(state.step) == saved + 2
+
+
+@pytest.mark.parametrize("damage", ["truncate_data", "delete_metadata_and_data"])
+def test_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_restored(
+    uninterrupted, tmp_path, disc_examples, damage):
+  """A half-written step directory (files cut short, or parts missing) must not be restored:
+  training continues from the last good step and ends where the uninterrupted run ended."""
+  config, full_workdir, full_state = uninterrupted
+  workdir = str(tmp_path / "damaged")
+  shutil.copytree(full_workdir, workdir)
+  step_dir = os.path.join(workdir, "checkpoints", "6")
+  data_files = [os.path.join(root, name) for root, _, names in os.walk(step_dir)
+                for name in names if os.sep + "d" + os.sep in os.path.join(root, name)]
+  assert data_files
+  if damage == "truncate_data":
+    for path in data_files:
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+  else:
+    os.remove(os.path.join(step_dir, "_CHECKPOINT_METADATA"))
+    shutil.rmtree(os.path.join(step_dir, "default"))
+  state = training.train_and_evaluate(config, workdir, data_source(config, disc_examples))
+  assert int(state.step) == 6
+  assert_trees_equal(params_of(state), params_of(full_state))
+  checkpoints = os.listdir(os.path.join(workdir, "checkpoints"))
+  assert "6.corrupt-0" in checkpoints and "6" in checkpoints  # Kept aside, then rewritten.
+  logged = [r["step"] for r in metric_logging.read_metrics(workdir) if "train/loss" in r]
+  assert logged == [1, 2, 3, 4, 5, 6]
