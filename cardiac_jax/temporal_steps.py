@@ -17,9 +17,8 @@ the means, as in the paper) and
 - BCE: binary cross-entropy of the logit, gamma = config.loss.gamma (1 in the paper).
 Two stages: during the first config.train.stage1_steps steps `warmup_train_step` trains the VAE
 alone (gamma = 0, classifier parameters and optimizer state untouched); then `train_step`
-trains everything jointly. Augmentation: one random shift of up to config.data.augment.
-max_shift_px pixels in each in-plane direction per sequence (the same for all its frames),
-zero-filled (background), applied inside the step so it is part of the pure function of the key.
+trains everything jointly. Augmentation (random shifts up to config.data.augment.max_shift_px,
+5 px in the paper, one per sequence) is done by the cine input pipeline, not here.
 
 Evaluation (inference uses mu only): per-subject reconstruction loss, KL, BCE, accuracy and Dice
 per structure (RV, LV myocardium, LV blood pool over all frames and slices) or MSE for images,
@@ -27,7 +26,7 @@ and the AUC of the logits over the whole split (`finalize_eval`, rank-based).
 
 Per-replica execution (pmap, `axis_name` set): gradients and metrics are averaged over the
 replicas, BatchNorm uses global statistics, and every replica draws the global batch's noise
-and shifts and keeps its rows, so the update equals the jit one.
+and keeps its rows, so the update equals the jit one.
 """
 
 from __future__ import annotations
@@ -122,23 +121,6 @@ def roc_auc(scores, labels) -> float:
   return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def shift_sequences(x: jax.Array, shifts: jax.Array, max_shift: int) -> jax.Array:
-  """Shifts every sequence of (B, T, S, S, C) in-plane by its (dy, dx) in `shifts` (B, 2)
-  (|d| <= max_shift), filling with zeros (background label / black)."""
-  if max_shift == 0:
-    return x
-  size = x.shape[2]
-  pad = ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0))
-
-  def one(sequence, shift):
-    padded = jnp.pad(sequence, pad)
-    start = (0, max_shift - shift[0], max_shift - shift[1], 0)
-    return jax.lax.dynamic_slice(padded, start, (sequence.shape[0], size, size,
-                                                 sequence.shape[-1]))
-
-  return jax.vmap(one)(x, shifts)
-
-
 # ------------------------------------------------------------------------------ family
 class TemporalClassifierFamily:
   """Model family "temporal_classifier" (protocol in `cardiac_jax.training`), plus `encode`,
@@ -164,7 +146,6 @@ class TemporalClassifierFamily:
     self.beta = float(loss.beta_kl)
     self.gamma = float(loss.gamma)
     self.stage1_steps = int(config.train.stage1_steps)
-    self.max_shift = int(data.augment.max_shift_px)
     labels_in = self.input == "sa_label"
     self.in_channels = NUM_SLICES * (structures.NUM_LABELS if labels_in else 1)
     self.model = model_lib.TemporalVAEClassifier(
@@ -295,13 +276,8 @@ class TemporalClassifierFamily:
             joint: bool) -> tuple[TrainState, Metrics]:
     raw = self.raw_input(batch)
     label = self.disease_label(batch)
-    shift_key, noise_key = jax.random.split(key)
-    b = raw.shape[0]
-    shifts = self._replica_rows(lambda shape: jax.random.randint(
-        shift_key, shape, -self.max_shift, self.max_shift + 1), (b, 2))
-    raw = shift_sequences(raw, shifts, self.max_shift)
-    noise = self._replica_rows(lambda shape: jax.random.normal(noise_key, shape),
-                               (b, self.num_frames, self.latent_dim))
+    noise = self._replica_rows(lambda shape: jax.random.normal(key, shape),
+                               (raw.shape[0], self.num_frames, self.latent_dim))
     gamma = self.gamma if joint else 0.0
 
     def loss_fn(params):

@@ -4,20 +4,20 @@ Per-frame VAE on the 3 central short-axis slices (one-hot labels, cross-entropy
 reconstruction; data.input="sa_image" for images with a squared error), a classifier over the
 means of all T frames with a 64-unit concept layer, loss mean_t[rec + beta KL] + gamma BCE
 with beta 0.2, two stages (VAE alone for train.stage1_steps, then joint), random shifts of up
-to 5 px. The disease target is group in data.positive_groups (pathological vs normal by
+to 5 px (done by the cine input pipeline). The disease target is group in data.positive_groups (pathological vs normal by
 default). loss.reconstruction is not used: the reconstruction term follows data.input.
 """
 
 import ml_collections
 
 from experiments.configs import base
+from experiments.configs import cine_data
 
 
 def paper(c):
   """Clough et al.: T = 50 frames of 80 x 80 px, latent 128 per frame, beta 0.2, gamma 1."""
   c.data.num_frames = 50
   c.data.image_size = 80
-  c.data.prepare.image_size = 128
   c.model.channels = (32, 64, 128, 256)      # 80 -> 5 px bottleneck.
   c.model.latent_dim = 128
   c.model.frame_units = (64, 16)
@@ -37,6 +37,7 @@ def smoke(c):
   c.model.sequence_units = (16,)
   c.model.concept_units = 8
   c.model.head_units = (8,)
+  c.data.prepare.image_size = 32
   c.data.augment.max_shift_px = 2
   c.train.stage1_steps = 2
   c.tcav.num_random_sets = 3
@@ -46,12 +47,12 @@ def get_config(arg=None):
   c = base.base_config()
   c.name = "temporal_classifier"
 
-  # Cine batches (data_pipelines/cine.py): "sa_label"/"sa_image" (B, T, S, S, 3), "group" (B,),
-  # "lv_volume_ml" (B, T), "pixel_spacing_mm" and "slice_thickness_mm" (B,).
-  c.data.format = "cine"
-  c.data.num_frames = 20              # T: frames per cycle after temporal resampling from ED.
-  c.data.image_size = 32              # S: model input size in pixels.
-  c.data.prepare.spacing_mm = 2.6     # In-plane spacing of the cine crops (LV-centred).
+  # Cine batches (data_pipelines/cine.py, fields in experiments/configs/cine_data.py):
+  # "sa_label"/"sa_image" (B, T, S, S, 3), "group" (B,), "lv_volume_ml" (B, T), ...
+  # Stored crops: 80 px at 1.8 mm (shared with the other cine experiments), resized to S.
+  c.data = cine_data.get_data_config(
+      num_frames=20,                  # T: frames per cycle after temporal resampling from ED.
+      image_size=32)                  # S: model input size in pixels.
   c.data.input = "sa_label"           # "sa_label" (one-hot, cross-entropy) | "sa_image" (MSE).
   # Disease target: these groups (structures.GROUPS) are positive, all others negative.
   c.data.positive_groups = ("MINF", "DCM", "HCM", "RV")
@@ -70,8 +71,8 @@ def get_config(arg=None):
 
   c.optimizer.learning_rate = 3e-4
   c.train.batch_size = 8
-  c.train.num_steps = 1500
-  c.train.stage1_steps = 500          # Stage 1: VAE alone (gamma = 0).
+  c.train.num_steps = 1200
+  c.train.stage1_steps = 400          # Stage 1: VAE alone (gamma = 0).
   c.train.eval_every = 250
   c.train.checkpoint_every = 250
   c.train.figure_every = 250
