@@ -148,8 +148,8 @@ def _host(x) -> np.ndarray:
 
 
 def evaluate(family, state: TrainState, batches: Iterable[dict], mesh,
-             eval_fn: Callable | None = None,
-             keep: Iterable[str] = ()) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+             eval_fn: Callable | None = None, keep: Iterable[str] = (),
+             cache_dir: str | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
   """Runs the family's eval step over `batches` (one pass over a split).
 
   Returns (metrics, outputs). metrics: the mean over real examples (the batches' bool "mask"
@@ -157,24 +157,46 @@ def evaluate(family, state: TrainState, batches: Iterable[dict], mesh,
   <key>_ch<c> entry per channel and their mean), plus `family.finalize_eval(outputs)`.
   outputs: per-example numpy arrays, concatenated over the split, of the keys in
   `family.eval_keep_keys` and `keep` (eval-step outputs or batch fields).
+
+  With `cache_dir`, each batch's real rows are written to cache_dir/batch_<i>.npz as they are
+  computed and read back instead of recomputed on a rerun, so an interrupted evaluation of a
+  large cohort resumes where it stopped (the cache belongs to one checkpoint and split; it is
+  used by single-process evaluations).
   """
   eval_fn = eval_fn or parallel.jit_eval_step(family.eval_step, mesh)
   keep = tuple(dict.fromkeys(tuple(family.eval_keep_keys) + tuple(keep)))
+  if jax.process_count() > 1:
+    cache_dir = None  # Processes would have to agree on which batches are done.
+  if cache_dir is not None:
+    os.makedirs(cache_dir, exist_ok=True)
   sums: dict[str, np.ndarray] = {}
   count = 0
   kept: dict[str, list] = {}
-  for batch in batches:
-    mask = np.asarray(batch.get("mask", np.ones(len(next(iter(batch.values()))), bool)), bool)
-    out = {k: _host(v) for k, v in eval_fn(state, parallel.shard_batch(batch, mesh)).items()}
-    mask = _host(mask) if jax.process_count() > 1 else mask
+  for i, batch in enumerate(batches):
+    path = os.path.join(cache_dir, f"batch_{i:06d}.npz") if cache_dir else None
+    rows = _read_cached_rows(path) if path else None
+    if rows is None:
+      size = len(next(iter(batch.values())))
+      mask = np.asarray(batch.get("mask", np.ones(size, bool)), bool)
+      out = {k: _host(v) for k, v in eval_fn(state, parallel.shard_batch(batch, mesh)).items()}
+      mask = _host(mask) if jax.process_count() > 1 else mask
+      rows = {k: out[k][mask] for k in family.eval_metric_keys}
+      for k in keep:
+        if k in out:
+          rows[k] = out[k][mask]
+        elif k in batch:
+          rows[k] = _host(np.asarray(batch[k]))[mask] if jax.process_count() > 1 else (
+              np.asarray(batch[k])[mask])
+      if path:
+        with open(path + ".tmp", "wb") as f:
+          np.savez(f, **rows)
+        os.replace(path + ".tmp", path)
     for k in family.eval_metric_keys:
-      sums[k] = sums.get(k, 0.0) + out[k][mask].sum(axis=0)
-    count += int(mask.sum())
+      sums[k] = sums.get(k, 0.0) + rows[k].sum(axis=0)
+    count += len(rows[family.eval_metric_keys[0]])
     for k in keep:
-      if k in out:
-        kept.setdefault(k, []).append(out[k][mask])
-      elif k in batch:
-        kept.setdefault(k, []).append(np.asarray(batch[k])[mask])
+      if k in rows:
+        kept.setdefault(k, []).append(rows[k])
   if not count:
     raise ValueError("evaluation saw no examples (empty split?)")
   metrics: dict[str, float] = {}
@@ -189,6 +211,17 @@ def evaluate(family, state: TrainState, batches: Iterable[dict], mesh,
   outputs = {k: np.concatenate(v) for k, v in kept.items()}
   metrics.update(family.finalize_eval(outputs))
   return metrics, outputs
+
+
+def _read_cached_rows(path: str) -> dict[str, np.ndarray] | None:
+  """A finished batch of an interrupted evaluation, or None (absent or unreadable)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      return {k: data[k] for k in data.files}
+  except (OSError, ValueError, EOFError):
+    return None  # Damaged (e.g. disk full while writing): recompute it.
 
 
 def _figure_examples(data: DataSource) -> dict[str, np.ndarray]:

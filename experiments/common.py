@@ -95,7 +95,11 @@ def split_source(config, split: str, directory: str | None = None):
 
 
 def make_data_source(config, eval_split: str = "val") -> DataSource:
-  """Training and evaluation iterators of this process for the training loop."""
+  """Training and evaluation iterators of this process for the training loop (cine configs,
+  data.format == "cine", are served by data_pipelines.cine)."""
+  if config.data.get("format", "slices") == "cine":
+    from data_pipelines import cine
+    return cine.make_data_source(config)
   from data_pipelines import pipeline
   directory = prepared_dir(config)
   train = split_source(config, "train", directory)

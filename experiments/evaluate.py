@@ -1,5 +1,8 @@
 """Evaluate a trained VAE-family run: `python -m experiments.evaluate --workdir=DIR [--split=test]`.
 
+Resumable: batches finished before an interruption are kept in DIR/eval/partial_<split>_step<N>
+and not recomputed by a rerun; the folder is removed once metrics.json is written.
+
 Writes DIR/eval/metrics.json with
 - reconstruction: MSE, PSNR, SSIM (overall and per channel) of the posterior-mean reconstruction,
   plus the reconstruction loss and KL, on the held-out split;
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 from absl import app, flags
@@ -79,8 +83,11 @@ def evaluate_run(workdir: str, split: str = "test", step: int | None = None,
   config, family, state, mesh = restore_run(workdir, step)
   source = common.split_source(config, split)
   batches = pipeline.eval_batches(source, config.data, batch_size=config.train.eval_batch_size)
+  out_dir = os.path.join(workdir, "eval")
+  # Finished batches of an interrupted evaluation are read back, not recomputed.
+  cache_dir = os.path.join(out_dir, f"partial_{split}_step{int(state.step)}")
   reconstruction, outputs = training.evaluate(
-      family, state, batches, mesh,
+      family, state, batches, mesh, cache_dir=cache_dir,
       keep=("mu", "logvar", "reconstruction", "image", "attributes", "group", "subject"))
   names = list(config.data.attributes)
   latents, attributes = outputs["mu"], outputs["attributes"]
@@ -95,8 +102,6 @@ def evaluate_run(workdir: str, split: str = "test", step: int | None = None,
       result["regularized"] = interpretability.regularized_dimension_correlations(
           latents, attributes, dims, names)
 
-  out_dir = os.path.join(workdir, "eval")
-  os.makedirs(out_dir, exist_ok=True)
   channel_names = [c.upper() for c in config.data.channels]
   viz.save_reconstruction_figure(os.path.join(out_dir, "reconstructions.png"),
                                  outputs["image"][:8], outputs["reconstruction"][:8],
@@ -123,6 +128,7 @@ def evaluate_run(workdir: str, split: str = "test", step: int | None = None,
   with open(path + ".tmp", "w") as f:
     json.dump(result, f, indent=2)
   os.replace(path + ".tmp", path)
+  shutil.rmtree(cache_dir, ignore_errors=True)
   return result
 
 

@@ -11,15 +11,25 @@ from cardiac_jax import steps
 from experiments import configs
 
 
+VAE_FAMILY = ("vae", "beta_vae", "ar_vae", "sivae", "ar_sivae")
+
+
 def test_every_config_has_smoke_and_paper_variants():
   names = configs.available_configs()
-  assert {"vae", "beta_vae", "ar_vae", "sivae", "ar_sivae"} <= set(names)
+  assert set(VAE_FAMILY) <= set(names)
   for name in names:
     smoke, paper = configs.get_config(f"{name}:smoke"), configs.get_config(f"{name}:paper")
     assert smoke.name == paper.name == name
     assert smoke.train.num_steps <= 10 and smoke.data.image_size <= 32
-    assert paper.data.image_size == 128 and paper.model.latent_dim == 256
-    assert paper.train.batch_size == 16
+    assert smoke.model.family == paper.model.family
+    steps.make_family(smoke)  # Each config names a registered family that accepts it.
+
+
+@pytest.mark.parametrize("name", VAE_FAMILY)
+def test_paper_variant_of_the_vae_family_is_the_acdc_setting(name):
+  paper = configs.get_config(f"{name}:paper")
+  assert paper.data.image_size == 128 and paper.model.latent_dim == 256
+  assert paper.train.batch_size == 16
 
 
 def test_paper_hyperparameters_of_ar_sivae():
@@ -49,7 +59,7 @@ def test_resolve_config_argv_maps_names_to_files():
   assert configs.resolve_config_argv(["prog", "--config", "vae"])[2].endswith("vae.py")
 
 
-@pytest.mark.parametrize("name", ["vae", "beta_vae", "ar_vae", "sivae", "ar_sivae"])
+@pytest.mark.parametrize("name", VAE_FAMILY)
 def test_two_train_steps_of_every_config(name):
   config = configs.get_config(f"{name}:smoke")
   config.data.image_size, config.model.channels = 16, (4, 8)  # Shared toy size: fast compile.

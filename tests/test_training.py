@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from cardiac_jax import checkpointing, metric_logging, steps, training
+from cardiac_jax import checkpointing, metric_logging, parallel, steps, training
 from data_pipelines import pipeline
 from experiments.configs import get_config
 
@@ -200,3 +200,38 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_restored(
   assert "6.corrupt-0" in checkpoints and "6" in checkpoints  # Kept aside, then rewritten.
   logged = [r["step"] for r in metric_logging.read_metrics(workdir) if "train/loss" in r]
   assert logged == [1, 2, 3, 4, 5, 6]
+
+
+def test_interrupted_evaluation_resumes_from_its_finished_batches(uninterrupted, tmp_path,
+                                                                  disc_examples):
+  config, _, state = uninterrupted
+  family = steps.make_family(config)
+  mesh = parallel.make_mesh(1)
+  batches = lambda: pipeline.eval_batches(disc_examples[:10], config.data, batch_size=4)
+  keep = ("mu", "subject")
+  reference, ref_outputs = training.evaluate(family, state, batches(), mesh, keep=keep)
+
+  def interrupted():
+    for i, batch in enumerate(batches()):
+      if i == 2:
+        raise KeyboardInterrupt
+      yield batch
+
+  cache = str(tmp_path / "partial")
+  with pytest.raises(KeyboardInterrupt):
+    training.evaluate(family, state, interrupted(), mesh, keep=keep, cache_dir=cache)
+  assert sorted(os.listdir(cache)) == ["batch_000000.npz", "batch_000001.npz"]
+  calls = []
+  compiled = jax.jit(family.eval_step)
+
+  def counting_eval(s, batch):
+    calls.append(1)
+    return compiled(s, batch)
+
+  metrics, outputs = training.evaluate(family, state, batches(), mesh, eval_fn=counting_eval,
+                                       keep=keep, cache_dir=cache)
+  assert len(calls) == 1  # Only the third (padded) batch was computed again.
+  assert metrics.keys() == reference.keys()
+  for k, v in reference.items():
+    np.testing.assert_allclose(metrics[k], v, rtol=1e-6)
+  assert list(outputs["subject"]) == list(ref_outputs["subject"]) and len(outputs["mu"]) == 10

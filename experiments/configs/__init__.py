@@ -13,7 +13,8 @@ import os
 import pathlib
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent
-_NOT_CONFIGS = {"__init__", "base"}
+# Shared sections that experiments build on, not experiments themselves.
+_NOT_CONFIGS = {"__init__", "base", "cine_data"}
 
 
 def available_configs() -> list[str]:
