@@ -1,6 +1,7 @@
 """Speed of a config's train step and input pipeline on this machine, as one JSON line.
 
-`python -m experiments.benchmark --config=NAME[:variant] --steps=N [--config.key=value ...]`
+`python -m experiments.benchmark --config=NAME[:variant] --steps=N [--config.key=value ...]
+    [--torch_python=PYTHON] [--remat=none|blocks] [--input_batches=0]`
 
 What is measured, in this order, in one process:
 1. peak_gflops: the best of several runs of a jitted float32 (M x M) @ (M x M) matmul
@@ -14,11 +15,24 @@ What is measured, in this order, in one process:
 3. peak_rss_mb: the process's peak resident memory (getrusage ru_maxrss) after the step timing,
    before the input pipeline (TensorFlow) is imported;
 4. input_samples_per_sec: `data_pipelines.pipeline.measure_throughput` of the config's prepared
-   training split (generated and prepared first if the cache lacks it), single process.
+   training split (generated and prepared first if the cache lacks it), single process; skipped
+   with --input_batches=0;
+5. with --torch_python=PYTHON: the PyTorch eager baseline (benchmarks/torch_baseline.py, the same
+   AR-SIVAE model and encoder+decoder update) run right after the JAX steps by that interpreter
+   (an environment that has PyTorch; PyTorch is never a project dependency) at the same batch
+   size, resolution, channels, latent size and loss weights, for as many timed steps after one
+   warm-up step. jax_over_torch = jax_s_per_step / torch_s_per_step (below 1: JAX is faster).
+   Both parameter counts are reported and must agree.
+
+The machine may be shared: the 1-, 5- and 15-minute load averages (os.getloadavg) at the start
+and end of the run are part of the line, and so are the individual step times of both
+frameworks, so that a ratio can be judged against the load it was measured under.
 
 mfu = flops_per_step * steps_per_sec / (peak_gflops * 1e9): the share of the measured matmul
 peak the step reaches. input_to_step_ratio = input_samples_per_sec / samples_per_sec: above 1
-the input pipeline keeps up with training.
+the input pipeline keeps up with training. step_buffers_mb is XLA's memory analysis of the
+compiled step (arguments + outputs + temporaries - aliased donations): the device memory the
+step needs, independent of what else the process holds (used to compare model.remat settings).
 """
 
 from __future__ import annotations
@@ -26,7 +40,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
+import os
 import resource
+import subprocess
 import sys
 import time
 
@@ -38,11 +55,23 @@ from experiments import configs
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: NAME[:variant].",
                                           lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps (after one warm-up step).")
-_INPUT_BATCHES = flags.DEFINE_integer("input_batches", 20,
-                                      "Batches timed for the input-pipeline throughput.")
+_INPUT_BATCHES = flags.DEFINE_integer(
+    "input_batches", 20, "Batches timed for the input-pipeline throughput (0 = skip it).")
 _PEAK_MATMUL_SIZE = flags.DEFINE_integer("peak_matmul_size", 2048,
                                          "Side of the square float32 matmul timed for the peak.")
 _PEAK_REPEATS = flags.DEFINE_integer("peak_repeats", 5, "Timed runs of the matmul (best kept).")
+_TORCH_PYTHON = flags.DEFINE_string(
+    "torch_python", "", "Python interpreter with PyTorch installed: also time the PyTorch eager "
+    "baseline (benchmarks/torch_baseline.py) at the same configuration (soft_intro configs).")
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0,
+                                      "torch.set_num_threads for the baseline (0 = its default).")
+
+_REMAT = flags.DEFINE_enum(
+    "remat", None, ["none", "blocks"],
+    "Rematerialisation of the model's residual blocks; default: config.model.remat (or none).")
+
+TORCH_BASELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "benchmarks", "torch_baseline.py")
 
 
 def measure_matmul_peak(size: int, repeats: int) -> float:
@@ -82,21 +111,53 @@ def _flops(compiled) -> float:
   return float(flops)
 
 
-def benchmark_train_step(config, num_steps: int) -> dict:
+def _step_buffers_mb(compiled) -> float | None:
+  """Arguments + outputs + temporaries - aliased bytes of the compiled step, in MiB."""
+  try:
+    memory = compiled.memory_analysis()
+  except (NotImplementedError, RuntimeError):  # Not every backend reports it.
+    return None
+  if isinstance(memory, (list, tuple)):
+    memory = memory[0] if memory else None
+  if memory is None:
+    return None
+  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+           + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  return total / 2 ** 20
+
+
+def count_parameters(params) -> int:
+  import jax
+  return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
+
+
+def make_family(config, remat: str, axis_name: str | None = None):
+  """The config's model family, its residual VAE set to `remat` ("none" | "blocks")."""
+  from cardiac_jax import steps
+  family = steps.make_family(config, axis_name=axis_name)
+  if remat != "none":
+    if not hasattr(family.model, "remat"):
+      raise ValueError(f"model.family {config.model.family!r} has no rematerialisation option")
+    family.model = family.model.clone(remat=remat)
+  return family
+
+
+def benchmark_train_step(config, num_steps: int, remat: str | None = None) -> dict:
   """Compile time, FLOPs and speed of the config's train step on synthetic batches."""
   import jax
-  from cardiac_jax import parallel, steps
+  from cardiac_jax import parallel
   if num_steps < 1:
     raise ValueError(f"--steps must be positive, got {num_steps}")
   backend = config.parallel.backend
   mesh = parallel.make_mesh(config.parallel.num_devices)
   batch_size = int(config.train.batch_size)
   parallel.check_batch_size(batch_size, mesh)
-  family = steps.make_family(config)
+  remat = remat or config.model.get("remat", "none")
+  family = make_family(config, remat)
   root = jax.random.key(config.seed)
   state = jax.jit(family.init_state, out_shardings=parallel.replicated(mesh))(root)
   train_step = parallel.compile_train_step(
-      lambda axis: steps.make_family(config, axis_name=axis).train_step, mesh, backend)
+      lambda axis: make_family(config, remat, axis_name=axis).train_step, mesh, backend)
   batch = synthetic_batch(config, batch_size // jax.process_count())
 
   start = time.perf_counter()
@@ -105,22 +166,78 @@ def benchmark_train_step(config, num_steps: int) -> dict:
   # Per-device program counts; the devices run it in parallel on their rows.
   flops_per_step = _flops(compiled) * mesh.size
 
+  step_buffers_mb = _step_buffers_mb(compiled)
+  params = {part: count_parameters(p) for part, p in state.params.items()}
+
   state, metrics = train_step(state, batch, jax.random.fold_in(root, 0))  # Warm-up.
   jax.block_until_ready((state, metrics))
-  start = time.perf_counter()
+  step_seconds = []
   for step in range(1, num_steps + 1):
+    start = time.perf_counter()
     state, metrics = train_step(state, batch, jax.random.fold_in(root, step))
     jax.block_until_ready(metrics)
+    step_seconds.append(time.perf_counter() - start)
+  start = time.perf_counter()
   jax.block_until_ready(state)
-  seconds = time.perf_counter() - start
+  step_seconds[-1] += time.perf_counter() - start
+  seconds = sum(step_seconds)
   steps_per_sec = num_steps / seconds
   return {
       "backend": backend, "devices": mesh.size, "platform": jax.default_backend(),
       "batch_size": batch_size, "image_size": int(config.data.image_size),
-      "steps": num_steps, "steps_per_sec": steps_per_sec,
+      "conv_impl": config.model.conv_impl, "compute_dtype": config.model.compute_dtype,
+      "remat": remat,
+      "steps": num_steps, "steps_per_sec": steps_per_sec, "jax_s_per_step": 1.0 / steps_per_sec,
+      "jax_step_seconds": step_seconds,
       "samples_per_sec": steps_per_sec * batch_size, "compile_sec": compile_sec,
-      "flops_per_step": flops_per_step,
+      "flops_per_step": flops_per_step, "step_buffers_mb": step_buffers_mb,
+      "jax_params": sum(params.values()),
   }
+
+
+def torch_baseline_command(config, torch_python: str, num_steps: int,
+                           threads: int = 0) -> list[str]:
+  """The benchmarks/torch_baseline.py command line for `config` (a soft_intro VAE config)."""
+  if config.model.family != "vae" or config.loss.objective != "soft_intro":
+    raise ValueError(
+        f"the PyTorch baseline implements the Soft-IntroVAE / AR-SIVAE update of the residual "
+        f"VAE only; config has model.family={config.model.family!r}, "
+        f"loss.objective={config.loss.objective!r}")
+  if config.loss.reconstruction != "mse" or config.loss.scale != "chw":
+    raise ValueError("the PyTorch baseline implements loss.reconstruction='mse' and "
+                     "loss.scale='chw' only")
+  loss = config.loss
+  command = [
+      torch_python, TORCH_BASELINE,
+      f"--image_size={int(config.data.image_size)}",
+      f"--image_channels={len(config.data.channels)}",
+      f"--channels={','.join(str(int(c)) for c in config.model.channels)}",
+      f"--latent_dim={int(config.model.latent_dim)}",
+      f"--num_attributes={len(config.data.attributes)}",
+      f"--batch_size={int(config.train.batch_size)}",
+      f"--steps={num_steps}", "--warmup_steps=1", f"--seed={int(config.seed)}",
+      f"--learning_rate={float(config.optimizer.learning_rate)}",
+      f"--beta_rec={float(loss.beta_rec)}", f"--beta_kl={float(loss.beta_kl)}",
+      f"--beta_neg={float(loss.beta_neg)}", f"--gamma_r={float(loss.gamma_r)}",
+      f"--gamma={float(loss.gamma)}", f"--delta={float(loss.delta)}",
+  ]
+  if threads:
+    command.append(f"--threads={threads}")
+  return command
+
+
+def run_torch_baseline(command: list[str]) -> dict:
+  """Runs the baseline command; returns its JSON line as a dict (raises with its stderr)."""
+  if not os.path.exists(command[0]):
+    raise FileNotFoundError(f"--torch_python {command[0]!r} does not exist")
+  completed = subprocess.run(command, capture_output=True, text=True, check=False)
+  if completed.returncode != 0:
+    raise RuntimeError(f"PyTorch baseline failed (exit {completed.returncode}): "
+                       f"{' '.join(command)}\n{completed.stderr.strip()}")
+  lines = [l for l in completed.stdout.splitlines() if l.startswith("{")]
+  if not lines:
+    raise RuntimeError(f"PyTorch baseline printed no JSON line: {completed.stdout!r}")
+  return json.loads(lines[-1])
 
 
 def measure_input(config, num_batches: int) -> float:
@@ -137,16 +254,37 @@ def measure_input(config, num_batches: int) -> float:
 
 
 def run_benchmark(config, spec: str, num_steps: int, input_batches: int,
-                  peak_matmul_size: int, peak_repeats: int) -> dict:
+                  peak_matmul_size: int, peak_repeats: int, torch_python: str = "",
+                  torch_threads: int = 0, remat: str | None = None) -> dict:
   """All measurements of the module docstring as one flat dict."""
+  # Fail on a config the baseline cannot run before spending minutes on the JAX side.
+  torch_command = (torch_baseline_command(config, torch_python, num_steps, torch_threads)
+                   if torch_python else None)
+  result = {"config": spec, "loadavg_start": list(os.getloadavg())}
   peak_gflops = measure_matmul_peak(peak_matmul_size, peak_repeats)
-  result = {"config": spec}
-  result.update(benchmark_train_step(config, num_steps))
+  result.update(benchmark_train_step(config, num_steps, remat))
   result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
   result["peak_gflops"] = peak_gflops
   result["mfu"] = result["flops_per_step"] * result["steps_per_sec"] / (peak_gflops * 1e9)
-  result["input_samples_per_sec"] = measure_input(config, input_batches)
-  result["input_to_step_ratio"] = result["input_samples_per_sec"] / result["samples_per_sec"]
+  if torch_command:
+    torch_result = run_torch_baseline(torch_command)
+    if torch_result["total_params"] != result["jax_params"]:
+      raise RuntimeError(f"parameter counts differ: JAX {result['jax_params']}, PyTorch "
+                         f"{torch_result['total_params']}; the models are not the same")
+    result.update({
+        "torch_s_per_step": torch_result["s_per_step"],
+        "torch_step_seconds": torch_result["step_seconds"],
+        "torch_samples_per_sec": torch_result["samples_per_sec"],
+        "torch_params": torch_result["total_params"],
+        "torch_version": torch_result["torch_version"],
+        "torch_threads": torch_result["threads"],
+        "torch_peak_rss_mb": torch_result["peak_rss_mb"],
+        "jax_over_torch": result["jax_s_per_step"] / torch_result["s_per_step"],
+    })
+  if input_batches > 0:
+    result["input_samples_per_sec"] = measure_input(config, input_batches)
+    result["input_to_step_ratio"] = result["input_samples_per_sec"] / result["samples_per_sec"]
+  result["loadavg_end"] = list(os.getloadavg())
   return result
 
 
@@ -172,8 +310,12 @@ def main(argv, spec: str = ""):
                          f"{', '.join(configs.available_configs())}")
   from experiments import common  # Heavy imports after flag parsing.
   common.quiet_logs()
-  result = run_benchmark(config, spec, _STEPS.value, _INPUT_BATCHES.value,
-                         _PEAK_MATMUL_SIZE.value, _PEAK_REPEATS.value)
+  try:
+    result = run_benchmark(config, spec, _STEPS.value, _INPUT_BATCHES.value,
+                           _PEAK_MATMUL_SIZE.value, _PEAK_REPEATS.value, _TORCH_PYTHON.value,
+                           _TORCH_THREADS.value, _REMAT.value)
+  except (ValueError, FileNotFoundError) as error:
+    raise app.UsageError(str(error)) from error
   print(json.dumps(result), flush=True)
 
 

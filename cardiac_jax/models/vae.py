@@ -11,6 +11,12 @@ Decoder (B, zdim) -> (B, H, W, C_out):
   (sigmoid output for images in [0, 1], as in the ACDC version).
 
 With ch = (64, 128, 256, 512, 512) and 128 px this is the reference model (4x4 bottleneck).
+
+Rematerialisation (`remat="blocks"`): every ResBlock of the encoder and decoder is wrapped in
+`nn.remat`, so its backward pass recomputes the block's activations from the block input instead
+of keeping them: activation memory drops to about one tensor per block for the price of one more
+forward pass of each block. The parameters and their names are the same either way, so a
+checkpoint trained with one setting restores with the other.
 The encoder and decoder are separate submodules ("encoder", "decoder") so that Soft-IntroVAE can
 give each its own optimizer.
 """
@@ -32,6 +38,19 @@ INITIALIZERS = {
 }
 
 
+REMAT_MODES = ("none", "blocks")
+
+
+def _block_class(remat: str) -> type[nn.Module]:
+  """ResBlock, or ResBlock under nn.remat (its `train` argument, index 2 after self and x, is a
+  Python bool and must stay static)."""
+  if remat not in REMAT_MODES:
+    raise ValueError(f"model.remat must be one of {REMAT_MODES}, got {remat!r}")
+  if remat == "blocks":
+    return nn.remat(layers.ResBlock, static_argnums=(2,))
+  return layers.ResBlock
+
+
 def _bottleneck_size(image_size: int, num_levels: int) -> int:
   size, remainder = divmod(image_size, 2 ** num_levels)
   if remainder or size < 1:
@@ -48,6 +67,7 @@ class Encoder(nn.Module):
   dtype: Any = None
   bn_axis_name: str | None = None
   initializer: str = "lecun_normal"
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
@@ -58,7 +78,8 @@ class Encoder(nn.Module):
     h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                      dtype=self.dtype, axis_name=self.bn_axis_name, name="stem_bn")(h)
     h = layers.avg_pool2(nn.leaky_relu(h, 0.2))
-    block = lambda c, name: layers.ResBlock(
+    block_class = _block_class(self.remat)
+    block = lambda c, name: block_class(
         c, conv_impl=self.conv_impl, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
         kernel_init=kernel_init, name=name)
     for i, c in enumerate(self.channels[1:]):
@@ -80,6 +101,7 @@ class Decoder(nn.Module):
   dtype: Any = None
   bn_axis_name: str | None = None
   initializer: str = "lecun_normal"
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, z: jax.Array, train: bool) -> jax.Array:
@@ -88,7 +110,8 @@ class Decoder(nn.Module):
     h = nn.Dense(self.channels[-1] * size * size, kernel_init=kernel_init, name="from_latent")(z)
     h = nn.relu(h).reshape(z.shape[0], size, size, self.channels[-1])
     h = h.astype(self.dtype or h.dtype)
-    block = lambda c, name: layers.ResBlock(
+    block_class = _block_class(self.remat)
+    block = lambda c, name: block_class(
         c, conv_impl=self.conv_impl, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
         kernel_init=kernel_init, name=name)
     for i, c in enumerate(reversed(self.channels)):
@@ -114,10 +137,12 @@ class VAE(nn.Module):
   dtype: Any = None
   bn_axis_name: str | None = None
   initializer: str = "lecun_normal"
+  remat: str = "none"
 
   def setup(self):
     common = dict(channels=tuple(self.channels), conv_impl=self.conv_impl, dtype=self.dtype,
-                  bn_axis_name=self.bn_axis_name, initializer=self.initializer)
+                  bn_axis_name=self.bn_axis_name, initializer=self.initializer,
+                  remat=self.remat)
     self.encoder = Encoder(latent_dim=self.latent_dim, **common)
     self.decoder = Decoder(image_size=self.image_size, out_channels=self.image_channels,
                            output_activation=self.output_activation, **common)
