@@ -104,7 +104,7 @@ class VAEFamily:
         image_size=self.image_size, image_channels=self.image_channels,
         output_activation=model_config.output_activation, conv_impl=model_config.conv_impl,
         dtype=jnp.dtype(model_config.compute_dtype), bn_axis_name=bn_axis_name,
-        initializer=model_config.initializer)
+        initializer=model_config.initializer, remat=model_config.get("remat", "none"))
     self.tx = {part: make_optimizer(config.optimizer) for part in PARTS}
     self.skip_nonfinite = bool(config.train.skip_nonfinite)
     if self.loss.objective not in ("vae", "soft_intro"):

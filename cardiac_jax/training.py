@@ -51,6 +51,10 @@ RESUMABLE_FIELDS = ("train.num_steps", "train.log_every", "train.eval_every",
                     "train.checkpoint_every", "train.figure_every", "train.progress_bar",
                     "train.max_checkpoints")
 
+# Config fields added after runs were written, with the value that reproduces those runs: a
+# saved config without the field is read as having this value, so the run still resumes.
+ADDED_FIELD_DEFAULTS = {"model.remat": "none"}
+
 
 class NonFiniteError(FloatingPointError):
   """Training produced a non-finite loss or gradient."""
@@ -97,7 +101,7 @@ def check_workdir_config(workdir: str, config) -> None:
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    a, b = flatten_config(saved), flatten_config(current)
+    a, b = {**ADDED_FIELD_DEFAULTS, **flatten_config(saved)}, flatten_config(current)
     differing = sorted(k for k in set(a) | set(b)
                        if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS)
     if differing:

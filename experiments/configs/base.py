@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.output_activation = "sigmoid"
   c.model.conv_impl = "auto"       # "auto" | "xla" | "im2col" (cardiac_jax.layers).
   c.model.compute_dtype = "float32"  # "bfloat16" for mixed precision (params stay float32).
+  c.model.remat = "none"           # "none" | "blocks": recompute each ResBlock in the backward.
   c.model.initializer = "lecun_normal"    # "lecun_normal" | "xavier_normal" | "he_normal".
 
   c.loss = ml_collections.ConfigDict()
