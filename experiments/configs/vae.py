@@ -12,11 +12,15 @@ def paper(c):
   c.data.augment.max_shift_px = 0
   c.train.batch_size = 16
   c.optimizer.learning_rate = 2e-4
+  c.loss.reconstruction = "mse"  # The reference's summed squared error.
 
 
 def get_config(arg=None):
   c = base.base_config()
   c.name = "vae"
-  # About 30 minutes on a 2-core CPU (1000 steps: 12 min, 3000: 30 min, measured).
-  c.train.num_steps = 3000
+  # Bernoulli likelihood (summed binary cross-entropy): on the synthetic cohort it reconstructs
+  # sharper than the summed squared error at half the steps (test SSIM 0.881 after 1500 steps
+  # vs 0.839 after 3000 with "mse"; README). 1500 steps: 15 min on an idle 2-core CPU.
+  c.loss.reconstruction = "bce"
+  c.train.num_steps = 1500
   return base.finalize(c, arg, paper)
