@@ -113,7 +113,7 @@ class DCGANFamily:
   """The DCGAN family for one config: model, optimizers and pure steps.
 
   Implements the family protocol of `cardiac_jax.training` plus `generate` (z -> images in
-  [0, 1]), `first_layer` and `first_linear_kernel` for direction discovery.
+  [0, 1]), `first_block_features` and `first_linear_kernel` for direction discovery.
   """
 
   eval_metric_keys = ("d_real", "d_fake")
@@ -191,10 +191,14 @@ class DCGANFamily:
     return self._apply("discriminator", state.params, state.batch_stats,
                        self.to_model_range(images), train=False)
 
-  def first_layer(self, state: TrainState, z: jax.Array) -> jax.Array:
-    """Output of the generator's first linear map, (B, latent_dim) -> (B, F)."""
-    variables = {"params": {"generator": state.params["generator"]}}
-    return self.model.apply(variables, z, method=lambda m, v: m.generator.first_layer(v))
+  def first_block_features(self, state: TrainState, z: jax.Array) -> jax.Array:
+    """(B, latent_dim) -> (B, F) activations after the generator's first linear map, BatchNorm
+    (inference mode) and ReLU: the feature space of GANSpace."""
+    variables = {"params": {"generator": state.params["generator"]},
+                 "batch_stats": {"generator": state.batch_stats["generator"]}}
+    _, inter = self.model.apply(variables, z, method=lambda m, v: m.generate(v, False),
+                                mutable=["intermediates"])
+    return inter["intermediates"]["generator"]["first_block"][0]
 
   def first_linear_kernel(self, state: TrainState) -> jax.Array:
     """(latent_dim, F) kernel of the generator's first linear map (features = z @ kernel + b)."""

@@ -65,20 +65,17 @@ class Generator(nn.Module):
                         dtype=self.dtype, axis_name=self.bn_axis_name,
                         scale_init=_bn_scale_init, name=name)
 
-  def first_layer(self, z: jax.Array) -> jax.Array:
-    """The first linear map z -> features (B, ch[-1] * s * s) (used by SeFa and GANSpace)."""
-    size = bottleneck_size(self.image_size, len(self.channels))
-    return nn.Dense(self.channels[-1] * size * size, kernel_init=_weight_init,
-                    name="from_latent")(z)
-
   @nn.compact
   def __call__(self, z: jax.Array, train: bool) -> jax.Array:
     if self.output_activation not in OUTPUT_ACTIVATIONS:
       raise ValueError(f"unknown output_activation {self.output_activation!r} "
                        f"(one of {OUTPUT_ACTIVATIONS})")
     size = bottleneck_size(self.image_size, len(self.channels))
-    h = self.first_layer(z)
+    h = nn.Dense(self.channels[-1] * size * size, kernel_init=_weight_init,
+                 name="from_latent")(z)
     h = nn.relu(self._norm(train, "from_latent_bn")(h))
+    # The first block's activations (B, ch[-1] * s * s): GANSpace's feature space.
+    self.sow("intermediates", "first_block", h)
     h = h.reshape(z.shape[0], size, size, self.channels[-1]).astype(self.dtype or h.dtype)
     conv = lambda c, name: layers.Conv(c, 3, impl=self.conv_impl, dtype=self.dtype,
                                        kernel_init=_weight_init, name=name)
