@@ -76,6 +76,7 @@ def sivae():
   config.data.channels = ("ed", "es")
   config.data.image_size, config.model.channels = 16, (4, 8)
   config.loss.objective = "soft_intro"
+  config.loss.reconstruction = "mse"  # The reference's loss, which np_rec evaluates.
   config.loss.beta_rec, config.loss.beta_kl, config.loss.beta_neg = 0.8, 1.0, 64.0
   config.loss.gamma_r = 1e-3  # Large enough to be visible in the check.
   config.loss.gamma, config.loss.delta, config.loss.regularized_dims = 0.1, 1.0, (0, 1, 2)
