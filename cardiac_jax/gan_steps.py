@@ -37,15 +37,15 @@ real and generated sets that need no pretrained network (none exists for cardiac
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from cardiac_jax.models import dcgan as dcgan_lib
-from cardiac_jax.train_state import TrainState, all_finite, make_optimizer, select_tree
+from cardiac_jax.train_state import (TrainState, finish_step, make_optimizer, optimizer_step,
+                                     replica_rows)
 
 PARTS = ("generator", "discriminator")
 Metrics = dict[str, jax.Array]
@@ -254,22 +254,8 @@ class DCGANFamily:
                               title="real examples")
 
   # -------------------------------------------------------------------------- training
-  def _global_rows(self, sampler: Callable[[tuple[int, ...]], jax.Array],
-                   shape: tuple[int, ...]) -> jax.Array:
-    """Noise for this replica's (B/R, ...) rows: under pmap the global (B, ...) block is drawn
-    from the shared key on every replica and each keeps its rows (the same numbers as jit)."""
-    if self.axis_name is None:
-      return sampler(shape)
-    replicas = jax.lax.psum(1, self.axis_name)
-    noise = sampler((replicas * shape[0],) + tuple(shape[1:]))
-    return jax.lax.dynamic_slice_in_dim(noise, jax.lax.axis_index(self.axis_name) * shape[0],
-                                        shape[0])
-
   def _update(self, state: TrainState, part: str, grads, params):
-    if self.axis_name is not None:
-      grads = jax.lax.pmean(grads, self.axis_name)
-    updates, opt_state = self.tx[part].update(grads, state.opt_state[part], params)
-    return optax.apply_updates(params, updates), opt_state, grads
+    return optimizer_step(self.tx[part], grads, state.opt_state[part], params, self.axis_name)
 
   def discriminator_loss_fn(self, d_params, state: TrainState, real: jax.Array,
                             fake: jax.Array, real_labels: jax.Array):
@@ -327,10 +313,11 @@ class DCGANFamily:
   def sample_step_noise(self, key: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
     """(z (rows, latent_dim), smoothed real labels (rows,)) of one step for this replica."""
     k_z, k_labels = jax.random.split(key)
-    z = self._global_rows(lambda s: jax.random.normal(k_z, s), (rows, self.latent_dim))
-    labels = self._global_rows(
+    z = replica_rows(lambda s: jax.random.normal(k_z, s), (rows, self.latent_dim),
+                     self.axis_name)
+    labels = replica_rows(
         lambda s: smoothed_real_labels(k_labels, s, self.real_label_low, self.real_label_high),
-        (rows,))
+        (rows,), self.axis_name)
     return z, labels
 
   def train_step(self, state: TrainState, batch: dict[str, jax.Array],
@@ -343,21 +330,9 @@ class DCGANFamily:
     metrics = {**d_metrics, **g_metrics, "real_label_mean": jnp.mean(labels)}
     # A monitoring sum (a GAN has no single objective); finite iff both losses are.
     metrics["loss"] = metrics["d_loss"] + metrics["g_loss"]
-    if self.axis_name is not None:
-      metrics = jax.lax.pmean(metrics, self.axis_name)
     grads = {"generator": g_grads, "discriminator": d_grads}
-    for part in PARTS:
-      metrics[f"grad_norm_{part}"] = optax.global_norm(grads[part])
-      metrics[f"param_norm_{part}"] = optax.global_norm(after_g.params[part])
-    finite = all_finite((grads, metrics))
-    new_state = after_g.replace(step=state.step + 1)
-    if self.skip_nonfinite:
-      skipped = state.replace(step=state.step + 1,
-                              skipped_nonfinite=state.skipped_nonfinite + 1)
-      new_state = select_tree(finite, new_state, skipped)
-    metrics["finite"] = finite.astype(jnp.float32)
-    metrics["skipped_nonfinite"] = new_state.skipped_nonfinite
-    return new_state, metrics
+    return finish_step(state, after_g, grads, metrics, skip_nonfinite=self.skip_nonfinite,
+                       axis_name=self.axis_name)
 
   warmup_train_step = None
 

@@ -39,12 +39,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from cardiac_jax import losses
 from cardiac_jax.metrics import reconstruction as recon_metrics
 from cardiac_jax.models import vae as vae_lib
-from cardiac_jax.train_state import TrainState, all_finite, make_optimizer, select_tree
+from cardiac_jax.train_state import (TrainState, finish_step, make_optimizer, optimizer_step,
+                                     replica_rows)
 
 PARTS = ("encoder", "decoder")
 Metrics = dict[str, jax.Array]
@@ -214,40 +214,19 @@ class VAEFamily:
     return mu + jnp.exp(0.5 * logvar) * self._normal(key, mu.shape, mu.dtype)
 
   def _normal(self, key, shape, dtype=jnp.float32):
-    """N(0, I) noise for this replica's (B/R, ...) rows: under pmap every replica draws the
-    global (B, ...) block from the shared key and keeps its rows (same numbers as jit)."""
-    if self.axis_name is None:
-      return jax.random.normal(key, shape, dtype)
-    replicas = jax.lax.psum(1, self.axis_name)
-    noise = jax.random.normal(key, (replicas * shape[0],) + tuple(shape[1:]), dtype)
-    return jax.lax.dynamic_slice_in_dim(noise, jax.lax.axis_index(self.axis_name) * shape[0],
-                                        shape[0])
+    """N(0, I) noise for this replica's rows (the global batch's numbers, as under jit)."""
+    return replica_rows(lambda full: jax.random.normal(key, full, dtype), shape, self.axis_name)
 
   def _optimizer_step(self, state: TrainState, part: str, grads, params):
     """Returns (params, opt_state, grads): grads averaged over the replicas (if any) first."""
-    if self.axis_name is not None:
-      grads = jax.lax.pmean(grads, self.axis_name)
-    updates, opt_state = self.tx[part].update(grads, state.opt_state[part], params)
-    return optax.apply_updates(params, updates), opt_state, grads
+    return optimizer_step(self.tx[part], grads, state.opt_state[part], params, self.axis_name)
 
   def _finish(self, state: TrainState, params, opt_state, batch_stats, grads,
               metrics: Metrics) -> tuple[TrainState, Metrics]:
     """Adds norms, checks finiteness, advances the step (or skips a non-finite update)."""
-    if self.axis_name is not None:
-      metrics = jax.lax.pmean(metrics, self.axis_name)
-    for part in PARTS:
-      metrics[f"grad_norm_{part}"] = optax.global_norm(grads[part])
-      metrics[f"param_norm_{part}"] = optax.global_norm(params[part])
-    finite = all_finite((grads, metrics))
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
-    if self.skip_nonfinite:
-      skipped = state.replace(step=state.step + 1,
-                              skipped_nonfinite=state.skipped_nonfinite + 1)
-      new_state = select_tree(finite, new_state, skipped)
-    metrics["finite"] = finite.astype(jnp.float32)
-    metrics["skipped_nonfinite"] = new_state.skipped_nonfinite
-    return new_state, metrics
+    new_state = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
+    return finish_step(state, new_state, grads, metrics, skip_nonfinite=self.skip_nonfinite,
+                       axis_name=self.axis_name)
 
   def vae_train_step(self, state: TrainState, batch: dict[str, jax.Array],
                      key: jax.Array) -> tuple[TrainState, Metrics]:

@@ -43,7 +43,7 @@ from scipy import stats
 from cardiac_jax import losses
 from cardiac_jax import structures
 from cardiac_jax.models import temporal_classifier as model_lib
-from cardiac_jax.train_state import TrainState, all_finite, make_optimizer, select_tree
+from cardiac_jax.train_state import TrainState, finish_step, make_optimizer, replica_rows
 
 PARTS = ("encoder", "decoder", "classifier")
 NUM_SLICES = 3
@@ -233,16 +233,6 @@ class TemporalClassifierFamily:
     return jnp.argmax(out.reshape(out.shape[:-1] + (NUM_SLICES, structures.NUM_LABELS)), -1)
 
   # ---------------------------------------------------------------------------- loss
-  def _replica_rows(self, sample: Callable[[tuple], jax.Array], shape: tuple) -> jax.Array:
-    """`sample(shape)` for this replica's rows: under pmap every replica draws the global
-    (R*B_local, ...) block with the shared key and keeps its rows (same numbers as jit)."""
-    if self.axis_name is None:
-      return sample(shape)
-    replicas = jax.lax.psum(1, self.axis_name)
-    block = sample((replicas * shape[0],) + tuple(shape[1:]))
-    return jax.lax.dynamic_slice_in_dim(block, jax.lax.axis_index(self.axis_name) * shape[0],
-                                        shape[0])
-
   def loss_terms(self, params, batch_stats, raw: jax.Array, label: jax.Array,
                  noise: jax.Array, train: bool = True) -> tuple[dict[str, jax.Array], Any]:
     """Per-example loss terms for a fixed noise (B, T, latent_dim).
@@ -276,8 +266,8 @@ class TemporalClassifierFamily:
             joint: bool) -> tuple[TrainState, Metrics]:
     raw = self.raw_input(batch)
     label = self.disease_label(batch)
-    noise = self._replica_rows(lambda shape: jax.random.normal(key, shape),
-                               (raw.shape[0], self.num_frames, self.latent_dim))
+    noise = replica_rows(lambda shape: jax.random.normal(key, shape),
+                         (raw.shape[0], self.num_frames, self.latent_dim), self.axis_name)
     gamma = self.gamma if joint else 0.0
 
     def loss_fn(params):
@@ -290,27 +280,17 @@ class TemporalClassifierFamily:
       return loss, (new_stats, metrics)
 
     grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
-    if self.axis_name is not None:
+    if self.axis_name is not None:  # Every part's, for the norms of stage 1 too.
       grads = jax.lax.pmean(grads, self.axis_name)
-      metrics = jax.lax.pmean(metrics, self.axis_name)
     params, opt_state = dict(state.params), dict(state.opt_state)
     # Stage 1 leaves the classifier and its optimizer state exactly as they are.
     for part in (PARTS if joint else ("encoder", "decoder")):
       updates, opt_state[part] = self.tx[part].update(grads[part], state.opt_state[part],
                                                       state.params[part])
       params[part] = optax.apply_updates(state.params[part], updates)
-    for part in PARTS:
-      metrics[f"grad_norm_{part}"] = optax.global_norm(grads[part])
-      metrics[f"param_norm_{part}"] = optax.global_norm(params[part])
-    finite = all_finite((grads, metrics))
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
-    if self.skip_nonfinite:
-      skipped = state.replace(step=state.step + 1, skipped_nonfinite=state.skipped_nonfinite + 1)
-      new_state = select_tree(finite, new_state, skipped)
-    metrics["finite"] = finite.astype(jnp.float32)
-    metrics["skipped_nonfinite"] = new_state.skipped_nonfinite
-    return new_state, metrics
+    new_state = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
+    return finish_step(state, new_state, grads, metrics, skip_nonfinite=self.skip_nonfinite,
+                       axis_name=self.axis_name)
 
   def vae_train_step(self, state: TrainState, batch: dict[str, jax.Array],
                      key: jax.Array) -> tuple[TrainState, Metrics]:

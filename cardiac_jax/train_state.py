@@ -9,7 +9,7 @@ optimizers themselves are pure functions owned by the model family, not state.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -70,3 +70,54 @@ def all_finite(tree: PyTree) -> jax.Array:
   """Scalar boolean: every leaf of `tree` is finite."""
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def replica_rows(sample: Callable[[tuple[int, ...]], jax.Array], shape: tuple[int, ...],
+                 axis_name: str | None) -> jax.Array:
+  """`sample(shape)` for this replica's (B/R, ...) rows of a global batch.
+
+  Under pmap (`axis_name` set) every replica draws the global (R * B/R, ...) block from the
+  shared key and keeps its own rows, so the numbers are those the jit backend draws for the
+  whole batch.
+  """
+  if axis_name is None:
+    return sample(shape)
+  replicas = jax.lax.psum(1, axis_name)
+  block = sample((replicas * shape[0],) + tuple(shape[1:]))
+  return jax.lax.dynamic_slice_in_dim(block, jax.lax.axis_index(axis_name) * shape[0],
+                                      shape[0])
+
+
+def optimizer_step(tx: optax.GradientTransformation, grads: PyTree, opt_state: PyTree,
+                   params: PyTree, axis_name: str | None) -> tuple[PyTree, PyTree, PyTree]:
+  """(new params, new optimizer state, grads) of one update; under pmap the gradients are
+  averaged over the replicas first (the returned grads are the averaged ones)."""
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, grads
+
+
+def finish_step(state: TrainState, new_state: TrainState, grads: dict[str, PyTree],
+                metrics: dict[str, jax.Array], *, skip_nonfinite: bool,
+                axis_name: str | None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """The end of every family's train step.
+
+  Averages the metrics over the replicas (pmap), adds grad_norm_<part> / param_norm_<part> for
+  every part in `grads`, checks that gradients and metrics are finite, advances the step and,
+  with `skip_nonfinite`, keeps `state` (counting the skip) instead of a non-finite update.
+  `new_state` carries the updated params, optimizer states and statistics.
+  """
+  if axis_name is not None:
+    metrics = jax.lax.pmean(metrics, axis_name)
+  for part in grads:
+    metrics[f"grad_norm_{part}"] = optax.global_norm(grads[part])
+    metrics[f"param_norm_{part}"] = optax.global_norm(new_state.params[part])
+  finite = all_finite((grads, metrics))
+  new_state = new_state.replace(step=state.step + 1)
+  if skip_nonfinite:
+    skipped = state.replace(step=state.step + 1, skipped_nonfinite=state.skipped_nonfinite + 1)
+    new_state = select_tree(finite, new_state, skipped)
+  metrics["finite"] = finite.astype(jnp.float32)
+  metrics["skipped_nonfinite"] = new_state.skipped_nonfinite
+  return new_state, metrics
