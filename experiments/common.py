@@ -14,6 +14,7 @@ once. <cache> is data.cache_dir, else $CARDIAC_JAX_CACHE, else ~/.cache/cardiac_
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow is first imported.
@@ -115,3 +116,29 @@ def make_data_source(config, eval_split: str = "val") -> DataSource:
                                  **process)
 
   return DataSource(train_batches=train_batches, eval_batches=eval_batches)
+
+
+def load_run_config(workdir: str):
+  """The resolved config a run was trained with (workdir/config.json)."""
+  import ml_collections
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {workdir} is not a training run directory")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_run(workdir: str, step: int | None = None):
+  """(config, family, state, mesh) of a run's checkpoint, for evaluation and analyses."""
+  import jax
+  from cardiac_jax import checkpointing, parallel, steps
+  config = load_run_config(workdir)
+  family = steps.make_family(config)
+  mesh = parallel.make_mesh(config.parallel.num_devices)
+  abstract = parallel.abstract_state(family.init_state, jax.random.key(config.seed), mesh)
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    state = checkpointer.restore(abstract, step)
+  finally:
+    checkpointer.close()
+  return config, family, state, mesh

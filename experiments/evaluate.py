@@ -31,32 +31,6 @@ _TRAVERSAL_RANGE = flags.DEFINE_float(
     "traversal_range", 2.5, "Traversal half-width in standard deviations of the test codes.")
 
 
-def load_run_config(workdir: str):
-  """The resolved config a run was trained with (workdir/config.json)."""
-  import ml_collections
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: {workdir} is not a training run directory")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def restore_run(workdir: str, step: int | None = None):
-  """(config, family, state, mesh) of a run's checkpoint, for evaluation and analyses."""
-  import jax
-  from cardiac_jax import checkpointing, parallel, steps
-  config = load_run_config(workdir)
-  family = steps.make_family(config)
-  mesh = parallel.make_mesh(config.parallel.num_devices)
-  abstract = parallel.abstract_state(family.init_state, jax.random.key(config.seed), mesh)
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    state = checkpointer.restore(abstract, step)
-  finally:
-    checkpointer.close()
-  return config, family, state, mesh
-
-
 def traversal_images(family, state, base_code, dims, values_per_dim):
   """(len(dims), S, H, W, C) decodings of `base_code` with dims[r] set to values_per_dim[r]."""
   import jax
@@ -80,7 +54,7 @@ def evaluate_run(workdir: str, split: str = "test", step: int | None = None,
   from data_pipelines import pipeline
   from experiments import common
 
-  config, family, state, mesh = restore_run(workdir, step)
+  config, family, state, mesh = common.restore_run(workdir, step)
   source = common.split_source(config, split)
   batches = pipeline.eval_batches(source, config.data, batch_size=config.train.eval_batch_size)
   out_dir = os.path.join(workdir, "eval")

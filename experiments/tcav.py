@@ -1,0 +1,537 @@
+"""TCAV analysis of a trained temporal VAE-classifier: `python -m experiments.tcav --workdir=DIR`.
+
+Global interpretability (Clough et al. 2019, Table 1 and Fig. 3) of a `temporal_classifier` run:
+
+1. Activations. The posterior means M (T, latent) of every subject of the concept splits
+   (default: train and val) and of the explained split (default: test), their 64-unit concept-
+   layer activations a(M) and the classifier logit (`TemporalClassifierFamily`). The pass over a
+   split resumes from its finished batches (DIR/tcav/partial_<split>_step<N>).
+2. Concepts. Cardiac function biomarkers of each subject from its stored segmentations and whole-
+   stack LV volume curve (`cardiac_jax.cardiac.biomarkers`; subjects failing the volume-curve QC
+   are excluded from the concept sets, with the reason, in DIR/tcav/biomarkers.csv): low EF, low
+   peak ejection rate, low peak filling rate, low atrial peak filling rate, high EDV, high ESV,
+   high wall-thickening variance. Concepts built to be irrelevant to the label, as controls:
+   a per-subject random number (any dataset) and, for the synthetic cohort, the scanner intensity
+   scale and the image noise level of the generating parameters (the classifier sees label maps,
+   so neither can matter). A concept set is the `tcav.concept_fraction` of the pooled concept
+   splits with the lowest (or highest) value, its negative set the same share at the other end.
+3. TCAV (`cardiac_jax.interpret.tcav.run_tcav`): CAVs on the concept layer, directional
+   derivatives of the logit for every subject of the explained split, TCAV score (fraction > 0),
+   mean derivative, significance against `tcav.num_random_sets` random concepts (two-sided t-test,
+   Bonferroni over the concepts) with the spread of the scores across the random runs.
+
+Writes DIR/tcav/:
+- table1.md, table1.csv: concept, description, TCAV score, mean derivative, spread, CAV accuracy,
+  p-value, significant; the header states the explained split, its AUC and the set sizes;
+- results.json: the same plus the AUC and per-run scores;
+- pca.png: PCA of the explained split's concept activations coloured by label, each subject's
+  logit gradient as an arrow and one concept's CAV (Fig. 3 left);
+- interpolation_<concept>.png and .gif: one subject's decoded segmentation sequence after moving
+  its latents so that the concept activation moves along -/+ the CAV (Fig. 3 right), with the EF
+  of every decoded sequence; interpolation_<concept>.json: those EFs and the logits.
+
+Moving latents along a CAV: the CAV lives in the concept layer, the decoder reads the per-frame
+latents M. The interpolation walks M in small minimal-norm steps, M <- M + d g / |g|^2 with
+g = grad_M (a(M) . v / |v|), each moving the projection of the concept activation on the unit CAV
+by d to first order (re-linearised at every step), to -/+ k standard deviations of that
+projection over the concept pool.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import zlib
+from typing import Any, Iterable, Sequence
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "temporal_classifier run directory.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_CONCEPT_SPLITS = flags.DEFINE_list("concept_splits", ["train", "val"],
+                                    "Splits pooled for the concept and random sets.")
+_EXPLAIN_SPLIT = flags.DEFINE_enum("explain_split", "test", ["train", "val", "test"],
+                                   "Split whose subjects are explained (TCAV scores, AUC).")
+_NUM_RANDOM = flags.DEFINE_integer("num_random_sets", None,
+                                   "Random concepts (default: the run's tcav.num_random_sets).")
+_FRACTION = flags.DEFINE_float("concept_fraction", None,
+                               "Concept-set share (default: the run's tcav.concept_fraction).")
+_INTERPOLATE = flags.DEFINE_string("interpolate", "low_ef", "Concept of the interpolation.")
+_SUBJECT = flags.DEFINE_string("subject", None,
+                               "Subject of the interpolation (default: the first positive "
+                               "subject of the explained split).")
+_SIGMAS = flags.DEFINE_list("sigmas", ["-2", "-1", "0", "1", "2"],
+                            "Interpolation targets in standard deviations of the projection.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the CAV splits and random sets.")
+
+QC_FAILED = "qc_failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class Concept:
+  """A TCAV concept: the `direction` ("low"/"high") end of biomarker `key`."""
+  name: str
+  key: str
+  direction: str
+  description: str
+  control: bool = False      # Built to be irrelevant to the label.
+
+
+CONCEPTS = (
+    Concept("low_ef", "lv_ef", "low", "low LV ejection fraction"),
+    Concept("low_per", "peak_ejection_rate_ml_s", "low", "low peak ejection rate"),
+    Concept("low_pfr", "peak_filling_rate_ml_s", "low", "low peak filling rate"),
+    Concept("low_apfr", "atrial_peak_filling_rate_ml_s", "low", "low atrial peak filling rate"),
+    Concept("high_edv", "lv_edv_ml", "high", "high LV end-diastolic volume"),
+    Concept("high_esv", "lv_esv_ml", "high", "high LV end-systolic volume"),
+    Concept("high_wtv", "wall_thickening_variance", "high",
+            "high variance of LV wall thickening over 6 segments"),
+    Concept("random", "random_attribute", "high",
+            "control: a random number per subject", control=True),
+    Concept("high_intensity", "intensity_scale", "high",
+            "control: scanner intensity scale (synthetic)", control=True),
+    Concept("high_noise", "noise_level", "high",
+            "control: image noise level (synthetic)", control=True),
+)
+BIOMARKER_KEYS = ("lv_edv_ml", "lv_esv_ml", "lv_ef", "peak_ejection_rate_ml_s",
+                  "peak_filling_rate_ml_s", "atrial_peak_filling_rate_ml_s",
+                  "wall_thickening_variance")
+
+
+# ------------------------------------------------------------------------------ biomarkers
+def random_attribute(subject: str) -> float:
+  """A uniform number in [0, 1) that depends only on the subject id (a control concept)."""
+  import numpy as np
+  return float(np.random.default_rng(zlib.crc32(subject.encode("utf-8"))).random())
+
+
+def subject_biomarkers(labels, volumes_ml, pixel_spacing_mm: float, slice_thickness_mm: float,
+                       frame_interval_s: float, window_length: int, polyorder: int
+                       ) -> dict[str, Any]:
+  """Biomarkers of one subject (T, S, S, 3) label sequence; NaN values and the reason when the
+  volume-curve QC fails or a measurement is impossible."""
+  import numpy as np
+  from cardiac_jax import cardiac
+  spacing = (float(pixel_spacing_mm), float(pixel_spacing_mm), float(slice_thickness_mm))
+  try:
+    values = cardiac.biomarkers(np.asarray(labels), spacing, frame_interval_s, window_length,
+                                polyorder, volumes_ml=np.asarray(volumes_ml, np.float64))
+  except ValueError as e:
+    return {**{k: float("nan") for k in BIOMARKER_KEYS}, QC_FAILED: f"not measurable: {e}"}
+  out = {k: float(values[k]) for k in BIOMARKER_KEYS}
+  if not values["qc_passed"]:
+    out = {k: float("nan") for k in BIOMARKER_KEYS}
+    out[QC_FAILED] = values["qc_reason"]
+  else:
+    out[QC_FAILED] = ""
+  return out
+
+
+def synthetic_parameters(config) -> dict[str, dict[str, float]]:
+  """{subject: {intensity_scale, noise_level}} of a synthetic cohort ({} for other data)."""
+  from data_pipelines import cine, synthetic
+  if config.data.get("dataset", "") != "synthetic":
+    return {}
+  path = os.path.join(cine.synthetic_raw_dir(config.data), synthetic.PARAMETERS_CSV)
+  if not os.path.exists(path):
+    return {}
+  return {p.subject: {"intensity_scale": p.intensity_scale, "noise_level": p.noise_level}
+          for p in synthetic.read_parameters_csv(path)}
+
+
+def biomarker_rows(examples: Iterable[dict], frame_interval_s: float, window_length: int,
+                   polyorder: int, parameters: dict[str, dict[str, float]]) -> list[dict]:
+  """One row per stored cine example: subject, group, biomarkers, control attributes."""
+  rows = []
+  for example in examples:
+    subject = example["subject"]
+    subject = subject.decode("utf-8") if isinstance(subject, bytes) else str(subject)
+    row = {"subject": subject, "group": int(example["group"])}
+    row.update(subject_biomarkers(example["sa_label"], example["lv_volume_ml"],
+                                  example["pixel_spacing_mm"], example["slice_thickness_mm"],
+                                  frame_interval_s, window_length, polyorder))
+    row["random_attribute"] = random_attribute(subject)
+    extra = parameters.get(subject, {})
+    row["intensity_scale"] = float(extra.get("intensity_scale", float("nan")))
+    row["noise_level"] = float(extra.get("noise_level", float("nan")))
+    rows.append(row)
+  return rows
+
+
+def write_csv(path: str, rows: Sequence[dict]) -> None:
+  """Rows as CSV (atomically; the columns of the first row)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  os.replace(path + ".tmp", path)
+
+
+# ------------------------------------------------------------------------------ activations
+def model_outputs(family, state, mesh, batches: Iterable[dict], cache_dir: str | None = None
+                  ) -> dict[str, Any]:
+  """Per subject: mu (N, T, D), concept activations (N, K), logit (N,), label (N,), subject."""
+  import jax
+  import numpy as np
+  from cardiac_jax import training
+  _, outputs = training.evaluate(family, state, batches, mesh, cache_dir=cache_dir,
+                                 keep=("mu", "logit", "label", "subject", "group"))
+  concepts_fn = jax.jit(family.concepts)
+  mu = outputs["mu"]
+  activations = np.concatenate([np.asarray(concepts_fn(state, mu[i:i + 64]))
+                                for i in range(0, len(mu), 64)])
+  outputs["concepts"] = activations.astype(np.float64)
+  outputs["subject"] = np.asarray([s.decode() if isinstance(s, bytes) else str(s)
+                                   for s in outputs["subject"]])
+  return outputs
+
+
+def concept_values(rows: Sequence[dict], subjects: Sequence[str], key: str):
+  """(N,) values of `key` for `subjects` in order (NaN when missing or failing QC)."""
+  import numpy as np
+  by_subject = {r["subject"]: r for r in rows}
+  missing = [s for s in subjects if s not in by_subject]
+  if missing:
+    raise ValueError(f"{len(missing)} subjects have no biomarker row, e.g. {missing[:3]}")
+  return np.asarray([by_subject[s][key] for s in subjects], np.float64)
+
+
+# ------------------------------------------------------------------------------ analysis
+def analyse(family, state, pool: dict, explained: dict, rows: Sequence[dict], *,
+            fraction: float, num_random_sets: int, alpha: float, seed: int = 0,
+            concepts: Sequence[Concept] = CONCEPTS) -> dict[str, Any]:
+  """TCAV of every measurable concept.
+
+  Args:
+    pool: `model_outputs` of the concept splits; explained: of the explained split.
+    rows: `biomarker_rows` of every subject in `pool`.
+  Returns:
+    {"results": {name: ConceptResult}, "skipped": {name: reason}, "gradients": (N, K),
+     "concepts": the Concept objects used, "auc": AUC of the explained split}.
+  """
+  from cardiac_jax.interpret import tcav
+  from cardiac_jax.temporal_steps import roc_auc
+  classifier_params = state.params["classifier"]
+
+  def logit_fn(a):
+    return family.head(classifier_params, a[None])[0]
+
+  gradients = tcav.logit_gradients(logit_fn, explained["concepts"])
+  sets, used, skipped = {}, [], {}
+  for concept in concepts:
+    values = concept_values(rows, pool["subject"], concept.key)
+    try:
+      sets[concept.name] = tcav.concept_sets(values, pool["concepts"], fraction,
+                                             concept.direction)
+      used.append(concept)
+    except ValueError as e:
+      skipped[concept.name] = str(e)
+  if not sets:
+    raise ValueError(f"no concept could be measured: {skipped}")
+  size = min(min(len(c), len(n)) for c, n in sets.values())
+  randoms = tcav.random_sets(pool["concepts"], num_random_sets, size, seed=seed)
+  results = tcav.run_tcav(gradients, sets, randoms, alpha=alpha, seed=seed)
+  return {"results": results, "skipped": skipped, "gradients": gradients, "concepts": used,
+          "auc": roc_auc(explained["logit"], explained["label"]), "set_size": size}
+
+
+def table_rows(analysis: dict) -> list[dict]:
+  rows = []
+  for concept in analysis["concepts"]:
+    r = analysis["results"][concept.name]
+    rows.append({"concept": concept.name, "description": concept.description,
+                 "control": concept.control, "tcav_score": round(r.score, 4),
+                 "mean_derivative": float(f"{r.mean_derivative:.4g}"),
+                 "spread": round(r.spread, 4), "cav_accuracy": round(r.cav_accuracy, 4),
+                 "p_value": float(f"{r.p_value:.3g}"), "significant": r.significant})
+  return rows
+
+
+def markdown_table(rows: Sequence[dict], header: str) -> str:
+  lines = [header, "",
+           "| Concept | Description | TCAV score (S > 0) | mean S | spread | CAV acc. | p-value "
+           "| significant |", "|---|---|---:|---:|---:|---:|---:|---|"]
+  for r in rows:
+    lines.append(f"| {r['concept']} | {r['description']} | {r['tcav_score']:.3f} | "
+                 f"{r['mean_derivative']:.3g} | {r['spread']:.3f} | {r['cav_accuracy']:.2f} | "
+                 f"{r['p_value']:.2g} | {'yes' if r['significant'] else 'no'} |")
+  return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ interpolation
+def interpolate_along_cav(family, state, mu, cav_vector, sigma: float,
+                          targets: Sequence[float], substeps: int = 4):
+  """Latents of one subject moved so that its concept activation's projection on the unit CAV
+  changes by targets[k] * sigma (module docstring).
+
+  Args:
+    mu: (T, D) posterior means of the subject.
+    cav_vector: (K,) CAV in the concept layer.
+    sigma: standard deviation of the projection over the concept pool.
+    targets: offsets in units of sigma (0 = the subject itself).
+  Returns:
+    (len(targets), T, D) latents and (len(targets),) achieved projection offsets / sigma.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  unit = jnp.asarray(cav_vector / np.linalg.norm(cav_vector), jnp.float32)
+
+  def projection(m):
+    return jnp.dot(family.concepts(state, m[None])[0], unit)
+
+  value_and_grad = jax.jit(jax.value_and_grad(projection))
+
+  @jax.jit
+  def walk(m, delta):
+    def body(m, _):
+      _, g = jax.value_and_grad(projection)(m)
+      return m + delta * g / jnp.maximum(jnp.sum(g * g), 1e-12), None
+    return jax.lax.scan(body, m, None, length=substeps)[0]
+
+  start = jnp.asarray(mu, jnp.float32)
+  base = float(value_and_grad(start)[0])
+  latents, achieved = [], []
+  for target in targets:
+    m = start
+    # Walk in unit-sigma legs so a far target is approached step by step.
+    legs = max(1, int(np.ceil(abs(target))))
+    for _ in range(legs):
+      m = walk(m, jnp.float32(target * sigma / (legs * substeps)))
+    latents.append(np.asarray(m))
+    achieved.append((float(value_and_grad(m)[0]) - base) / sigma)
+  return np.stack(latents), np.asarray(achieved)
+
+
+def decoded_lv_voxels(labels):
+  """(N, T, S, S, 3) decoded label sequences -> (N, T) LV blood-pool voxels of the 3 slices
+  (EF = (max - min) / max of this curve needs no spacing)."""
+  import numpy as np
+  from cardiac_jax import structures
+  return np.sum(np.asarray(labels) == structures.LV_BLOOD_POOL, axis=(2, 3, 4)).astype(float)
+
+
+def label_colours(labels):
+  """(..., H, W) canonical labels -> (..., H, W, 3) RGB in [0, 1] (viz.overlay_labels colours)."""
+  import numpy as np
+  from cardiac_jax import viz
+  labels = np.asarray(labels)
+  flat = labels.reshape((-1,) + labels.shape[-2:])
+  rgb = [viz.overlay_labels(np.zeros(f.shape), f, alpha=1.0) for f in flat]
+  return np.stack(rgb).reshape(labels.shape + (3,))
+
+
+def save_interpolation(out_dir: str, name: str, decoded, targets: Sequence[float],
+                       efs: Sequence[float], logits: Sequence[float], subject: str,
+                       num_columns: int = 8) -> tuple[str, str]:
+  """Strip (rows: targets, columns: frames, middle slice) and a GIF with the targets side by
+  side, of (len(targets), T, S, S, 3) decoded label sequences."""
+  import numpy as np
+  from cardiac_jax import viz
+  decoded = np.asarray(decoded)
+  t = decoded.shape[1]
+  frames = np.unique(np.linspace(0, t - 1, min(num_columns, t)).astype(int))
+  rgb = label_colours(decoded[..., 1])                       # Middle slice, (N, T, S, S, 3).
+  rows = [[rgb[i, f] for f in frames] for i in range(len(targets))]
+  titles = [f"{k:+g}\u03c3: EF {ef:.0f}%, logit {lg:+.2f}"
+            for k, ef, lg in zip(targets, efs, logits)]
+  png = viz.save_image_grid(os.path.join(out_dir, f"interpolation_{name}.png"), rows,
+                            row_titles=titles, col_titles=[f"frame {f}" for f in frames],
+                            title=f"{subject}: latents moved along the '{name}' CAV")
+  pad = np.ones(rgb.shape[2:3] + (2, 3))
+  movie = [np.concatenate([np.concatenate([rgb[i, f], pad], axis=1)
+                           for i in range(len(targets))], axis=1) for f in range(t)]
+  gif = viz.save_cine_gif(os.path.join(out_dir, f"interpolation_{name}.gif"), np.stack(movie),
+                          fps=8, scale=4)
+  return png, gif
+
+
+# ------------------------------------------------------------------------------ figures
+def save_pca_figure(path: str, activations, labels, gradients, cav_vector, concept: str,
+                    title: str) -> str:
+  """Fig. 3 left: PCA of concept activations, coloured by label, logit gradients as arrows,
+  the CAV of `concept` from the centre."""
+  import numpy as np
+  from matplotlib.figure import Figure
+  x = np.asarray(activations, np.float64)
+  centre = x.mean(axis=0)
+  _, _, vt = np.linalg.svd(x - centre, full_matrices=False)
+  axes = vt[:2]
+  points = (x - centre) @ axes.T
+  arrows = np.asarray(gradients, np.float64) @ axes.T
+  extent = np.ptp(points, axis=0).max() or 1.0
+  arrows *= 0.06 * extent / (np.abs(arrows).max() or 1.0)
+  cav = np.asarray(cav_vector, np.float64) @ axes.T
+  cav *= 0.35 * extent / (np.linalg.norm(cav) or 1.0)
+  fig = Figure(figsize=(6.0, 5.2), dpi=120, layout="constrained")
+  ax = fig.add_subplot()
+  labels = np.asarray(labels) > 0.5
+  for flag, colour, text in ((False, "tab:grey", "negative"), (True, "tab:blue", "positive")):
+    p, a = points[labels == flag], arrows[labels == flag]
+    ax.scatter(p[:, 0], p[:, 1], s=14, c=colour, label=f"{text} ({len(p)})", zorder=2)
+    ax.quiver(p[:, 0], p[:, 1], a[:, 0], a[:, 1], color=colour, angles="xy",
+              scale_units="xy", scale=1, width=0.003, alpha=0.7, zorder=1)
+  ax.annotate("", xy=tuple(cav), xytext=(0, 0),
+              arrowprops=dict(arrowstyle="-|>", color="tab:red", lw=2.5), zorder=3)
+  ax.text(cav[0], cav[1], f" CAV '{concept}'", color="tab:red", fontsize=9)
+  # Equal, explicit limits: a (nearly) rank-one cloud must not collapse an axis to ~1e-17.
+  drawn = np.concatenate([points, points + arrows, cav[None], np.zeros((1, 2))])
+  middle = (drawn.max(axis=0) + drawn.min(axis=0)) / 2
+  half = 0.55 * max(float(np.ptp(drawn, axis=0).max()), 1e-6)
+  ax.set_xlim(middle[0] - half, middle[0] + half)
+  ax.set_ylim(middle[1] - half, middle[1] + half)
+  ax.set_xlabel("PC 1 of the concept layer")
+  ax.set_ylabel("PC 2")
+  ax.set_title(title, fontsize=10)
+  ax.legend(fontsize=8, loc="best")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  return path
+
+
+# ------------------------------------------------------------------------------ driver
+def load_split_examples(config, split: str):
+  """Random-access source of one split of the run's prepared cine dataset."""
+  from data_pipelines import cine, prepare
+  return prepare.load_split(cine.prepared_cine_dir(config), split)
+
+
+def split_batches(config, source):
+  from data_pipelines import cine
+  return cine.eval_batches(source, config.data, batch_size=config.train.eval_batch_size)
+
+
+def run(workdir: str, step: int | None = None, concept_splits: Sequence[str] = ("train", "val"),
+        explain_split: str = "test", num_random_sets: int | None = None,
+        concept_fraction: float | None = None, interpolate: str = "low_ef",
+        subject: str | None = None, sigmas: Sequence[float] = (-2, -1, 0, 1, 2),
+        seed: int = 0) -> dict[str, Any]:
+  """The whole analysis (module docstring); returns results.json's content."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from experiments import common
+
+  family_name = common.load_run_config(workdir).model.family
+  if family_name != "temporal_classifier":
+    raise ValueError(f"{workdir} is a {family_name!r} run; TCAV needs a "
+                     "temporal_classifier run")
+  config, family, state, mesh = common.restore_run(workdir, step)
+  if family.input != "sa_label":
+    raise ValueError("the interpolation decodes label maps: train with data.input=sa_label")
+  tc = config.tcav
+  fraction = float(concept_fraction if concept_fraction is not None else tc.concept_fraction)
+  num_random = int(num_random_sets if num_random_sets is not None else tc.num_random_sets)
+  out_dir = os.path.join(workdir, "tcav")
+  os.makedirs(out_dir, exist_ok=True)
+  frame_interval = float(tc.cycle_duration_s) / int(config.data.num_frames)
+  parameters = synthetic_parameters(config)
+
+  def gather(split):
+    source = load_split_examples(config, split)
+    outputs = model_outputs(family, state, mesh, split_batches(config, source),
+                            cache_dir=os.path.join(out_dir,
+                                                   f"partial_{split}_step{int(state.step)}"))
+    rows = biomarker_rows((source[i] for i in range(len(source))), frame_interval,
+                          int(tc.savgol_window), int(tc.savgol_order), parameters)
+    return outputs, rows
+
+  pool_parts = [gather(s) for s in concept_splits]
+  pool = {k: np.concatenate([p[0][k] for p in pool_parts]) for k in pool_parts[0][0]}
+  rows = [r for p in pool_parts for r in p[1]]
+  explained, explained_rows = gather(explain_split)
+  write_csv(os.path.join(out_dir, "biomarkers.csv"),
+            [dict(r, split=s) for s, p in zip(concept_splits, pool_parts) for r in p[1]]
+            + [dict(r, split=explain_split) for r in explained_rows])
+  excluded = {r["subject"]: r[QC_FAILED] for r in rows if r[QC_FAILED]}
+
+  analysis = analyse(family, state, pool, explained, rows, fraction=fraction,
+                     num_random_sets=num_random, alpha=float(tc.alpha), seed=seed)
+  table = table_rows(analysis)
+  header = (f"TCAV of the concept layer, {config.name} step {int(state.step)}: "
+            f"{len(explained['logit'])} {explain_split} subjects explained (AUC "
+            f"{analysis['auc']:.3f}); concept sets of {analysis['set_size']} subjects from "
+            f"{'+'.join(concept_splits)} ({len(rows)} subjects, {len(excluded)} excluded by QC); "
+            f"{num_random} random concepts; Bonferroni over {len(table)} concepts at "
+            f"alpha {float(tc.alpha)}.")
+  with open(os.path.join(out_dir, "table1.md"), "w", encoding="utf-8") as f:
+    f.write(markdown_table(table, header))
+  write_csv(os.path.join(out_dir, "table1.csv"), table)
+
+  # Figures: PCA with gradients and the CAV, and the decoded interpolation.
+  if interpolate not in analysis["results"]:
+    raise ValueError(f"--interpolate={interpolate!r} is not a measured concept; measured: "
+                     f"{sorted(analysis['results'])}")
+  cav = analysis["results"][interpolate].cav.vector
+  save_pca_figure(os.path.join(out_dir, "pca.png"), explained["concepts"], explained["label"],
+                  analysis["gradients"], cav, interpolate,
+                  f"{explain_split} subjects: PCA of the concept layer, logit gradients, "
+                  f"AUC {analysis['auc']:.3f}")
+  subjects = list(explained["subject"])
+  if subject is None:
+    positives = np.flatnonzero(explained["label"] > 0.5)
+    index = int(positives[0]) if len(positives) else 0
+  elif subject in subjects:
+    index = subjects.index(subject)
+  else:
+    raise ValueError(f"subject {subject!r} is not in the {explain_split} split")
+  unit = cav / np.linalg.norm(cav)
+  sigma = float(np.std(pool["concepts"] @ unit)) or 1.0
+  targets = [float(s) for s in sigmas]
+  latents, achieved = interpolate_along_cav(family, state, explained["mu"][index], cav, sigma,
+                                            targets)
+  decoded = np.asarray(jax.jit(family.decode_labels)(state, jnp.asarray(latents)))
+  logits = np.asarray(jax.jit(family.logits)(state, jnp.asarray(latents)))
+  volumes = decoded_lv_voxels(decoded)
+  efs = [100.0 * (v.max() - v.min()) / max(v.max(), 1e-9) for v in volumes]
+  save_interpolation(out_dir, interpolate, decoded, targets, efs, logits, subjects[index])
+  interpolation = {"concept": interpolate, "subject": subjects[index], "sigma": sigma,
+                   "targets_sigma": targets, "achieved_sigma": achieved.tolist(),
+                   "decoded_ef_percent": [float(e) for e in efs],
+                   "logit": logits.tolist()}
+  with open(os.path.join(out_dir, f"interpolation_{interpolate}.json"), "w") as f:
+    json.dump(interpolation, f, indent=2)
+
+  result = {"workdir": os.path.abspath(workdir), "step": int(state.step),
+            "explain_split": explain_split, "concept_splits": list(concept_splits),
+            "auc": analysis["auc"], "set_size": analysis["set_size"],
+            "num_random_sets": num_random, "excluded_by_qc": excluded,
+            "skipped_concepts": analysis["skipped"], "table": table,
+            "random_run_scores": {k: r.random_run_scores.tolist()
+                                  for k, r in analysis["results"].items()},
+            "random_baseline_scores": next(iter(
+                analysis["results"].values())).random_baseline_scores.tolist(),
+            "interpolation": interpolation}
+  with open(os.path.join(out_dir, "results.json.tmp"), "w") as f:
+    json.dump(result, f, indent=2)
+  os.replace(os.path.join(out_dir, "results.json.tmp"), os.path.join(out_dir, "results.json"))
+  for split in set(concept_splits) | {explain_split}:
+    import shutil
+    shutil.rmtree(os.path.join(out_dir, f"partial_{split}_step{int(state.step)}"),
+                  ignore_errors=True)
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  from experiments import common
+  common.quiet_logs()
+  result = run(_WORKDIR.value, _STEP.value, _CONCEPT_SPLITS.value, _EXPLAIN_SPLIT.value,
+               _NUM_RANDOM.value, _FRACTION.value, _INTERPOLATE.value, _SUBJECT.value,
+               [float(s) for s in _SIGMAS.value], _SEED.value)
+  with open(os.path.join(_WORKDIR.value, "tcav", "table1.md"), encoding="utf-8") as f:
+    print(f.read())
+  inter = result["interpolation"]
+  print(f"interpolation of {inter['subject']} along '{inter['concept']}': decoded EF "
+        + ", ".join(f"{t:+g}\u03c3 {e:.0f}%" for t, e in zip(inter["targets_sigma"],
+                                                          inter["decoded_ef_percent"])))
+
+
+if __name__ == "__main__":
+  app.run(main)
