@@ -17,7 +17,7 @@ def paper(c):
 def get_config(arg=None):
   c = base.base_config()
   c.name = "ar_sivae"
-  sivae.soft_intro(c)
+  sivae.soft_intro(c, sivae.DEFAULT_BETA_NEG)
   c.loss.gamma = 0.1
   c.loss.delta = 1.0
   c.loss.regularized_dims = tuple(range(len(c.data.attributes)))

@@ -6,6 +6,7 @@ from experiments.configs import base
 def paper(c):
   """The ACDC setting of the AR-SIVAE reference code: 128 px ED slices, zdim 256, batch 16."""
   c.data.image_size = 128
+  c.data.prepare.slice_rule = "acdc_basal"  # Basal end of the slices showing every structure.
   c.model.channels = (64, 128, 256, 512, 512)
   c.model.latent_dim = 256
   c.model.initializer = "xavier_normal"
