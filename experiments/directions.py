@@ -1,0 +1,1009 @@
+"""Latent directions of a trained generator scored against the cohort's ground-truth factors.
+
+  python -m experiments.directions --workdir=DIR --method=voynov|pca|sefa|ganspace
+  python -m experiments.directions --workdir=DIR --methods=pca,sefa,voynov
+  python -m experiments.directions --compare=DIR/directions/pca,OTHER/directions/voynov
+
+The generator is the DCGAN generator of a `dcgan` run or the decoder of a `vae`-family run,
+both fed z ~ N(0, I) (`generator_from_workdir`).
+
+1. Segmenter (DIR/directions/segmenter/, reused when present). A small U-Net
+   (`cardiac_jax.segmenter`) trained on the run's prepared training split (image and label
+   channel 0, the run's augmentation) for --segmenter_steps steps. Written with it: its pooled
+   Dice on the val split, the agreement of every factor measured on its predictions with the
+   factor measured on the true labels of that split (Spearman, median absolute error), and the
+   spread of every factor over the cohort as the model saw it (true labels of augmented training
+   batches). The resolution of a factor is the larger of its cohort spread and the segmenter's
+   median absolute error: the prepared slices are aligned (LV centred, RV to the left) and
+   intensity-normalised, so rotation and intensity hardly vary in the cohort, and a change below
+   the measurement error is not resolved anyway.
+2. Directions (DIR/directions/<method>/directions.npz, reused when the settings match):
+   voynov: `VoynovDiscovery` trained for --voynov_steps steps; directions ranked by the
+     reconstructor's accuracy on each (`evaluate`, also written: overall accuracy, chance,
+     shift error);
+   pca: PCA of the posterior means of the training split (VAE); for a GAN there is no encoder,
+     and PCA of the generator's first-block features (GANSpace) is used;
+   ganspace: PCA of the first-block features for z ~ N(0, I) (GAN: after the first linear map,
+     BatchNorm and ReLU; VAE decoder: ReLU(z W + b) of its first Dense layer "from_latent");
+   sefa: eigenvectors of the first linear map (GAN: generator "from_latent"; VAE: decoder
+     "from_latent" kernel).
+   An edit of t moves z by t * scale_k * v_k (`DirectionSet`: t standard deviations for PCA and
+   GANSpace, latent units for SeFa and Voynov).
+3. Scoring. For N base latents z_n ~ N(0, I) (numpy generator [seed, 2]) and S shifts t_s in
+   [-R, R], each direction k's images G(z_n + t_s scale_k v_k) are segmented, and every factor f
+   of `cardiac_jax.factors` (LV area, myocardial thickness, RV area, rotation, LV position x / y,
+   intensity) measured.
+     rho_{k,n,f} = Spearman(t, f(G(z_n + t scale_k v_k))) over the shifts (rotation unwrapped),
+     rho_{k,f} = mean_n rho_{k,n,f} (NaN-skipping), also mean_n |rho_{k,n,f}|,
+     finite_{k,f} = fraction of base latents with a finite rho,
+     range_{k,f} = mean_n (max_s f - min_s f) / resolution_f (step 1).
+   The main factor of k is, among the factors finite for at least --min_finite_fraction of the
+   base latents, the one with the largest |rho_{k,f}| (--main_factor_by=rho), or the largest
+   |rho_{k,f}| * min(1, range_{k,f}) (=effect: monotonic and at least one resolution). |mean
+   rho| rather than mean |rho| is ranked because a factor that only fluctuates (segmentation
+   noise) has a mean |rho| well above 0 but a mean rho near 0. Direction k controls its main
+   factor m when |rho_{k,m}| >= --rho_threshold and range_{k,m} >= --min_effect (it really
+   moves), while no other factor changes: every other f has |rho_{k,f}| < --other_threshold
+   (not monotonic) or range_{k,f} < --other_range_threshold (too little to matter; a tiny but
+   monotonic side effect such as a 1-degree drift of the LV -> RV axis while the RV grows does
+   not count). --min_effect=0 --other_range_threshold=0 leave only the conditions on rho.
+4. Outputs, DIR/directions/<method>/: scores.csv (every direction: ranking value, main and
+   second factor with rho, the largest other |rho| and relative range, the other factors that
+   change, and rho, mean |rho|, finite fraction and relative range of every factor),
+   scores.md, results.json (settings, segmenter Dice, resolutions, reconstructor accuracy for
+   voynov, the table, how many directions control a factor and how many distinct factors are
+   controlled, the best direction per factor), factor_values.npz (every measurement,
+   (K, N, S, F)) and grid.png (rows: --grid_rows directions, columns: shifts, from the first
+   base latent; row labels: main factor and rho).
+   --methods runs several methods and writes DIR/directions/comparison.{md,csv,json};
+   --compare only reads existing results.json files into one comparison.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from absl import app, flags
+
+METHODS = ("voynov", "pca", "sefa", "ganspace")
+CRITERIA_KEYS = ("rho_threshold", "other_threshold", "min_effect", "other_range_threshold",
+                 "min_finite_fraction", "main_factor_by")
+GENERATOR_FAMILIES = ("dcgan", "vae")
+CHANNEL = 0  # Image and label channel that is segmented and measured.
+
+
+def define_flags() -> None:
+  """The command-line flags; defined only when run as a program, so that importing this module
+  (tests, other entry points) never collides with another entry point's flags."""
+  flags.DEFINE_string("workdir", None, "dcgan or vae run directory.")
+  flags.DEFINE_enum("method", None, list(METHODS), "Direction discovery method.")
+  flags.DEFINE_list("methods", None, "Several methods, then one comparison table of them.")
+  flags.DEFINE_list("compare", None, "Method folders (with results.json) to compare only.")
+  flags.DEFINE_string("compare_out", None, "Folder of the comparison files (default: the "
+                      "folders' common parent; DIR/directions for --methods).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.DEFINE_integer("num_directions", 16, "Directions found and scored (at most latent_dim "
+                       "but for voynov; 0: latent_dim).")
+  flags.DEFINE_integer("num_base_latents", 32, "Base latents z ~ N(0, I).")
+  flags.DEFINE_integer("num_shifts", 9, "Shifts per direction (grid columns).")
+  flags.DEFINE_float("shift_range", 3.0, "Shifts span [-R, R] edit units.")
+  flags.DEFINE_integer("segmenter_steps", 1000, "Segmenter training steps.")
+  flags.DEFINE_integer("segmenter_batch_size", 16, "Segmenter batch size.")
+  flags.DEFINE_list("segmenter_channels", ["8", "16", "32"], "U-Net channels per level.")
+  flags.DEFINE_bool("segmenter_augment", True, "Segmenter training with random 90-degree "
+                    "rotations, reflections, intensity scales and noise.")
+  flags.DEFINE_bool("retrain_segmenter", False, "Train a new segmenter even if one is saved.")
+  flags.DEFINE_integer("voynov_steps", 3000, "Voynov training steps.")
+  flags.DEFINE_enum("voynov_deformator", "proj", ["linear", "proj", "ortho", "identity",
+                                                  "random"], "Voynov deformator.")
+  flags.DEFINE_enum("voynov_reconstructor", "lenet", ["lenet", "resnet"],
+                    "Voynov reconstructor.")
+  flags.DEFINE_integer("voynov_batch_size", 32, "Voynov batch size.")
+  flags.DEFINE_float("voynov_learning_rate", 1e-4, "Voynov Adam learning rate.")
+  flags.DEFINE_integer("ganspace_samples", 4096, "GANSpace samples of z.")
+  flags.DEFINE_float("rho_threshold", 0.8,
+                     "|rho| of the main factor for a direction to control it.")
+  flags.DEFINE_float("other_threshold", 0.5, "To control, every other factor needs |rho| "
+                     "below this, or a relative range below --other_range_threshold.")
+  flags.DEFINE_float("min_effect", 0.5, "To control, the main factor's range over the shifts "
+                     "must reach this many resolutions (0: no condition).")
+  flags.DEFINE_float("other_range_threshold", 0.5, "Another factor whose range over the shifts "
+                     "stays below this many resolutions does not count as changed (0: off).")
+  flags.DEFINE_enum("main_factor_by", "rho", ["rho", "effect"], "Main factor: largest |rho|, "
+                    "or largest |rho| * min(1, relative range).")
+  flags.DEFINE_float("min_finite_fraction", 0.5, "A factor needs a finite rho for this share "
+                     "of base latents to be a direction's main factor.")
+  flags.DEFINE_integer("grid_rows", 8, "Directions drawn in grid.png.")
+  flags.DEFINE_enum("grid_by", "rank", ["rank", "rho"],
+                    "grid.png rows: the method's top directions or the largest |rho|.")
+  flags.DEFINE_bool("recompute_directions", False,
+                    "Find the directions again even if saved ones match.")
+  flags.DEFINE_integer("seed", 0, "Seed of base latents, segmenter and discovery.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Every knob of one directions run (the flags of the same names)."""
+  num_directions: int = 16
+  num_base_latents: int = 32
+  num_shifts: int = 9
+  shift_range: float = 3.0
+  segmenter_steps: int = 1000
+  segmenter_batch_size: int = 16
+  segmenter_channels: tuple[int, ...] = (8, 16, 32)
+  segmenter_augment: bool = True
+  retrain_segmenter: bool = False
+  voynov_steps: int = 3000
+  voynov_deformator: str = "proj"
+  voynov_reconstructor: str = "lenet"
+  voynov_batch_size: int = 32
+  voynov_learning_rate: float = 1e-4
+  ganspace_samples: int = 4096
+  rho_threshold: float = 0.8
+  other_threshold: float = 0.5
+  min_effect: float = 0.5
+  other_range_threshold: float = 0.5
+  min_finite_fraction: float = 0.5
+  main_factor_by: str = "rho"
+  grid_rows: int = 8
+  grid_by: str = "rank"
+  recompute_directions: bool = False
+  seed: int = 0
+  generate_batch_size: int = 144
+
+  def __post_init__(self):
+    if self.num_base_latents < 1 or self.num_shifts < 3:
+      raise ValueError(f"need num_base_latents >= 1 and num_shifts >= 3 (a Spearman over the "
+                       f"shifts), got {self.num_base_latents} and {self.num_shifts}")
+    if self.shift_range <= 0:
+      raise ValueError(f"shift_range must be positive, got {self.shift_range}")
+
+  def shifts(self):
+    import numpy as np
+    return np.linspace(-self.shift_range, self.shift_range, self.num_shifts)
+
+  def criteria(self) -> "Criteria":
+    return Criteria(rho_threshold=self.rho_threshold, other_threshold=self.other_threshold,
+                    min_effect=self.min_effect, other_range_threshold=self.other_range_threshold,
+                    min_finite_fraction=self.min_finite_fraction,
+                    main_factor_by=self.main_factor_by)
+
+
+def _log(message: str) -> None:
+  print(f"[directions {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _write_json(path: str, data: Any) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=2, default=_json_default)
+  os.replace(path + ".tmp", path)
+
+
+def _json_default(value):
+  import numpy as np
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _write_csv(path: str, rows: Sequence[dict]) -> None:
+  with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  os.replace(path + ".tmp", path)
+
+
+def _finite(value) -> float | None:
+  """A float for JSON (None for NaN)."""
+  import math
+  value = float(value)
+  return value if math.isfinite(value) else None
+
+
+# ------------------------------------------------------------------------------- generator
+@dataclasses.dataclass
+class GeneratorRun:
+  """A restored generator: `generator` maps (B, latent_dim) -> (B, H, W, C) in [0, 1]."""
+  generator: Callable
+  latent_dim: int
+  kind: str
+  family: Any
+  state: Any
+  config: Any
+  workdir: str
+
+
+def generator_from_workdir(workdir: str, step: int | None = None):
+  """(generator_fn, latent_dim, kind, family, state, config) of a dcgan or vae-family run.
+
+  generator_fn is pure, (B, latent_dim) -> (B, H, W, C) images in [0, 1], with the parameters
+  closed over (BatchNorm in inference mode): `family.generate` for "dcgan", `family.decode`
+  (clipped to [0, 1]) for "vae", whose generator input is z ~ N(0, I) like the GAN's.
+  """
+  import jax.numpy as jnp
+  from experiments import common
+  kind = common.load_run_config(workdir).model.family
+  if kind not in GENERATOR_FAMILIES:
+    raise ValueError(f"{os.path.join(workdir, 'config.json')}: model.family {kind!r} has no "
+                     f"generator; directions need one of {GENERATOR_FAMILIES}")
+  config, family, state, _ = common.restore_run(workdir, step)
+  if kind == "dcgan":
+    def generator(z):
+      return family.generate(state, z)
+  else:
+    def generator(z):
+      return jnp.clip(family.decode(state, z), 0.0, 1.0)
+  return generator, int(family.latent_dim), kind, family, state, config
+
+
+def load_generator_run(workdir: str, step: int | None = None) -> GeneratorRun:
+  generator, latent_dim, kind, family, state, config = generator_from_workdir(workdir, step)
+  return GeneratorRun(generator, latent_dim, kind, family, state, config, workdir)
+
+
+# ------------------------------------------------------------------------------- segmenter
+def _split_or_none(config, split: str, directory: str):
+  from data_pipelines import errors
+  from experiments import common
+  try:
+    return common.split_source(config, split, directory)
+  except errors.InvalidInputError:
+    return None
+
+
+def _labelled_arrays(batches) -> tuple[Any, Any]:
+  """Stacked (N, S, S, 1) images and (N, S, S) labels of channel CHANNEL of pipeline batches."""
+  import numpy as np
+  from cardiac_jax import segmenter
+  pairs = [segmenter.image_label_pair(b, CHANNEL) for b in batches]
+  return (np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs]))
+
+
+def cohort_spread(config, source, num_examples: int = 512, seed: int = 0) -> dict[str, float]:
+  """Spread (`factors.factor_spread`) of every factor over the true labels of augmented
+  training batches: the variation of the cohort as the generative model saw it."""
+  import itertools
+  from cardiac_jax import factors
+  from data_pipelines import pipeline
+  batch_size = 32
+  batches = pipeline.train_batches(source, config.data, global_batch_size=batch_size,
+                                   seed=seed + 1)
+  try:
+    images, labels = _labelled_arrays(itertools.islice(batches, -(-num_examples // batch_size)))
+  finally:
+    batches.close()
+  measured = factors.measure_batch(labels, images[..., 0])
+  return {f: factors.factor_spread(measured[f], f) for f in factors.FACTORS}
+
+
+def segmenter_quality(params, seg_config, images, labels) -> dict[str, Any]:
+  """Dice of the segmenter on (N, S, S, 1) images with true (N, S, S) labels, and per factor
+  the Spearman correlation and the median absolute difference of its measurement on predicted
+  and on true labels (with the share of images where both are finite)."""
+  import numpy as np
+  from cardiac_jax import factors, segmenter
+  predicted = segmenter.segment(params, images, seg_config)
+  dice = segmenter.dice_scores(predicted, labels)
+  on_predicted = factors.measure_batch(predicted, images[..., 0])
+  on_true = factors.measure_batch(labels, images[..., 0])
+  agreement = {}
+  for f in factors.FACTORS:
+    both = np.isfinite(on_predicted[f]) & np.isfinite(on_true[f])
+    agreement[f] = {"spearman": _finite(factors.spearman(on_true[f][both],
+                                                          on_predicted[f][both])),
+                    "median_abs_error": _finite(np.median(np.abs(on_predicted[f][both]
+                                                                 - on_true[f][both]))
+                                                if both.any() else float("nan")),
+                    "finite_fraction": float(both.mean()) if len(both) else 0.0}
+  return {"dice": dice, "factor_agreement": agreement, "num_examples": int(len(images))}
+
+
+def prepare_segmenter(config, out_dir: str, settings: Settings,
+                      log: Callable[[str], None] = _log):
+  """(params, SegmenterConfig, metadata) of the run's segmenter in `out_dir`: loaded when saved
+  there (and made for this image size), else trained on the training split and evaluated on
+  the val split (the test split when there is no val split)."""
+  from cardiac_jax import segmenter
+  from data_pipelines import pipeline
+  from experiments import common
+  image_size = int(config.data.image_size)
+  if not settings.retrain_segmenter and os.path.exists(
+      os.path.join(out_dir, segmenter.PARAMS_FILE)):
+    params, seg_config, meta = segmenter.load_segmenter(out_dir)
+    if int(meta.get("image_size", -1)) != image_size:
+      raise ValueError(f"{out_dir}: the saved segmenter is for {meta.get('image_size')} px "
+                       f"images, the run makes {image_size} px; use --retrain_segmenter")
+    quality = meta.get("quality", {})
+    log(f"segmenter reused from {out_dir} ({quality.get('split')} Dice "
+        f"{_fmt(quality.get('dice', {}).get('mean'), '.3f')})")
+    return params, seg_config, meta
+  seg_config = segmenter.SegmenterConfig(channels=tuple(settings.segmenter_channels),
+                                         augment=settings.segmenter_augment)
+  seg_config.check_image_size(image_size)
+  directory = common.prepared_dir(config)
+  train = common.split_source(config, "train", directory)
+  log(f"training the segmenter for {settings.segmenter_steps} steps on {len(train)} slices")
+  batches = pipeline.train_batches(train, config.data,
+                                   global_batch_size=settings.segmenter_batch_size,
+                                   seed=settings.seed)
+  start = time.time()
+  try:
+    params = segmenter.train_segmenter(
+        batches, settings.segmenter_steps, [settings.seed, 7],
+        seg_config, channel=CHANNEL, log_every=max(1, settings.segmenter_steps // 10),
+        log=lambda step, m: log(f"segmenter step {step}: loss {m['loss']:.4f}, pixel accuracy "
+                                f"{m['accuracy']:.4f}"))
+  finally:
+    batches.close()
+  seconds = time.time() - start
+  split = "val"
+  held_out = _split_or_none(config, "val", directory)
+  if held_out is None or len(held_out) == 0:
+    split, held_out = "test", _split_or_none(config, "test", directory)
+  if held_out is None or len(held_out) == 0:
+    split, held_out = "train", train
+  images, labels = _labelled_arrays(
+      pipeline.eval_batches(held_out, config.data, batch_size=32))
+  quality = segmenter_quality(params, seg_config, images, labels)
+  quality["split"] = split
+  p = config.data.prepare
+  meta = {"image_size": image_size, "num_steps": settings.segmenter_steps,
+          "batch_size": settings.segmenter_batch_size, "seed": settings.seed,
+          "train_examples": len(train), "train_seconds": round(seconds, 1), "quality": quality,
+          "mm_per_pixel": float(p.spacing_mm) * int(p.image_size) / image_size,
+          "cohort_spread": {k: _finite(v) for k, v in
+                            cohort_spread(config, train, seed=settings.seed).items()},
+          "cohort_spread_source": "true labels of augmented training batches"}
+  segmenter.save_segmenter(out_dir, params, seg_config, meta)
+  log(f"segmenter: {split} Dice {quality['dice']['mean']:.3f} (RV {quality['dice']['rv']:.3f}, "
+      f"MYO {quality['dice']['myo']:.3f}, LV {quality['dice']['lv']:.3f}); saved to {out_dir}")
+  return params, seg_config, meta
+
+
+# ------------------------------------------------------------------------------ directions
+def vae_first_layer(state) -> dict[str, Any]:
+  """The VAE decoder's first Dense layer ("from_latent": kernel (latent_dim, F), bias (F,))."""
+  decoder = state.params.get("decoder", {}) if hasattr(state.params, "get") else {}
+  if "from_latent" not in decoder:
+    raise ValueError(f"the VAE state has no decoder/from_latent layer (decoder has "
+                     f"{sorted(decoder)})")
+  return decoder["from_latent"]
+
+
+def first_linear_kernel(run: GeneratorRun):
+  """(latent_dim, F) kernel of the generator's first linear map."""
+  import numpy as np
+  if run.kind == "dcgan":
+    return np.asarray(run.family.first_linear_kernel(run.state))
+  return np.asarray(vae_first_layer(run.state)["kernel"])
+
+
+def first_block_features(run: GeneratorRun) -> Callable:
+  """z (B, d) -> (B, F) GANSpace features (module docstring)."""
+  import jax.numpy as jnp
+  if run.kind == "dcgan":
+    return lambda z: run.family.first_block_features(run.state, z)
+  layer = vae_first_layer(run.state)
+  kernel, bias = jnp.asarray(layer["kernel"]), jnp.asarray(layer["bias"])
+  return lambda z: jnp.maximum(z @ kernel + bias, 0.0)
+
+
+def posterior_means(run: GeneratorRun, split: str = "train"):
+  """(N, latent_dim) posterior means of a VAE run's split (padding rows dropped)."""
+  import jax
+  import numpy as np
+  from data_pipelines import pipeline
+  from experiments import common
+  source = common.split_source(run.config, split)
+  encode = jax.jit(lambda x: run.family.encode(run.state, x)[0])
+  means = []
+  for batch in pipeline.eval_batches(source, run.config.data,
+                                     batch_size=int(run.config.train.eval_batch_size)):
+    mu = np.asarray(encode(batch["image"]))
+    means.append(mu[np.asarray(batch["mask"], bool)])
+  return np.concatenate(means)
+
+
+def voynov_directions(run: GeneratorRun, num_directions: int, settings: Settings, key,
+                      log: Callable[[str], None] = _log):
+  """Trains a Voynov-Babenko deformator; (DirectionSet ranked by the reconstructor's accuracy
+  per direction, {"reconstructor": evaluate(), "history": [...], "source_index": [...]})."""
+  import jax
+  import numpy as np
+  from cardiac_jax import directions as dl
+  config = dl.VoynovConfig(num_directions=num_directions, deformator=settings.voynov_deformator,
+                           reconstructor=settings.voynov_reconstructor,
+                           batch_size=settings.voynov_batch_size,
+                           learning_rate=settings.voynov_learning_rate)
+  discovery = dl.VoynovDiscovery(run.generator, run.latent_dim, config)
+  state = discovery.init(jax.random.fold_in(key, 0))
+  every = max(1, settings.voynov_steps // 10)
+  state, history = discovery.train(
+      state, jax.random.fold_in(key, 1), settings.voynov_steps, log_every=every,
+      log=lambda step, row: log(f"voynov step {step}: loss {row['loss']:.4f}, accuracy "
+                                f"{row['train_accuracy']:.3f}"))
+  evaluation = discovery.evaluate(state, jax.random.fold_in(key, 2))
+  matrix = discovery.directions(state)                          # (K, d)
+  lengths = np.linalg.norm(matrix, axis=1)
+  accuracy = np.nan_to_num(np.asarray(evaluation["accuracy_per_direction"], np.float64), nan=0.0)
+  order = np.argsort(-accuracy, kind="stable")
+  found = dl.DirectionSet(vectors=(matrix / np.maximum(lengths, 1e-12)[:, None])[order],
+                          scales=lengths[order], values=accuracy[order], method="voynov")
+  log(f"voynov reconstructor accuracy {evaluation['accuracy']:.3f} (chance "
+      f"{evaluation['chance']:.3f})")
+  return found, {"reconstructor": evaluation, "history": history,
+                 "source_index": order.tolist()}
+
+
+def find_directions(run: GeneratorRun, method: str, settings: Settings,
+                    log: Callable[[str], None] = _log):
+  """(DirectionSet, extra results) of `method` (module docstring)."""
+  import jax
+  from cardiac_jax import directions as dl
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r} (one of {METHODS})")
+  k = settings.num_directions or run.latent_dim
+  if method == "voynov" and settings.voynov_deformator == "ortho":
+    k = run.latent_dim  # An orthogonal basis of the latent space.
+  elif method != "voynov" or settings.voynov_deformator in ("identity", "random"):
+    k = min(k, run.latent_dim)  # Closed forms and fixed bases have at most latent_dim.
+  key = jax.random.fold_in(jax.random.key(settings.seed), 1)
+  if method == "voynov":
+    return voynov_directions(run, k, settings, key, log)
+  if method == "sefa":
+    return dl.sefa_directions(first_linear_kernel(run), k), {}
+  if method == "pca" and run.kind == "vae":
+    means = posterior_means(run)
+    found = dl.pca_latent_directions(means, k)
+    return found, {"pca_source": f"posterior means of {len(means)} training slices"}
+  found = dl.ganspace_directions(first_block_features(run), key, run.latent_dim,
+                                 num_samples=settings.ganspace_samples, num_components=k)
+  note = "PCA of first-block features (GANSpace)"
+  if method == "pca":
+    note += ": a GAN has no encoder for posterior means"
+  return found, {"pca_source": note}
+
+
+def _directions_fingerprint(run: GeneratorRun, method: str, settings: Settings,
+                            step: int) -> dict[str, Any]:
+  out = {"method": method, "kind": run.kind, "step": step, "latent_dim": run.latent_dim,
+         "num_directions": settings.num_directions, "seed": settings.seed}
+  if method == "voynov":
+    out.update({k: getattr(settings, k) for k in (
+        "voynov_steps", "voynov_deformator", "voynov_reconstructor", "voynov_batch_size",
+        "voynov_learning_rate")})
+  if method in ("ganspace",) or (method == "pca" and run.kind == "dcgan"):
+    out["ganspace_samples"] = settings.ganspace_samples
+  return out
+
+
+def cached_directions(run: GeneratorRun, method: str, settings: Settings, out_dir: str,
+                      log: Callable[[str], None] = _log):
+  """`find_directions`, saved to out_dir/directions.npz + directions.json and reused by a rerun
+  with the same settings."""
+  import numpy as np
+  from cardiac_jax import directions as dl
+  fingerprint = _directions_fingerprint(run, method, settings, int(run.state.step))
+  npz, meta_path = os.path.join(out_dir, "directions.npz"), os.path.join(out_dir,
+                                                                         "directions.json")
+  if not settings.recompute_directions and os.path.exists(npz) and os.path.exists(meta_path):
+    with open(meta_path, encoding="utf-8") as f:
+      meta = json.load(f)
+    if meta.get("fingerprint") == fingerprint:
+      with np.load(npz) as data:
+        found = dl.DirectionSet(data["vectors"], data["scales"], data["values"],
+                                str(data["method"]))
+      log(f"{method}: {len(found.vectors)} directions reused from {npz}")
+      return found, meta.get("extra", {})
+  start = time.time()
+  found, extra = find_directions(run, method, settings, log)
+  extra = dict(extra, seconds=round(time.time() - start, 1))
+  os.makedirs(out_dir, exist_ok=True)
+  with open(npz + ".tmp", "wb") as f:
+    np.savez(f, vectors=found.vectors, scales=found.scales, values=found.values,
+             method=np.asarray(found.method))
+  os.replace(npz + ".tmp", npz)
+  _write_json(meta_path, {"fingerprint": fingerprint, "extra": extra})
+  return found, extra
+
+
+# --------------------------------------------------------------------------------- scoring
+def measure_shifts(generator: Callable, directions, segment_fn: Callable, shifts, base_latents,
+                   batch_size: int = 144, channel: int = CHANNEL):
+  """Factor values (K, N, S, F) of G(z_n + t_s d_k) for directions d_k (rows of (K, d), already
+  scaled), base latents z_n (N, d) and shifts t_s (S,); F follows `factors.FACTORS`.
+
+  segment_fn maps (M, H, W) images in [0, 1] to (M, H, W) canonical labels.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from cardiac_jax import factors
+  directions = np.asarray(directions, np.float32)
+  base = np.asarray(base_latents, np.float32)
+  shifts = np.asarray(shifts, np.float32)
+  if directions.ndim != 2 or base.ndim != 2 or directions.shape[1] != base.shape[1]:
+    raise ValueError(f"directions {directions.shape} and base latents {base.shape} must be "
+                     "(K, d) and (N, d)")
+  fn = jax.jit(generator)
+  num, steps = len(base), len(shifts)
+  values = np.full((len(directions), num, steps, len(factors.FACTORS)), np.nan)
+  for k, direction in enumerate(directions):
+    latents = (base[None] + shifts[:, None, None] * direction[None, None]).reshape(-1,
+                                                                                   base.shape[1])
+    images = []
+    for i in range(0, len(latents), batch_size):
+      chunk = latents[i:i + batch_size]
+      padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), chunk.shape[1]),
+                                               np.float32)]) if len(chunk) < batch_size else chunk
+      images.append(np.asarray(fn(jnp.asarray(padded)))[:len(chunk), ..., channel])
+    images = np.concatenate(images)
+    labels = np.asarray(segment_fn(images))
+    measured = factors.measure_batch(labels, images)
+    values[k] = np.stack([measured[f] for f in factors.FACTORS], -1).reshape(
+        steps, num, -1).transpose(1, 0, 2)
+  return values
+
+
+def shift_correlations(values, shifts):
+  """Spearman rho (K, N, F) of every factor series over the shifts (rotation unwrapped)."""
+  import numpy as np
+  from cardiac_jax import factors
+  values = np.asarray(values, np.float64)
+  rho = np.full(values.shape[:2] + values.shape[3:], np.nan)
+  for f, name in enumerate(factors.FACTORS):
+    circular = name in factors.CIRCULAR_FACTORS
+    for k in range(values.shape[0]):
+      for n in range(values.shape[1]):
+        series = values[k, n, :, f]
+        if circular:
+          series = factors.unwrap_degrees(series)
+        rho[k, n, f] = factors.spearman(shifts, series)
+  return rho
+
+
+def _nanmean(x, axis):
+  import warnings
+  import numpy as np
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", category=RuntimeWarning)
+    return np.nanmean(x, axis=axis)
+
+
+def relative_ranges(values, spread: dict[str, float] | None):
+  """mean_n (max_s - min_s) / spread_f (K, F); the spread defaults to the factor's spread over
+  the unshifted images (the middle shift) when not given or not positive."""
+  import warnings
+  import numpy as np
+  from cardiac_jax import factors
+  values = np.asarray(values, np.float64)
+  out = np.full((values.shape[0], values.shape[3]), np.nan)
+  for f, name in enumerate(factors.FACTORS):
+    series = values[..., f]
+    if name in factors.CIRCULAR_FACTORS:
+      series = np.apply_along_axis(factors.unwrap_degrees, 2, series)
+    s = (spread or {}).get(name)
+    if s is None or not np.isfinite(s) or s <= 0:
+      s = factors.factor_spread(values[:, :, values.shape[2] // 2, f].ravel(), name)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", category=RuntimeWarning)  # All-NaN series give NaN.
+      spans = np.nanmax(series, axis=2) - np.nanmin(series, axis=2)
+    spans[np.isfinite(series).sum(axis=2) < 2] = np.nan
+    if np.isfinite(s) and s > 0:
+      out[:, f] = _nanmean(spans / s, 1)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Criteria:
+  """When a direction controls a factor (module docstring, step 3); the flags of the same names.
+
+  main_factor_by: "rho" (largest |rho|) or "effect" (largest |rho| * min(1, range / resolution)).
+  A direction controls its main factor m when |rho_m| >= rho_threshold, range_m >= min_effect,
+  and every other factor f either has |rho_f| < other_threshold or range_f <
+  other_range_threshold. min_effect = other_range_threshold = 0 leave only the rho conditions.
+  """
+  rho_threshold: float = 0.8
+  other_threshold: float = 0.5
+  min_effect: float = 0.5
+  other_range_threshold: float = 0.5
+  min_finite_fraction: float = 0.5
+  main_factor_by: str = "rho"
+
+  def __post_init__(self):
+    if self.main_factor_by not in ("rho", "effect"):
+      raise ValueError(f"main_factor_by must be 'rho' or 'effect', got {self.main_factor_by!r}")
+
+
+def summarize_scores(rho, rel_range, values_ranking, criteria: Criteria = Criteria(),
+                     scales=None):
+  """Table rows (one per direction) and the summary of the scores (module docstring).
+
+  rho: (K, N, F) per-base-latent Spearman; rel_range: (K, F) mean range over the shifts in units
+  of each factor's spread; values_ranking: (K,) the method's ranking value.
+  """
+  import numpy as np
+  from cardiac_jax import factors
+  names = factors.FACTORS
+  c = criteria
+  rho = np.asarray(rho, np.float64)
+  rel_range = np.asarray(rel_range, np.float64)
+  mean_rho = _nanmean(rho, 1)                                  # (K, F)
+  mean_abs = _nanmean(np.abs(rho), 1)
+  finite = np.isfinite(rho).mean(axis=1)
+  effect = np.minimum(1.0, np.nan_to_num(rel_range, nan=0.0))
+  rows, controlling = [], []
+  for k in range(rho.shape[0]):
+    eligible = (finite[k] >= c.min_finite_fraction) & np.isfinite(mean_rho[k])
+    strength = np.abs(np.nan_to_num(mean_rho[k]))
+    if c.main_factor_by == "effect":
+      strength = strength * effect[k]
+    strength = np.where(eligible, strength, -1.0)
+    order = np.argsort(-strength, kind="stable")
+    main, second = int(order[0]), int(order[1])
+    has_main = bool(eligible[main])
+    others = [f for f in range(len(names)) if f != main and np.isfinite(mean_rho[k, f])]
+    other = max(others, key=lambda f: abs(mean_rho[k, f])) if others else None
+    # Other factors that change: monotonically (|rho|) and by enough (range / resolution).
+    changed = [names[f] for f in others
+               if abs(mean_rho[k, f]) >= c.other_threshold
+               and not (np.isfinite(rel_range[k, f]) and rel_range[k, f] < c.other_range_threshold)]
+    main_range = float(rel_range[k, main])
+    controls = bool(has_main and abs(mean_rho[k, main]) >= c.rho_threshold
+                    and (c.min_effect <= 0 or (np.isfinite(main_range)
+                                               and main_range >= c.min_effect))
+                    and not changed)
+    if controls:
+      controlling.append(k)
+    row = {"direction": k, "value": float(values_ranking[k]),
+           "scale": float(scales[k]) if scales is not None else 1.0,
+           "main_factor": names[main] if has_main else "",
+           "main_rho": float(mean_rho[k, main]) if has_main else float("nan"),
+           "main_mean_abs_rho": float(mean_abs[k, main]) if has_main else float("nan"),
+           "main_finite_fraction": float(finite[k, main]),
+           "main_relative_range": main_range,
+           "second_factor": names[second] if eligible[second] else "",
+           "second_rho": float(mean_rho[k, second]) if eligible[second] else float("nan"),
+           "max_other_factor": names[other] if other is not None else "",
+           "max_other_abs_rho": float(abs(mean_rho[k, other])) if other is not None else 0.0,
+           "max_other_relative_range": float(max(
+               (rel_range[k, f] for f in range(len(names))
+                if f != main and np.isfinite(rel_range[k, f])), default=float("nan"))),
+           "changed_others": " ".join(changed),
+           "controls": controls}
+    for prefix, table in (("rho", mean_rho), ("mean_abs_rho", mean_abs), ("finite", finite),
+                          ("relative_range", rel_range)):
+      for f, name in enumerate(names):
+        row[f"{prefix}_{name}"] = float(table[k, f])
+    rows.append(row)
+  controlled: dict[str, list[int]] = {}
+  for k in controlling:
+    controlled.setdefault(rows[k]["main_factor"], []).append(k)
+  best = {}
+  for f, name in enumerate(names):
+    eligible = [k for k in range(rho.shape[0])
+                if finite[k, f] >= c.min_finite_fraction and np.isfinite(mean_rho[k, f])]
+    if not eligible:
+      best[name] = None
+      continue
+    k = max(eligible, key=lambda j: abs(mean_rho[j, f]))
+    best[name] = {"direction": k, "rho": float(mean_rho[k, f]),
+                  "relative_range": float(rel_range[k, f]),
+                  "is_main_factor": rows[k]["main_factor"] == name,
+                  "controls": rows[k]["controls"] and rows[k]["main_factor"] == name,
+                  "max_other_abs_rho": float(max(
+                      (abs(mean_rho[k, g]) for g in range(len(names))
+                       if g != f and np.isfinite(mean_rho[k, g])), default=0.0))}
+  summary = {**dataclasses.asdict(c), "num_directions": int(rho.shape[0]),
+             "num_controlling_directions": len(controlling),
+             "num_distinct_factors_controlled": len(controlled),
+             "controlled_factors": controlled, "best_per_factor": best}
+  return rows, summary
+
+
+def score_directions(generator: Callable, directions, segment_fn: Callable, shifts,
+                     base_latents, *, values_ranking=None, scales=None, spread=None,
+                     criteria: Criteria = Criteria(), batch_size: int = 144):
+  """Measures, correlates and summarises (module docstring, step 3). spread: {factor: the unit
+  of its relative range} (default: its spread over the unshifted images).
+
+  Returns {"values": (K, N, S, F), "rho": (K, N, F), "relative_range": (K, F), "rows": [...],
+  "summary": {...}}.
+  """
+  import numpy as np
+  values = measure_shifts(generator, directions, segment_fn, shifts, base_latents, batch_size)
+  rho = shift_correlations(values, np.asarray(shifts, np.float64))
+  rel = relative_ranges(values, spread)
+  ranking = values_ranking if values_ranking is not None else np.zeros(len(values))
+  rows, summary = summarize_scores(rho, rel, ranking, criteria, scales=scales)
+  return {"values": values, "rho": rho, "relative_range": rel, "rows": rows,
+          "summary": summary}
+
+
+# --------------------------------------------------------------------------------- outputs
+def _fmt(value, spec: str = "+.2f") -> str:
+  import math
+  return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else \
+      format(value, spec)
+
+
+def markdown_table(rows: Sequence[dict], header: str) -> str:
+  lines = [header, "",
+           "| dir | value | main factor | rho | mean abs rho | finite | range / resolution "
+           "| second factor | rho | other factors that change | controls |",
+           "|---:|---:|---|---:|---:|---:|---:|---|---:|---|---|"]
+  for r in rows:
+    lines.append(
+        f"| {r['direction']} | {r['value']:.4g} | {r['main_factor'] or '-'} | "
+        f"{_fmt(r['main_rho'])} | {_fmt(r['main_mean_abs_rho'], '.2f')} | "
+        f"{_fmt(r['main_finite_fraction'], '.2f')} | {_fmt(r['main_relative_range'], '.2f')} | "
+        f"{r['second_factor'] or '-'} | {_fmt(r['second_rho'])} | "
+        f"{', '.join(r['changed_others'].split()) or '-'} | "
+        f"{'yes' if r['controls'] else 'no'} |")
+  return "\n".join(lines) + "\n"
+
+
+def criteria_sentence(c: dict) -> str:
+  """The control criterion of a summary (or Criteria as a dict), in words."""
+  text = (f"A direction controls its main factor (chosen by "
+          f"{'|rho|' if c['main_factor_by'] == 'rho' else '|rho| * min(1, range / resolution)'}) "
+          f"when |rho| >= {c['rho_threshold']:g}")
+  if c["min_effect"] > 0:
+    text += f" and its range / resolution >= {c['min_effect']:g}"
+  text += f", and every other factor has |rho| < {c['other_threshold']:g}"
+  if c["other_range_threshold"] > 0:
+    text += f" or range / resolution < {c['other_range_threshold']:g}"
+  return text
+
+
+def _grid_directions(rows: Sequence[dict], count: int, by: str) -> list[int]:
+  import math
+  if by == "rho":
+    key = lambda r: -abs(r["main_rho"]) if not math.isnan(r["main_rho"]) else 0.0
+    return [r["direction"] for r in sorted(rows, key=key)][:count]
+  return [r["direction"] for r in rows][:count]
+
+
+def write_method_outputs(out_dir: str, run: GeneratorRun, method: str, found, extra: dict,
+                         scores: dict, settings: Settings, base_latents, seg_meta: dict,
+                         log: Callable[[str], None] = _log) -> dict:
+  """scores.csv, scores.md, factor_values.npz, grid.png and results.json; returns the latter."""
+  import numpy as np
+  from cardiac_jax import directions as dl
+  from cardiac_jax import factors
+  os.makedirs(out_dir, exist_ok=True)
+  rows, summary = scores["rows"], scores["summary"]
+  shifts = settings.shifts()
+  if "source_index" in extra:
+    for row in rows:
+      row["source_index"] = extra["source_index"][row["direction"]]
+  _write_csv(os.path.join(out_dir, "scores.csv"), rows)
+  value_name = {"voynov": "reconstructor accuracy", "sefa": "eigenvalue"}.get(
+      found.method, "variance")
+  dice = seg_meta.get("quality", {}).get("dice", {})
+  header = (
+      f"Latent directions of {os.path.basename(os.path.abspath(run.workdir))} "
+      f"({run.kind}, step {int(run.state.step)}) by {found.method}: {len(rows)} directions "
+      f"(value: {value_name}), {settings.num_base_latents} base latents z ~ N(0, I), "
+      f"{settings.num_shifts} shifts in [-{settings.shift_range:g}, {settings.shift_range:g}] "
+      f"edit units. rho: Spearman of the factor over the shift, mean over base latents; "
+      f"segmenter Dice {_fmt(dice.get('mean'), '.3f')}. Range / resolution: the factor's mean "
+      f"range over the shifts in units of the larger of its spread over the cohort and the "
+      f"segmenter's measurement error. {criteria_sentence(summary)}: "
+      f"{summary['num_controlling_directions']} directions, "
+      f"{summary['num_distinct_factors_controlled']} distinct factors "
+      f"({', '.join(sorted(summary['controlled_factors'])) or 'none'}).")
+  with open(os.path.join(out_dir, "scores.md.tmp"), "w", encoding="utf-8") as f:
+    f.write(markdown_table(rows, header))
+  os.replace(os.path.join(out_dir, "scores.md.tmp"), os.path.join(out_dir, "scores.md"))
+  with open(os.path.join(out_dir, "factor_values.npz.tmp"), "wb") as f:
+    np.savez(f, values=scores["values"], rho=scores["rho"],
+             relative_range=scores["relative_range"], shifts=shifts, base_latents=base_latents,
+             directions=found.scaled(), factors=np.asarray(factors.FACTORS))
+  os.replace(os.path.join(out_dir, "factor_values.npz.tmp"),
+             os.path.join(out_dir, "factor_values.npz"))
+
+  shown = _grid_directions(rows, settings.grid_rows, settings.grid_by)
+  images = dl.shift_grid(run.generator, base_latents[0], found.scaled()[shown], shifts)
+  labels = [f"#{k} {rows[k]['main_factor'] or '?'} {_fmt(rows[k]['main_rho'])}" for k in shown]
+  dl.save_direction_grid(os.path.join(out_dir, "grid.png"), images, shifts, labels,
+                         channel=CHANNEL,
+                         title=f"{found.method} directions from the first base latent "
+                               f"(columns: edit units)")
+  result = {
+      "workdir": os.path.abspath(run.workdir), "config": run.config.name, "kind": run.kind,
+      "method": found.method, "requested_method": method, "step": int(run.state.step),
+      "latent_dim": run.latent_dim, "image_size": int(run.config.data.image_size),
+      "settings": dataclasses.asdict(settings), "shifts": shifts.tolist(),
+      "segmenter": {"dice": dice, "split": seg_meta.get("quality", {}).get("split"),
+                    "factor_agreement": seg_meta.get("quality", {}).get("factor_agreement"),
+                    "mm_per_pixel": seg_meta.get("mm_per_pixel")},
+      "cohort_spread": seg_meta.get("cohort_spread"),
+      "resolution": factor_resolution(seg_meta),
+      "factor_units": {"lv_area": "px", "rv_area": "px", "myo_thickness": "px",
+                       "rotation": "deg", "position_x": "px", "position_y": "px",
+                       "intensity": "image intensity"},
+      **{k: v for k, v in extra.items() if k != "source_index"},
+      **summary, "table": rows}
+  _write_json(os.path.join(out_dir, "results.json"), result)
+  log(f"{found.method}: {summary['num_controlling_directions']} controlling directions, "
+      f"{summary['num_distinct_factors_controlled']} distinct factors; wrote {out_dir}")
+  return result
+
+
+# ------------------------------------------------------------------------------ comparison
+def compare(result_dirs: Sequence[str], out_dir: str | None = None) -> list[dict]:
+  """One row per method folder (its results.json): directions, controlling directions,
+  distinct factors controlled, and the best rho per factor with its direction. Writes
+  out_dir/comparison.{md,csv,json} (out_dir: the folders' common parent by default)."""
+  from cardiac_jax import factors
+  results = []
+  for d in result_dirs:
+    path = os.path.join(d, "results.json")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} not found: run experiments.directions for {d} first")
+    with open(path, encoding="utf-8") as f:
+      results.append(json.load(f))
+  if not results:
+    raise ValueError("nothing to compare: give at least one method folder")
+  out_dir = out_dir or os.path.commonpath([os.path.abspath(d) for d in result_dirs])
+  if len(result_dirs) == 1:
+    out_dir = os.path.dirname(os.path.abspath(result_dirs[0]))
+  rows = []
+  for r in results:
+    row = {"run": os.path.basename(r["workdir"]), "kind": r["kind"], "method": r["method"],
+           "directions": r["num_directions"],
+           "controlling": r["num_controlling_directions"],
+           "distinct_factors": r["num_distinct_factors_controlled"],
+           "controlled": " ".join(sorted(r["controlled_factors"])),
+           "segmenter_dice": (r.get("segmenter", {}).get("dice") or {}).get("mean")}
+    if r["method"] == "voynov" and "reconstructor" in r:
+      row["reconstructor_accuracy"] = r["reconstructor"]["accuracy"]
+    else:
+      row["reconstructor_accuracy"] = None
+    for name in factors.FACTORS:
+      best = r["best_per_factor"].get(name)
+      row[f"best_rho_{name}"] = best["rho"] if best else None
+      row[f"best_dir_{name}"] = best["direction"] if best else None
+      row[f"best_controls_{name}"] = best["controls"] if best else None
+    rows.append(row)
+  os.makedirs(out_dir, exist_ok=True)
+  _write_csv(os.path.join(out_dir, "comparison.csv"), rows)
+  _write_json(os.path.join(out_dir, "comparison.json"),
+              {"folders": [os.path.abspath(d) for d in result_dirs], "rows": rows,
+               "criteria": [{k: r.get(k) for k in CRITERIA_KEYS} for r in results]})
+  header = ("| run | method | directions | controlling | distinct factors | "
+            + " | ".join(factors.FACTORS) + " |")
+  criteria = {criteria_sentence(r) for r in results}
+  lines = ["Best rho per factor (direction; * = it controls the factor). "
+           + " / ".join(sorted(criteria)) + ".",
+           "", header, "|---|---|---:|---:|---:|" + "---:|" * len(factors.FACTORS)]
+  for row in rows:
+    cells = []
+    for name in factors.FACTORS:
+      rho = row[f"best_rho_{name}"]
+      cells.append("-" if rho is None else
+                   f"{rho:+.2f} (#{row[f'best_dir_{name}']}"
+                   f"{'*' if row[f'best_controls_{name}'] else ''})")
+    lines.append(f"| {row['run']} ({row['kind']}) | {row['method']} | {row['directions']} | "
+                 f"{row['controlling']} | {row['distinct_factors']} | " + " | ".join(cells)
+                 + " |")
+  with open(os.path.join(out_dir, "comparison.md.tmp"), "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  os.replace(os.path.join(out_dir, "comparison.md.tmp"), os.path.join(out_dir, "comparison.md"))
+  return rows
+
+
+# ---------------------------------------------------------------------------------- driver
+def factor_resolution(seg_meta: dict[str, Any]) -> dict[str, float | None]:
+  """Unit of the relative ranges: per factor the larger of its cohort spread and the
+  segmenter's median absolute measurement error on the held-out real slices (a change below
+  the measurement error is not resolved). None where neither is known."""
+  import math
+  spread = seg_meta.get("cohort_spread") or {}
+  agreement = (seg_meta.get("quality") or {}).get("factor_agreement") or {}
+  out = {}
+  for name, value in spread.items():
+    error = (agreement.get(name) or {}).get("median_abs_error")
+    known = [v for v in (value, error) if v is not None and math.isfinite(v)]
+    out[name] = max(known) if known else None
+  return out
+
+
+def base_latents(latent_dim: int, settings: Settings):
+  """(N, d) base latents z ~ N(0, I) from numpy's generator [seed, 2]: the same for every method
+  of a seed."""
+  import numpy as np
+  rng = np.random.default_rng([settings.seed, 2])
+  return rng.standard_normal((settings.num_base_latents, latent_dim)).astype(np.float32)
+
+
+def run(workdir: str, methods: Sequence[str], settings: Settings = Settings(),
+        step: int | None = None, log: Callable[[str], None] = _log) -> dict[str, dict]:
+  """Segmenter, directions, scores and outputs of every method; with more than one method also
+  the comparison. Returns {method: results.json content}."""
+  from cardiac_jax import segmenter
+  for method in methods:
+    if method not in METHODS:
+      raise ValueError(f"unknown method {method!r} (one of {METHODS})")
+  root = os.path.join(workdir, "directions")
+  generator_run = load_generator_run(workdir, step)
+  params, seg_config, seg_meta = prepare_segmenter(
+      generator_run.config, os.path.join(root, "segmenter"), settings, log)
+
+  def segment_fn(images):
+    return segmenter.segment(params, images, seg_config)
+
+  z = base_latents(generator_run.latent_dim, settings)
+  resolution = factor_resolution(seg_meta)
+  results = {}
+  for method in methods:
+    out_dir = os.path.join(root, method)
+    found, extra = cached_directions(generator_run, method, settings, out_dir, log)
+    log(f"{method}: scoring {len(found.vectors)} directions")
+    scores = score_directions(
+        generator_run.generator, found.scaled(), segment_fn, settings.shifts(), z,
+        values_ranking=found.values, scales=found.scales,
+        spread=resolution, criteria=settings.criteria(),
+        batch_size=settings.generate_batch_size)
+    results[method] = write_method_outputs(out_dir, generator_run, method, found, extra, scores,
+                                           settings, z, seg_meta, log)
+  if len(methods) > 1:
+    compare([os.path.join(root, m) for m in methods], root)
+  return results
+
+
+def settings_from_flags() -> Settings:
+  f = flags.FLAGS
+  try:
+    channels = tuple(int(c) for c in f.segmenter_channels)
+  except ValueError as e:
+    raise app.UsageError(f"--segmenter_channels must be integers: {e}")
+  names = [field.name for field in dataclasses.fields(Settings)
+           if field.name not in ("segmenter_channels", "generate_batch_size")]
+  return Settings(segmenter_channels=channels, **{name: f[name].value for name in names})
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from experiments import common
+  common.quiet_logs()
+  f = flags.FLAGS
+  if f.compare:
+    rows = compare(f.compare, f.compare_out)
+    for row in rows:
+      print(f"{row['run']} {row['method']}: {row['controlling']} controlling directions, "
+            f"{row['distinct_factors']} distinct factors ({row['controlled'] or 'none'})")
+    return
+  if not f.workdir:
+    raise app.UsageError("--workdir is required (or --compare=FOLDER,...)")
+  if bool(f.method) == bool(f.methods):
+    raise app.UsageError("give exactly one of --method and --methods")
+  methods = [f.method] if f.method else list(f.methods)
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown:
+    raise app.UsageError(f"unknown methods {unknown} (one of {', '.join(METHODS)})")
+  results = run(f.workdir, methods, settings_from_flags(), f.step)
+  for method in results:
+    with open(os.path.join(f.workdir, "directions", method, "scores.md"),
+              encoding="utf-8") as fh:
+      print(fh.read())
+  if len(methods) > 1:
+    with open(os.path.join(f.workdir, "directions", "comparison.md"), encoding="utf-8") as fh:
+      print(fh.read())
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
