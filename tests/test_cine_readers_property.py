@@ -98,7 +98,7 @@ def _check_subject(subject, directory):
     assert subject.long_axis.ndim == 3 and np.all(np.isfinite(subject.long_axis))
 
 
-@settings(PROPERTY_SETTINGS, max_examples=120)
+@settings(PROPERTY_SETTINGS, max_examples=50)
 @given(files=ukbb_folders(), long_axis=st.booleans())
 def test_ukbb_cine_reader_and_preparation_on_random_folders(files, long_axis):
   root = tempfile.mkdtemp()
