@@ -13,6 +13,7 @@ once. <cache> is data.cache_dir, else $CARDIAC_JAX_CACHE, else ~/.cache/cardiac_
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -142,3 +143,31 @@ def restore_run(workdir: str, step: int | None = None):
   finally:
     checkpointer.close()
   return config, family, state, mesh
+
+
+def _json_default(value):
+  import numpy as np
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_json(path: str, data) -> None:
+  """Writes `data` as indented JSON atomically (numpy scalars and arrays as Python values): a
+  reader sees the old file or the new one, never half of one."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=2, default=_json_default)
+  os.replace(path + ".tmp", path)
+
+
+def write_csv(path: str, rows) -> None:
+  """Writes a list of dicts as CSV atomically (the columns of the first row)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  os.replace(path + ".tmp", path)

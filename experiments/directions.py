@@ -61,7 +61,6 @@ both fed z ~ N(0, I) (`generator_from_workdir`).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -70,6 +69,8 @@ import time
 from typing import Any, Callable, Sequence
 
 from absl import app, flags
+
+from experiments import common
 
 METHODS = ("voynov", "pca", "sefa", "ganspace")
 CRITERIA_KEYS = ("rho_threshold", "other_threshold", "min_effect", "other_range_threshold",
@@ -179,30 +180,6 @@ def _log(message: str) -> None:
   print(f"[directions {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _write_json(path: str, data: Any) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(data, f, indent=2, default=_json_default)
-  os.replace(path + ".tmp", path)
-
-
-def _json_default(value):
-  import numpy as np
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _write_csv(path: str, rows: Sequence[dict]) -> None:
-  with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  os.replace(path + ".tmp", path)
-
-
 def _finite(value) -> float | None:
   """A float for JSON (None for NaN)."""
   import math
@@ -231,7 +208,6 @@ def generator_from_workdir(workdir: str, step: int | None = None):
   (clipped to [0, 1]) for "vae", whose generator input is z ~ N(0, I) like the GAN's.
   """
   import jax.numpy as jnp
-  from experiments import common
   kind = common.load_run_config(workdir).model.family
   if kind not in GENERATOR_FAMILIES:
     raise ValueError(f"{os.path.join(workdir, 'config.json')}: model.family {kind!r} has no "
@@ -254,7 +230,6 @@ def load_generator_run(workdir: str, step: int | None = None) -> GeneratorRun:
 # ------------------------------------------------------------------------------- segmenter
 def _split_or_none(config, split: str, directory: str):
   from data_pipelines import errors
-  from experiments import common
   try:
     return common.split_source(config, split, directory)
   except errors.InvalidInputError:
@@ -315,7 +290,6 @@ def prepare_segmenter(config, out_dir: str, settings: Settings,
   the val split (the test split when there is no val split)."""
   from cardiac_jax import segmenter
   from data_pipelines import pipeline
-  from experiments import common
   image_size = int(config.data.image_size)
   if not settings.retrain_segmenter and os.path.exists(
       os.path.join(out_dir, segmenter.PARAMS_FILE)):
@@ -403,7 +377,6 @@ def posterior_means(run: GeneratorRun, split: str = "train"):
   import jax
   import numpy as np
   from data_pipelines import pipeline
-  from experiments import common
   source = common.split_source(run.config, split)
   encode = jax.jit(lambda x: run.family.encode(run.state, x)[0])
   means = []
@@ -513,7 +486,7 @@ def cached_directions(run: GeneratorRun, method: str, settings: Settings, out_di
     np.savez(f, vectors=found.vectors, scales=found.scales, values=found.values,
              method=np.asarray(found.method))
   os.replace(npz + ".tmp", npz)
-  _write_json(meta_path, {"fingerprint": fingerprint, "extra": extra})
+  common.write_json(meta_path, {"fingerprint": fingerprint, "extra": extra})
   return found, extra
 
 
@@ -787,7 +760,7 @@ def write_method_outputs(out_dir: str, run: GeneratorRun, method: str, found, ex
   if "source_index" in extra:
     for row in rows:
       row["source_index"] = extra["source_index"][row["direction"]]
-  _write_csv(os.path.join(out_dir, "scores.csv"), rows)
+  common.write_csv(os.path.join(out_dir, "scores.csv"), rows)
   value_name = {"voynov": "reconstructor accuracy", "sefa": "eigenvalue"}.get(
       found.method, "variance")
   dice = seg_meta.get("quality", {}).get("dice", {})
@@ -835,7 +808,7 @@ def write_method_outputs(out_dir: str, run: GeneratorRun, method: str, found, ex
                        "intensity": "image intensity"},
       **{k: v for k, v in extra.items() if k != "source_index"},
       **summary, "table": rows}
-  _write_json(os.path.join(out_dir, "results.json"), result)
+  common.write_json(os.path.join(out_dir, "results.json"), result)
   log(f"{found.method}: {summary['num_controlling_directions']} controlling directions, "
       f"{summary['num_distinct_factors_controlled']} distinct factors; wrote {out_dir}")
   return result
@@ -878,8 +851,8 @@ def compare(result_dirs: Sequence[str], out_dir: str | None = None) -> list[dict
       row[f"best_controls_{name}"] = best["controls"] if best else None
     rows.append(row)
   os.makedirs(out_dir, exist_ok=True)
-  _write_csv(os.path.join(out_dir, "comparison.csv"), rows)
-  _write_json(os.path.join(out_dir, "comparison.json"),
+  common.write_csv(os.path.join(out_dir, "comparison.csv"), rows)
+  common.write_json(os.path.join(out_dir, "comparison.json"),
               {"folders": [os.path.abspath(d) for d in result_dirs], "rows": rows,
                "criteria": [{k: r.get(k) for k in CRITERIA_KEYS} for r in results]})
   header = ("| run | method | directions | controlling | distinct factors | "
@@ -977,7 +950,6 @@ def settings_from_flags() -> Settings:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from experiments import common
   common.quiet_logs()
   f = flags.FLAGS
   if f.compare:

@@ -16,7 +16,6 @@ across its range with the other dimensions at a real subject's code), attribute_
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -98,10 +97,7 @@ def evaluate_run(workdir: str, split: str = "test", step: int | None = None,
         os.path.join(out_dir, "attribute_scatter.png"), latents[:, shown], attributes,
         xlabels=[f"z{d}" for d in shown], ylabels=names,
         title=f"{config.name}: attributes vs latent dimensions ({split})")
-  path = os.path.join(out_dir, "metrics.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(path + ".tmp", path)
+  common.write_json(os.path.join(out_dir, "metrics.json"), result)
   shutil.rmtree(cache_dir, ignore_errors=True)
   return result
 

@@ -39,10 +39,9 @@ projection over the concept pool.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import os
+import shutil
 import zlib
 from typing import Any, Iterable, Sequence
 
@@ -158,16 +157,6 @@ def biomarker_rows(examples: Iterable[dict], frame_interval_s: float, window_len
     row["noise_level"] = float(extra.get("noise_level", float("nan")))
     rows.append(row)
   return rows
-
-
-def write_csv(path: str, rows: Sequence[dict]) -> None:
-  """Rows as CSV (atomically; the columns of the first row)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  os.replace(path + ".tmp", path)
 
 
 # ------------------------------------------------------------------------------ activations
@@ -443,7 +432,7 @@ def run(workdir: str, step: int | None = None, concept_splits: Sequence[str] = (
   pool = {k: np.concatenate([p[0][k] for p in pool_parts]) for k in pool_parts[0][0]}
   rows = [r for p in pool_parts for r in p[1]]
   explained, explained_rows = gather(explain_split)
-  write_csv(os.path.join(out_dir, "biomarkers.csv"),
+  common.write_csv(os.path.join(out_dir, "biomarkers.csv"),
             [dict(r, split=s) for s, p in zip(concept_splits, pool_parts) for r in p[1]]
             + [dict(r, split=explain_split) for r in explained_rows])
   excluded = {r["subject"]: r[QC_FAILED] for r in rows if r[QC_FAILED]}
@@ -459,7 +448,7 @@ def run(workdir: str, step: int | None = None, concept_splits: Sequence[str] = (
             f"alpha {float(tc.alpha)}.")
   with open(os.path.join(out_dir, "table1.md"), "w", encoding="utf-8") as f:
     f.write(markdown_table(table, header))
-  write_csv(os.path.join(out_dir, "table1.csv"), table)
+  common.write_csv(os.path.join(out_dir, "table1.csv"), table)
 
   # Figures: PCA with gradients and the CAV, and the decoded interpolation.
   if interpolate not in analysis["results"]:
@@ -492,8 +481,7 @@ def run(workdir: str, step: int | None = None, concept_splits: Sequence[str] = (
                    "targets_sigma": targets, "achieved_sigma": achieved.tolist(),
                    "decoded_ef_percent": [float(e) for e in efs],
                    "logit": logits.tolist()}
-  with open(os.path.join(out_dir, f"interpolation_{interpolate}.json"), "w") as f:
-    json.dump(interpolation, f, indent=2)
+  common.write_json(os.path.join(out_dir, f"interpolation_{interpolate}.json"), interpolation)
 
   result = {"workdir": os.path.abspath(workdir), "step": int(state.step),
             "explain_split": explain_split, "concept_splits": list(concept_splits),
@@ -505,11 +493,8 @@ def run(workdir: str, step: int | None = None, concept_splits: Sequence[str] = (
             "random_baseline_scores": next(iter(
                 analysis["results"].values())).random_baseline_scores.tolist(),
             "interpolation": interpolation}
-  with open(os.path.join(out_dir, "results.json.tmp"), "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(os.path.join(out_dir, "results.json.tmp"), os.path.join(out_dir, "results.json"))
+  common.write_json(os.path.join(out_dir, "results.json"), result)
   for split in set(concept_splits) | {explain_split}:
-    import shutil
     shutil.rmtree(os.path.join(out_dir, f"partial_{split}_step{int(state.step)}"),
                   ignore_errors=True)
   return result
