@@ -52,3 +52,17 @@ def make_disc_example(index: int, size: int = 64) -> dict:
 @pytest.fixture(scope="session")
 def disc_examples():
   return [make_disc_example(i) for i in range(24)]
+
+
+def in_memory_source(train: list, evaluation: list):
+  """A training.DataSource over fixed batches: training batch k is train[k % len(train)], so a
+  run resumed at step k sees what it would have seen; evaluation is the list of eval batches."""
+  from cardiac_jax import training
+
+  def train_batches(start):
+    step = start
+    while True:
+      yield train[step % len(train)]
+      step += 1
+
+  return training.DataSource(train_batches=train_batches, eval_batches=lambda: list(evaluation))

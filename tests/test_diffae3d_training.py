@@ -12,6 +12,7 @@ from cardiac_jax import checkpointing
 from cardiac_jax import parallel
 from cardiac_jax import steps
 from cardiac_jax import training
+from tests.conftest import in_memory_source
 from tests.test_diffae3d import tiny_config, toy_volumes
 
 
@@ -26,13 +27,7 @@ def test_tiny_config_trains_evaluates_draws_and_checkpoints_the_ema(tmp_path):
   train = [{"la_image": toy_volumes(b, t, s, seed=k)} for k in range(2)]
   evaluation = {"la_image": toy_volumes(4, t, s, seed=99), "mask": np.array([True] * 3 + [False])}
 
-  def train_batches(start):
-    step = start
-    while True:
-      yield train[step % len(train)]
-      step += 1
-
-  data = training.DataSource(train_batches=train_batches, eval_batches=lambda: [evaluation])
+  data = in_memory_source(train, [evaluation])
   state = training.train_and_evaluate(config, str(tmp_path), data)
   assert int(state.step) == 2
   with open(os.path.join(tmp_path, "metrics.jsonl")) as f:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cardiac_jax import training
+from tests.conftest import in_memory_source
 from experiments import tcav as tcav_experiment
 from tests.test_temporal_classifier import tiny_config, toy_cine_batch
 
@@ -33,14 +34,7 @@ def trained_run(tmp_path_factory):
   b = config.train.batch_size
   train = [toy_cine_batch(b, FRAMES, SIZE, seed=k) for k in range(2)]
 
-  def train_batches(start):
-    step = start
-    while True:
-      yield train[step % len(train)]
-      step += 1
-
-  training.train_and_evaluate(config, workdir, training.DataSource(
-      train_batches=train_batches, eval_batches=lambda: []))
+  training.train_and_evaluate(config, workdir, in_memory_source(train, []))
   splits = {"train": toy_cine_batch(20, FRAMES, SIZE, seed=10),
             "val": toy_cine_batch(8, FRAMES, SIZE, seed=11),
             "test": toy_cine_batch(10, FRAMES, SIZE, seed=12)}

@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from cardiac_jax import training
+from tests.conftest import in_memory_source
 from tests.test_temporal_classifier import tiny_config, toy_cine_batch
 
 
@@ -20,13 +21,7 @@ def test_smoke_config_trains_both_stages_and_evaluates(tmp_path):
   evaluation["group"][:2] = 0          # Both classes present: an AUC exists.
   evaluation["mask"] = np.array([True] * 5 + [False])
 
-  def train_batches(start):
-    step = start
-    while True:
-      yield train[step % len(train)]
-      step += 1
-
-  data = training.DataSource(train_batches=train_batches, eval_batches=lambda: [evaluation])
+  data = in_memory_source(train, [evaluation])
   state = training.train_and_evaluate(config, str(tmp_path), data)
   assert int(state.step) == 4
   with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
