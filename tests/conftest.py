@@ -66,3 +66,62 @@ def in_memory_source(train: list, evaluation: list):
       step += 1
 
   return training.DataSource(train_batches=train_batches, eval_batches=lambda: list(evaluation))
+
+
+# ----------------------------------------------------------------------------- cine analyses
+# A tiny synthetic cine cohort with the 4-chamber view, prepared once per session, and a
+# smoke diffae3d run trained on it: shared by the tests of the DiffAE analyses (latents,
+# sampling, manipulation, association, reproducibility) so that each module does not
+# synthesize, prepare and train again.
+CINE_COHORT_SUBJECTS = 12
+CINE_COHORT_SEED = 11
+
+
+@pytest.fixture(scope="session")
+def cine_cohort(tmp_path_factory):
+  """(raw cohort root, prepared cine dataset directory) of 12 small synthetic subjects:
+  8 frames of 32 px at 3 mm, subject split 6 / 2 / 4."""
+  from data_pipelines import cine, synthetic
+  root = str(tmp_path_factory.mktemp("cine_cohort_raw"))
+  ranges = synthetic.AcquisitionRanges(image_size=(144, 160), spacing_mm=(1.7, 1.8),
+                                       num_frames=(10, 12))
+  synthetic.synthesize_cohort(root, CINE_COHORT_SUBJECTS, CINE_COHORT_SEED, ranges=ranges,
+                              long_axis_4ch=True)
+  prepared = str(tmp_path_factory.mktemp("cine_cohort_prepared") / "out")
+  cine.prepare_cine_dataset(root, prepared, cine.CineConfig(num_frames=8, image_size=32,
+                                                            spacing_mm=3.0),
+                            split_fractions=(0.5, 0.17, 0.33))
+  return root, prepared
+
+
+def diffae_smoke_config(prepared_dir: str, seed: int = 0):
+  """The diffae3d smoke config reading the prepared tiny cohort (4 frames of 16 px)."""
+  from experiments.configs import diffae3d
+  config = diffae3d.get_config("smoke")
+  config.seed = seed
+  config.data.dataset = "prepared"
+  config.data.prepared_dir = prepared_dir
+  config.data.prepare.image_size = 32
+  config.data.prepare.spacing_mm = 3.0
+  config.data.num_frames = 8
+  config.train.num_steps = 3
+  config.train.eval_every = 0
+  config.train.figure_every = 0
+  config.train.checkpoint_every = 3
+  return config
+
+
+def train_diffae_smoke(prepared_dir: str, workdir: str, seed: int = 0) -> str:
+  """Trains the smoke diffae3d config on the prepared tiny cohort into `workdir`."""
+  from cardiac_jax import training
+  from experiments import common
+  config = diffae_smoke_config(prepared_dir, seed)
+  training.train_and_evaluate(config, workdir, common.make_data_source(config))
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def diffae_run(cine_cohort, tmp_path_factory):
+  """Workdir of a smoke diffae3d run (3 steps, seed 0) on the prepared tiny cohort."""
+  _, prepared = cine_cohort
+  return train_diffae_smoke(prepared, str(tmp_path_factory.mktemp("diffae_run")), seed=0)
