@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 
 import numpy as np
@@ -77,20 +79,39 @@ CINE_COHORT_SUBJECTS = 12
 CINE_COHORT_SEED = 11
 
 
+@contextlib.contextmanager
+def _built_once(tmp_path_factory, worker_id: str, name: str):
+  """Yields (directory, build): a directory shared by the pytest-xdist workers of this session
+  (their common base temp; this process's own one without xdist), held under a file lock, and
+  whether the caller must build its content (False once a previous holder finished)."""
+  if worker_id == "master":
+    base = str(tmp_path_factory.mktemp(name))
+  else:
+    base = os.path.join(str(tmp_path_factory.getbasetemp().parent), name)
+  os.makedirs(base, exist_ok=True)
+  done = os.path.join(base, ".done")
+  with open(os.path.join(base, ".lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield base, not os.path.exists(done)
+    open(done, "w").close()
+
+
 @pytest.fixture(scope="session")
-def cine_cohort(tmp_path_factory):
+def cine_cohort(tmp_path_factory, worker_id):
   """(raw cohort root, prepared cine dataset directory) of 12 small synthetic subjects:
-  8 frames of 32 px at 3 mm, subject split 6 / 2 / 4."""
+  8 frames of 32 px at 3 mm, subject split 6 / 2 / 4. Built once per test session: the
+  xdist workers share it (the first one builds it under a file lock, the others wait)."""
   from data_pipelines import cine, synthetic
-  root = str(tmp_path_factory.mktemp("cine_cohort_raw"))
-  ranges = synthetic.AcquisitionRanges(image_size=(144, 160), spacing_mm=(1.7, 1.8),
-                                       num_frames=(10, 12))
-  synthetic.synthesize_cohort(root, CINE_COHORT_SUBJECTS, CINE_COHORT_SEED, ranges=ranges,
-                              long_axis_4ch=True)
-  prepared = str(tmp_path_factory.mktemp("cine_cohort_prepared") / "out")
-  cine.prepare_cine_dataset(root, prepared, cine.CineConfig(num_frames=8, image_size=32,
-                                                            spacing_mm=3.0),
-                            split_fractions=(0.5, 0.17, 0.33))
+  with _built_once(tmp_path_factory, worker_id, "cine_cohort") as (base, build):
+    root, prepared = os.path.join(base, "raw"), os.path.join(base, "prepared")
+    if build:
+      ranges = synthetic.AcquisitionRanges(image_size=(144, 160), spacing_mm=(1.7, 1.8),
+                                           num_frames=(10, 12))
+      synthetic.synthesize_cohort(root, CINE_COHORT_SUBJECTS, CINE_COHORT_SEED, ranges=ranges,
+                                  long_axis_4ch=True)
+      cine.prepare_cine_dataset(root, prepared, cine.CineConfig(num_frames=8, image_size=32,
+                                                                spacing_mm=3.0),
+                                split_fractions=(0.5, 0.17, 0.33))
   return root, prepared
 
 
@@ -121,7 +142,21 @@ def train_diffae_smoke(prepared_dir: str, workdir: str, seed: int = 0) -> str:
 
 
 @pytest.fixture(scope="session")
-def diffae_run(cine_cohort, tmp_path_factory):
-  """Workdir of a smoke diffae3d run (3 steps, seed 0) on the prepared tiny cohort."""
+def diffae_run(cine_cohort, tmp_path_factory, worker_id):
+  """Workdir of a smoke diffae3d run (3 steps, seed 0) on the prepared tiny cohort, trained
+  once per test session (shared by the xdist workers like `cine_cohort`). Treat it as
+  read-only: a test whose command writes into the run directory works on `copy_run(...)`."""
   _, prepared = cine_cohort
-  return train_diffae_smoke(prepared, str(tmp_path_factory.mktemp("diffae_run")), seed=0)
+  with _built_once(tmp_path_factory, worker_id, "diffae_run") as (base, build):
+    workdir = os.path.join(base, "run")
+    if build:
+      train_diffae_smoke(prepared, workdir, seed=0)
+  return workdir
+
+
+def copy_run(workdir: str, destination) -> str:
+  """A private copy of a run directory (for tests whose commands write into the run)."""
+  import shutil
+  target = os.path.join(str(destination), os.path.basename(workdir.rstrip("/")) or "run")
+  shutil.copytree(workdir, target)
+  return target
