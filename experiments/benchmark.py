@@ -14,9 +14,9 @@ What is measured, in this order, in one process:
    block_until_ready as the training loop's per-step metric read does;
 3. peak_rss_mb: the process's peak resident memory (getrusage ru_maxrss) after the step timing,
    before the input pipeline (TensorFlow) is imported;
-4. input_samples_per_sec: `data_pipelines.pipeline.measure_throughput` of the config's prepared
-   training split (generated and prepared first if the cache lacks it), single process; skipped
-   with --input_batches=0;
+4. input_samples_per_sec: the single-process training iterator of the config's prepared
+   training split (slices or cine; generated and prepared first if the cache lacks it), timed
+   over --input_batches batches after a warm-up batch; skipped with --input_batches=0;
 5. with --torch_python=PYTHON: the PyTorch eager baseline (benchmarks/torch_baseline.py, the same
    AR-SIVAE model and encoder+decoder update) run right after the JAX steps by that interpreter
    (an environment that has PyTorch; PyTorch is never a project dependency) at the same batch
@@ -91,10 +91,27 @@ def measure_matmul_peak(size: int, repeats: int) -> float:
 
 
 def synthetic_batch(config, rows: int, seed: int = 0) -> dict:
-  """Random host batch in the training layout: image (rows, S, S, C) in [0, 1), attributes."""
+  """Random host batch in the config's training layout. Slice data: image (rows, S, S, C) in
+  [0, 1) and attributes. Cine data (data.format "cine"): every field of a cine batch with T =
+  data.num_frames (label maps with values in 0..3, images in [0, 1) or [-1, 1) as prepared)."""
   import numpy as np
   rng = np.random.default_rng(seed)
-  size, channels = int(config.data.image_size), len(config.data.channels)
+  size = int(config.data.image_size)
+  if config.data.get("format", "slices") == "cine":
+    frames = int(config.data.num_frames)
+    cine = (rows, frames, size, size)
+    return {
+        "subject": np.array([f"s{i}" for i in range(rows)]),
+        "group": rng.integers(0, 5, rows).astype(np.int32),
+        "sa_image": rng.random(cine + (3,), dtype=np.float32),
+        "sa_label": rng.integers(0, 4, cine + (3,)).astype(np.int32),
+        "sa_mid_image": rng.uniform(-1, 1, cine + (1,)).astype(np.float32),
+        "la_image": rng.uniform(-1, 1, cine + (1,)).astype(np.float32),
+        "lv_volume_ml": rng.uniform(50, 150, (rows, frames)).astype(np.float32),
+        "pixel_spacing_mm": np.full(rows, 1.8, np.float32),
+        "slice_thickness_mm": np.full(rows, 8.0, np.float32),
+    }
+  channels = len(config.data.channels)
   return {
       "image": rng.random((rows, size, size, channels), dtype=np.float32),
       "attributes": rng.normal(size=(rows, len(config.data.attributes))).astype(np.float32),
@@ -241,16 +258,19 @@ def run_torch_baseline(command: list[str]) -> dict:
 
 
 def measure_input(config, num_batches: int) -> float:
-  """Samples/s of the single-process training iterator on the config's prepared split."""
-  from data_pipelines import pipeline
+  """Samples/s of the single-process training iterator on the config's prepared training
+  split (slice or cine data), after one warm-up batch."""
   from experiments import common
+  if num_batches <= 0:
+    raise ValueError(f"--input_batches must be positive, got {num_batches}")
   # Generation/preparation report progress on stdout, which carries only the result line here.
   with contextlib.redirect_stdout(sys.stderr):
-    source = common.split_source(config, "train")
-  result = pipeline.measure_throughput(source, config.data,
-                                       global_batch_size=int(config.train.batch_size),
-                                       num_batches=num_batches, seed=config.seed)
-  return result["samples_per_sec"]
+    batches = common.make_data_source(config).train_batches(0)
+    next(batches)  # Tracing, thread pools and the first fetch are not throughput.
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    next(batches)
+  return num_batches * int(config.train.batch_size) / (time.perf_counter() - start)
 
 
 def run_benchmark(config, spec: str, num_steps: int, input_batches: int,
