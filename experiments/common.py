@@ -154,6 +154,16 @@ def _json_default(value):
   raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+def read_json(path: str) -> dict | None:
+  """The JSON object in `path`, or None when it is absent, unreadable or not an object."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return value if isinstance(value, dict) else None
+
+
 def write_json(path: str, data) -> None:
   """Writes `data` as indented JSON atomically (numpy scalars and arrays as Python values): a
   reader sees the old file or the new one, never half of one."""
@@ -171,3 +181,29 @@ def write_csv(path: str, rows) -> None:
     writer.writeheader()
     writer.writerows(rows)
   os.replace(path + ".tmp", path)
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `text` atomically (a reader sees the old file or the new one)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
+def read_table(path: str) -> dict[str, dict[str, str]]:
+  """A CSV with a `subject` column (attributes.csv, a covariates file) as {subject: row}, in
+  file order. FileNotFoundError when absent; ValueError naming the file without a subject
+  column or with a subject on two rows."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: file not found")
+  with open(path, newline="", encoding="utf-8") as f:
+    reader = csv.DictReader(f)
+    if not reader.fieldnames or "subject" not in reader.fieldnames:
+      raise ValueError(f"{path}: needs a 'subject' column, has {reader.fieldnames}")
+    table = {}
+    for row in reader:
+      if row["subject"] in table:
+        raise ValueError(f"{path}: subject {row['subject']} has more than one row")
+      table[row["subject"]] = row
+  return table

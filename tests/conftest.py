@@ -25,6 +25,39 @@ def isolated_cache(tmp_path_factory):
     os.environ["CARDIAC_JAX_CACHE"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory, worker_id):
+  """XLA's persistent compilation cache for the whole session, shared by the xdist workers
+  and by the command-line runs the tests start (JAX_COMPILATION_CACHE_DIR): the many tests
+  that train the same smoke configs load compiled programs instead of compiling them again
+  (compilation dominates smoke steps on a CPU). Results do not change: a cached executable is
+  the program the compiler would build."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  previous = jax.config.jax_compilation_cache_dir
+  if previous:                          # The caller already caches: leave it alone.
+    yield previous
+    return
+  if worker_id == "master":
+    path = str(tmp_path_factory.mktemp("xla_cache"))
+  else:
+    path = os.path.join(str(tmp_path_factory.getbasetemp().parent), "xla_cache")
+    os.makedirs(path, exist_ok=True)
+  previous_env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  cc.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", path)
+  try:
+    yield path
+  finally:
+    jax.config.update("jax_compilation_cache_dir", previous)
+    cc.reset_cache()
+    if previous_env is None:
+      os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+    else:
+      os.environ["JAX_COMPILATION_CACHE_DIR"] = previous_env
+
+
 def make_disc_example(index: int, size: int = 64) -> dict:
   """A prepared-schema example: concentric LV cavity / myocardium discs and an RV crescent,
   with radii (and so attributes) that vary with `index`."""

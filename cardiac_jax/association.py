@@ -1,0 +1,445 @@
+"""Association tests of latent phenotypes with traits, and sparse trait directions in latent
+space (the analyses of the UK Biobank DiffAE latent-phenotype study; spec
+/specs/diffae3d.md "Outputs and interpretation"). numpy / scipy / scikit-learn only.
+
+Per-latent tests (one latent x, one trait y, n subjects, covariates C (n, c)):
+- `ols_association` (continuous trait): y = b0 + b x + C g + e by least squares with the
+  design X = [1, x, C] (k = 2 + c columns);
+    sigma^2 = RSS / (n - k),  se(b) = sqrt(sigma^2 [(X'X)^-1]_xx),  t = b / se(b),
+    p = 2 P(T_{n-k} > |t|)  (Student t, two-sided).
+  Without covariates this is the P-value of the Pearson correlation (scipy.stats.linregress).
+- `logistic_association` (binary trait y in {0, 1}): logit P(y = 1) = b0 + b x + C g, maximum
+  likelihood by Newton-Raphson (IRLS) with step halving when the deviance
+  D = -2 sum [y log pi + (1 - y) log(1 - pi)] would increase; converged when
+  |D_old - D| / (|D| + 0.1) < tol (R's glm rule). Wald test: se(b) = sqrt([(X' W X)^-1]_xx),
+  W = diag(pi (1 - pi)), z = b / se(b), p = 2 P(N(0, 1) > |z|).
+  Separation (some linear combination of the columns splits the classes, so the likelihood
+  has no maximum and b runs to infinity) shows as fitted logits beyond +-`SEPARATION_LOGIT`
+  or as no convergence within `max_iter` iterations: the test is then reported with
+  converged = False and se, z and p NaN (a Wald P-value at a diverging b is meaningless).
+- A latent that is constant or collinear with the covariates (rank-deficient design) gives
+  NaN statistics, never an exception.
+
+Multiple testing: `benjamini_hochberg` adjusts P-values over all tests (NaN P-values are not
+tests: they keep q = NaN and do not count in m),
+  q_(i) = min_{j >= i} min(1, m p_(j) / j)   (p sorted ascending, i = 1..m),
+so q is monotone in p and q >= p; test i is a discovery at level alpha when q_i < alpha.
+`bh_threshold` is the P-value line of those discoveries (for Manhattan plots).
+
+Trait directions for manipulation (`trait_direction`): on latents standardised per dimension
+(`standardise`: z_std = (z - mean) / std with the mean and standard deviation of a reference
+set), a sparse linear model of the trait,
+- kind "linear": Lasso, alpha chosen by 5-fold cross-validation (sklearn LassoCV, shuffled
+  folds); CV score = out-of-fold R^2 of the Lasso at the chosen alpha on the same folds;
+- kind "logistic": L1-penalised logistic regression, C chosen by stratified 5-fold
+  cross-validation on ROC AUC (sklearn LogisticRegressionCV, liblinear) over 12 values from
+  C_0 = 1 / max_j |z_j' (y - ybar)| (below which the model is empty) to 1000 C_0; CV score =
+  mean fold AUC at the chosen C;
+and the direction beta = w / ||w|| of its coefficient vector w. A manipulation moves
+z_std' = z_std + m sqrt(D) beta: a step of m standard deviations of the latent cloud's
+typical radius sqrt(D). When the cross-validated model is empty (w = 0: the trait is not
+predictable from the latents at this sample size), the sparsest non-empty model on the
+regularisation path is used instead and `TraitDirection.empty_fallback` says so.
+
+The rank-based inverse normal transform, optional before association of heavy-tailed latents
+(as in the GWAS of the latents), is `cardiac_jax.phenotypes.inverse_normal_transform`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+from scipy import linalg, special, stats
+
+# |logit| beyond which a fitted probability is numerically 0 or 1 (1 - sigmoid(30) ~ 1e-13):
+# a sign of (quasi-)complete separation.
+SEPARATION_LOGIT = 30.0
+DEFAULT_FOLDS = 5
+LOGISTIC_NUM_CS = 12
+KINDS = ("linear", "logistic")
+
+
+@dataclasses.dataclass(frozen=True)
+class AssociationTest:
+  """One latent-trait test: coefficient `beta` of the latent with its standard error, test
+  statistic `stat` (t for OLS, Wald z for logistic), two-sided `p`, the number of subjects `n`,
+  and whether the fit converged (always True for OLS); `note` says why statistics are NaN."""
+  beta: float
+  se: float
+  stat: float
+  p: float
+  n: int
+  converged: bool = True
+  iterations: int = 0
+  note: str = ""
+
+
+def _as_vector(values, name: str) -> np.ndarray:
+  array = np.asarray(values, dtype=np.float64)
+  if array.ndim != 1:
+    raise ValueError(f"{name} must be a vector (n,), got shape {array.shape}")
+  if not np.all(np.isfinite(array)):
+    raise ValueError(f"{name} has {int(np.sum(~np.isfinite(array)))} non-finite values; drop "
+                     "those subjects before testing")
+  return array
+
+
+def _design(y, x, covariates) -> tuple[np.ndarray, np.ndarray]:
+  """(y (n,), X = [1, x, C] (n, 2 + c)) checked for shapes and finiteness."""
+  y = _as_vector(y, "y")
+  x = _as_vector(x, "x")
+  if len(x) != len(y):
+    raise ValueError(f"x has {len(x)} values and y {len(y)}: one of each per subject")
+  columns = [np.ones_like(y), x]
+  if covariates is not None:
+    c = np.asarray(covariates, dtype=np.float64)
+    c = c[:, None] if c.ndim == 1 else c
+    if c.ndim != 2 or c.shape[0] != len(y):
+      raise ValueError(f"covariates must be (n, c) with n = {len(y)}, got shape {c.shape}")
+    if not np.all(np.isfinite(c)):
+      raise ValueError("covariates have non-finite values; drop those subjects before testing")
+    columns.extend(c.T)
+  return y, np.stack(columns, axis=1)
+
+
+def _full_rank(design: np.ndarray) -> bool:
+  # Columns scaled to unit norm so that the rank test does not depend on their units.
+  norms = np.linalg.norm(design, axis=0)
+  if np.any(norms == 0):
+    return False
+  return np.linalg.matrix_rank(design / norms) == design.shape[1]
+
+
+def _nan_test(n: int, note: str, beta: float = np.nan, converged: bool = True,
+              iterations: int = 0) -> AssociationTest:
+  return AssociationTest(beta=float(beta), se=np.nan, stat=np.nan, p=np.nan, n=n,
+                         converged=converged, iterations=iterations, note=note)
+
+
+def ols_association(y, x, covariates=None) -> AssociationTest:
+  """t-test of the coefficient of `x` in the least-squares fit y ~ 1 + x + covariates.
+
+  Args:
+    y: (n,) trait values.
+    x: (n,) latent values.
+    covariates: optional (n, c) or (n,) covariates (intercept added here).
+
+  Returns:
+    AssociationTest (module docstring); NaN statistics when n <= k or the design is rank
+    deficient (x constant or collinear with the covariates).
+  """
+  y, design = _design(y, x, covariates)
+  n, k = design.shape
+  if n <= k:
+    return _nan_test(n, f"{n} subjects for {k} coefficients: no residual degrees of freedom")
+  if not _full_rank(design):
+    return _nan_test(n, "rank-deficient design: the latent is constant or collinear with the "
+                     "covariates")
+  q, r = np.linalg.qr(design)
+  coef = linalg.solve_triangular(r, q.T @ y)
+  residual = y - design @ coef
+  dof = n - k
+  sigma2 = float(residual @ residual) / dof
+  r_inv = linalg.solve_triangular(r, np.eye(k))
+  # (X'X)^-1 = R^-1 R^-T; its x-x entry is the squared norm of row 1 of R^-1.
+  se = float(np.sqrt(sigma2 * np.sum(r_inv[1] ** 2)))
+  beta = float(coef[1])
+  if se == 0.0:
+    return _nan_test(n, "perfect fit: zero residual variance", beta)
+  t = beta / se
+  return AssociationTest(beta=beta, se=se, stat=float(t), p=float(2.0 * stats.t.sf(abs(t), dof)),
+                         n=n)
+
+
+def _deviance(y: np.ndarray, eta: np.ndarray) -> float:
+  # -2 log-likelihood with log(sigmoid) evaluated stably: log pi = -log(1 + e^-eta).
+  return float(2.0 * np.sum(np.logaddexp(0.0, -eta) * y + np.logaddexp(0.0, eta) * (1.0 - y)))
+
+
+def logistic_association(y, x, covariates=None, max_iter: int = 50,
+                         tol: float = 1e-10) -> AssociationTest:
+  """Wald test of the coefficient of `x` in the logistic regression y ~ 1 + x + covariates.
+
+  Args:
+    y: (n,) binary trait in {0, 1}.
+    x: (n,) latent values.
+    covariates: optional (n, c) or (n,) covariates (intercept added here).
+    max_iter: Newton iterations before the fit is reported as not converged.
+    tol: relative deviance change of convergence.
+
+  Returns:
+    AssociationTest; converged = False with NaN se, stat and p (and the last beta) when the
+    classes are separated or Newton did not converge; NaN statistics when y has one class only
+    or the design is rank deficient.
+  """
+  y, design = _design(y, x, covariates)
+  n, k = design.shape
+  if not np.all((y == 0) | (y == 1)):
+    raise ValueError(f"a logistic trait must be 0/1, got values {np.unique(y)[:8]}")
+  cases = int(y.sum())
+  if cases in (0, n):
+    return _nan_test(n, f"only one class ({cases} cases of {n}): nothing to test")
+  if n <= k or not _full_rank(design):
+    return _nan_test(n, "rank-deficient design: the latent is constant or collinear with the "
+                     "covariates")
+  coef = np.zeros(k)
+  # Start at the intercept-only maximum: the log odds of the case fraction.
+  coef[0] = np.log(cases / (n - cases))
+  eta = design @ coef
+  deviance = _deviance(y, eta)
+  converged, separated = False, False
+  iteration = 0
+  for iteration in range(1, max_iter + 1):
+    mu = special.expit(eta)
+    weights = mu * (1.0 - mu)
+    hessian = design.T @ (design * weights[:, None])
+    try:
+      step = np.linalg.solve(hessian, design.T @ (y - mu))
+    except np.linalg.LinAlgError:
+      break
+    # Step halving keeps every accepted iterate at a lower deviance.
+    scale = 1.0
+    for _ in range(30):
+      candidate = coef + scale * step
+      new_eta = design @ candidate
+      new_deviance = _deviance(y, new_eta)
+      if new_deviance <= deviance + 1e-12 * (abs(deviance) + 1.0):
+        break
+      scale /= 2.0
+    coef, eta = candidate, new_eta
+    change = abs(deviance - new_deviance) / (abs(new_deviance) + 0.1)
+    deviance = new_deviance
+    if np.max(np.abs(eta)) > SEPARATION_LOGIT:
+      separated = True
+      break
+    if change < tol:
+      converged = True
+      break
+  beta = float(coef[1])
+  if separated:
+    return _nan_test(n, f"separation: fitted logits reach {np.max(np.abs(eta)):.0f} (fitted "
+                     "probabilities numerically 0 or 1); the maximum-likelihood estimate does "
+                     "not exist", beta, converged=False, iterations=iteration)
+  if not converged:
+    return _nan_test(n, f"Newton did not converge in {max_iter} iterations", beta,
+                     converged=False, iterations=iteration)
+  mu = special.expit(eta)
+  hessian = design.T @ (design * (mu * (1.0 - mu))[:, None])
+  try:
+    covariance = np.linalg.inv(hessian)
+  except np.linalg.LinAlgError:
+    return _nan_test(n, "singular information matrix at the optimum", beta, converged=False,
+                     iterations=iteration)
+  se = float(np.sqrt(covariance[1, 1]))
+  z = beta / se
+  return AssociationTest(beta=beta, se=se, stat=float(z), p=float(2.0 * stats.norm.sf(abs(z))),
+                         n=n, converged=True, iterations=iteration)
+
+
+def benjamini_hochberg(p) -> np.ndarray:
+  """Benjamini-Hochberg adjusted P-values (q-values) of any shape; NaN stays NaN and is not
+  counted among the m tests (module docstring)."""
+  p = np.asarray(p, dtype=np.float64)
+  flat = p.ravel()
+  q = np.full(flat.shape, np.nan)
+  tested = np.flatnonzero(np.isfinite(flat))
+  if tested.size == 0:
+    return q.reshape(p.shape)
+  values = flat[tested]
+  if np.any((values < 0) | (values > 1)):
+    raise ValueError(f"P-values must be in [0, 1], got range [{values.min()}, {values.max()}]")
+  m = values.size
+  order = np.argsort(values, kind="stable")
+  scaled = values[order] * m / np.arange(1, m + 1)
+  # Running minimum from the largest P-value down: q_(i) = min_{j >= i} m p_(j) / j.
+  adjusted = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+  q[tested[order]] = adjusted
+  return q.reshape(p.shape)
+
+
+def bh_threshold(p, alpha: float = 0.05) -> float:
+  """The P-value line of the BH discoveries at level alpha: the largest P-value with
+  q < alpha, or alpha / m (what the smallest P-value would need) when there is none."""
+  p = np.asarray(p, dtype=np.float64).ravel()
+  p = p[np.isfinite(p)]
+  if p.size == 0:
+    return float(alpha)
+  q = benjamini_hochberg(p)
+  significant = p[q < alpha]
+  return float(significant.max()) if significant.size else float(alpha / p.size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Standardisation:
+  """Per-dimension mean and standard deviation of a reference set of latents (D,)."""
+  mean: np.ndarray
+  std: np.ndarray
+
+  def apply(self, z) -> np.ndarray:
+    """(N, D) latents -> (N, D) standardised latents (z - mean) / std."""
+    return (np.asarray(z, np.float64) - self.mean) / self.std
+
+  def invert(self, z_std) -> np.ndarray:
+    """(N, D) standardised latents -> latents mean + std z_std."""
+    return self.mean + self.std * np.asarray(z_std, np.float64)
+
+
+def standardise(z, reference=None) -> tuple[np.ndarray, Standardisation]:
+  """(z_std, Standardisation): z (N, D) standardised with the per-dimension mean and standard
+  deviation (ddof 0) of `reference` (M, D) (default: z itself). A dimension that is constant
+  in the reference keeps std 1 (it only loses its mean) instead of dividing by zero."""
+  z = np.asarray(z, np.float64)
+  reference = z if reference is None else np.asarray(reference, np.float64)
+  if z.ndim != 2 or reference.ndim != 2 or z.shape[1] != reference.shape[1]:
+    raise ValueError(f"latents must be (N, D) like the reference; got {z.shape} and "
+                     f"{reference.shape}")
+  if len(reference) < 2:
+    raise ValueError(f"a standardisation needs at least 2 reference subjects, got "
+                     f"{len(reference)}")
+  mean = reference.mean(axis=0)
+  std = reference.std(axis=0)
+  std = np.where(std > 0, std, 1.0)
+  transform = Standardisation(mean=mean, std=std)
+  return transform.apply(z), transform
+
+
+@dataclasses.dataclass(frozen=True)
+class TraitDirection:
+  """A unit direction `beta` (D,) in standardised latent space that increases a trait.
+
+  `regularisation` is the selected Lasso alpha (linear) or inverse strength C (logistic);
+  `num_nonzero` counts the non-zero coefficients; `cv_score` is the cross-validated R^2
+  (linear) or ROC AUC (logistic) named by `cv_metric`, of the model used; `empty_fallback` is
+  True when the cross-validated model was empty and the sparsest non-empty model on the path
+  (whose alpha or C, and CV score, are then reported) was used instead.
+  """
+  kind: str
+  beta: np.ndarray
+  coefficients: np.ndarray
+  intercept: float
+  regularisation: float
+  regularisation_name: str
+  num_nonzero: int
+  cv_score: float
+  cv_metric: str
+  num_folds: int
+  empty_fallback: bool = False
+
+  def to_dict(self) -> dict:
+    return {"kind": self.kind, "beta": [float(b) for b in self.beta],
+            "coefficients": [float(c) for c in self.coefficients],
+            "intercept": float(self.intercept),
+            self.regularisation_name: float(self.regularisation),
+            "num_nonzero": int(self.num_nonzero), "cv_score": float(self.cv_score),
+            "cv_metric": self.cv_metric, "num_folds": int(self.num_folds),
+            "empty_fallback": bool(self.empty_fallback)}
+
+
+def _unit(w: np.ndarray) -> np.ndarray:
+  return w / np.linalg.norm(w)
+
+
+def _lasso_direction(z: np.ndarray, y: np.ndarray, folds: int, seed: int) -> TraitDirection:
+  from sklearn import linear_model, model_selection  # pylint: disable=g-import-not-at-top
+  n = len(y)
+  folds = min(folds, n)
+  if folds < 2:
+    raise ValueError(f"a cross-validated Lasso needs at least 2 subjects, got {n}")
+  if np.ptp(y) == 0:
+    raise ValueError("the trait is constant over the subjects: no direction to fit")
+  splitter = model_selection.KFold(folds, shuffle=True, random_state=seed)
+  model = linear_model.LassoCV(cv=splitter, max_iter=100000, random_state=seed).fit(z, y)
+  coef, intercept, alpha = model.coef_.copy(), float(model.intercept_), float(model.alpha_)
+  fallback = not np.any(coef)
+  if fallback:
+    # The path's alphas descend; the first with a non-zero coefficient gives the sparsest
+    # non-empty model (LassoCV centres the data for its intercept, and so does this).
+    zc, yc = z - z.mean(axis=0), y - y.mean()
+    alphas, paths, _ = linear_model.lasso_path(zc, yc, alphas=model.alphas_, max_iter=100000)
+    nonzero = np.flatnonzero(np.any(paths != 0, axis=0))
+    if nonzero.size == 0:
+      raise ValueError("every Lasso on the path is empty: no latent relates to the trait")
+    alpha = float(alphas[nonzero[0]])
+    coef = paths[:, nonzero[0]]
+    intercept = float(y.mean() - z.mean(axis=0) @ coef)
+  predicted = model_selection.cross_val_predict(
+      linear_model.Lasso(alpha=alpha, max_iter=100000), z, y, cv=splitter)
+  r2 = 1.0 - float(np.sum((y - predicted) ** 2) / np.sum((y - y.mean()) ** 2))
+  return TraitDirection(kind="linear", beta=_unit(coef), coefficients=coef, intercept=intercept,
+                        regularisation=alpha, regularisation_name="alpha",
+                        num_nonzero=int(np.count_nonzero(coef)), cv_score=r2, cv_metric="r2",
+                        num_folds=folds, empty_fallback=fallback)
+
+
+def _logistic_direction(z: np.ndarray, y: np.ndarray, folds: int, seed: int) -> TraitDirection:
+  from sklearn import linear_model, model_selection  # pylint: disable=g-import-not-at-top
+  if not np.all((y == 0) | (y == 1)):
+    raise ValueError(f"a logistic trait must be 0/1, got values {np.unique(y)[:8]}")
+  minority = int(min(y.sum(), len(y) - y.sum()))
+  folds = min(folds, minority)
+  if folds < 2:
+    raise ValueError(f"the binary trait has {minority} subject(s) in its smaller class; a "
+                     "stratified cross-validation needs at least 2")
+  splitter = model_selection.StratifiedKFold(folds, shuffle=True, random_state=seed)
+  # C grid relative to the largest C of the empty model, C_0 = 1 / max_j |z_j' (y - ybar)|
+  # (the L1 optimality condition at w = 0), over three decades, like the Lasso path.
+  c_empty = 1.0 / max(float(np.max(np.abs(z.T @ (y - y.mean())))), 1e-12)
+  grid = c_empty * np.logspace(0.0, 3.0, LOGISTIC_NUM_CS)
+  fixed = dict(l1_ratio=1.0, solver="liblinear", max_iter=1000, random_state=seed)
+  with warnings.catch_warnings():
+    # liblinear stops at max_iter on (nearly) separable folds, and folds whose held-out part is
+    # tiny may be perfectly classified: neither is an error for choosing C.
+    warnings.simplefilter("ignore", category=UserWarning)
+    model = linear_model.LogisticRegressionCV(
+        Cs=grid, l1_ratios=(1.0,), solver="liblinear", scoring="roc_auc", cv=splitter,
+        max_iter=1000, random_state=seed, use_legacy_attributes=False).fit(z, y)
+  coef, intercept = model.coef_[0].copy(), float(model.intercept_[0])
+  c_value = float(model.C_)
+  fallback = not np.any(coef)
+  if fallback:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", category=UserWarning)
+      for c in sorted(model.Cs_):
+        refit = linear_model.LogisticRegression(C=float(c), **fixed).fit(z, y)
+        if np.any(refit.coef_):
+          coef, intercept, c_value = refit.coef_[0].copy(), float(refit.intercept_[0]), float(c)
+          break
+      else:
+        raise ValueError("every L1-logistic model on the C grid is empty: no latent relates to "
+                         "the trait")
+  scores = np.asarray(model.scores_)[:, 0, :]  # (folds, Cs), C on the grid.
+  auc = float(np.nanmean(scores[:, int(np.argmin(np.abs(model.Cs_ - c_value)))]))
+  return TraitDirection(kind="logistic", beta=_unit(coef), coefficients=coef,
+                        intercept=intercept, regularisation=c_value, regularisation_name="C",
+                        num_nonzero=int(np.count_nonzero(coef)), cv_score=auc,
+                        cv_metric="roc_auc", num_folds=folds, empty_fallback=fallback)
+
+
+def trait_direction(z_std, y, kind: str = "linear", folds: int = DEFAULT_FOLDS,
+                    seed: int = 0) -> TraitDirection:
+  """The unit direction in standardised latent space of a sparse model of a trait.
+
+  Args:
+    z_std: (N, D) standardised latents (`standardise`).
+    y: (N,) trait: continuous for kind "linear", 0/1 for kind "logistic".
+    kind: "linear" (LassoCV) or "logistic" (L1 LogisticRegressionCV).
+    folds: cross-validation folds (at most N, or the smaller class size for logistic).
+    seed: seed of the fold shuffling.
+
+  Returns:
+    TraitDirection (module docstring).
+  """
+  if kind not in KINDS:
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+  z = np.asarray(z_std, np.float64)
+  y = _as_vector(y, "y")
+  if z.ndim != 2 or len(z) != len(y):
+    raise ValueError(f"z_std must be (N, D) with N = {len(y)} trait values, got shape {z.shape}")
+  if not np.all(np.isfinite(z)):
+    raise ValueError("z_std has non-finite values")
+  if kind == "linear":
+    return _lasso_direction(z, y, folds, seed)
+  return _logistic_direction(z, y, folds, seed)
+
