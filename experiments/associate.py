@@ -387,13 +387,9 @@ def define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from experiments import common  # pylint: disable=g-import-not-at-top
-  common.quiet_logs()
   f = flags.FLAGS
-  if not f.workdir:
-    raise app.UsageError("--workdir is required")
+  common.start_command(argv, workdir=f.workdir)
   result = associate(f.workdir, latents_path=f.latents, traits=f.traits,
                      binary_traits=f.binary_traits, covariates=f.covariates,
                      covariates_file=f.covariates_file, inverse_normal=f.inverse_normal,

@@ -32,6 +32,20 @@ def quiet_logs() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+def start_command(argv, quiet: bool = True, **required) -> None:
+  """The start of a command's main(): no positional arguments, every flag named in `required`
+  (name=value) set, and quiet logs (`quiet_logs`; off for in-process calls with their own flag
+  values). Raises absl's UsageError otherwise."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  for name, value in required.items():
+    if not value:
+      raise app.UsageError(f"--{name} is required")
+  if quiet:
+    quiet_logs()
+
+
 def cache_root(config) -> str:
   return os.path.abspath(os.path.expanduser(
       config.data.cache_dir or os.environ.get("CARDIAC_JAX_CACHE", "")

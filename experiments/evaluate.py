@@ -103,12 +103,8 @@ def evaluate_run(workdir: str, split: str = "test", step: int | None = None,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
   from experiments import common
-  common.quiet_logs()
+  common.start_command(argv, workdir=_WORKDIR.value)
   result = evaluate_run(_WORKDIR.value, _SPLIT.value, _STEP.value, _TRAVERSAL_STEPS.value,
                         _TRAVERSAL_RANGE.value)
   rec = result["reconstruction"]

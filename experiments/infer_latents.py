@@ -611,13 +611,8 @@ def load_or_compute(workdir: str, path: Optional[str] = None, *, refresh: bool =
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flag_values
-  if f is flags.FLAGS:
-    common.quiet_logs()
-  if not f.workdir:
-    raise app.UsageError("--workdir is required")
+  common.start_command(argv, quiet=f is flags.FLAGS, workdir=f.workdir)
   run(f.workdir, f.output, fmt=f.format, inverse_normal=f.inverse_normal, data_dir=f.data_dir,
       splits=f.splits, batch_size=f.batch_size, step=f.step, overwrite=f.overwrite,
       progress=f.progress)

@@ -314,13 +314,9 @@ def define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from experiments import common  # pylint: disable=g-import-not-at-top
-  common.quiet_logs()
   f = flags.FLAGS
-  if not f.workdir:
-    raise app.UsageError("--workdir is required")
+  common.start_command(argv, workdir=f.workdir)
   try:
     steps = [float(m) for m in f.steps]
   except ValueError as e:

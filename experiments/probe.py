@@ -149,13 +149,8 @@ def run(workdir: str, latents: Optional[str] = None, traits: Sequence[str] = DEF
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flag_values
-  if f is flags.FLAGS:
-    common.quiet_logs()
-  if not f.workdir:
-    raise app.UsageError("--workdir is required")
+  common.start_command(argv, quiet=f is flags.FLAGS, workdir=f.workdir)
   run(f.workdir, f.latents, f.traits, f.train_split, f.test_split, f.output_dir, f.step)
   out_dir = f.output_dir or os.path.join(f.workdir, "probe")
   with open(os.path.join(out_dir, "probe.md"), encoding="utf-8") as fh:

@@ -288,12 +288,8 @@ def run(workdir: str, num: int, seed: int = 0, output: str | None = None,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.quiet_logs()
   f = flags.FLAGS
-  if not f.workdir:
-    raise app.UsageError("--workdir is required")
+  common.start_command(argv, workdir=f.workdir)
   if f.num < 1:
     raise app.UsageError(f"--num must be >= 1, got {f.num}")
   try:

@@ -501,12 +501,8 @@ def run(workdir: str, step: int | None = None, concept_splits: Sequence[str] = (
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
   from experiments import common
-  common.quiet_logs()
+  common.start_command(argv, workdir=_WORKDIR.value)
   result = run(_WORKDIR.value, _STEP.value, _CONCEPT_SPLITS.value, _EXPLAIN_SPLIT.value,
                _NUM_RANDOM.value, _FRACTION.value, _INTERPOLATE.value, _SUBJECT.value,
                [float(s) for s in _SIGMAS.value], _SEED.value)
