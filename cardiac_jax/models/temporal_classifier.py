@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
 from cardiac_jax.models import vae as vae_lib
