@@ -1,5 +1,6 @@
-"""experiments.benchmark's train-step measurement on the smoke configs of the cine families
-(the slice families are measured through the same function by the README's benchmark runs)."""
+"""experiments.benchmark's train-step measurement on the cine families (the slice families are
+measured through the same function by the README's benchmark runs). The configs are the small
+ones other tests train, so the compiled steps come from the session's compilation cache."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import numpy as np
 import pytest
 
 from experiments import benchmark
-from experiments.configs import diffae3d, temporal_classifier
+from tests.conftest import diffae_smoke_config
+from tests.test_temporal_classifier import tiny_config
 
 
-@pytest.mark.parametrize("module", [temporal_classifier, diffae3d], ids=lambda m: m.__name__)
-def test_cine_family_step_is_measured(module):
-  config = module.get_config("smoke")
+@pytest.mark.parametrize("make_config", [tiny_config, lambda: diffae_smoke_config("unused")],
+                         ids=["temporal_classifier", "diffae3d"])
+def test_cine_family_step_is_measured(make_config):
+  config = make_config()
   batch = benchmark.synthetic_batch(config, 2)
   t, s = config.data.num_frames, config.data.image_size
   assert batch["sa_label"].shape == (2, t, s, s, 3) and batch["la_image"].shape == (2, t, s, s, 1)
