@@ -50,6 +50,9 @@ from cardiac_jax.train_state import TrainState
 RESUMABLE_FIELDS = ("train.num_steps", "train.log_every", "train.eval_every",
                     "train.checkpoint_every", "train.figure_every", "train.progress_bar",
                     "train.max_checkpoints")
+# Config sections that training never reads (settings of later analyses, e.g. the latent DDIM
+# of a diffusion autoencoder): they may differ, or be new, when a run resumes.
+ANALYSIS_SECTIONS = ("latent.",)
 
 # Config fields added after runs were written, with the value that reproduces those runs: a
 # saved config without the field is read as having this value, so the run still resumes.
@@ -103,7 +106,8 @@ def check_workdir_config(workdir: str, config) -> None:
       saved = json.load(f)
     a, b = {**ADDED_FIELD_DEFAULTS, **flatten_config(saved)}, flatten_config(current)
     differing = sorted(k for k in set(a) | set(b)
-                       if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS)
+                       if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS
+                       and not k.startswith(ANALYSIS_SECTIONS))
     if differing:
       details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differing[:8])
       raise WorkdirConflictError(

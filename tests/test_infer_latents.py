@@ -13,10 +13,16 @@ from scipy import stats
 
 from cardiac_jax import phenotypes
 from experiments import associate, infer_latents, probe, reproducibility
-from tests.conftest import CINE_COHORT_SUBJECTS, train_diffae_smoke
+from tests.conftest import CINE_COHORT_SUBJECTS, copy_run, train_diffae_smoke
 
 BATCH = 4    # 12 subjects: 3 batches.
 DIM = 8      # model.z_sem_dim of the smoke config.
+
+
+@pytest.fixture(scope="module")
+def own_run(diffae_run, tmp_path_factory):
+  """A copy of the shared run for the commands that write into their run directory."""
+  return copy_run(diffae_run, tmp_path_factory.mktemp("own_run"))
 
 
 @pytest.fixture(scope="module")
@@ -283,13 +289,13 @@ def test_load_or_compute_reads_a_given_file_and_computes_the_default_when_missin
 
 # ----------------------------------------------------------------------------- analyses
 
-def test_probe_writes_results_for_lv_edv_and_ef(diffae_run, capsys):
+def test_probe_writes_results_for_lv_edv_and_ef(own_run, capsys):
   from data_pipelines import cine
   from experiments import common
-  probe.main(["probe"], _parse(probe, [f"--workdir={diffae_run}",
+  probe.main(["probe"], _parse(probe, [f"--workdir={own_run}",
                                        "--traits=lv_edv_ml,lv_ef"]))
   printed = capsys.readouterr().out
-  out = os.path.join(diffae_run, "probe")
+  out = os.path.join(own_run, "probe")
   with open(os.path.join(out, "results.json")) as f:
     saved = json.load(f)
   assert [r["trait"] for r in saved["traits"]] == ["lv_edv_ml", "lv_ef"]
@@ -300,8 +306,8 @@ def test_probe_writes_results_for_lv_edv_and_ef(diffae_run, capsys):
     text = f.read()
   assert "| lv_edv_ml | 6 | 4 |" in text and "| lv_ef | 6 | 4 |" in text and text in printed
   # The numbers are the phenotypes probe on the default latents and attributes.csv.
-  table = phenotypes.read_latents_csv(infer_latents.default_latents_path(diffae_run))
-  config = common.load_run_config(diffae_run)
+  table = phenotypes.read_latents_csv(infer_latents.default_latents_path(own_run))
+  config = common.load_run_config(own_run)
   directory = cine.prepared_cine_dir(config)
   attributes_path, attributes = associate.read_attributes(directory)
   values = associate.trait_values(attributes, list(attributes), "lv_edv_ml",
@@ -315,13 +321,13 @@ def test_probe_writes_results_for_lv_edv_and_ef(diffae_run, capsys):
   assert saved["traits"][0]["alpha"] == direct.alpha
   assert saved["traits"][0]["r2"] == pytest.approx(direct.r2)
   with pytest.raises(ValueError, match="no column"):
-    probe.run(diffae_run, traits=["lv_volume"], log=lambda m: None)
+    probe.run(own_run, traits=["lv_volume"], log=lambda m: None)
 
 
-def test_reproducibility_of_a_run_with_itself_and_with_another_seed(diffae_run, second_run,
+def test_reproducibility_of_a_run_with_itself_and_with_another_seed(own_run, second_run,
                                                                     tmp_path):
   out = str(tmp_path / "self")
-  reproducibility.main(["reproducibility", diffae_run, diffae_run],
+  reproducibility.main(["reproducibility", own_run, own_run],
                        _parse(reproducibility, [f"--output_dir={out}"]))
   with open(os.path.join(out, "results.json")) as f:
     result = json.load(f)
@@ -332,8 +338,8 @@ def test_reproducibility_of_a_run_with_itself_and_with_another_seed(diffae_run, 
   for name in ("results.json", "reproducibility.md", "abs_pearson_heatmap.png"):
     assert os.path.getsize(os.path.join(out, name)) > 0
 
-  reproducibility.run([diffae_run, second_run], log=lambda m: None)
-  out = os.path.join(diffae_run, "reproducibility")
+  reproducibility.run([own_run, second_run], log=lambda m: None)
+  out = os.path.join(own_run, "reproducibility")
   with open(os.path.join(out, "results.json")) as f:
     saved = json.load(f)
   assert [p["reference"] for p in saved["pairs"]] == [r["label"] for r in saved["runs"]]

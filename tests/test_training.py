@@ -9,6 +9,7 @@ import shutil
 import threading
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -235,3 +236,19 @@ def test_interrupted_evaluation_resumes_from_its_finished_batches(uninterrupted,
   for k, v in reference.items():
     np.testing.assert_allclose(metrics[k], v, rtol=1e-6)
   assert list(outputs["subject"]) == list(ref_outputs["subject"]) and len(outputs["mu"]) == 10
+
+
+def test_analysis_sections_may_change_when_a_run_resumes(tmp_path):
+  """A run written before its config gained a `latent` section (read only by later analyses)
+  resumes; a changed training field is still refused."""
+  config = smoke_config()
+  training.check_workdir_config(str(tmp_path), config)
+  newer = smoke_config()
+  with newer.unlocked():
+    newer.latent = ml_collections.ConfigDict({"num_layers": 3})
+  training.check_workdir_config(str(tmp_path), newer)       # Accepted, and recorded.
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["latent"] == {"num_layers": 3}
+  newer.optimizer.learning_rate = 123.0
+  with pytest.raises(training.WorkdirConflictError, match="optimizer.learning_rate"):
+    training.check_workdir_config(str(tmp_path), newer)
