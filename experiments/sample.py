@@ -111,28 +111,6 @@ def input_spacing_mm(config) -> float:
   return float(data.prepare.spacing_mm) * float(data.prepare.image_size) / float(data.image_size)
 
 
-def encode_split(config, family, state, split: str = "train",
-                 batch_size: int | None = None) -> tuple[Any, list[str]]:
-  """((N, z_sem_dim) float32 EMA codes, N subject ids) of one split of the run's dataset."""
-  import jax
-  import numpy as np
-  from data_pipelines import cine, prepare
-  source = prepare.load_split(cine.prepared_cine_dir(config), split)
-  batch_size = int(batch_size or config.train.eval_batch_size)
-  encode = jax.jit(family.encode)
-  codes, subjects = [], []
-  for batch in cine.eval_batches(source, config.data, batch_size=batch_size):
-    mask = np.asarray(batch["mask"], bool)
-    z = np.asarray(encode(state, family.model_input(batch)))
-    codes.append(z[mask])
-    subjects += [s.decode("utf-8") if isinstance(s, bytes) else str(s)
-                 for s in np.asarray(batch["subject"])[mask]]
-  if not subjects:
-    raise ValueError(f"the {split} split of {cine.prepared_cine_dir(config, create=False)} is "
-                     "empty: no codes to fit the latent DDIM to")
-  return np.concatenate(codes).astype(np.float32), subjects
-
-
 def decode_codes(family, state, z_sem, key, num_steps: int, batch_size: int):
   """(N, T, S, S, 1) cines in [-1, 1]: DDIM decoding of x_T,i ~ N(0, I) (key fold_in(key, i))
   under z_sem (N, D), in batches of `batch_size` (the last one padded)."""
@@ -230,7 +208,13 @@ def run(workdir: str, num: int, seed: int = 0, output: str | None = None,
   os.makedirs(output, exist_ok=True)
 
   log(f"encoding the training split with the EMA encoder (step {int(state.step)})")
-  z_train, subjects = encode_split(config, family, state, "train", batch_size)
+  from experiments import infer_latents  # pylint: disable=g-import-not-at-top
+  subjects, _, z_train = infer_latents.compute_latents(workdir, splits=["train"],
+                                                       batch_size=batch_size,
+                                                       step=int(state.step))
+  if not subjects:
+    raise ValueError(f"the train split of {workdir}'s dataset is empty: no codes to fit the "
+                     "latent DDIM to")
   latent_key = jax.random.fold_in(jax.random.key(int(config.seed)), LATENT_KEY_SALT)
   latent = latent_diffusion.train_latent_ddim(z_train, settings, latent_key, latent_dir, log=log)
 
