@@ -132,7 +132,7 @@ class DiffAEFamily:
             channel_mult=tuple(int(m) for m in model.encoder_channel_mult),
             num_res_blocks=int(model.encoder_num_res_blocks),
             attention_resolutions=tuple(int(r) for r in model.encoder_attention_resolutions),
-            z_sem_dim=self.z_sem_dim, **common))
+            z_sem_dim=self.z_sem_dim, head=str(model.get("encoder_head", "pool")), **common))
     self._check_sizes(model)
     self.ema_decay = float(model.ema_decay)
     if not 0.0 <= self.ema_decay < 1.0:

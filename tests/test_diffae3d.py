@@ -97,6 +97,20 @@ def test_output_shapes_and_zero_output_at_init(trained):
   assert set(states[0].opt_state) == {"model"}
 
 
+@pytest.mark.parametrize("head", ["pool", "flatten"])
+def test_encoder_head_reads_pooled_or_all_features(head):
+  """pool: Dense over the C channels averaged over (T, h, w) (reference); flatten: Dense over
+  all T h w C features of the last level."""
+  config = tiny_config(encoder_head=head)
+  family = steps.make_family(config)
+  state = jax.eval_shape(family.init_state, jax.random.key(0))
+  kernel = state.params["encoder"]["out"]["kernel"]
+  channels = config.model.base_channels * config.model.encoder_channel_mult[-1]
+  size = config.data.image_size // 2 ** (len(config.model.encoder_channel_mult) - 1)
+  inputs = channels if head == "pool" else config.data.num_frames * size * size * channels
+  assert kernel.shape == (inputs, config.model.z_sem_dim)
+
+
 def test_time_axis_is_never_downsampled():
   """Every ResBlock and attention block of a 3-level UNet and a 4-level encoder keeps all T
   frames, while the in-plane size halves per level (abstract evaluation: nothing computed)."""
@@ -271,6 +285,7 @@ def test_volume_metrics_of_a_perfect_and_a_noisy_reconstruction():
     ("model", "attention_resolutions", (5,), "model.attention_resolutions"),
     ("model", "encoder_channel_mult", (1, 2, 2, 2, 2), "model.encoder_channel_mult"),
     ("model", "remat", "all", "model.remat"),
+    ("model", "encoder_head", "max", "model.encoder_head"),
     ("model", "conv_impl", "im2col", "model.conv_impl"),
     ("model", "ema_decay", 1.0, "model.ema_decay"),
     ("data", "view", "sa_stack", "data.view"),

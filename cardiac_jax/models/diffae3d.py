@@ -331,6 +331,9 @@ class AttentionBlock(nn.Module):
     return x.astype(out.dtype) + out.reshape(b, t, hh, ww, c)
 
 
+ENCODER_HEADS = ("pool", "flatten")
+
+
 def _block_classes(remat: str) -> tuple[type[nn.Module], type[nn.Module]]:
   """(ResBlock, AttentionBlock), under nn.remat for remat="blocks" (ResBlock's `train`, index
   4 after self, x, emb and cond, stays static)."""
@@ -446,9 +449,12 @@ class SemanticEncoder(nn.Module):
   dtype: Dtype | None = None
   remat: str = "none"
   conv_impl: str = "auto"
+  head: str = "pool"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    if self.head not in ENCODER_HEADS:
+      raise ValueError(f"model.encoder_head must be one of {ENCODER_HEADS}, got {self.head!r}")
     res_cls, attn_cls = _block_classes(self.remat)
     sizes = level_sizes(self.image_size, len(self.channel_mult), "model.encoder_channel_mult")
     check_attention_resolutions(self.attention_resolutions, sizes,
@@ -477,10 +483,13 @@ class SemanticEncoder(nn.Module):
     h = res(h.shape[-1], "mid_res0")(h, None, None, train)
     h = attn("mid_attn")(h)
     h = res(h.shape[-1], "mid_res1")(h, None, None, train)
-    h = nn.silu(GroupNorm32(group_limit, name="out_norm")(h))
-    pooled = jnp.mean(h.astype(jnp.float32), axis=(1, 2, 3))
+    h = nn.silu(GroupNorm32(group_limit, name="out_norm")(h)).astype(jnp.float32)
+    if self.head == "pool":
+      features = jnp.mean(h, axis=(1, 2, 3))
+    else:
+      features = h.reshape(h.shape[0], -1)
     z = nn.Dense(self.z_sem_dim, dtype=jnp.float32, param_dtype=jnp.float32,
-                 kernel_init=lecun_normal_flat, name="out")(pooled)
+                 kernel_init=lecun_normal_flat, name="out")(features)
     return z
 
 
