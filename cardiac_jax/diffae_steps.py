@@ -155,7 +155,7 @@ class DiffAEFamily:
                        f"timesteps in [0, {self.num_timesteps})")
     self.eval_use_ema = bool(ecfg.use_ema)
     self.eval_metric_keys = (("eps_loss",) + tuple(f"eps_loss_t{t}" for t in self.loss_timesteps)
-                             + ("ssim", "nrmse", "psnr"))
+                             + ("eps_loss_other_z", "ssim", "nrmse", "psnr"))
     # One flat vector for the optimizer: the same update (clipping uses the global norm
     # either way), one fused kernel per step instead of one per parameter array, which XLA:CPU
     # also compiles in less than half the time.
@@ -314,13 +314,17 @@ class DiffAEFamily:
 
   # ---------------------------------------------------------------------------- evaluation
   def eval_step(self, state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Per-example eps losses at the fixed timesteps, reconstruction metrics and z_sem."""
+    """Per-example eps losses at the fixed timesteps, the same losses with the z_sem of the
+    batch's next example ("eps_loss_other_z": equal to eps_loss when the UNet ignores the
+    semantic code, larger when it relies on it), reconstruction metrics and z_sem."""
     x0 = self.model_input(batch)
     params = self.inference_params(state, self.eval_use_ema)
     z_sem = self.apply_encoder(params["encoder"], x0)
     out: dict[str, jax.Array] = {"z_sem": z_sem}
     base = jax.random.key(0)
-    losses = []
+    # The next example's code (cyclically): how much the UNet relies on the subject's z_sem.
+    z_other = jnp.roll(z_sem, 1, axis=0)
+    losses, losses_other = [], []
     for i, timestep in enumerate(self.loss_timesteps):
       noise = model_lib.flat_normal(jax.random.fold_in(base, i), x0.shape)
       t = jnp.full((x0.shape[0],), timestep, jnp.int32)
@@ -328,7 +332,10 @@ class DiffAEFamily:
       eps_hat = self.apply_unet(params["unet"], x_t, t, z_sem)
       out[f"eps_loss_t{timestep}"] = diffusion.eps_loss_per_example(noise, eps_hat)
       losses.append(out[f"eps_loss_t{timestep}"])
+      losses_other.append(diffusion.eps_loss_per_example(
+          noise, self.apply_unet(params["unet"], x_t, t, z_other)))
     out["eps_loss"] = jnp.mean(jnp.stack(losses), axis=0)
+    out["eps_loss_other_z"] = jnp.mean(jnp.stack(losses_other), axis=0)
     cond = (params["unet"], z_sem)
     inversion = diffusion.ddim_schedule(self.num_timesteps, self.inversion_steps,
                                         self.beta_start, self.beta_end)

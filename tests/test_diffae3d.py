@@ -250,7 +250,8 @@ def test_ema_moves_toward_the_parameters_by_the_decay_formula(trained):
 
 def test_eval_step_metrics_and_finalize(trained):
   _, family, _, _, _, outputs = trained
-  assert family.eval_metric_keys == ("eps_loss", "eps_loss_t500", "ssim", "nrmse", "psnr")
+  assert family.eval_metric_keys == ("eps_loss", "eps_loss_t500", "eps_loss_other_z", "ssim",
+                                     "nrmse", "psnr")
   for out in outputs:
     for key in family.eval_metric_keys:
       assert out[key].shape == (4,) and np.all(np.isfinite(out[key])), key
@@ -259,6 +260,9 @@ def test_eval_step_metrics_and_finalize(trained):
     assert out["z_sem"].shape == (4, 8)
   # At initialisation eps_hat = 0, so the eps loss is the mean square of the fixed noise.
   assert abs(np.mean(outputs[0]["eps_loss"]) - 1.0) < 0.2
+  # ... whatever the code: another example's z_sem gives the same loss.
+  np.testing.assert_array_equal(outputs[0]["eps_loss_other_z"], outputs[0]["eps_loss"])
+  assert not np.array_equal(outputs[1]["eps_loss_other_z"], outputs[1]["eps_loss"])
   assert np.mean(outputs[1]["eps_loss"]) < np.mean(outputs[0]["eps_loss"])
   assert set(family.finalize_eval({"z_sem": outputs[1]["z_sem"]})) == {"z_sem_std"}
   assert family.finalize_eval({"z_sem": outputs[1]["z_sem"][:1]}) == {}

@@ -45,7 +45,11 @@ num_res_blocks):
 Semantic encoder z_sem = Enc(x_0) (half UNet, no timestep): Conv(C_in -> b n_0), the down path
 with unconditioned ResBlocks (encoder multipliers n_l, its own attention resolutions), middle
 ResBlock, attention, ResBlock; head GN -> SiLU -> global average pool over (T, h, w) ->
-Dense(z_sem_dim) (the reference's 1x1x1 convolution after the pool).
+Dense(z_sem_dim) (`head="pool"`, the reference's 1x1x1 convolution after the pool), or
+GN -> SiLU -> flatten all (T, h, w, C) features -> Dense(z_sem_dim) (`head="flatten"`: the
+code can depend on where in the frame and cycle a feature is; the average of a group-normalised
+feature map hardly depends on the image, which leaves a briefly trained pooled code nearly
+constant across subjects).
 
 Reference size (base 32, m = (1, 1, 2, 3, 4), n = (1, 1, 2, 3, 4, 4), R = 2, attention at 16 px
 and in the middle blocks, E = 128, z_sem 128, one head, 50 x 128 x 128 input): 16,561,441 UNet

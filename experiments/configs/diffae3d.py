@@ -106,6 +106,7 @@ def smoke(c):
   c.model.z_sem_dim = 8
   c.model.dropout = 0.0
   c.model.ema_decay = 0.9
+  c.optimizer.warmup_steps = 0
   c.train.batch_size = 4
   c.train.eval_batch_size = 4
   c.eval.inversion_steps = 3
