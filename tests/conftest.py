@@ -11,6 +11,18 @@ import pytest
 
 from cardiac_jax import structures
 
+# Cheaper XLA:CPU code generation for the whole session and for the command-line runs the
+# tests start (they inherit the environment): compilation dominates the toy-sized programs of
+# the tests, and without LLVM's backend optimisation it takes about half the time (the bfloat16
+# training tests: 109 s -> 59 s). Every program still computes the same function; comparisons
+# within a test (resume vs uninterrupted, sharded vs single device) run under the same flags.
+# Set before JAX creates its CPU backend, which reads XLA_FLAGS once.
+_FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
+                       "--xla_llvm_disable_expensive_passes=true")
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
+                                      *_FAST_COMPILE_FLAGS]).strip()
+
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):

@@ -278,3 +278,22 @@ def test_manipulate_m0_is_the_plain_reconstruction(manipulated, restored):
     for j in range(i + 1, 3):
       assert np.abs(cines[i] - cines[j]).max() > 0, (STEPS[i], STEPS[j])
   assert np.isfinite(cines).all()
+
+
+def test_evaluate_diffae_reports_test_reconstruction_with_the_requested_ddim_steps(run_copy):
+  from experiments import evaluate
+  result = evaluate.evaluate_diffae_run(run_copy, "test", inversion_steps=2, decode_steps=4)
+  with open(os.path.join(run_copy, "eval", "metrics.json")) as f:
+    written = json.load(f)
+  assert written == json.loads(json.dumps(result))
+  assert (written["split"], written["num_subjects"]) == ("test", 4)
+  assert (written["inversion_steps"], written["decode_steps"]) == (2, 4)
+  rec = written["reconstruction"]
+  assert -1.0 <= rec["ssim"] <= 1.0 and rec["nrmse"] > 0.0 and np.isfinite(rec["psnr"])
+  assert {"eps_loss", "eps_loss_other_z"} <= set(written["eps_loss"])
+  assert written["z_sem_std"] > 0.0
+  eval_dir = os.path.join(run_copy, "eval")
+  assert not [n for n in os.listdir(eval_dir) if n.startswith("partial_")]
+  assert os.path.exists(os.path.join(eval_dir, f"reconstructions_{written['step']:07d}.png"))
+  with pytest.raises(ValueError, match="--decode_steps"):
+    evaluate.evaluate_diffae_run(run_copy, "test", decode_steps=0)
