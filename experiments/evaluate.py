@@ -30,16 +30,19 @@ import sys
 
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by experiments.train.")
-_SPLIT = flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to evaluate.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-_TRAVERSAL_STEPS = flags.DEFINE_integer("traversal_steps", 9, "Columns of the traversal grid.")
-_TRAVERSAL_RANGE = flags.DEFINE_float(
-    "traversal_range", 2.5, "Traversal half-width in standard deviations of the test codes.")
-_INVERSION_STEPS = flags.DEFINE_integer(
-    "inversion_steps", None, "diffae3d: DDIM inversion steps (default: config.eval).")
-_DECODE_STEPS = flags.DEFINE_integer(
-    "decode_steps", None, "diffae3d: DDIM decoding steps (default: config.eval).")
+def define_flags() -> None:
+  """The command-line flags; defined only when run as a program (so that importing the module
+  next to other commands defines nothing)."""
+  flags.DEFINE_string("workdir", None, "Run directory written by experiments.train.")
+  flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to evaluate.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.DEFINE_integer("traversal_steps", 9, "Columns of the traversal grid.")
+  flags.DEFINE_float("traversal_range", 2.5,
+                     "Traversal half-width in standard deviations of the test codes.")
+  flags.DEFINE_integer("inversion_steps", None,
+                       "diffae3d: DDIM inversion steps (default: config.eval).")
+  flags.DEFINE_integer("decode_steps", None,
+                       "diffae3d: DDIM decoding steps (default: config.eval).")
 
 
 def traversal_images(family, state, base_code, dims, values_per_dim):
@@ -154,19 +157,20 @@ def evaluate_diffae_run(workdir: str, split: str = "test", step: int | None = No
 
 def main(argv):
   from experiments import common
-  common.start_command(argv, workdir=_WORKDIR.value)
-  if common.load_run_config(_WORKDIR.value).model.family == "diffae3d":
-    result = evaluate_diffae_run(_WORKDIR.value, _SPLIT.value, _STEP.value,
-                                 _INVERSION_STEPS.value, _DECODE_STEPS.value)
+  FLAGS = flags.FLAGS
+  common.start_command(argv, workdir=FLAGS.workdir)
+  if common.load_run_config(FLAGS.workdir).model.family == "diffae3d":
+    result = evaluate_diffae_run(FLAGS.workdir, FLAGS.split, FLAGS.step,
+                                 FLAGS.inversion_steps, FLAGS.decode_steps)
     rec = result["reconstruction"]
     print(f"{result['config']} step {result['step']} on {result['num_subjects']} "
           f"{result['split']} subjects ({result['inversion_steps']} inversion + "
           f"{result['decode_steps']} decoding steps): SSIM {rec['ssim']:.4f}  "
           f"PSNR {rec['psnr']:.2f} dB  NRMSE {rec['nrmse']:.4f}")
-    print(f"Wrote {os.path.join(_WORKDIR.value, 'eval', 'metrics.json')}", file=sys.stderr)
+    print(f"Wrote {os.path.join(FLAGS.workdir, 'eval', 'metrics.json')}", file=sys.stderr)
     return
-  result = evaluate_run(_WORKDIR.value, _SPLIT.value, _STEP.value, _TRAVERSAL_STEPS.value,
-                        _TRAVERSAL_RANGE.value)
+  result = evaluate_run(FLAGS.workdir, FLAGS.split, FLAGS.step, FLAGS.traversal_steps,
+                        FLAGS.traversal_range)
   rec = result["reconstruction"]
   line = (f"{result['config']} step {result['step']} on {result['num_subjects']} "
           f"{result['split']} subjects: SSIM {rec['ssim']:.4f}  PSNR {rec['psnr']:.2f} dB  "
@@ -174,8 +178,9 @@ def main(argv):
   if "regularized" in result:
     line += f"  mean |rho| of regularised dims {result['regularized']['mean_abs_rho']:.3f}"
   print(line)
-  print(f"Wrote {os.path.join(_WORKDIR.value, 'eval', 'metrics.json')}", file=sys.stderr)
+  print(f"Wrote {os.path.join(FLAGS.workdir, 'eval', 'metrics.json')}", file=sys.stderr)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
