@@ -163,20 +163,19 @@ def main(argv):
     result = evaluate_diffae_run(FLAGS.workdir, FLAGS.split, FLAGS.step,
                                  FLAGS.inversion_steps, FLAGS.decode_steps)
     rec = result["reconstruction"]
-    print(f"{result['config']} step {result['step']} on {result['num_subjects']} "
-          f"{result['split']} subjects ({result['inversion_steps']} inversion + "
-          f"{result['decode_steps']} decoding steps): SSIM {rec['ssim']:.4f}  "
-          f"PSNR {rec['psnr']:.2f} dB  NRMSE {rec['nrmse']:.4f}")
-    print(f"Wrote {os.path.join(FLAGS.workdir, 'eval', 'metrics.json')}", file=sys.stderr)
-    return
-  result = evaluate_run(FLAGS.workdir, FLAGS.split, FLAGS.step, FLAGS.traversal_steps,
-                        FLAGS.traversal_range)
-  rec = result["reconstruction"]
-  line = (f"{result['config']} step {result['step']} on {result['num_subjects']} "
-          f"{result['split']} subjects: SSIM {rec['ssim']:.4f}  PSNR {rec['psnr']:.2f} dB  "
-          f"MSE {rec['mse']:.5f}")
-  if "regularized" in result:
-    line += f"  mean |rho| of regularised dims {result['regularized']['mean_abs_rho']:.3f}"
+    line = (f"{result['config']} step {result['step']} on {result['num_subjects']} "
+            f"{result['split']} subjects ({result['inversion_steps']} inversion + "
+            f"{result['decode_steps']} decoding steps): SSIM {rec['ssim']:.4f}  "
+            f"PSNR {rec['psnr']:.2f} dB  NRMSE {rec['nrmse']:.4f}")
+  else:
+    result = evaluate_run(FLAGS.workdir, FLAGS.split, FLAGS.step, FLAGS.traversal_steps,
+                          FLAGS.traversal_range)
+    rec = result["reconstruction"]
+    line = (f"{result['config']} step {result['step']} on {result['num_subjects']} "
+            f"{result['split']} subjects: SSIM {rec['ssim']:.4f}  PSNR {rec['psnr']:.2f} dB  "
+            f"MSE {rec['mse']:.5f}")
+    if "regularized" in result:
+      line += f"  mean |rho| of regularised dims {result['regularized']['mean_abs_rho']:.3f}"
   print(line)
   print(f"Wrote {os.path.join(FLAGS.workdir, 'eval', 'metrics.json')}", file=sys.stderr)
 
