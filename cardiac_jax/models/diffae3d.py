@@ -57,11 +57,11 @@ and 4,276,032 encoder parameters, 20,837,473 in all (the "about 21M" of the refe
 
 Convolutions (`conv_impl`): "xla" is one 3D `lax.conv_general_dilated`; "frames" computes the
 same function as the sum over the 3 temporal taps of a 2D convolution of the shifted frames
-(B * T frames batched per tap); "auto" takes "frames" on the CPU backend for layers with fewer
-than 32 input and output channels and "xla" otherwise. With jaxlib 0.10.2 on the 2-core CPU
-(loaded), value+grad of one 3x3x3 convolution of a (4, 16, 32, 32, C) volume took 0.33 / 0.14 s
-(xla / frames) at C = 8, 0.79 / 0.37 s at C = 16 and 1.55 / 2.13 s at C = 32; a whole step of
-a base-8 model went from 11 s to 5 s. XLA:CPU's 3D convolution is slow for few channels.
+(B * T frames batched per tap); "auto" takes "frames" on the CPU backend and "xla" elsewhere.
+With jaxlib 0.10.2 on the 2-core CPU (idle, with the convolution flag that `import cardiac_jax`
+sets), value+grad of one 3x3x3 convolution of a (4, 16, 32, 32, C) volume to C channels took
+186 / 38 ms (xla / frames) at C = 8, 308 / 70 ms at C = 16, 518 / 154 ms at C = 32 and
+1337 / 443 ms at C = 64: XLA:CPU's 3D convolution is 3 to 5 times slower than its 2D one.
 Parameter initialisers draw flat vectors and reshape them (`flat_normal`): the same
 distributions, but XLA:CPU compiles a rank-5 random draw about ten times slower.
 
@@ -196,14 +196,13 @@ def num_groups(channels: int, group_limit: int) -> int:
 
 
 # ------------------------------------------------------------------------------ layers
-def resolve_conv_impl(impl: str, c_in: int, c_out: int) -> str:
-  """"auto" -> "frames" on the CPU backend for layers with fewer than 32 input and output
-  channels, else "xla" (module docstring, Convolutions)."""
+def resolve_conv_impl(impl: str) -> str:
+  """"auto" -> "frames" on the CPU backend, else "xla" (module docstring, Convolutions)."""
   if impl not in CONV_IMPLS:
     raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
   if impl != "auto":
     return impl
-  return "frames" if jax.default_backend() == "cpu" and max(c_in, c_out) < 32 else "xla"
+  return "frames" if jax.default_backend() == "cpu" else "xla"
 
 
 def conv3d_same(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
@@ -251,7 +250,7 @@ class Conv3D(nn.Module):
     if k == 1:
       y = jnp.einsum("bthwc,cd->bthwd", x, kernel[0, 0, 0].astype(dtype))
     else:
-      impl = resolve_conv_impl(self.impl, x.shape[-1], self.features)
+      impl = resolve_conv_impl(self.impl)
       y = conv3d_same(x, kernel.astype(dtype), impl)
     return y + bias.astype(dtype)
 
