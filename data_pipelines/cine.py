@@ -1054,22 +1054,8 @@ def _transform_op(batch: dict[str, tf.Tensor], layout: _Layout) -> dict[str, tf.
 
 def _batches(keys: tf.data.Dataset, load, signature, layout: _Layout,
              ) -> Iterator[dict[str, np.ndarray]]:
-  """keys -> load (numpy, parallel) -> resize/augment (TF) -> prefetch -> numpy batches."""
-  names = tuple(signature)
-
-  def load_op(key):
-    tensors = tf.numpy_function(lambda k: tuple(load(int(k))[n] for n in names), [key],
-                                [signature[n][0] for n in names])
-    return {n: tf.ensure_shape(t, signature[n][1]) for n, t in zip(names, tensors)}
-
-  dataset = (keys
-             .map(load_op, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-             .map(lambda b: _transform_op(b, layout), num_parallel_calls=tf.data.AUTOTUNE,
-                  deterministic=True)
-             .prefetch(2))
-  for batch in dataset.as_numpy_iterator():
-    batch["subject"] = np.asarray([s.decode("utf-8") for s in batch["subject"]], dtype=str)
-    yield batch
+  """Cine batches: `pipeline.numpy_batches` with resize/augment (TF) as the transform."""
+  return pipeline.numpy_batches(keys, load, signature, lambda b: _transform_op(b, layout))
 
 
 def train_batches(source, data_config, *, global_batch_size: int, seed: int,

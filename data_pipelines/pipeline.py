@@ -377,19 +377,39 @@ def _warp(image: tf.Tensor, label: tf.Tensor,
   return warp(image, "BILINEAR"), warp(label, "NEAREST")
 
 
-def _batches(keys: tf.data.Dataset, load: Callable[[int], dict[str, np.ndarray]],
-             signature: Mapping[str, tuple[tf.DType, tuple[int, ...]]],
-             layout: _Layout) -> Iterator[dict[str, np.ndarray]]:
-  """keys -> load (numpy, parallel) -> resize/warp/mask (TF, parallel) -> numpy batches."""
+def numpy_batches(keys: tf.data.Dataset, load: Callable[[int], dict[str, np.ndarray]],
+                  signature: Mapping[str, tuple[tf.DType, tuple[int, ...]]],
+                  transform: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]],
+                  ) -> Iterator[dict[str, np.ndarray]]:
+  """keys -> load (numpy, parallel) -> transform (TF, parallel) -> prefetch -> numpy batches.
+
+  `load(key)` returns one batch as a dict with at least the fields of `signature` (name ->
+  (dtype, shape)); it runs once per key, in tf.data's parallel map. The "subject" field
+  (tf.string) comes back as a str array. Shared by the slice and the cine pipelines.
+  """
   names = tuple(signature)
 
   def load_tuple(key):
-    batch = load(int(key))
+    batch = load(int(key))  # Once per batch, then its fields in signature order.
     return tuple(batch[name] for name in names)
 
   def load_op(key):
     tensors = tf.numpy_function(load_tuple, [key], [signature[n][0] for n in names])
     return {n: tf.ensure_shape(t, signature[n][1]) for n, t in zip(names, tensors)}
+
+  dataset = (keys
+             .map(load_op, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+             .map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+             .prefetch(tf.data.AUTOTUNE))
+  for batch in dataset.as_numpy_iterator():
+    batch["subject"] = np.asarray([s.decode("utf-8") for s in batch["subject"]], dtype=str)
+    yield batch
+
+
+def _batches(keys: tf.data.Dataset, load: Callable[[int], dict[str, np.ndarray]],
+             signature: Mapping[str, tuple[tf.DType, tuple[int, ...]]],
+             layout: _Layout) -> Iterator[dict[str, np.ndarray]]:
+  """Slice batches: `numpy_batches` with resize/warp/mask (TF) as the transform."""
 
   def transform_op(batch):
     image, label = batch.pop("image"), batch.pop("label")
@@ -403,13 +423,7 @@ def _batches(keys: tf.data.Dataset, load: Callable[[int], dict[str, np.ndarray]]
       image = image * tf.cast(label > 0, image.dtype)
     return {"image": image, "label": label, **batch}
 
-  dataset = (keys
-             .map(load_op, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-             .map(transform_op, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-             .prefetch(tf.data.AUTOTUNE))
-  for batch in dataset.as_numpy_iterator():
-    batch["subject"] = np.asarray([s.decode("utf-8") for s in batch["subject"]], dtype=str)
-    yield batch
+  return numpy_batches(keys, load, signature, transform_op)
 
 
 def _signature(layout: _Layout, rows: int) -> dict[str, tuple[tf.DType, tuple[int, ...]]]:
