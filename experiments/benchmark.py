@@ -33,6 +33,10 @@ peak the step reaches. input_to_step_ratio = input_samples_per_sec / samples_per
 the input pipeline keeps up with training. step_buffers_mb is XLA's memory analysis of the
 compiled step (arguments + outputs + temporaries - aliased donations): the device memory the
 step needs, independent of what else the process holds (used to compare model.remat settings).
+
+--profile_dir=DIR traces one more step with jax.profiler into DIR and adds op_profile: the
+step's operations summed per category (conv forward / input gradient / kernel gradient, dot,
+other fusions; experiments/step_profile.py) and its slowest instructions.
 """
 
 from __future__ import annotations
@@ -66,6 +70,9 @@ _TORCH_PYTHON = flags.DEFINE_string(
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0,
                                       "torch.set_num_threads for the baseline (0 = its default).")
 
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", "", "Trace one more step with jax.profiler into this folder and add "
+    "op_profile (time per operation category, experiments/step_profile.py) to the line.")
 _REMAT = flags.DEFINE_enum(
     "remat", None, ["none", "blocks"],
     "Rematerialisation of the model's residual blocks; default: config.model.remat (or none).")
@@ -159,8 +166,10 @@ def make_family(config, remat: str, axis_name: str | None = None):
   return family
 
 
-def benchmark_train_step(config, num_steps: int, remat: str | None = None) -> dict:
-  """Compile time, FLOPs and speed of the config's train step on synthetic batches."""
+def benchmark_train_step(config, num_steps: int, remat: str | None = None,
+                         profile_dir: str = "") -> dict:
+  """Compile time, FLOPs and speed of the config's train step on synthetic batches; with
+  profile_dir, one more step traced there and summed per operation category."""
   import jax
   from cardiac_jax import parallel
   if num_steps < 1:
@@ -199,6 +208,12 @@ def benchmark_train_step(config, num_steps: int, remat: str | None = None) -> di
   step_seconds[-1] += time.perf_counter() - start
   seconds = sum(step_seconds)
   steps_per_sec = num_steps / seconds
+  op_profile = {}
+  if profile_dir:
+    from experiments import step_profile
+    op_profile["op_profile"] = step_profile.profile_call(
+        compiled, (state, batch, jax.random.fold_in(root, num_steps + 1)), compiled.as_text(),
+        profile_dir)
   return {
       "backend": backend, "devices": mesh.size, "platform": jax.default_backend(),
       "batch_size": batch_size, "image_size": int(config.data.image_size),
@@ -208,7 +223,7 @@ def benchmark_train_step(config, num_steps: int, remat: str | None = None) -> di
       "jax_step_seconds": step_seconds,
       "samples_per_sec": steps_per_sec * batch_size, "compile_sec": compile_sec,
       "flops_per_step": flops_per_step, "step_buffers_mb": step_buffers_mb,
-      "jax_params": sum(params.values()),
+      "jax_params": sum(params.values()), **op_profile,
   }
 
 
@@ -275,14 +290,15 @@ def measure_input(config, num_batches: int) -> float:
 
 def run_benchmark(config, spec: str, num_steps: int, input_batches: int,
                   peak_matmul_size: int, peak_repeats: int, torch_python: str = "",
-                  torch_threads: int = 0, remat: str | None = None) -> dict:
+                  torch_threads: int = 0, remat: str | None = None,
+                  profile_dir: str = "") -> dict:
   """All measurements of the module docstring as one flat dict."""
   # Fail on a config the baseline cannot run before spending minutes on the JAX side.
   torch_command = (torch_baseline_command(config, torch_python, num_steps, torch_threads)
                    if torch_python else None)
   result = {"config": spec, "loadavg_start": list(os.getloadavg())}
   peak_gflops = measure_matmul_peak(peak_matmul_size, peak_repeats)
-  result.update(benchmark_train_step(config, num_steps, remat))
+  result.update(benchmark_train_step(config, num_steps, remat, profile_dir))
   result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
   result["peak_gflops"] = peak_gflops
   result["mfu"] = result["flops_per_step"] * result["steps_per_sec"] / (peak_gflops * 1e9)
@@ -333,13 +349,16 @@ def main(argv, spec: str = ""):
   try:
     result = run_benchmark(config, spec, _STEPS.value, _INPUT_BATCHES.value,
                            _PEAK_MATMUL_SIZE.value, _PEAK_REPEATS.value, _TORCH_PYTHON.value,
-                           _TORCH_THREADS.value, _REMAT.value)
+                           _TORCH_THREADS.value, _REMAT.value, _PROFILE_DIR.value)
   except (ValueError, FileNotFoundError) as error:
     raise app.UsageError(str(error)) from error
   print(json.dumps(result), flush=True)
 
 
 def run():
+  if any(arg.startswith("--profile_dir=") and arg != "--profile_dir=" for arg in sys.argv):
+    from experiments import step_profile
+    step_profile.enable_traceme()  # Before JAX starts its backend.
   spec = _config_spec(sys.argv)
   sys.argv = configs.resolve_config_argv(sys.argv)
   app.run(functools.partial(main, spec=spec))
