@@ -15,8 +15,12 @@ the events of one traced step are summed per category:
                         example multiply_add_fusion: element-wise work, BatchNorm statistics).
 
 Times are thread-seconds: on a multi-threaded CPU backend two operations can run at once, so
-the categories can add up to more than the step's wall time. The summary is a list of
-{"category", "ms", "count", "share"}, largest first, plus the slowest instructions.
+the categories can add up to more than the step's wall time (`wall_ms`, measured around the
+traced call). An operation that XLA:CPU hands to its intra-op thread pool asynchronously (the
+Eigen convolutions, when convolutions are kept out of YNNPACK as `import cardiac_jax` does)
+records only its dispatch, so its category undercounts; library fusions (ynn_fusion) and loop
+fusions are timed in full. The summary is a list of {"category", "ms", "count", "share"},
+largest first, plus the slowest instructions.
 """
 
 from __future__ import annotations
@@ -117,7 +121,11 @@ def profile_call(fn: Callable, args: tuple, hlo_text: str, trace_dir: str,
   fn should already be compiled (a warm call), and hlo_text is its compiled HLO
   (`jitted.lower(*args).compile().as_text()`), whose instruction names the events carry.
   """
+  import time
   import jax
   with jax.profiler.trace(trace_dir):
+    start = time.perf_counter()
     jax.block_until_ready(fn(*args))
-  return summarize(trace_events(trace_dir), instruction_table(hlo_text), top)
+    wall_ms = 1000.0 * (time.perf_counter() - start)
+  summary = summarize(trace_events(trace_dir), instruction_table(hlo_text), top)
+  return {"wall_ms": round(wall_ms, 1), **summary}

@@ -71,4 +71,5 @@ def test_benchmark_cli_profiles_the_step(tmp_path):
   for category in ("conv forward", "conv input gradient", "conv kernel gradient", "dot"):
     assert by_category[category]["ms"] > 0 and by_category[category]["count"] > 0, category
   assert abs(sum(row["share"] for row in profile["categories"]) - 1.0) < 0.01
+  assert profile["wall_ms"] > 0
   assert list(trace_dir.glob("**/*.xplane.pb"))
