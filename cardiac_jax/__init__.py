@@ -4,10 +4,10 @@ The library holds pure functions and Flax modules only: no absl flags and no fil
 conventions (those live in `experiments/`), and it never imports `data_pipelines`.
 
 Importing the package sets one XLA:CPU option (see `xla_cpu_flags`): with jaxlib 0.10.2 the CPU
-backend hands every convolution to YNNPACK, whose kernel gradient is 10 to 15 times slower than
-XLA's own convolution (batch 16, 128 x 128, 64 -> 64 channels: 4.5 s vs 0.30 s; forward 0.31 s
-vs 0.22 s; benchmarks/README.md). Import cardiac_jax before JAX runs its first computation, or
-set the flag yourself; `CARDIAC_JAX_XLA_CPU_FLAGS=0` leaves XLA_FLAGS untouched.
+backend hands convolutions (from about 32 channels) to YNNPACK, whose kernel gradient is 10 to
+15 times slower than XLA's own convolution (batch 16, 128 x 128, 64 -> 64 channels: 4.5 s vs
+0.30 s; forward 0.31 s vs 0.22 s; benchmarks/README.md). Import cardiac_jax before JAX runs its
+first computation, or set the flag yourself; `CARDIAC_JAX_XLA_CPU_FLAGS=0` leaves XLA_FLAGS untouched.
 """
 
 import importlib.metadata
@@ -56,7 +56,8 @@ def _cpu_backend_started() -> bool:
     return False
 
 
-if xla_cpu_flags() and _cpu_backend_started():
+_FLAG_WAS_SET = XLA_CPU_CONV_FLAG in os.environ.get("XLA_FLAGS", "")
+if xla_cpu_flags() and not _FLAG_WAS_SET and _cpu_backend_started():
   warnings.warn("cardiac_jax was imported after JAX started its backend, so the XLA:CPU "
                 f"convolution flag {XLA_CPU_CONV_FLAG} does not apply in this process: CPU "
                 "training is several times slower. Import cardiac_jax first or set XLA_FLAGS.")
