@@ -23,6 +23,18 @@ XLA_CPU_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolut
 _FLAG_JAXLIB_VERSIONS = ("0.10.",)
 
 
+def add_xla_flags(flags, unless: str, environ=None) -> bool:
+  """Appends `flags` to environ["XLA_FLAGS"] (os.environ by default) unless XLA_FLAGS already
+  mentions `unless`; returns whether it appended. XLA reads XLA_FLAGS once, when JAX starts its
+  backend, so this has to run before the first computation."""
+  environ = os.environ if environ is None else environ
+  current = environ.get("XLA_FLAGS", "")
+  if unless in current:
+    return False
+  environ["XLA_FLAGS"] = " ".join([current, *flags]).strip()
+  return True
+
+
 def xla_cpu_flags(environ=None) -> bool:
   """Adds XLA_CPU_CONV_FLAG to environ["XLA_FLAGS"] (os.environ by default) where it applies.
 
@@ -41,8 +53,7 @@ def xla_cpu_flags(environ=None) -> bool:
     return False
   if not jaxlib_version.startswith(_FLAG_JAXLIB_VERSIONS):
     return False
-  environ["XLA_FLAGS"] = f"{current} {XLA_CPU_CONV_FLAG}".strip()
-  return True
+  return add_xla_flags([XLA_CPU_CONV_FLAG], "xla_cpu_experimental_ynn_fusion_type", environ)
 
 
 def _cpu_backend_started() -> bool:

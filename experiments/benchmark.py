@@ -324,16 +324,21 @@ def run_benchmark(config, spec: str, num_steps: int, input_batches: int,
   return result
 
 
+def _argv_values(argv: list[str], name: str) -> list[str]:
+  """Values of --name=VALUE and --name VALUE in argv, in order."""
+  values = []
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      values.append(arg.split("=", 1)[1])
+    elif arg == f"--{name}" and i + 1 < len(argv):
+      values.append(argv[i + 1])
+  return values
+
+
 def _config_spec(argv: list[str]) -> str:
   """NAME[:variant] and the --config.key=value overrides, as written on the command line."""
-  spec, overrides = "", []
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      spec = arg.split("=", 1)[1]
-    elif arg == "--config" and i + 1 < len(argv):
-      spec = argv[i + 1]
-    elif arg.startswith("--config."):
-      overrides.append(arg[len("--config."):])
+  spec = (_argv_values(argv, "config") or [""])[-1]
+  overrides = [arg[len("--config."):] for arg in argv if arg.startswith("--config.")]
   return " ".join([spec] + overrides)
 
 
@@ -356,7 +361,7 @@ def main(argv, spec: str = ""):
 
 
 def run():
-  if any(arg.startswith("--profile_dir=") and arg != "--profile_dir=" for arg in sys.argv):
+  if any(_argv_values(sys.argv, "profile_dir")):
     from experiments import step_profile
     step_profile.enable_traceme()  # Before JAX starts its backend.
   spec = _config_spec(sys.argv)

@@ -38,10 +38,8 @@ _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%(\S+) = (\w+)\[([\d,]*)\]\S* .*?op_nam
 
 def enable_traceme(environ=None) -> None:
   """Adds TRACEME_FLAG to XLA_FLAGS (before JAX starts its backend)."""
-  environ = os.environ if environ is None else environ
-  current = environ.get("XLA_FLAGS", "")
-  if "xla_cpu_enable_xprof_traceme" not in current:
-    environ["XLA_FLAGS"] = f"{current} {TRACEME_FLAG}".strip()
+  import cardiac_jax
+  cardiac_jax.add_xla_flags([TRACEME_FLAG], "xla_cpu_enable_xprof_traceme", environ)
 
 
 def instruction_table(hlo_text: str) -> dict[str, tuple[tuple[int, ...], str]]:

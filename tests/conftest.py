@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+import cardiac_jax
 from cardiac_jax import structures
 
 # Cheaper XLA:CPU code generation for the whole session and for the command-line runs the
@@ -19,9 +20,7 @@ from cardiac_jax import structures
 # Set before JAX creates its CPU backend, which reads XLA_FLAGS once.
 _FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
                        "--xla_llvm_disable_expensive_passes=true")
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
-                                      *_FAST_COMPILE_FLAGS]).strip()
+cardiac_jax.add_xla_flags(_FAST_COMPILE_FLAGS, "xla_backend_optimization_level")
 
 
 @pytest.fixture(scope="session", autouse=True)
