@@ -107,6 +107,7 @@ class DiffAEFamily:
     if view not in VIEW_FIELDS:
       raise ValueError(f"data.view must be one of {tuple(VIEW_FIELDS)}, got {view!r}")
     self.field = VIEW_FIELDS[view]
+    self.batch_fields = (self.field,)  # The only cine array field it reads.
     self.num_frames = int(data.num_frames)
     self.image_size = int(data.image_size)
     self.z_sem_dim = int(model.z_sem_dim)

@@ -135,6 +135,8 @@ class TemporalClassifierFamily:
     self.input = data.input
     if self.input not in INPUTS:
       raise ValueError(f"data.input must be one of {INPUTS}, got {self.input!r}")
+    # The array fields of a cine batch this family reads (the pipeline skips the others).
+    self.batch_fields = (self.input,)
     self.num_frames = int(data.num_frames)
     self.image_size = int(data.image_size)
     self.latent_dim = int(model.latent_dim)

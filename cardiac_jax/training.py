@@ -28,7 +28,9 @@ A model family (`steps.FAMILIES`, chosen by config.model.family) is an object bu
 - `eval_step(state, batch) -> {key: (B, ...) array}`, pure; `eval_metric_keys` (averaged over
   real examples and logged as val/<key>), `eval_keep_keys` and `finalize_eval(outputs)` for
   metrics of a whole split (e.g. AUC);
-- `save_figures(state, examples, figures_dir, step, key)`.
+- `save_figures(state, examples, figures_dir, step, key)`;
+- cine families also `batch_fields`: the array fields of a cine batch they read, so that the
+  pipeline copies and augments only those (`data_pipelines.cine`).
 """
 
 from __future__ import annotations

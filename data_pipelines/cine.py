@@ -19,7 +19,7 @@ Every file is read by `acdc.read_nifti` (defensive decoding); every problem of a
 Prepared example (one per subject; batch fields in /briefs/cine_format.md), T = num_frames,
 S = image_size:
 - subject (str), group (int32 index into structures.GROUPS, -1 when unknown, e.g. UK Biobank);
-- sa_image (T, S, S, 3) float32 in [0, 1]: the 3 central short-axis slices (middle of the
+- sa_image (T, S, S, 3) in [0, 1]: the 3 central short-axis slices (middle of the
   slices where RV, myocardium and LV all appear at ED) as channels, apex-ward last, after
   `preprocess.align_slice` (resampled to spacing_mm, LV-centred, rotated to the canonical
   LV -> RV axis; the ED transform for every frame) and `preprocess.normalize_intensity` between
@@ -29,12 +29,16 @@ S = image_size:
   frame nearest in time, like the labels); NaN without labels;
 - pixel_spacing_mm: in-plane spacing of sa_image/sa_label (= spacing_mm; in batches resized
   to data.image_size, scaled accordingly); slice_thickness_mm: the source's slice spacing;
-- sa_mid_image (T, S, S, 1) float32 in [-1, 1]: the middle slice of sa_image before
+- sa_mid_image (T, S, S, 1) in [-1, 1]: the middle slice of sa_image before
   normalisation, min-max per volume then (x - 0.5) / 0.5;
-- la_image (T, S, S, 1) float32 in [-1, 1] (when the configuration has the long axis): the
+- la_image (T, S, S, 1) in [-1, 1] (when the configuration has the long axis): the
   4-chamber cine resampled to spacing_mm, an S x S window centred on the bounding box of the
   largest connected region of pixels whose temporal variance exceeds variance_fraction x its
   image mean (after morphological opening and closing), min-max per volume, (x - 0.5) / 0.5.
+The image fields are computed in float32 and stored as float16 (`STORED_IMAGE_DTYPE`: 11
+significant bits, finer than the 12-bit range of a scanner's magnitude images); batches hold
+them as float32 again. Half-size records halve the read and parse time of an example, which
+bounds the input pipeline's speed (benchmarks/README.md).
 Time: frames are resampled to T over one cycle starting at ED: source position
 ED + k T_src / T (cyclic), images linearly, labels by the nearest frame.
 
@@ -53,7 +57,9 @@ up to max_shift_px, optional zoom, horizontal flip with flip_prob; one map per s
 to every frame and to every image field and the labels alike (nearest for labels). Fields are
 resized from the stored size to config.data.image_size when they differ (area averaging when
 shrinking, nearest for labels). Fill outside the shifted image: 0 for [0, 1] images and labels,
--1 for [-1, 1] images.
+-1 for [-1, 1] images. `fields` (train_batches, eval_batches, make_data_source) restricts the
+array fields that are copied, transformed and returned to the ones a model reads (a model
+family's `batch_fields`); lv_volume_ml, group, subject and the scalars always come along.
 """
 
 from __future__ import annotations
@@ -93,10 +99,15 @@ UKBB_SEGMENTATION = "seg_sa.nii.gz"
 NUM_SHORT_AXIS_SLICES = 3
 UNKNOWN_GROUP = -1
 # Bumped when a prepared cine example would differ for the same inputs and configuration.
-FORMAT_VERSION = 1
+# 2: image fields stored as float16.
+FORMAT_VERSION = 2
+STORED_IMAGE_DTYPE = np.float16
 # Image fields and their value range: [0, 1] images fill shifted-in pixels with 0, [-1, 1] with -1.
 _UNIT_IMAGES = ("sa_image",)
 _SYMMETRIC_IMAGES = ("sa_mid_image", "la_image")
+_IMAGES = _UNIT_IMAGES + _SYMMETRIC_IMAGES
+# Array fields of a prepared example; the batches may leave out any but lv_volume_ml.
+ARRAY_FIELDS = ("sa_image", "sa_label", "sa_mid_image", "la_image", "lv_volume_ml")
 _SCALARS = ("pixel_spacing_mm", "slice_thickness_mm")
 # Labels need more pixels than this of each structure at ED on a central slice.
 _MIN_LABEL_PIXELS = 10
@@ -637,15 +648,16 @@ def cine_features(config: CineConfig) -> tfds.features.FeaturesDict:
   features = {
       "subject": tfds.features.Text(),
       "group": tfds.features.Scalar(dtype=np.int32),
-      "sa_image": tfds.features.Tensor(shape=(t, s, s, NUM_SHORT_AXIS_SLICES), dtype=np.float32),
+      "sa_image": tfds.features.Tensor(shape=(t, s, s, NUM_SHORT_AXIS_SLICES),
+                                       dtype=STORED_IMAGE_DTYPE),
       "sa_label": tfds.features.Tensor(shape=(t, s, s, NUM_SHORT_AXIS_SLICES), dtype=np.uint8),
-      "sa_mid_image": tfds.features.Tensor(shape=(t, s, s, 1), dtype=np.float32),
+      "sa_mid_image": tfds.features.Tensor(shape=(t, s, s, 1), dtype=STORED_IMAGE_DTYPE),
       "lv_volume_ml": tfds.features.Tensor(shape=(t,), dtype=np.float32),
       "pixel_spacing_mm": tfds.features.Scalar(dtype=np.float32),
       "slice_thickness_mm": tfds.features.Scalar(dtype=np.float32),
   }
   if config.long_axis:
-    features["la_image"] = tfds.features.Tensor(shape=(t, s, s, 1), dtype=np.float32)
+    features["la_image"] = tfds.features.Tensor(shape=(t, s, s, 1), dtype=STORED_IMAGE_DTYPE)
   return tfds.features.FeaturesDict(features)
 
 
@@ -659,8 +671,9 @@ class CardiacCine(tfds.core.GeneratorBasedBuilder):
   `num_reused`.
   """
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Short-axis (3 slices + labels) and 4-chamber cines, T frames."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Short-axis (3 slices + labels) and 4-chamber cines, T frames.",
+                   "1.1.0": "Image fields stored as float16."}
   BUILDER_CONFIGS = []
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Pass the raw cohort root as manual_dir: a synthetic cohort written by
@@ -724,7 +737,11 @@ class CardiacCine(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, subjects):
     config: CineBuilderConfig = self.builder_config
     for subject in subjects:
-      yield subject, load_example(self._cache_dir, subject, config.cine)
+      example = load_example(self._cache_dir, subject, config.cine)
+      for name in _IMAGES:
+        if name in example:
+          example[name] = example[name].astype(STORED_IMAGE_DTYPE)
+      yield subject, example
 
 
 # ----------------------------------------------------------------------------- prepare driver
@@ -952,25 +969,34 @@ class _Layout:
   image_size: int
 
 
-def _read_layout(source, data_config) -> _Layout:
+def _read_layout(source, data_config, fields: Optional[Sequence[str]] = None) -> _Layout:
+  """The layout of the batches of `fields` (None: every array field of the source)."""
   num_examples = len(source)
   if num_examples == 0:
     raise ValueError(f"the source {type(source).__name__} is empty: nothing to batch (check "
                      "the split name and the prepared dataset directory)")
   first = source[0]
-  shapes, dtypes = {}, {}
-  for name in ("sa_image", "sa_label", "sa_mid_image", "lv_volume_ml", "la_image"):
-    if name in first:
-      array = np.asarray(first[name])
-      shapes[name], dtypes[name] = array.shape, array.dtype
-  if "sa_image" not in shapes or len(shapes["sa_image"]) != 4:
+  if "sa_image" not in first or np.ndim(first["sa_image"]) != 4:
     raise ValueError("example 0 of the source is not a prepared cine (no (T, S, S, 3) "
                      "sa_image); prepare it with data_pipelines.cine")
+  present = [name for name in ARRAY_FIELDS if name in first]
+  if fields is None:
+    wanted = present
+  else:
+    unknown = sorted(set(fields) - set(present))
+    if unknown:
+      raise ValueError(f"the prepared cine has no field {unknown} (it has {present}); "
+                       "prepare it with the long axis for la_image")
+    wanted = [name for name in present if name in fields or name == "lv_volume_ml"]
+  shapes, dtypes = {}, {}
+  for name in wanted:
+    array = np.asarray(first[name])
+    shapes[name], dtypes[name] = array.shape, array.dtype
   image_size = int(data_field(data_config, "image_size"))
   if image_size <= 0:
     raise ValueError(f"data.image_size must be positive, got {image_size}")
   return _Layout(num_examples=num_examples, shapes=shapes, dtypes=dtypes,
-                 stored_size=int(shapes["sa_image"][1]), image_size=image_size)
+                 stored_size=int(np.shape(first["sa_image"])[1]), image_size=image_size)
 
 
 def _load_rows(source, layout: _Layout, indices: np.ndarray) -> dict[str, np.ndarray]:
@@ -1018,7 +1044,7 @@ def _per_frame(x: tf.Tensor, fn) -> tf.Tensor:
 
 
 def _transform_op(batch: dict[str, tf.Tensor], layout: _Layout) -> dict[str, tf.Tensor]:
-  """Resize to the model size, augment (training), labels to int32."""
+  """Images to float32, resize to the model size, augment (training), labels to int32."""
   transforms = batch.pop("transforms", None)
   size = layout.image_size
   # Resizing the crop (same field of view) changes its pixel size.
@@ -1027,6 +1053,8 @@ def _transform_op(batch: dict[str, tf.Tensor], layout: _Layout) -> dict[str, tf.
     if name == "lv_volume_ml":
       continue
     is_label = name == "sa_label"
+    if not is_label:
+      batch[name] = tf.cast(batch[name], tf.float32)
     # [-1, 1] images are shifted by +1 around the warp so that shifted-in pixels get -1.
     offset = 1.0 if name in _SYMMETRIC_IMAGES else 0.0
 
@@ -1059,17 +1087,18 @@ def _batches(keys: tf.data.Dataset, load, signature, layout: _Layout,
 
 
 def train_batches(source, data_config, *, global_batch_size: int, seed: int,
-                  start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                  start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                  fields: Optional[Sequence[str]] = None) -> Iterator[dict[str, np.ndarray]]:
   """Infinite augmented cine training batches of this process from global step `start_step`.
 
   Global batch k holds source indices `pipeline.train_batch_indices(N, B, seed, k)` with the
   augmentation maps `pipeline._augment_transforms(seed, k)` of data.augment (shift, zoom,
   flip; one map per sequence): a pure function of (seed, k). Process p of P gets rows
-  [p B/P, (p+1) B/P). Fields: module docstring (sa_label int32).
+  [p B/P, (p+1) B/P). Fields: module docstring (sa_label int32, images float32); `fields`
+  keeps only those array fields (and lv_volume_ml).
   """
   # pylint: disable=protected-access
-  layout = _read_layout(source, data_config)
+  layout = _read_layout(source, data_config, fields)
   augment = pipeline._read_augment(data_config)
   rows = pipeline._process_rows(global_batch_size, process_index, process_count,
                                 "global_batch_size")
@@ -1093,11 +1122,12 @@ def train_batches(source, data_config, *, global_batch_size: int, seed: int,
 
 
 def eval_batches(source, data_config, *, batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                 process_count: int = 1,
+                 fields: Optional[Sequence[str]] = None) -> Iterator[dict[str, np.ndarray]]:
   """One pass over the source in index order without augmentation; full-size batches whose
   rows past the end are zero padding with `mask` False, index -1 and subject ""."""
   # pylint: disable=protected-access
-  layout = _read_layout(source, data_config)
+  layout = _read_layout(source, data_config, fields)
   rows = pipeline._process_rows(batch_size, process_index, process_count, "batch_size")
   num_batches = -(-layout.num_examples // batch_size)
 
@@ -1114,12 +1144,13 @@ def eval_batches(source, data_config, *, batch_size: int, process_index: int = 0
 
 
 def make_data_source(config, *, process_index: Optional[int] = None,
-                     process_count: Optional[int] = None):
+                     process_count: Optional[int] = None,
+                     fields: Optional[Sequence[str]] = None):
   """`cardiac_jax.training.DataSource` of this process for a cine config.
 
   Reads config.data (experiments/configs/cine_data.py), config.seed, config.train.batch_size
   (global) and config.train.eval_batch_size; the evaluation split is data.eval_split. The
-  process index and count default to JAX's.
+  process index and count default to JAX's; `fields`: the array fields to serve (None: all).
   """
   from cardiac_jax.training import DataSource  # pylint: disable=g-import-not-at-top
   if process_index is None or process_count is None:
@@ -1128,7 +1159,7 @@ def make_data_source(config, *, process_index: Optional[int] = None,
   directory = prepared_cine_dir(config)
   train = prepare.load_split(directory, "train")
   evaluation = prepare.load_split(directory, data_field(config.data, "eval_split"))
-  process = dict(process_index=process_index, process_count=process_count)
+  process = dict(process_index=process_index, process_count=process_count, fields=fields)
 
   def train_iterator(start_step: int):
     return train_batches(train, config.data, global_batch_size=config.train.batch_size,

@@ -114,8 +114,10 @@ def make_data_source(config, eval_split: str = "val") -> DataSource:
   """Training and evaluation iterators of this process for the training loop (cine configs,
   data.format == "cine", are served by data_pipelines.cine)."""
   if config.data.get("format", "slices") == "cine":
+    from cardiac_jax import steps
     from data_pipelines import cine
-    return cine.make_data_source(config)
+    # Only the cine fields the model reads are copied and augmented.
+    return cine.make_data_source(config, fields=steps.make_family(config).batch_fields)
   from data_pipelines import pipeline
   directory = prepared_dir(config)
   train = split_source(config, "train", directory)

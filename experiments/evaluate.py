@@ -134,7 +134,8 @@ def evaluate_diffae_run(workdir: str, split: str = "test", step: int | None = No
   family.inversion_steps = int(inversion_steps or family.inversion_steps)
   family.decode_steps = int(decode_steps or family.decode_steps)
   source = prepare.load_split(cine.prepared_cine_dir(config, create=False), split)
-  batches = cine.eval_batches(source, config.data, batch_size=config.train.eval_batch_size)
+  batches = cine.eval_batches(source, config.data, batch_size=config.train.eval_batch_size,
+                              fields=family.batch_fields)
   out_dir = os.path.join(workdir, "eval")
   ddim = f"ddim{family.inversion_steps}x{family.decode_steps}"
   cache_dir = os.path.join(out_dir, f"partial_{split}_step{int(state.step)}_{ddim}")
@@ -147,7 +148,8 @@ def evaluate_diffae_run(workdir: str, split: str = "test", step: int | None = No
             "ema": family.eval_use_ema,
             "reconstruction": {k: metrics[k] for k in ("ssim", "nrmse", "psnr")},
             "eps_loss": eps, "z_sem_std": metrics.get("z_sem_std")}
-  first = next(iter(cine.eval_batches(source, config.data, batch_size=2)))
+  first = next(iter(cine.eval_batches(source, config.data, batch_size=2,
+                                      fields=family.batch_fields)))
   family.save_figures(state, {family.field: first[family.field]}, out_dir, int(state.step),
                       jax.random.key(config.seed))
   common.write_json(os.path.join(out_dir, "metrics.json"), result)

@@ -484,7 +484,8 @@ def encode_plan(encoder: EncoderRun, plan: Plan, batch_size: int,
       # pass is full, so the view's batches are exactly the missing ones.
       subset = _Rows(plan.sources, [rows[i] for k in missing
                                     for i in range(k * batch_size, k * batch_size + sizes[k])])
-      batches = cine.eval_batches(subset, encoder.config.data, batch_size=batch_size)
+      batches = cine.eval_batches(subset, encoder.config.data, batch_size=batch_size,
+                                  fields=encoder.family.batch_fields)
       for k, batch in zip(missing, batches):
         mask = np.asarray(batch["mask"], bool)
         z = _encode_rows(encoder, batch[encoder.family.field])[mask]

@@ -185,10 +185,11 @@ def test_prepared_fields_shapes_dtypes_ranges(cohort, prepared):
       params = by_name[ex["subject"].decode() if isinstance(ex["subject"], bytes)
                        else ex["subject"]]
       seen += 1
-      assert ex["sa_image"].shape == (t, s, s, 3) and ex["sa_image"].dtype == np.float32
+      # Images are stored as float16 (half-size records), labels as uint8.
+      assert ex["sa_image"].shape == (t, s, s, 3) and ex["sa_image"].dtype == np.float16
       assert ex["sa_label"].shape == (t, s, s, 3) and ex["sa_label"].dtype == np.uint8
       for name in ("la_image", "sa_mid_image"):
-        assert ex[name].shape == (t, s, s, 1) and ex[name].dtype == np.float32
+        assert ex[name].shape == (t, s, s, 1) and ex[name].dtype == np.float16
         assert ex[name].min() == -1.0 and ex[name].max() == 1.0
       assert 0.0 <= ex["sa_image"].min() and ex["sa_image"].max() <= 1.0
       assert ex["sa_image"].std() > 0.1
@@ -252,6 +253,8 @@ def test_train_batches_are_a_pure_function_of_seed_and_step(prepared):
   assert not np.array_equal(other_seed["sa_image"], run[0]["sa_image"])
   batch = run[0]
   assert batch["sa_label"].dtype == np.int32 and batch["sa_image"].shape == (4, 8, 32, 32, 3)
+  for name in ("sa_image", "sa_mid_image", "la_image", "lv_volume_ml"):
+    assert batch[name].dtype == np.float32, name
   assert batch["la_image"].min() >= -1.0 and batch["la_image"].max() <= 1.0
   assert batch["subject"].dtype.kind == "U" and batch["group"].dtype == np.int32
 
@@ -434,3 +437,22 @@ def test_config_fields_and_cache_layout(tmp_path):
   data.view = "la_4ch"
   with pytest.raises(ValueError, match="long_axis"):
     cine.prepared_cine_dir(config, create=False)
+
+
+def test_fields_keep_only_the_requested_arrays_with_the_same_values(prepared):
+  out, _ = prepared
+  config = _data_config(out, augment=dict(max_shift_px=3, flip_prob=0.5))
+  source = prepare.load_split(out, "train")
+  kwargs = dict(global_batch_size=4, seed=5)
+  full = next(cine.train_batches(source, config.data, **kwargs))
+  only = next(cine.train_batches(source, config.data, fields=("sa_label",), **kwargs))
+  arrays = {"sa_label", "lv_volume_ml"}
+  assert arrays <= set(only) and not {"sa_image", "sa_mid_image", "la_image"} & set(only)
+  for key in only:
+    np.testing.assert_array_equal(only[key], full[key], err_msg=key)
+  evaluation = next(cine.eval_batches(source, config.data, batch_size=4, fields=("la_image",)))
+  np.testing.assert_array_equal(
+      evaluation["la_image"],
+      next(cine.eval_batches(source, config.data, batch_size=4))["la_image"])
+  with pytest.raises(ValueError, match=r"no field \['sa_images'\]"):
+    cine.train_batches(source, config.data, fields=("sa_images",), **kwargs)

@@ -53,3 +53,19 @@ def test_tiny_config_trains_evaluates_draws_and_checkpoints_the_ema(tmp_path):
   ema, params = restored.params["ema"], family.trainable(restored.params)
   assert any(not np.array_equal(e, p) for e, p in zip(jax.tree.leaves(ema),
                                                       jax.tree.leaves(params)))
+
+
+def test_data_source_serves_only_the_view_the_model_reads(cine_cohort):
+  from experiments import common
+  from tests.conftest import diffae_smoke_config
+  _, prepared = cine_cohort
+  config = diffae_smoke_config(prepared)
+  batches = common.make_data_source(config).train_batches(0)
+  batch = next(batches)
+  batches.close()
+  assert steps.make_family(config).batch_fields == ("la_image",)
+  assert {"la_image", "lv_volume_ml", "group", "subject"} <= set(batch)
+  assert not {"sa_image", "sa_label", "sa_mid_image"} & set(batch)
+  assert batch["la_image"].dtype == np.float32
+  assert batch["la_image"].shape[1:] == (config.data.num_frames, config.data.image_size,
+                                         config.data.image_size, 1)
