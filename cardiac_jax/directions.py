@@ -269,8 +269,11 @@ class VoynovDiscovery:
     k, eps = sample_shifts(shift_key, batch_size, self.config.num_directions,
                            self.config.shift_scale, self.config.min_shift)
     shifted = z + self.deformator(deformator_params, k, eps)
-    both = self.generator(jnp.concatenate([z, shifted]))
-    images = jnp.concatenate([both[:batch_size], both[batch_size:]], axis=-1)
+    # Two generator calls: G(z) does not depend on the deformator, so the backward pass runs
+    # through G(z + shift) only (one call on the concatenated batch would back-propagate
+    # through both halves).
+    base = jax.lax.stop_gradient(self.generator(z))
+    images = jnp.concatenate([base, self.generator(shifted)], axis=-1)
     return images, k, eps
 
   def loss_fn(self, params, batch_stats, key: jax.Array):
