@@ -16,7 +16,9 @@ both fed z ~ N(0, I) (`generator_from_workdir`).
    batches). The resolution of a factor is the larger of its cohort spread and the segmenter's
    median absolute error: the prepared slices are aligned (LV centred, RV to the left) and
    intensity-normalised, so rotation and intensity hardly vary in the cohort, and a change below
-   the measurement error is not resolved anyway.
+   the measurement error is not resolved anyway. Also written, to DIR/directions/
+   cohort_factors.md: the Spearman correlation of every pair of factors over those labels
+   (factors that go together in the cohort are hard to separate with any direction).
 2. Directions (DIR/directions/<method>/directions.npz, reused when the settings match):
    voynov: `VoynovDiscovery` trained for --voynov_steps steps; directions ranked by the
      reconstructor's accuracy on each (`evaluate`, also written: overall accuracy, chance,
@@ -244,9 +246,13 @@ def _labelled_arrays(batches) -> tuple[Any, Any]:
   return (np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs]))
 
 
-def cohort_spread(config, source, num_examples: int = 512, seed: int = 0) -> dict[str, float]:
-  """Spread (`factors.factor_spread`) of every factor over the true labels of augmented
-  training batches: the variation of the cohort as the generative model saw it."""
+def cohort_factors(config, source, num_examples: int = 512, seed: int = 0,
+                   ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+  """(spread, correlation) of the factors over the true labels of augmented training batches,
+  the cohort as the generative model saw it: spread (`factors.factor_spread`) of every factor,
+  and the Spearman correlation of every pair of factors over the images where both are finite.
+  Factors that go together in the cohort (a large LV cavity has a thin wall) are hard for any
+  latent direction to move apart."""
   import itertools
   from cardiac_jax import factors
   from data_pipelines import pipeline
@@ -258,7 +264,19 @@ def cohort_spread(config, source, num_examples: int = 512, seed: int = 0) -> dic
   finally:
     batches.close()
   measured = factors.measure_batch(labels, images[..., 0])
-  return {f: factors.factor_spread(measured[f], f) for f in factors.FACTORS}
+  spread = {f: factors.factor_spread(measured[f], f) for f in factors.FACTORS}
+  correlation = {f: {g: _finite(factors.spearman(measured[f], measured[g]))
+                      for g in factors.FACTORS} for f in factors.FACTORS}
+  return spread, correlation
+
+
+def cohort_correlation_table(correlation: dict[str, dict[str, float]]) -> str:
+  """Markdown table of the cohort's factor correlations (`cohort_factors`)."""
+  names = list(correlation)
+  lines = ["| factor | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+  for f in names:
+    lines.append(f"| {f} | " + " | ".join(_fmt(correlation[f].get(g)) for g in names) + " |")
+  return "\n".join(lines)
 
 
 def segmenter_quality(params, seg_config, images, labels) -> dict[str, Any]:
@@ -298,6 +316,11 @@ def prepare_segmenter(config, out_dir: str, settings: Settings,
       raise ValueError(f"{out_dir}: the saved segmenter is for {meta.get('image_size')} px "
                        f"images, the run makes {image_size} px; use --retrain_segmenter")
     quality = meta.get("quality", {})
+    if "cohort_correlation" not in meta:  # Saved before the correlations were recorded.
+      train = common.split_source(config, "train")
+      meta["cohort_correlation"] = cohort_factors(config, train, seed=int(meta.get(
+          "seed", settings.seed)))[1]
+      segmenter.save_segmenter(out_dir, params, seg_config, meta)
     log(f"segmenter reused from {out_dir} ({quality.get('split')} Dice "
         f"{_fmt(quality.get('dice', {}).get('mean'), '.3f')})")
     return params, seg_config, meta
@@ -331,12 +354,13 @@ def prepare_segmenter(config, out_dir: str, settings: Settings,
   quality = segmenter_quality(params, seg_config, images, labels)
   quality["split"] = split
   p = config.data.prepare
+  spread, correlation = cohort_factors(config, train, seed=settings.seed)
   meta = {"image_size": image_size, "num_steps": settings.segmenter_steps,
           "batch_size": settings.segmenter_batch_size, "seed": settings.seed,
           "train_examples": len(train), "train_seconds": round(seconds, 1), "quality": quality,
           "mm_per_pixel": float(p.spacing_mm) * int(p.image_size) / image_size,
-          "cohort_spread": {k: _finite(v) for k, v in
-                            cohort_spread(config, train, seed=settings.seed).items()},
+          "cohort_spread": {k: _finite(v) for k, v in spread.items()},
+          "cohort_correlation": correlation,
           "cohort_spread_source": "true labels of augmented training batches"}
   segmenter.save_segmenter(out_dir, params, seg_config, meta)
   log(f"segmenter: {split} Dice {quality['dice']['mean']:.3f} (RV {quality['dice']['rv']:.3f}, "
@@ -917,6 +941,10 @@ def run(workdir: str, methods: Sequence[str], settings: Settings = Settings(),
   def segment_fn(images):
     return segmenter.segment(params, images, seg_config)
 
+  with open(os.path.join(root, "cohort_factors.md"), "w", encoding="utf-8") as f:
+    f.write("Spearman correlation of the factors over the true labels of augmented training "
+            "batches (the cohort as the model saw it).\n\n"
+            + cohort_correlation_table(seg_meta["cohort_correlation"]) + "\n")
   z = base_latents(generator_run.latent_dim, settings)
   resolution = factor_resolution(seg_meta)
   results = {}

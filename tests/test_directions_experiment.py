@@ -269,6 +269,18 @@ def test_command_line_voynov_on_the_dcgan(dcgan_run):
     meta = json.load(f)
   assert meta["num_steps"] == 3 and meta["quality"]["split"] in ("val", "test", "train")
   assert set(meta["cohort_spread"]) == set(factors.FACTORS)
+  corr = meta["cohort_correlation"]
+  assert set(corr) == set(factors.FACTORS)
+  for f in factors.FACTORS:
+    if corr[f][f] is not None:  # None: the factor is NaN on every cohort image.
+      assert corr[f][f] == pytest.approx(1.0)
+    for g in factors.FACTORS:
+      assert corr[f][g] == corr[g][f]
+      assert corr[f][g] is None or -1.0 <= corr[f][g] <= 1.0
+  # The cohort's lv_area and myo_thickness move together (cavity vs wall), oppositely.
+  assert corr["lv_area"]["myo_thickness"] < 0
+  with open(os.path.join(workdir, "directions", "cohort_factors.md"), encoding="utf-8") as f:
+    assert "| lv_area |" in f.read()
   bad = subprocess.run([sys.executable, "-m", "experiments.directions",
                         f"--workdir={workdir}"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
