@@ -99,7 +99,7 @@ UKBB_SEGMENTATION = "seg_sa.nii.gz"
 NUM_SHORT_AXIS_SLICES = 3
 UNKNOWN_GROUP = -1
 # Bumped when a prepared cine example would differ for the same inputs and configuration.
-# 2: image fields stored as float16.
+# 2: image fields stored as float16, every tensor as raw bytes.
 FORMAT_VERSION = 2
 STORED_IMAGE_DTYPE = np.float16
 # Image fields and their value range: [0, 1] images fill shifted-in pixels with 0, [-1, 1] with -1.
@@ -645,19 +645,24 @@ def make_builder_config(dataset: str, cine_config: CineConfig, split_seed: int =
 def cine_features(config: CineConfig) -> tfds.features.FeaturesDict:
   """The FeaturesDict of one prepared cine subject."""
   t, s = config.num_frames, config.image_size
+
+  def raw(shape, dtype):
+    # Raw bytes: without an encoding tf.Example would hold float16 as a float32 list.
+    return tfds.features.Tensor(shape=shape, dtype=dtype,
+                                encoding=tfds.features.Encoding.BYTES)
+
   features = {
       "subject": tfds.features.Text(),
       "group": tfds.features.Scalar(dtype=np.int32),
-      "sa_image": tfds.features.Tensor(shape=(t, s, s, NUM_SHORT_AXIS_SLICES),
-                                       dtype=STORED_IMAGE_DTYPE),
-      "sa_label": tfds.features.Tensor(shape=(t, s, s, NUM_SHORT_AXIS_SLICES), dtype=np.uint8),
-      "sa_mid_image": tfds.features.Tensor(shape=(t, s, s, 1), dtype=STORED_IMAGE_DTYPE),
+      "sa_image": raw((t, s, s, NUM_SHORT_AXIS_SLICES), STORED_IMAGE_DTYPE),
+      "sa_label": raw((t, s, s, NUM_SHORT_AXIS_SLICES), np.uint8),
+      "sa_mid_image": raw((t, s, s, 1), STORED_IMAGE_DTYPE),
       "lv_volume_ml": tfds.features.Tensor(shape=(t,), dtype=np.float32),
       "pixel_spacing_mm": tfds.features.Scalar(dtype=np.float32),
       "slice_thickness_mm": tfds.features.Scalar(dtype=np.float32),
   }
   if config.long_axis:
-    features["la_image"] = tfds.features.Tensor(shape=(t, s, s, 1), dtype=STORED_IMAGE_DTYPE)
+    features["la_image"] = raw((t, s, s, 1), STORED_IMAGE_DTYPE)
   return tfds.features.FeaturesDict(features)
 
 
@@ -673,7 +678,7 @@ class CardiacCine(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {"1.0.0": "Short-axis (3 slices + labels) and 4-chamber cines, T frames.",
-                   "1.1.0": "Image fields stored as float16."}
+                   "1.1.0": "Image fields stored as float16, tensors as raw bytes."}
   BUILDER_CONFIGS = []
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Pass the raw cohort root as manual_dir: a synthetic cohort written by

@@ -213,6 +213,10 @@ def test_prepared_fields_shapes_dtypes_ranges(cohort, prepared):
       area = (ex["sa_label"][..., 1] == structures.LV_BLOOD_POOL).sum(axis=(1, 2))
       assert area[int(np.argmin(ex["lv_volume_ml"]))] < area[0]
   assert seen == 6
+  # A record holds the arrays as raw bytes at 2 bytes per image value (float16) and 1 per label:
+  # 3 + 3 + 1 + 1 values per pixel and frame, plus the small fields and the framing.
+  raw = prepare.load_split(out, "train").data_source[0]
+  assert t * s * s * (2 * 3 + 3 + 2 + 2) <= len(raw) <= t * s * s * (2 * 3 + 3 + 2 + 2) + 600
   with open(os.path.join(out, prepare.SPLITS)) as f:
     splits = json.load(f)
   assert sorted(splits["train"] + splits["val"] + splits["test"]) == sorted(by_name)
