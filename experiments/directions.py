@@ -800,9 +800,7 @@ def write_method_outputs(out_dir: str, run: GeneratorRun, method: str, found, ex
       f"{summary['num_controlling_directions']} directions, "
       f"{summary['num_distinct_factors_controlled']} distinct factors "
       f"({', '.join(sorted(summary['controlled_factors'])) or 'none'}).")
-  with open(os.path.join(out_dir, "scores.md.tmp"), "w", encoding="utf-8") as f:
-    f.write(markdown_table(rows, header))
-  os.replace(os.path.join(out_dir, "scores.md.tmp"), os.path.join(out_dir, "scores.md"))
+  common.write_text(os.path.join(out_dir, "scores.md"), markdown_table(rows, header))
   with open(os.path.join(out_dir, "factor_values.npz.tmp"), "wb") as f:
     np.savez(f, values=scores["values"], rho=scores["rho"],
              relative_range=scores["relative_range"], shifts=shifts, base_latents=base_latents,
@@ -895,9 +893,7 @@ def compare(result_dirs: Sequence[str], out_dir: str | None = None) -> list[dict
     lines.append(f"| {row['run']} ({row['kind']}) | {row['method']} | {row['directions']} | "
                  f"{row['controlling']} | {row['distinct_factors']} | " + " | ".join(cells)
                  + " |")
-  with open(os.path.join(out_dir, "comparison.md.tmp"), "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
-  os.replace(os.path.join(out_dir, "comparison.md.tmp"), os.path.join(out_dir, "comparison.md"))
+  common.write_text(os.path.join(out_dir, "comparison.md"), "\n".join(lines) + "\n")
   return rows
 
 
@@ -941,10 +937,10 @@ def run(workdir: str, methods: Sequence[str], settings: Settings = Settings(),
   def segment_fn(images):
     return segmenter.segment(params, images, seg_config)
 
-  with open(os.path.join(root, "cohort_factors.md"), "w", encoding="utf-8") as f:
-    f.write("Spearman correlation of the factors over the true labels of augmented training "
-            "batches (the cohort as the model saw it).\n\n"
-            + cohort_correlation_table(seg_meta["cohort_correlation"]) + "\n")
+  common.write_text(os.path.join(root, "cohort_factors.md"),
+                    "Spearman correlation of the factors over the true labels of augmented "
+                    "training batches (the cohort as the model saw it).\n\n"
+                    + cohort_correlation_table(seg_meta["cohort_correlation"]) + "\n")
   z = base_latents(generator_run.latent_dim, settings)
   resolution = factor_resolution(seg_meta)
   results = {}
