@@ -9,8 +9,10 @@ the cine input pipeline.
 Objective (Preechakul et al. 2022, eps-prediction DDPM loss with the semantic code as a
 condition), per batch of B volumes:
   t_b ~ U{0, ..., T-1},  eps_b ~ N(0, I),  x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,
-  L = mean_b mean_voxels (eps_b - eps_theta(x_t, t_b, Enc(x_0)))^2.
-The encoder is trained only through L, jointly with the UNet, by one Adam optimizer over both
+  L = mean_b lambda_{t_b} mean_voxels (eps_b - eps_theta(x_t, t_b, Enc(x_0)))^2,
+with lambda = 1 (the reference) or the P2 weights 1 / (k + SNR_t)^gamma
+(config.diffusion.p2_gamma, p2_k; `diffusion.p2_weights`); the training metrics report L as
+"loss" and the unweighted mean as "eps_loss". The encoder is trained only through L, jointly with the UNet, by one Adam optimizer over both
 (config.optimizer: Adam 1e-4, global gradient-norm clipping at grad_clip_norm = 1). After each
 update the exponential moving average of the parameters moves by
   ema <- d ema + (1 - d) params,  d = config.model.ema_decay (0.9999 in the reference),
@@ -142,6 +144,12 @@ class DiffAEFamily:
     self.beta_start, self.beta_end = float(dcfg.beta_start), float(dcfg.beta_end)
     self.schedule = diffusion.linear_schedule(self.num_timesteps, self.beta_start,
                                               self.beta_end)
+    # Training loss weight of each timestep (P2; all ones by default).
+    p2_gamma, p2_k = float(dcfg.get("p2_gamma", 0.0)), float(dcfg.get("p2_k", 1.0))
+    if p2_gamma < 0.0 or (p2_gamma > 0.0 and p2_k <= 0.0):
+      raise ValueError(f"diffusion.p2_gamma must be >= 0 and diffusion.p2_k > 0, got "
+                       f"{p2_gamma} and {p2_k}")
+    self.loss_weights = diffusion.p2_weights(self.schedule, p2_gamma, p2_k)
     self.inversion_steps = int(ecfg.inversion_steps)
     self.decode_steps = int(ecfg.decode_steps)
     for name, count in (("inversion_steps", self.inversion_steps),
@@ -294,8 +302,9 @@ class DiffAEFamily:
 
     def loss_fn(trainable):
       terms = self.loss_terms(trainable, x0, t, noise, dropout_key)
-      loss = jnp.mean(terms["eps_loss"])
-      metrics = {"loss": loss, "z_sem_rms": jnp.sqrt(jnp.mean(jnp.square(terms["z_sem"]))),
+      loss = jnp.mean(self.loss_weights[t] * terms["eps_loss"])
+      metrics = {"loss": loss, "eps_loss": jnp.mean(terms["eps_loss"]),
+                 "z_sem_rms": jnp.sqrt(jnp.mean(jnp.square(terms["z_sem"]))),
                  "t_mean": jnp.mean(t.astype(jnp.float32))}
       return loss, metrics
 

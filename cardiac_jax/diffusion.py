@@ -9,6 +9,11 @@ and the respaced step grids.
   (T = 1000, 1e-4..0.02), alphas_cumprod abar_t = prod_{s <= t} (1 - beta_s), computed in
   float64 and stored as float32.
 - Forward process: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+- Loss weights (`p2_weights`, Choi et al., "Perception Prioritized Training of Diffusion
+  Models", CVPR 2022): lambda_t = 1 / (k + SNR_t)^gamma with SNR_t = abar_t / (1 - abar_t);
+  gamma = 0 is the plain eps loss of DDPM. gamma = 1, k = 1 scales the low-noise steps (SNR
+  >> 1, where the eps loss is mostly the image's own unpredictable noise) by about 1 / SNR and
+  leaves the steps with SNR << 1 (where the coarse content must be predicted) as they are.
 - Respacing on a grid tau_0 < ... < tau_{N-1}: betas recomputed as
   beta'_i = 1 - abar_{tau_i} / abar_{tau_{i-1}} (abar_{tau_{-1}} = 1), so the respaced process
   has exactly the original abar at the grid points; the model is always called with the
@@ -140,6 +145,19 @@ def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) 
   """
   abar = _per_example(schedule.alphas_cumprod[t], x0.ndim).astype(x0.dtype)
   return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise
+
+
+def p2_weights(schedule: Schedule, gamma: float = 0.0, k: float = 1.0) -> jax.Array:
+  """(N,) float32 loss weights lambda_t = 1 / (k + SNR_t)^gamma (module docstring); all ones
+  for gamma = 0."""
+  if gamma < 0.0:
+    raise ValueError(f"the P2 exponent gamma must be >= 0, got {gamma}")
+  if gamma > 0.0 and k <= 0.0:
+    raise ValueError(f"the P2 offset k must be > 0 when gamma > 0, got {k}")
+  abar = np.asarray(schedule.alphas_cumprod, np.float64)
+  if gamma == 0.0:
+    return jnp.ones(abar.shape, jnp.float32)
+  return jnp.asarray((k + abar / (1.0 - abar)) ** -gamma, jnp.float32)
 
 
 def eps_loss_per_example(noise: jax.Array, eps_hat: jax.Array) -> jax.Array:

@@ -57,8 +57,10 @@ RESUMABLE_FIELDS = ("train.num_steps", "train.log_every", "train.eval_every",
 ANALYSIS_SECTIONS = ("latent.",)
 
 # Config fields added after runs were written, with the value that reproduces those runs: a
-# saved config without the field is read as having this value, so the run still resumes.
-ADDED_FIELD_DEFAULTS = {"model.remat": "none"}
+# saved config without the field is read as having this value (when the resuming config has
+# the field), so the run still resumes.
+ADDED_FIELD_DEFAULTS = {"model.remat": "none", "diffusion.p2_gamma": 0.0,
+                        "diffusion.p2_k": 1.0}
 
 
 class NonFiniteError(FloatingPointError):
@@ -106,7 +108,10 @@ def check_workdir_config(workdir: str, config) -> None:
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    a, b = {**ADDED_FIELD_DEFAULTS, **flatten_config(saved)}, flatten_config(current)
+    b = flatten_config(current)
+    # An added field counts at its old value only in configs that have it (its section).
+    added = {k: v for k, v in ADDED_FIELD_DEFAULTS.items() if k in b}
+    a = {**added, **flatten_config(saved)}
     differing = sorted(k for k in set(a) | set(b)
                        if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS
                        and not k.startswith(ANALYSIS_SECTIONS))

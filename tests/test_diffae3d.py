@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cardiac_jax import diffae_steps
+from cardiac_jax import diffusion
 from cardiac_jax import steps
 from cardiac_jax.models import diffae3d
 from experiments.configs import get_config
@@ -227,6 +228,22 @@ def test_train_steps_on_a_fixed_batch_decrease_the_loss(trained):
   assert metrics[2]["grad_norm_encoder"] > 0.0
 
 
+def test_training_loss_is_the_p2_weighted_eps_loss(trained):
+  config, family, batch, states, metrics, _ = trained
+  assert config.diffusion.p2_gamma == 1.0
+  np.testing.assert_allclose(np.asarray(family.loss_weights),
+                             np.asarray(diffusion.p2_weights(family.schedule, 1.0, 1.0)))
+  # The first step's loss from its own timesteps and noise (key 7, see the fixture).
+  x = family.model_input(batch)
+  t, noise, dropout_key = family.sample_step_noise(jax.random.key(7), x.shape)
+  args = (family.trainable(states[0].params), x, t, noise, dropout_key)
+  eps_loss = np.asarray(compiled(family.loss_terms, *args)(*args)["eps_loss"], np.float64)
+  weights = np.asarray(family.loss_weights, np.float64)[np.asarray(t)]
+  np.testing.assert_allclose(metrics[0]["loss"], np.mean(weights * eps_loss), rtol=1e-5)
+  np.testing.assert_allclose(metrics[0]["eps_loss"], np.mean(eps_loss), rtol=1e-5)
+  assert metrics[0]["loss"] < metrics[0]["eps_loss"]   # Weights below 1.
+
+
 def test_ema_moves_toward_the_parameters_by_the_decay_formula(trained):
   config, family, _, states, _, _ = trained
   d = config.model.ema_decay
@@ -295,6 +312,7 @@ def test_volume_metrics_of_a_perfect_and_a_noisy_reconstruction():
     ("data", "view", "sa_stack", "data.view"),
     ("eval", "loss_timesteps", (1000,), "eval.loss_timesteps"),
     ("eval", "decode_steps", 0, "eval.decode_steps"),
+    ("diffusion", "p2_gamma", -1.0, "diffusion.p2_gamma"),
 ])
 def test_bad_config_values_are_clear_errors(section, field, value, message):
   config = tiny_config()

@@ -77,6 +77,23 @@ def test_q_sample_moments():
                              atol=1e-6)
 
 
+def test_p2_weights_match_the_closed_form():
+  abar = np.asarray(FULL.alphas_cumprod, np.float64)
+  snr = abar / (1.0 - abar)
+  np.testing.assert_array_equal(np.asarray(diffusion.p2_weights(FULL)), 1.0)
+  for gamma, k in ((1.0, 1.0), (0.5, 1.0), (1.0, 5.0)):
+    weights = np.asarray(diffusion.p2_weights(FULL, gamma, k))
+    assert weights.dtype == np.float32 and weights.shape == (1000,)
+    np.testing.assert_allclose(weights, (k + snr) ** -gamma, rtol=1e-6)
+  weights = np.asarray(diffusion.p2_weights(FULL, 1.0, 1.0))
+  # Low noise (SNR ~ 1e4 at t = 0) is scaled down by ~1 / SNR, high noise kept (~1).
+  assert weights[0] < 2e-4 and weights[-1] > 0.999 and np.all(np.diff(weights) > 0)
+  with pytest.raises(ValueError, match="gamma"):
+    diffusion.p2_weights(FULL, -1.0)
+  with pytest.raises(ValueError, match="offset k"):
+    diffusion.p2_weights(FULL, 1.0, 0.0)
+
+
 def test_eps_loss_per_example():
   noise = jnp.zeros((2, 3, 4))
   eps_hat = jnp.stack([jnp.ones((3, 4)), 2.0 * jnp.ones((3, 4))])

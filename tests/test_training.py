@@ -252,3 +252,20 @@ def test_analysis_sections_may_change_when_a_run_resumes(tmp_path):
   newer.optimizer.learning_rate = 123.0
   with pytest.raises(training.WorkdirConflictError, match="optimizer.learning_rate"):
     training.check_workdir_config(str(tmp_path), newer)
+
+
+def test_a_run_saved_before_an_added_field_resumes_at_its_old_value(tmp_path):
+  """A diffae3d run written before diffusion.p2_gamma / p2_k existed trained with the plain eps
+  loss: it resumes under p2_gamma = 0 and is refused under the P2 weighting."""
+  config = get_config("diffae3d:smoke")
+  config.diffusion.p2_gamma = 0.0
+  saved = json.loads(config.to_json_best_effort())
+  del saved["diffusion"]["p2_gamma"], saved["diffusion"]["p2_k"]
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(saved, f)
+  training.check_workdir_config(str(tmp_path), config)
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(saved, f)
+  config.diffusion.p2_gamma = 1.0
+  with pytest.raises(training.WorkdirConflictError, match=r"diffusion\.p2_gamma: 0\.0 -> 1\.0"):
+    training.check_workdir_config(str(tmp_path), config)
