@@ -7,7 +7,8 @@ cropped around the heart from the temporal-variance mask, per-volume min-max to 
 
 Raw layouts (`DATASETS`):
 - "synthetic": the ACDC layout of `data_pipelines.synthetic` (Info.cfg, <s>_4d.nii.gz, labels of
-  every frame <s>_4d_gt.nii.gz, optional 4-chamber <s>_la_4ch.nii.gz). ED from Info.cfg.
+  every frame <s>_4d_gt.nii.gz, optional 4-chamber <s>_la_4ch.nii.gz with its labels
+  <s>_la_4ch_gt.nii.gz). ED from Info.cfg.
 - "ukbb": converted UK Biobank NIfTI, one folder per subject: sa.nii.gz (X, Y, Z, T) short-axis
   cine, la_4ch.nii.gz (X, Y, 1, T) 4-chamber cine (optional unless the long axis is required),
   seg_sa.nii.gz (X, Y, Z, T) optional labels of every frame in the UK Biobank convention
@@ -34,7 +35,10 @@ S = image_size:
 - la_image (T, S, S, 1) in [-1, 1] (when the configuration has the long axis): the
   4-chamber cine resampled to spacing_mm, an S x S window centred on the bounding box of the
   largest connected region of pixels whose temporal variance exceeds variance_fraction x its
-  image mean (after morphological opening and closing), min-max per volume, (x - 0.5) / 0.5.
+  image mean (after morphological opening and closing), min-max per volume, (x - 0.5) / 0.5;
+- la_label (T, S, S, 1) uint8 (with la_image): the 4-chamber labels of the same pixels
+  (nearest neighbour; 0 background, 1 RV, 2 LV myocardium, 3 LV blood pool, 4 LA, 5 RA,
+  `structures.NUM_LONG_AXIS_LABELS`), all 0 when the source has none (UK Biobank).
 The image fields are computed in float32 and stored as float16 (`STORED_IMAGE_DTYPE`: 11
 significant bits, finer than the 12-bit range of a scanner's magnitude images); batches hold
 them as float32 again. Half-size records halve the read and parse time of an example, which
@@ -99,15 +103,17 @@ UKBB_SEGMENTATION = "seg_sa.nii.gz"
 NUM_SHORT_AXIS_SLICES = 3
 UNKNOWN_GROUP = -1
 # Bumped when a prepared cine example would differ for the same inputs and configuration.
-# 2: image fields stored as float16, every tensor as raw bytes.
-FORMAT_VERSION = 2
+# 2: image fields stored as float16, every tensor as raw bytes. 3: la_label.
+FORMAT_VERSION = 3
 STORED_IMAGE_DTYPE = np.float16
 # Image fields and their value range: [0, 1] images fill shifted-in pixels with 0, [-1, 1] with -1.
 _UNIT_IMAGES = ("sa_image",)
 _SYMMETRIC_IMAGES = ("sa_mid_image", "la_image")
 _IMAGES = _UNIT_IMAGES + _SYMMETRIC_IMAGES
 # Array fields of a prepared example; the batches may leave out any but lv_volume_ml.
-ARRAY_FIELDS = ("sa_image", "sa_label", "sa_mid_image", "la_image", "lv_volume_ml")
+ARRAY_FIELDS = ("sa_image", "sa_label", "sa_mid_image", "la_image", "la_label",
+                "lv_volume_ml")
+_LABELS = ("sa_label", "la_label")
 _SCALARS = ("pixel_spacing_mm", "slice_thickness_mm")
 # Labels need more pixels than this of each structure at ED on a central slice.
 _MIN_LABEL_PIXELS = 10
@@ -163,8 +169,9 @@ class CineSubject:
 
   cine: (X, Y, Z, T) float32 short-axis stack; labels: (X, Y, Z, T) uint8 canonical or None;
   spacing_mm: (dx, dy, dz); ed_frame / es_frame: 0-based (es None when unknown);
-  long_axis: (X, Y, T') float32 4-chamber cine or None, with long_axis_spacing_mm (dx, dy) and
-  long_axis_ed_frame (0-based).
+  long_axis: (X, Y, T') float32 4-chamber cine or None, with long_axis_spacing_mm (dx, dy),
+  long_axis_ed_frame (0-based) and long_axis_labels (X, Y, T') uint8 (labels of la_label) or
+  None.
   """
   subject: str
   directory: str
@@ -177,6 +184,7 @@ class CineSubject:
   long_axis: Optional[np.ndarray] = None
   long_axis_spacing_mm: Optional[tuple[float, float]] = None
   long_axis_ed_frame: int = 0
+  long_axis_labels: Optional[np.ndarray] = None
 
 
 def _read_cine_volume(path: str, what: str) -> acdc.NiftiVolume:
@@ -213,6 +221,25 @@ def _read_labels(path: str, reference: acdc.NiftiVolume, reference_path: str,
     raise InvalidInputError(f"{shown}: {e}") from None
 
 
+def _read_long_axis_labels(path: str, reference: acdc.NiftiVolume,
+                           reference_path: str) -> np.ndarray:
+  """(X, Y, T) uint8 4-chamber labels on the grid of the 4-chamber cine `reference`."""
+  volume = _read_cine_volume(path, "4-chamber label series")
+  shown = acdc.printable_path(path)
+  acdc.check_same_grid(volume, path, reference, reference_path, "label", "4-chamber cine")
+  if volume.data.shape[3] != reference.data.shape[3]:
+    raise InvalidInputError(f"{shown}: {volume.data.shape[3]} label frames for "
+                            f"{reference.data.shape[3]} cine frames")
+  labels = volume.data[:, :, 0, :]
+  values = np.unique(labels)
+  if (not np.all(values == np.round(values)) or values.min() < 0
+      or values.max() >= structures.NUM_LONG_AXIS_LABELS):
+    shown_values = [int(v) if v == round(v) else float(v) for v in values[:8]]
+    raise InvalidInputError(f"{shown}: label values {shown_values} outside 0.."
+                            f"{structures.NUM_LONG_AXIS_LABELS - 1}")
+  return labels.astype(np.uint8)
+
+
 def _lv_volumes_ml(labels: np.ndarray, spacing_mm) -> np.ndarray:
   """(T,) LV blood-pool volume (ml) of a (X, Y, Z, T) canonical label series."""
   return synthetic.lv_volume_curve_from_labels(labels, spacing_mm)
@@ -223,8 +250,8 @@ def read_synthetic_cine(directory: str, label_convention: str = "acdc",
   """Reads one subject folder of the ACDC layout with labels for every frame.
 
   Raises InvalidInputError naming the file: Info.cfg, <s>_4d.nii.gz, <s>_4d_gt.nii.gz missing or
-  broken, grids that differ, fewer frames than Info.cfg's ED/ES; a broken <s>_la_4ch.nii.gz
-  (only read when `long_axis`).
+  broken, grids that differ, fewer frames than Info.cfg's ED/ES; a broken <s>_la_4ch.nii.gz or
+  <s>_la_4ch_gt.nii.gz (its labels, optional; only read when `long_axis`).
   """
   subject = os.path.basename(os.path.normpath(directory))
   info = acdc.parse_info_cfg(os.path.join(directory, "Info.cfg"))
@@ -247,6 +274,9 @@ def read_synthetic_cine(directory: str, label_convention: str = "acdc",
     result.long_axis = la.data[:, :, 0, :]
     result.long_axis_spacing_mm = la.spacing_mm[:2]
     result.long_axis_ed_frame = info.ed_frame - 1
+    la_labels = os.path.join(directory, f"{subject}_{synthetic.LONG_AXIS_4CH}_gt.nii.gz")
+    if os.path.lexists(la_labels):
+      result.long_axis_labels = _read_long_axis_labels(la_labels, la, la_path)
   return result
 
 
@@ -467,15 +497,23 @@ def _short_axis_fields(subject: CineSubject, config: CineConfig) -> dict[str, np
   }
 
 
-def _long_axis_field(subject: CineSubject, config: CineConfig) -> np.ndarray:
-  """la_image (T, S, S, 1) of one subject (module docstring)."""
+def _long_axis_fields(subject: CineSubject, config: CineConfig) -> dict[str, np.ndarray]:
+  """la_image (T, S, S, 1) and la_label (T, S, S, 1) of one subject (module docstring)."""
   series = resample_time(subject.long_axis, subject.long_axis_ed_frame, config.num_frames)
   resampled = preprocess.resample_in_plane(series, subject.long_axis_spacing_mm,
                                            config.spacing_mm, order=1)
   centre = heart_crop_centre(resampled, config.variance_fraction)
   window = crop_around(resampled, centre, config.image_size)
-  return to_symmetric_range(np.ascontiguousarray(window.transpose(2, 0, 1))[..., None],
-                            "4-chamber cine")
+  labels = np.zeros(window.shape, np.uint8)
+  if subject.long_axis_labels is not None:
+    label_series = resample_time(subject.long_axis_labels, subject.long_axis_ed_frame,
+                                 config.num_frames, nearest=True)
+    label_series = preprocess.resample_in_plane(label_series, subject.long_axis_spacing_mm,
+                                                config.spacing_mm, order=0)
+    labels = crop_around(label_series, centre, config.image_size).astype(np.uint8)
+  image = np.ascontiguousarray(window.transpose(2, 0, 1))[..., None]
+  return {"la_image": to_symmetric_range(image, "4-chamber cine"),
+          "la_label": np.ascontiguousarray(labels.transpose(2, 0, 1))[..., None]}
 
 
 def preprocess_cine(subject: CineSubject, config: CineConfig) -> dict[str, Any]:
@@ -496,7 +534,7 @@ def preprocess_cine(subject: CineSubject, config: CineConfig) -> dict[str, Any]:
   if config.long_axis:
     if subject.long_axis is None:
       raise InvalidInputError("no 4-chamber long-axis cine, which this preparation requires")
-    example["la_image"] = _long_axis_field(subject, config)
+    example.update(_long_axis_fields(subject, config))
   return example
 
 
@@ -561,7 +599,7 @@ def run_subject(subject: str, directory: str, dataset: str,
 
 def _array_fields(config: CineConfig) -> tuple[str, ...]:
   names = ("sa_image", "sa_label", "sa_mid_image", "lv_volume_ml")
-  return names + (("la_image",) if config.long_axis else ())
+  return names + (("la_image", "la_label") if config.long_axis else ())
 
 
 def save_outcome(cache_dir: str, outcome: tfds_builders.SubjectOutcome, config: CineConfig,
@@ -663,6 +701,7 @@ def cine_features(config: CineConfig) -> tfds.features.FeaturesDict:
   }
   if config.long_axis:
     features["la_image"] = raw((t, s, s, 1), STORED_IMAGE_DTYPE)
+    features["la_label"] = raw((t, s, s, 1), np.uint8)
   return tfds.features.FeaturesDict(features)
 
 
@@ -676,9 +715,10 @@ class CardiacCine(tfds.core.GeneratorBasedBuilder):
   `num_reused`.
   """
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {"1.0.0": "Short-axis (3 slices + labels) and 4-chamber cines, T frames.",
-                   "1.1.0": "Image fields stored as float16, tensors as raw bytes."}
+                   "1.1.0": "Image fields stored as float16, tensors as raw bytes.",
+                   "1.2.0": "4-chamber labels (la_label)."}
   BUILDER_CONFIGS = []
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Pass the raw cohort root as manual_dir: a synthetic cohort written by
@@ -1057,7 +1097,7 @@ def _transform_op(batch: dict[str, tf.Tensor], layout: _Layout) -> dict[str, tf.
   for name in layout.shapes:
     if name == "lv_volume_ml":
       continue
-    is_label = name == "sa_label"
+    is_label = name in _LABELS
     if not is_label:
       batch[name] = tf.cast(batch[name], tf.float32)
     # [-1, 1] images are shifted by +1 around the warp so that shifted-in pixels get -1.

@@ -100,7 +100,8 @@ def measure_matmul_peak(size: int, repeats: int) -> float:
 def synthetic_batch(config, rows: int, seed: int = 0) -> dict:
   """Random host batch in the config's training layout. Slice data: image (rows, S, S, C) in
   [0, 1) and attributes. Cine data (data.format "cine"): every field of a cine batch with T =
-  data.num_frames (label maps with values in 0..3, images in [0, 1) or [-1, 1) as prepared)."""
+  data.num_frames (label maps with values in 0..3, 0..5 for la_label, images in [0, 1) or
+  [-1, 1) as prepared)."""
   import numpy as np
   rng = np.random.default_rng(seed)
   size = int(config.data.image_size)
@@ -114,6 +115,7 @@ def synthetic_batch(config, rows: int, seed: int = 0) -> dict:
         "sa_label": rng.integers(0, 4, cine + (3,)).astype(np.int32),
         "sa_mid_image": rng.uniform(-1, 1, cine + (1,)).astype(np.float32),
         "la_image": rng.uniform(-1, 1, cine + (1,)).astype(np.float32),
+        "la_label": rng.integers(0, 6, cine + (1,)).astype(np.int32),
         "lv_volume_ml": rng.uniform(50, 150, (rows, frames)).astype(np.float32),
         "pixel_spacing_mm": np.full(rows, 1.8, np.float32),
         "slice_thickness_mm": np.full(rows, 8.0, np.float32),

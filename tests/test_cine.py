@@ -194,6 +194,13 @@ def test_prepared_fields_shapes_dtypes_ranges(cohort, prepared):
       assert 0.0 <= ex["sa_image"].min() and ex["sa_image"].max() <= 1.0
       assert ex["sa_image"].std() > 0.1
       assert set(np.unique(ex["sa_label"]).tolist()) == {0, 1, 2, 3}
+      # The 4-chamber labels of the same pixels: every structure present, and the LV pool
+      # brighter than its myocardium in la_image.
+      assert ex["la_label"].shape == (t, s, s, 1) and ex["la_label"].dtype == np.uint8
+      assert set(np.unique(ex["la_label"]).tolist()) == set(range(6))
+      la, la_label = ex["la_image"].astype(np.float32), ex["la_label"]
+      assert (la[la_label == structures.LV_BLOOD_POOL].mean()
+              > la[la_label == structures.LV_MYOCARDIUM].mean() + 0.3)
       assert int(ex["group"]) == structures.GROUP_INDEX[params.group]
       assert float(ex["pixel_spacing_mm"]) == CINE.spacing_mm
       assert float(ex["slice_thickness_mm"]) == pytest.approx(params.slice_thickness_mm)
@@ -214,9 +221,10 @@ def test_prepared_fields_shapes_dtypes_ranges(cohort, prepared):
       assert area[int(np.argmin(ex["lv_volume_ml"]))] < area[0]
   assert seen == 6
   # A record holds the arrays as raw bytes at 2 bytes per image value (float16) and 1 per label:
-  # 3 + 3 + 1 + 1 values per pixel and frame, plus the small fields and the framing.
+  # 3 + 3 + 1 + 1 + 1 values per pixel and frame, plus the small fields and the framing.
   raw = prepare.load_split(out, "train").data_source[0]
-  assert t * s * s * (2 * 3 + 3 + 2 + 2) <= len(raw) <= t * s * s * (2 * 3 + 3 + 2 + 2) + 600
+  per_pixel = 2 * 3 + 3 + 2 + 2 + 1
+  assert t * s * s * per_pixel <= len(raw) <= t * s * s * per_pixel + 600
   with open(os.path.join(out, prepare.SPLITS)) as f:
     splits = json.load(f)
   assert sorted(splits["train"] + splits["val"] + splits["test"]) == sorted(by_name)
@@ -257,6 +265,7 @@ def test_train_batches_are_a_pure_function_of_seed_and_step(prepared):
   assert not np.array_equal(other_seed["sa_image"], run[0]["sa_image"])
   batch = run[0]
   assert batch["sa_label"].dtype == np.int32 and batch["sa_image"].shape == (4, 8, 32, 32, 3)
+  assert batch["la_label"].dtype == np.int32 and batch["la_label"].shape == (4, 8, 32, 32, 1)
   for name in ("sa_image", "sa_mid_image", "la_image", "lv_volume_ml"):
     assert batch[name].dtype == np.float32, name
   assert batch["la_image"].min() >= -1.0 and batch["la_image"].max() <= 1.0
@@ -288,6 +297,7 @@ def test_flip_and_shift_move_images_and_labels_together(prepared):
       global_batch_size=4, seed=1))
   np.testing.assert_array_equal(flipped["sa_label"], plain["sa_label"][:, :, :, ::-1])
   np.testing.assert_allclose(flipped["la_image"], plain["la_image"][:, :, :, ::-1], atol=1e-5)
+  np.testing.assert_array_equal(flipped["la_label"], plain["la_label"][:, :, :, ::-1])
   shifted = next(cine.train_batches(source, _data_config(out, augment=dict(max_shift_px=4)).data,
                                     global_batch_size=4, seed=1))
   assert not np.array_equal(shifted["sa_label"], plain["sa_label"])
@@ -354,12 +364,20 @@ def test_broken_subjects_get_reasons_and_the_rest_is_prepared(cohort, tmp_path):
   missing_la = os.path.join(_subject_dir(copy, subjects[2]),
                             synthetic.long_axis_files(subjects[2])[0])
   os.remove(missing_la)
+  bad_la_labels = os.path.join(_subject_dir(copy, subjects[3]),
+                               synthetic.long_axis_files(subjects[3])[1])
+  volume = nib.load(bad_la_labels)
+  data = np.asarray(volume.dataobj).copy()
+  data[0, 0, 0, 0] = 9
+  nib.save(nib.Nifti1Image(data, volume.affine, volume.header), bad_la_labels)
   report = cine.prepare_cine_dataset(copy, str(tmp_path / "out"), CINE)
   reasons = {e["subject"]: e.get("reason") for e in report["subjects"]}
-  assert report["counts"]["prepared"] == 4 and report["counts"]["skipped"] == 2
+  assert report["counts"]["prepared"] == 3 and report["counts"]["skipped"] == 3
   assert truncated in reasons[subjects[1].subject]
   assert "4-chamber" in reasons[subjects[2].subject]
   assert _subject_dir(copy, subjects[2]) in reasons[subjects[2].subject]
+  assert bad_la_labels in reasons[subjects[3].subject]
+  assert "label values [0, 1, 2, 3, 4, 5, 9] outside 0..5" in reasons[subjects[3].subject]
 
 
 # ----------------------------------------------------------------------------- UK Biobank
