@@ -41,6 +41,17 @@ typical radius sqrt(D). When the cross-validated model is empty (w = 0: the trai
 predictable from the latents at this sample size), the sparsest non-empty model on the
 regularisation path is used instead and `TraitDirection.empty_fallback` says so.
 
+The coefficient vector w is a filter: the combination of latents that best predicts the trait.
+When the latents are correlated it need not be the direction in which the codes of subjects
+with a larger trait lie (Haufe et al., NeuroImage 2014, "On the interpretation of weight vectors
+of linear models"): w may cancel shared variation, and moving along it leaves the cloud of
+codes the decoder was trained on. `activation_pattern` gives that direction instead: with
+s = z_std w the model's score (prediction or logit) over the reference subjects,
+  a = cov(z_std, s) / sd(s) = Sigma w / sqrt(w' Sigma w),   Sigma = cov(z_std),
+so z_std + m a moves the score by exactly m standard deviations (w' a = sd(s)) along a shift of
+Mahalanobis length |m| (a' Sigma^-1 a = 1 when Sigma is invertible): the expected change of the
+codes when the score changes by m of its standard deviations, under a Gaussian model.
+
 The rank-based inverse normal transform, optional before association of heavy-tailed latents
 (as in the GWAS of the latents), is `cardiac_jax.phenotypes.inverse_normal_transform`.
 """
@@ -443,3 +454,19 @@ def trait_direction(z_std, y, kind: str = "linear", folds: int = DEFAULT_FOLDS,
     return _lasso_direction(z, y, folds, seed)
   return _logistic_direction(z, y, folds, seed)
 
+
+def activation_pattern(z_std, coefficients) -> np.ndarray:
+  """(D,) activation pattern a = cov(z_std, s) / sd(s) of the linear score s = z_std w over the
+  (N, D) reference latents (module docstring)."""
+  z = np.asarray(z_std, np.float64)
+  w = _as_vector(coefficients, "coefficients")
+  if z.ndim != 2 or z.shape[1] != len(w):
+    raise ValueError(f"z_std must be (N, D) with D = {len(w)} coefficients, got {z.shape}")
+  if len(z) < 2:
+    raise ValueError(f"an activation pattern needs at least 2 subjects, got {len(z)}")
+  score = z @ w
+  spread = float(np.std(score, ddof=1))
+  if not spread > 0.0:
+    raise ValueError("the score z_std w is constant over the subjects: no activation pattern")
+  centred = z - z.mean(axis=0)
+  return centred.T @ (score - score.mean()) / ((len(z) - 1) * spread)

@@ -2,8 +2,9 @@
 `python -m experiments.manipulate --workdir=DIR --trait=lv_edv_ml`.
 
   python -m experiments.manipulate --workdir=DIR --trait=lv_edv_ml [--kind=linear|logistic]
-      [--subject=ID] [--steps=-2,-1,0,1,2] [--inversion_steps=N] [--decode_steps=N]
-      [--latents=FILE] [--output_dir=DIR/manipulate/<trait>] [--blood_threshold=0.7]
+      [--shift=pattern|filter] [--subject=ID] [--steps=-2,-1,0,1,2] [--inversion_steps=N]
+      [--decode_steps=N] [--latents=FILE] [--output_dir=DIR/manipulate/<trait>]
+      [--blood_threshold=0.7] [--segment] [--segmenter_steps=1500]
 
 Spec /specs/diffae3d.md "Manipulation":
 1. Direction. The latents z (N, D) of the training split (DIR/latents/latents.csv, computed
@@ -12,34 +13,51 @@ Spec /specs/diffae3d.md "Manipulation":
    standardise`, training-split mean and SD), and a sparse model of the trait is fitted on
    them (`association.trait_direction`): Lasso with 5-fold CV for a continuous attributes.csv
    column (kind "linear"), L1-logistic regression with stratified 5-fold CV for a binary trait
-   column:value such as group:DCM (kind "logistic"); beta = its coefficient vector / norm.
+   column:value such as group:DCM (kind "logistic"); w = its coefficient vector, beta = w / |w|.
 2. Edit. The subject's cine x_0 (default: the first test subject of splits.json) is encoded
    with the EMA encoder, z = Enc(x_0) (batch of one), and inverted under its own z to x_T by
    DDIM (--inversion_steps, default config.eval.inversion_steps). For every m of --steps
-     z_std' = z_std + m sqrt(D) beta,   z' = mean + std z_std' = z + m sqrt(D) std * beta,
+     z_std' = z_std + m u,   z' = mean + std z_std' = z + m std * u,
    (the second form, computed in float64 and cast to float32, gives z' = z bit for bit at
    m = 0, so the m = 0 cine is exactly the plain reconstruction decode(x_T, z)) and the cine
    is decoded from (x_T, z') by DDIM (--decode_steps, default config.eval.decode_steps), one
    m at a time, with the compiled functions of `ddim_functions`, which a reconstruction in the
-   same process reuses.
-3. Check. A proxy of chamber size, not a segmentation: the blood-pool area, the number of
-   pixels of the decoded cine on [0, 1] ((x + 1) / 2) above --blood_threshold, at the
-   end-diastolic frame (frame 0: cines are resampled from ED) and over the cycle, in pixels
-   and mm^2. In the 4-chamber view the bright pixels are the blood pools, so a direction of
-   larger LV EDV should enlarge that area as m grows (Spearman rho of m and the ED area).
+   same process reuses. The unit shift u (--shift):
+   - "pattern" (default): the activation pattern of the fitted model over the training codes,
+     u = cov(z_std, s) / sd(s) with s = z_std w (`association.activation_pattern`): m is the
+     change of the model's prediction (or logit) in its standard deviations over the training
+     subjects, along the direction in which the codes of subjects with a larger trait lie,
+     the shortest such shift in Mahalanobis distance (one unit per m).
+   - "filter": u = sqrt(D) beta, the reference's z' = z + m sqrt(D) beta. With correlated
+     latents the filter can point where the codes hardly vary: for the default diffae3d run
+     (seed 0, 1,500 steps) the codes' variance along beta of LV EDV was 0.12 against 42 along
+     its pattern, and m = 1 moved the prediction by 2,100 ml at a Mahalanobis distance of
+     1,160 from the subject (the pattern: 63 ml at 1), far outside what the decoder saw.
+   direction.json reports, for both kinds, the model's prediction at every m and the shift's
+   Mahalanobis length (pseudo-inverse of the training codes' covariance).
+3. Check. (a) The LV blood pool segmented (`experiments.long_axis_segmenter`, trained once
+   per run on the training split's 4-chamber frames and labels, kept in DIR/segmenter_la_4ch)
+   in every frame of the input and of each decoded cine: its area at ED (frame 0: cines are
+   resampled from ED) and over the cycle, the change from m = 0, Spearman rho of m and the ED
+   area, next to the input's true and segmented areas (--segment, on by default; skipped with
+   a warning when the prepared cine has no 4-chamber labels). (b) A label-free proxy: the
+   number of pixels of the decoded cine on [0, 1] ((x + 1) / 2) above --blood_threshold at ED
+   and over the cycle (every bright blood pool, not the LV alone).
 
 Writes --output_dir (default DIR/manipulate/<trait>, ':' replaced by '_'):
 - strip.png: rows = the input cine, then one row per m; columns = up to 8 evenly spaced frames
-  (t = 0 is ED); all on [0, 1];
+  (t = 0 is ED); all on [0, 1], with the outline of the segmented LV blood pool in red;
 - manipulation.gif: one GIF frame per cardiac frame, the input and every m side by side
   (labelled above), upscaled so that a panel is at least 96 px;
 - direction.json: trait, kind, the direction (beta, coefficients, alpha or C, non-zeros, CV
-  score and metric, empty-model fallback), training subjects, the standardisation, subject
-  (split, trait value), m values and latent shift norms, DDIM steps, checkpoint step, the
-  proxy (threshold, ED areas per m in px and mm^2, their change from m = 0 in %, Spearman rho,
-  the area curves), the input's ED area, and the largest difference between the subject's
-  fresh z and its row of the latents file (a large one means the file is from another
-  checkpoint);
+  score and metric, empty-model fallback), the shift (kind, unit u, the model's prediction
+  and the Mahalanobis length at every m), training subjects, the standardisation, subject
+  (split, trait value), m values and latent shift norms, DDIM steps, checkpoint step, the LV
+  segmentation (segmenter folder and validation scores; LV areas per m at ED in px and
+  mm^2, their change from m = 0 in %, Spearman rho, the area curves, the input's true and
+  segmented curves), the proxy (threshold, ED areas per m, change, Spearman rho, curves, the
+  input's ED area), and the largest difference between the subject's fresh z and its row of
+  the latents file (a large one means the file is from another checkpoint);
 - manipulation.npz: steps (M,), input (T, S, S) and cines (M, T, S, S) in [-1, 1] as the
   model produced them, z (D,), x_T (T, S, S).
 """
@@ -55,11 +73,14 @@ from typing import Optional, Sequence
 from absl import app, flags, logging
 import numpy as np
 
+from experiments import long_axis_segmenter
+
 DEFAULT_STEPS = (-2.0, -1.0, 0.0, 1.0, 2.0)
 STRIP_FRAMES = 8
 GIF_MIN_PANEL_PX = 96
 GIF_FPS = 8.0
 DEFAULT_BLOOD_THRESHOLD = 0.7
+SHIFTS = ("pattern", "filter")
 
 
 def output_name(trait: str) -> str:
@@ -142,6 +163,46 @@ def ddim_functions(family, inversion_steps: int, decode_steps: int):
           jax.jit(functools.partial(family.decode, num_steps=int(decode_steps))))
 
 
+def lv_outline(frame: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """(S, S, 3) RGB of a frame on [0, 1] with the border pixels of its LV blood pool red."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  from cardiac_jax import structures, viz  # pylint: disable=g-import-not-at-top
+  lv = labels == structures.LV_BLOOD_POOL
+  border = lv & ~ndimage.binary_erosion(lv)
+  return viz.overlay_labels(frame, np.where(border, structures.LV_BLOOD_POOL, 0), alpha=0.8)
+
+
+def lv_measurements(steps: Sequence[float], seg, input_labels: np.ndarray,
+                    cine_labels: np.ndarray, batch: dict, pixel_mm: float) -> dict:
+  """The "lv_segmentation" section of direction.json (module docstring) from the segmented
+  input (T, S, S) and cines (M, T, S, S)."""
+  from cardiac_jax import structures  # pylint: disable=g-import-not-at-top
+
+  def area(labels):
+    return np.sum(labels == structures.LV_BLOOD_POOL, axis=(-2, -1))
+  curves = area(cine_labels)                                    # (M, T)
+  ed = curves[:, 0]
+  reference = ed[list(steps).index(0.0)] if 0.0 in steps else None
+  true_labels = batch.get("la_label")
+  true_curve = None if true_labels is None else area(np.asarray(true_labels)[0, ..., 0])
+  return {
+      "description": ("LV blood-pool pixels of each frame, segmented by the run's 4-chamber "
+                      "segmenter"),
+      "segmenter_dir": long_axis_segmenter.SEGMENTER_DIR,
+      "segmenter": dict(seg.meta),
+      "pixel_spacing_mm": pixel_mm, "ed_frame": 0,
+      "area_ed_px": [int(a) for a in ed],
+      "area_ed_mm2": [float(a * pixel_mm ** 2) for a in ed],
+      "change_from_m0_percent": (None if not reference else
+                                 [float(100.0 * (a - reference) / reference) for a in ed]),
+      "spearman_m_vs_area_ed": _spearman(steps, ed),
+      "area_curves_px": curves.tolist(),
+      "input_segmented_curve_px": area(input_labels).tolist(),
+      "input_true_curve_px": (None if true_curve is None or not true_curve.any()
+                              else true_curve.tolist()),
+  }
+
+
 def _spearman(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
   from scipy import stats  # pylint: disable=g-import-not-at-top
   if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
@@ -154,7 +215,8 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
                inversion_steps: Optional[int] = None, decode_steps: Optional[int] = None,
                latents_path: Optional[str] = None, output_dir: Optional[str] = None,
                blood_threshold: float = DEFAULT_BLOOD_THRESHOLD, seed: int = 0,
-               run=None) -> dict:
+               shift: str = "pattern", segment: bool = True,
+               segmenter_steps: int = long_axis_segmenter.DEFAULT_STEPS, run=None) -> dict:
   """Fits the trait direction, decodes the subject's edited cines and writes the outputs
   (module docstring); `run` is an already restored (config, family, state, mesh) of workdir
   to reuse. Returns the content of direction.json plus "output_dir"."""
@@ -166,6 +228,8 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
   steps = [float(m) for m in steps]
   if not steps:
     raise ValueError("--steps needs at least one m value")
+  if shift not in SHIFTS:
+    raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
   inferred = "logistic" if ":" in trait else "linear"
   kind = kind or inferred
   if kind not in association.KINDS:
@@ -200,6 +264,14 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
   if direction.empty_fallback:
     logging.warning("the cross-validated %s model of %s is empty: using the sparsest "
                     "non-empty model on the path", kind, trait)
+  dim = latents.z.shape[1]
+  if shift == "pattern":
+    unit = association.activation_pattern(z_train_std, direction.coefficients)
+  else:
+    unit = math.sqrt(dim) * direction.beta
+  # Mahalanobis length of one unit among the training codes (pseudo-inverse: D may exceed N).
+  precision = np.linalg.pinv(np.cov(z_train_std, rowvar=False))
+  mahalanobis_per_unit = float(np.sqrt(max(float(unit @ precision @ unit), 0.0)))
 
   # 2. The subject: encode, invert under its own z, decode for every m.
   subject, split = subject_split(directory, subject)
@@ -210,11 +282,12 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
   z = jnp.asarray(np.asarray(encode(state, x0)))
   x_T = invert(state, x0, z)
   z64 = np.asarray(z, np.float64)[0]
-  dim = z64.shape[0]
-  if dim != latents.z.shape[1]:
-    raise ValueError(f"{latents.path}: D = {latents.z.shape[1]} latents, the run's encoder "
-                     f"gives {dim}")
-  unit_shift = math.sqrt(dim) * transform.std * direction.beta
+  if z64.shape[0] != dim:
+    raise ValueError(f"{latents.path}: D = {dim} latents, the run's encoder gives "
+                     f"{z64.shape[0]}")
+  unit_shift = transform.std * unit
+  score = transform.apply(z64[None])[0] @ direction.coefficients + direction.intercept
+  predicted = [float(score + m * (unit @ direction.coefficients)) for m in steps]
   cines = []
   for m in steps:
     z_edit = (z64 + m * unit_shift).astype(np.float32)[None]
@@ -224,9 +297,19 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
   cines_unit = np.asarray(diffae_steps.to_unit_range(cines))
   x0_unit = np.asarray(diffae_steps.to_unit_range(x0_np))
 
-  # 3. Proxy check: bright (blood-pool) pixels at ED and over the cycle.
-  curves = np.stack([blood_pool_area(c, blood_threshold) for c in cines_unit])   # (M, T)
+  # 3. LV segmentation, then the label-free proxy: bright (blood-pool) pixels.
   pixel_mm = float(batch["pixel_spacing_mm"][0])
+  lv, input_labels, cine_labels = None, None, None
+  if segment and family.field != "la_image":
+    logging.warning("the LV segmentation measures 4-chamber cines; this run models %s",
+                    family.field)
+  elif segment:
+    seg = long_axis_segmenter.load_or_train(config, workdir, steps=segmenter_steps,
+                                            directory=directory)
+    if seg is not None:
+      input_labels, cine_labels = seg.segment(x0_unit), seg.segment(cines_unit)
+      lv = lv_measurements(steps, seg, input_labels, cine_labels, batch, pixel_mm)
+  curves = np.stack([blood_pool_area(c, blood_threshold) for c in cines_unit])   # (M, T)
   area_ed = curves[:, 0]
   reference = area_ed[steps.index(0.0)] if 0.0 in steps else None
   proxy = {
@@ -259,10 +342,16 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
   labels = [f"m={m:+g}" for m in steps]
   title = (f"{config.name}: {subject} along {trait} ({kind}, {direction.num_nonzero} non-zero, "
            f"CV {direction.cv_metric} {direction.cv_score:.2f})")
+  volumes = [x0_unit] + list(cines_unit)
+  if lv is not None:
+    segmentations = [input_labels] + list(cine_labels)
+    panels = [[lv_outline(v[t], g[t]) for t in frames] for v, g in zip(volumes, segmentations)]
+    row_titles = ["input"] + [f"{l} LV {a}px" for l, a in zip(labels, lv["area_ed_px"])]
+  else:
+    panels = [[v[t] for t in frames] for v in volumes]
+    row_titles = ["input"] + [f"{l} pool {a}px" for l, a in zip(labels, area_ed)]
   viz.save_image_grid(
-      os.path.join(out, "strip.png"),
-      [[x0_unit[t] for t in frames]] + [[c[t] for t in frames] for c in cines_unit],
-      row_titles=["input"] + [f"{l} pool {a}px" for l, a in zip(labels, area_ed)],
+      os.path.join(out, "strip.png"), panels, row_titles=row_titles,
       col_titles=[f"t={t}" + (" ED" if t == 0 else "") for t in frames], vmin=0.0, vmax=1.0,
       title=title)
   viz.save_cine_gif(os.path.join(out, "manipulation.gif"),
@@ -279,10 +368,15 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
       "subject": subject, "subject_split": split,
       "subject_trait_value": (None if row is None or not np.isfinite(values[row])
                               else float(values[row])),
+      "shift": {"kind": shift, "unit": unit.tolist(),
+                "mahalanobis_per_unit": mahalanobis_per_unit,
+                "predicted": predicted,
+                "predicted_is": "trait" if kind == "linear" else "logit"},
       "steps": steps, "sqrt_d": math.sqrt(dim),
       "latent_shift_norm": [float(np.linalg.norm(m * unit_shift)) for m in steps],
       "inversion_steps": inversion_steps, "decode_steps": decode_steps,
       "latents_file": latents.path, "latents_file_max_abs_difference": csv_difference,
+      "lv_segmentation": lv,
       "blood_pool_proxy": proxy,
       "outputs": {"strip": "strip.png", "gif": "manipulation.gif",
                   "arrays": "manipulation.npz"},
@@ -300,7 +394,10 @@ def define_flags() -> None:
                     "for column:value traits, else linear).")
   flags.DEFINE_string("subject", None, "Subject to edit (default: the first test subject).")
   flags.DEFINE_list("steps", [f"{m:g}" for m in DEFAULT_STEPS],
-                    "m values: z_std' = z_std + m sqrt(D) beta.")
+                    "m values: z_std' = z_std + m u (u of --shift).")
+  flags.DEFINE_enum("shift", "pattern", list(SHIFTS), "Unit shift u: the activation pattern "
+                    "of the trait model (m in SDs of its prediction) or the reference's "
+                    "sqrt(D) beta.")
   flags.DEFINE_integer("inversion_steps", None, "DDIM inversion steps (default: "
                        "config.eval.inversion_steps).")
   flags.DEFINE_integer("decode_steps", None, "DDIM decoding steps (default: "
@@ -311,6 +408,10 @@ def define_flags() -> None:
   flags.DEFINE_float("blood_threshold", DEFAULT_BLOOD_THRESHOLD, "Threshold on [0, 1] of the "
                      "blood-pool area proxy.")
   flags.DEFINE_integer("seed", 0, "Seed of the cross-validation folds.")
+  flags.DEFINE_bool("segment", True, "Segment the LV blood pool of the 4-chamber cines (trains "
+                    "DIR/segmenter_la_4ch once).")
+  flags.DEFINE_integer("segmenter_steps", long_axis_segmenter.DEFAULT_STEPS,
+                       "Training steps of the 4-chamber segmenter.")
 
 
 def main(argv):
@@ -324,13 +425,16 @@ def main(argv):
   result = manipulate(f.workdir, f.trait, kind=f.kind, subject=f.subject, steps=steps,
                       inversion_steps=f.inversion_steps, decode_steps=f.decode_steps,
                       latents_path=f.latents, output_dir=f.output_dir,
-                      blood_threshold=f.blood_threshold, seed=f.seed)
-  d, proxy = result["direction"], result["blood_pool_proxy"]
+                      blood_threshold=f.blood_threshold, seed=f.seed, shift=f.shift,
+                      segment=f.segment, segmenter_steps=f.segmenter_steps)
+  d, proxy, lv = result["direction"], result["blood_pool_proxy"], result["lv_segmentation"]
   fallback = " (empty-model fallback)" if d["empty_fallback"] else ""
   print(f"{result['trait']} ({result['kind']}): {d['num_nonzero']} non-zero coefficients, "
-        f"CV {d['cv_metric']} {d['cv_score']:.3f}{fallback}")
-  for m, area in zip(result["steps"], proxy["area_ed_px"]):
-    print(f"  m={m:+g}: ED blood-pool area {area} px")
+        f"CV {d['cv_metric']} {d['cv_score']:.3f}{fallback}; shift {result['shift']['kind']}")
+  for i, m in enumerate(result["steps"]):
+    lv_text = "" if lv is None else f"ED LV area {lv['area_ed_px'][i]} px, "
+    print(f"  m={m:+g}: {lv_text}ED blood-pool area {proxy['area_ed_px'][i]} px, predicted "
+          f"{result['shift']['predicted_is']} {result['shift']['predicted'][i]:.4g}")
   print(f"Wrote {result['output_dir']}")
 
 

@@ -231,3 +231,33 @@ def test_trait_direction_falls_back_from_an_empty_model():
     association.trait_direction(z, np.r_[1.0, np.zeros(39)], "logistic")
   with pytest.raises(ValueError, match="kind"):
     association.trait_direction(z, y, "poisson")
+
+
+def test_activation_pattern_follows_the_codes_not_the_filter():
+  """Two latents share a factor; a filter w = (1, -0.9) that cancels most of it. The pattern is
+  Sigma w / sqrt(w' Sigma w), moves the score by one of its SDs at Mahalanobis length 1, and no
+  direction changes the score by as much at a shorter Mahalanobis length (the shift that stays
+  most within the cloud of codes)."""
+  rng = np.random.default_rng(0)
+  f = rng.normal(size=4000)
+  z = np.stack([f + 0.3 * rng.normal(size=4000), f + 0.3 * rng.normal(size=4000),
+                rng.normal(size=4000)], axis=1)
+  z_std, _ = association.standardise(z)
+  w = np.array([1.0, -0.9, 0.0])
+  a = association.activation_pattern(z_std, w)
+  sigma = np.cov(z_std, rowvar=False)
+  np.testing.assert_allclose(a, sigma @ w / np.sqrt(w @ sigma @ w), rtol=1e-10)
+  score = z_std @ w
+  assert w @ a == pytest.approx(np.std(score, ddof=1))
+  assert a @ np.linalg.solve(sigma, a) == pytest.approx(1.0)
+  def length_per_score(u):
+    return np.sqrt(u @ np.linalg.solve(sigma, u)) / abs(w @ u)
+
+  directions = np.concatenate([w[None], rng.normal(size=(200, 3))])
+  assert min(length_per_score(u) for u in directions) >= length_per_score(a) * (1 - 1e-9)
+  assert length_per_score(w) > 1.02 * length_per_score(a)
+  assert abs(a[2]) < 0.1 * abs(a[0])           # The unrelated latent barely moves.
+  with pytest.raises(ValueError, match="constant"):
+    association.activation_pattern(z_std, np.zeros(3))
+  with pytest.raises(ValueError, match="D = 2"):
+    association.activation_pattern(z_std, np.ones(2))

@@ -19,6 +19,7 @@ from cardiac_jax import structures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = (-1.0, 0.0, 1.0)
+SEGMENTER_STEPS = 40
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def manipulated(run_copy, associated, restored, tmp_path_factory):
   del associated  # Only so that the latents file exists.
   out = str(tmp_path_factory.mktemp("manipulate") / "lv_edv_ml")
   return manipulate.manipulate(run_copy, "lv_edv_ml", steps=STEPS, output_dir=out,
-                               run=restored)
+                               segmenter_steps=SEGMENTER_STEPS, run=restored)
 
 
 def _prepared_dir(workdir: str) -> str:
@@ -240,6 +241,22 @@ def test_manipulate_writes_strip_gif_and_direction(run_copy, manipulated):
   # The shift is m sqrt(D) in standardised units: its raw norm grows linearly with |m|.
   shift = np.asarray(written["latent_shift_norm"])
   assert shift[1] == 0.0 and shift[0] == pytest.approx(shift[2]) and shift[2] > 0
+  # Default shift: the activation pattern, one SD of the prediction per m at Mahalanobis 1.
+  shift_info = written["shift"]
+  assert shift_info["kind"] == "pattern" and shift_info["predicted_is"] == "trait"
+  predicted = np.asarray(shift_info["predicted"])
+  assert predicted[2] - predicted[1] == pytest.approx(predicted[1] - predicted[0])
+  assert predicted[2] > predicted[1]
+  assert shift_info["mahalanobis_per_unit"] == pytest.approx(1.0, rel=1e-6)
+  # The LV blood pool segmented in every frame by the run's 4-chamber segmenter.
+  lv = written["lv_segmentation"]
+  assert np.asarray(lv["area_curves_px"]).shape == (len(STEPS), 8)
+  assert lv["area_ed_px"] == [c[0] for c in lv["area_curves_px"]]
+  assert lv["change_from_m0_percent"] is None or lv["change_from_m0_percent"][1] == 0.0
+  assert len(lv["input_segmented_curve_px"]) == 8 and min(lv["input_true_curve_px"]) > 0
+  assert lv["segmenter"]["num_steps"] == SEGMENTER_STEPS
+  assert set(lv["segmenter"]["val_dice"]) == {"rv", "myo", "lv", "mean"}
+  assert os.path.exists(os.path.join(run_copy, "segmenter_la_4ch", "params.npz"))
   proxy = written["blood_pool_proxy"]
   assert len(proxy["area_ed_px"]) == len(STEPS)
   assert np.asarray(proxy["area_curves_px"]).shape == (len(STEPS), 8)
@@ -251,6 +268,29 @@ def test_manipulate_writes_strip_gif_and_direction(run_copy, manipulated):
     # Input and 3 m values side by side, 16 px panels upscaled x6, 2 px gaps, 14 px labels.
     assert gif.size == (4 * 96 + 3 * 2, 14 + 96)
     assert gif.n_frames == 8
+
+
+def test_manipulate_filter_shift_is_the_reference_formula(run_copy, manipulated, restored,
+                                                           tmp_path):
+  """--shift=filter: z' = z + m sqrt(D) std * beta; the prediction moves by sqrt(D) |w| per m;
+  no segmentation asked for, none reported."""
+  from experiments import manipulate
+  result = manipulate.manipulate(run_copy, "lv_edv_ml", steps=STEPS, output_dir=str(tmp_path),
+                                 shift="filter", segment=False, run=restored)
+  w = np.asarray(result["direction"]["coefficients"])
+  beta = np.asarray(result["direction"]["beta"])
+  std = np.asarray(result["standardisation"]["std"])
+  np.testing.assert_allclose(result["shift"]["unit"], np.sqrt(8) * beta)
+  predicted = np.asarray(result["shift"]["predicted"])
+  assert predicted[2] - predicted[1] == pytest.approx(np.sqrt(8) * np.linalg.norm(w))
+  assert result["latent_shift_norm"][2] == pytest.approx(np.linalg.norm(np.sqrt(8) * std * beta))
+  assert result["lv_segmentation"] is None
+  # The same direction, another unit: the pattern's Mahalanobis length per unit is 1.
+  assert result["shift"]["mahalanobis_per_unit"] != pytest.approx(1.0)
+  np.testing.assert_array_equal(result["direction"]["beta"],
+                                manipulated["direction"]["beta"])
+  with pytest.raises(ValueError, match="shift must be one of"):
+    manipulate.manipulate(run_copy, "lv_edv_ml", shift="steepest", run=restored)
 
 
 def test_manipulate_m0_is_the_plain_reconstruction(manipulated, restored):
