@@ -32,6 +32,8 @@ shows up as a missing value, not as a zero measurement).
                  the intensity of a small LV lower than that of a large one of the same
                  brightness.
 
+`factor_group` maps position_x and position_y to the one factor "position" (FACTOR_GROUPS).
+
 Helpers for scoring how a factor follows a latent shift: `spearman` (rank correlation with
 average ranks over the finite pairs; 0 when the factor does not change at all),
 `unwrap_degrees` (a NaN-aware unwrap of an angle series, so a rotation passing +-180 deg stays
@@ -51,10 +53,19 @@ from cardiac_jax import structures
 FACTORS: tuple[str, ...] = ("lv_area", "myo_thickness", "rv_area", "rotation", "position_x",
                             "position_y", "intensity")
 CIRCULAR_FACTORS: tuple[str, ...] = ("rotation",)
+# Measured factors that are coordinates of one factor of the cohort: the position of the heart
+# in the image is one 2-D translation, and the x / y axes an arbitrary split of it.
+FACTOR_GROUPS: dict[str, str] = {"position_x": "position", "position_y": "position"}
 MIN_AREA = 4
 # Display angle (counter-clockwise, degrees) of the canonical LV -> RV axis: towards the left.
 CANONICAL_ANGLE_DEG = 180.0
 _CROSS = ndimage.generate_binary_structure(2, 1)
+
+
+def factor_group(name: str, joint: bool = True) -> str:
+  """The cohort factor a measured factor belongs to ("position" for position_x / position_y
+  when `joint`), else the factor itself."""
+  return FACTOR_GROUPS.get(name, name) if joint else name
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

@@ -49,6 +49,11 @@ both fed z ~ N(0, I) (`generator_from_workdir`).
    (not monotonic) or range_{k,f} < --other_range_threshold (too little to matter; a tiny but
    monotonic side effect such as a 1-degree drift of the LV -> RV axis while the RV grows does
    not count). --min_effect=0 --other_range_threshold=0 leave only the conditions on rho.
+   The LV position is one factor of the cohort, a 2-D translation (--joint_position, default):
+   a direction whose main factor is position x may move position y as well (a diagonal
+   translation is as clean an edit as an axis-aligned one), and directions controlling either
+   count as the one factor "position" among the distinct factors controlled. With
+   --nojoint_position x and y are separate factors and each blocks the other.
 4. Outputs, DIR/directions/<method>/: scores.csv (every direction: ranking value, main and
    second factor with rho, the largest other |rho| and relative range, the other factors that
    change, and rho, mean |rho|, finite fraction and relative range of every factor),
@@ -118,6 +123,8 @@ def define_flags() -> None:
                      "must reach this many resolutions (0: no condition).")
   flags.DEFINE_float("other_range_threshold", 0.5, "Another factor whose range over the shifts "
                      "stays below this many resolutions does not count as changed (0: off).")
+  flags.DEFINE_bool("joint_position", True, "Score the LV position as one 2-D factor: position "
+                    "x and y do not block each other and count as one controlled factor.")
   flags.DEFINE_enum("main_factor_by", "rho", ["rho", "effect"], "Main factor: largest |rho|, "
                     "or largest |rho| * min(1, relative range).")
   flags.DEFINE_float("min_finite_fraction", 0.5, "A factor needs a finite rho for this share "
@@ -154,6 +161,7 @@ class Settings:
   other_range_threshold: float = 0.5
   min_finite_fraction: float = 0.5
   main_factor_by: str = "rho"
+  joint_position: bool = True
   grid_rows: int = 8
   grid_by: str = "rank"
   recompute_directions: bool = False
@@ -175,7 +183,7 @@ class Settings:
     return Criteria(rho_threshold=self.rho_threshold, other_threshold=self.other_threshold,
                     min_effect=self.min_effect, other_range_threshold=self.other_range_threshold,
                     min_finite_fraction=self.min_finite_fraction,
-                    main_factor_by=self.main_factor_by)
+                    main_factor_by=self.main_factor_by, joint_position=self.joint_position)
 
 
 def _log(message: str) -> None:
@@ -609,6 +617,9 @@ class Criteria:
   A direction controls its main factor m when |rho_m| >= rho_threshold, range_m >= min_effect,
   and every other factor f either has |rho_f| < other_threshold or range_f <
   other_range_threshold. min_effect = other_range_threshold = 0 leave only the rho conditions.
+  joint_position: position_x and position_y are one factor, "position" (`factors.factor_group`):
+  neither counts as another factor of a direction whose main factor is the other, and the
+  distinct factors controlled are counted by that group.
   """
   rho_threshold: float = 0.8
   other_threshold: float = 0.5
@@ -616,6 +627,7 @@ class Criteria:
   other_range_threshold: float = 0.5
   min_finite_fraction: float = 0.5
   main_factor_by: str = "rho"
+  joint_position: bool = True
 
   def __post_init__(self):
     if self.main_factor_by not in ("rho", "effect"):
@@ -649,7 +661,11 @@ def summarize_scores(rho, rel_range, values_ranking, criteria: Criteria = Criter
     order = np.argsort(-strength, kind="stable")
     main, second = int(order[0]), int(order[1])
     has_main = bool(eligible[main])
-    others = [f for f in range(len(names)) if f != main and np.isfinite(mean_rho[k, f])]
+    group = factors.factor_group(names[main], c.joint_position)
+    # Factors other than the main one (and other than its partner axis of a joint position).
+    outside = [f for f in range(len(names))
+               if f != main and factors.factor_group(names[f], c.joint_position) != group]
+    others = [f for f in outside if np.isfinite(mean_rho[k, f])]
     other = max(others, key=lambda f: abs(mean_rho[k, f])) if others else None
     # Other factors that change: monotonically (|rho|) and by enough (range / resolution).
     changed = [names[f] for f in others
@@ -674,8 +690,8 @@ def summarize_scores(rho, rel_range, values_ranking, criteria: Criteria = Criter
            "max_other_factor": names[other] if other is not None else "",
            "max_other_abs_rho": float(abs(mean_rho[k, other])) if other is not None else 0.0,
            "max_other_relative_range": float(max(
-               (rel_range[k, f] for f in range(len(names))
-                if f != main and np.isfinite(rel_range[k, f])), default=float("nan"))),
+               (rel_range[k, f] for f in outside if np.isfinite(rel_range[k, f])),
+               default=float("nan"))),
            "changed_others": " ".join(changed),
            "controls": controls}
     for prefix, table in (("rho", mean_rho), ("mean_abs_rho", mean_abs), ("finite", finite),
@@ -685,7 +701,8 @@ def summarize_scores(rho, rel_range, values_ranking, criteria: Criteria = Criter
     rows.append(row)
   controlled: dict[str, list[int]] = {}
   for k in controlling:
-    controlled.setdefault(rows[k]["main_factor"], []).append(k)
+    controlled.setdefault(factors.factor_group(rows[k]["main_factor"], c.joint_position),
+                          []).append(k)
   best = {}
   for f, name in enumerate(names):
     eligible = [k for k in range(rho.shape[0])

@@ -114,7 +114,7 @@ def test_summary_counts_distinct_factors_and_applies_the_thresholds():
       rho, ranges, np.arange(6.0), experiment.Criteria(main_factor_by="effect"))
   assert rows[5]["main_factor"] == "position_x" and rows[5]["changed_others"] == ""
   assert rows[5]["controls"] and not rows[4]["controls"]
-  assert summary["controlled_factors"] == {"lv_area": [0, 1], "position_x": [5]}
+  assert summary["controlled_factors"] == {"lv_area": [0, 1], "position": [5]}
   # Rho conditions only: direction 4 controls position_x, direction 5's drift blocks it.
   rows, _ = experiment.summarize_scores(
       rho, ranges, np.arange(6.0),
@@ -128,6 +128,32 @@ def test_summary_counts_distinct_factors_and_applies_the_thresholds():
       "is_main_factor": True, "controls": True, "max_other_abs_rho": pytest.approx(0.6)}
   with pytest.raises(ValueError, match="main_factor_by"):
     experiment.Criteria(main_factor_by="size")
+
+
+def test_position_is_one_2d_factor_unless_asked_otherwise():
+  """A diagonal translation (position y and x both monotonic and large) controls "position";
+  an x and a y translation count as one distinct factor; --nojoint_position splits them."""
+  f = len(factors.FACTORS)
+  x, y, rot = (factors.FACTORS.index(n) for n in ("position_x", "position_y", "rotation"))
+  rho = np.zeros((3, 2, f))
+  rho[0, :, y], rho[0, :, x] = 0.95, 0.9     # Diagonal.
+  rho[1, :, x] = -0.9                         # Along x only.
+  rho[2, :, y], rho[2, :, rot] = 0.9, 0.85   # Moves y and rotates: not a clean edit.
+  ranges = np.full((3, f), 2.0)
+  rows, summary = experiment.summarize_scores(rho, ranges, np.arange(3.0))
+  assert [r["main_factor"] for r in rows] == ["position_y", "position_x", "position_y"]
+  assert [r["controls"] for r in rows] == [True, True, False]
+  assert rows[0]["max_other_factor"] != "position_x" and rows[2]["changed_others"] == "rotation"
+  assert summary["controlled_factors"] == {"position": [0, 1]}
+  assert summary["num_distinct_factors_controlled"] == 1
+  rows, summary = experiment.summarize_scores(rho, ranges, np.arange(3.0),
+                                              experiment.Criteria(joint_position=False))
+  assert [r["controls"] for r in rows] == [False, True, False]
+  assert rows[0]["changed_others"] == "position_x"
+  assert summary["controlled_factors"] == {"position_x": [1]}
+  assert factors.factor_group("position_y") == "position"
+  assert factors.factor_group("position_y", joint=False) == "position_y"
+  assert factors.factor_group("rotation") == "rotation"
 
 
 # ------------------------------------------------------------------------------ end to end
