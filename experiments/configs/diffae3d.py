@@ -37,7 +37,9 @@ Variants:
     which nothing can predict) but 0.002-0.005 at t >= 600, where the coarse content, the
     part z_sem could supply, is decided: those steps carried almost no gradient, and another
     subject's z_sem raised the loss by only 0.3-2 % at any t. The weights scale t = 50 by
-    0.03 and leave t >= 600 at 0.97-1.
+    0.03 and leave t >= 600 at 0.97-1. With them (1,500 steps, seed 0) another subject's code
+    raises the test eps loss by 3.5 % (0.8 % before), the test SSIM (20 + 20 DDIM steps) is
+    0.958 (0.920), and an edit of z_sem along LV EDV dilates the decoded LV (README).
   * EMA decay 0.995 (a time constant of 200 steps) instead of 0.9999, which would leave the
     EMA near its initialisation over such a short run; no dropout in so small a model.
 - paper: the reference (50 frames of 128 x 128 px at 1.8 mm, base 32, multipliers
