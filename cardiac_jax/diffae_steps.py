@@ -12,8 +12,9 @@ condition), per batch of B volumes:
   L = mean_b lambda_{t_b} mean_voxels (eps_b - eps_theta(x_t, t_b, Enc(x_0)))^2,
 with lambda = 1 (the reference) or the P2 weights 1 / (k + SNR_t)^gamma
 (config.diffusion.p2_gamma, p2_k; `diffusion.p2_weights`); the training metrics report L as
-"loss" and the unweighted mean as "eps_loss". The encoder is trained only through L, jointly with the UNet, by one Adam optimizer over both
-(config.optimizer: Adam 1e-4, global gradient-norm clipping at grad_clip_norm = 1). After each
+"loss" and the unweighted mean as "eps_loss". The encoder is trained only through L, jointly
+with the UNet, by one Adam optimizer over both (config.optimizer: Adam 1e-4, global
+gradient-norm clipping at grad_clip_norm = 1). After each
 update the exponential moving average of the parameters moves by
   ema <- d ema + (1 - d) params,  d = config.model.ema_decay (0.9999 in the reference),
 starting from the initial parameters.

@@ -30,9 +30,9 @@ Spec /specs/diffae3d.md "Manipulation":
      the shortest such shift in Mahalanobis distance (one unit per m).
    - "filter": u = sqrt(D) beta, the reference's z' = z + m sqrt(D) beta. With correlated
      latents the filter can point where the codes hardly vary: for the default diffae3d run
-     (seed 0, 1,500 steps) the codes' variance along beta of LV EDV was 0.12 against 42 along
-     its pattern, and m = 1 moved the prediction by 2,100 ml at a Mahalanobis distance of
-     1,160 from the subject (the pattern: 63 ml at 1), far outside what the decoder saw.
+     (seed 0, 1,500 steps) the codes' variance along beta of LV EDV was 0.24 against 42 along
+     its pattern, and m = 1 moved the prediction by 1,470 ml at a Mahalanobis distance of
+     830 from the subject (the pattern: 64 ml at 1), far outside what the decoder saw.
    direction.json reports, for both kinds, the model's prediction at every m and the shift's
    Mahalanobis length (pseudo-inverse of the training codes' covariance).
 3. Check. (a) The LV blood pool segmented (`experiments.long_axis_segmenter`, trained once
