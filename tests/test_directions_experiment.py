@@ -74,7 +74,8 @@ def test_toy_generator_directions_score_their_known_factors():
   summary = scores["summary"]
   assert summary["num_controlling_directions"] == 4
   assert summary["num_distinct_factors_controlled"] == 4
-  assert summary["controlled_factors"] == {"lv_area": [0], "rotation": [1], "position_x": [2],
+  # position_x is counted as the cohort's one 2-D position factor.
+  assert summary["controlled_factors"] == {"lv_area": [0], "rotation": [1], "position": [2],
                                            "intensity": [3]}
   assert summary["best_per_factor"]["lv_area"]["direction"] in (0, 4)
   assert rows[0]["value"] == 5.0
