@@ -207,29 +207,32 @@ def _read_long_axis(path: str) -> acdc.NiftiVolume:
   return volume
 
 
+def _read_label_series(path: str, reference: acdc.NiftiVolume, reference_path: str,
+                       what: str, reference_what: str) -> acdc.NiftiVolume:
+  """A label series on the grid and with the frame count of the cine `reference`."""
+  volume = _read_cine_volume(path, what)
+  acdc.check_same_grid(volume, path, reference, reference_path, "label", reference_what)
+  if volume.data.shape[3] != reference.data.shape[3]:
+    raise InvalidInputError(f"{acdc.printable_path(path)}: {volume.data.shape[3]} label frames "
+                            f"for {reference.data.shape[3]} cine frames")
+  return volume
+
+
 def _read_labels(path: str, reference: acdc.NiftiVolume, reference_path: str,
                  label_convention: str) -> np.ndarray:
-  volume = _read_cine_volume(path, "label series")
-  shown = acdc.printable_path(path)
-  acdc.check_same_grid(volume, path, reference, reference_path, "label", "cine")
-  if volume.data.shape[3] != reference.data.shape[3]:
-    raise InvalidInputError(f"{shown}: {volume.data.shape[3]} label frames for "
-                            f"{reference.data.shape[3]} cine frames")
+  volume = _read_label_series(path, reference, reference_path, "label series", "cine")
   try:
     return structures.remap_labels(volume.data, label_convention)
   except ValueError as e:
-    raise InvalidInputError(f"{shown}: {e}") from None
+    raise InvalidInputError(f"{acdc.printable_path(path)}: {e}") from None
 
 
 def _read_long_axis_labels(path: str, reference: acdc.NiftiVolume,
                            reference_path: str) -> np.ndarray:
   """(X, Y, T) uint8 4-chamber labels on the grid of the 4-chamber cine `reference`."""
-  volume = _read_cine_volume(path, "4-chamber label series")
+  volume = _read_label_series(path, reference, reference_path, "4-chamber label series",
+                              "4-chamber cine")
   shown = acdc.printable_path(path)
-  acdc.check_same_grid(volume, path, reference, reference_path, "label", "4-chamber cine")
-  if volume.data.shape[3] != reference.data.shape[3]:
-    raise InvalidInputError(f"{shown}: {volume.data.shape[3]} label frames for "
-                            f"{reference.data.shape[3]} cine frames")
   labels = volume.data[:, :, 0, :]
   values = np.unique(labels)
   if (not np.all(values == np.round(values)) or values.min() < 0

@@ -44,17 +44,11 @@ class LongAxisSegmenter:
     flat = cines.reshape((-1,) + cines.shape[-2:])
     return segmenter.segment(self.params, flat, self.config).reshape(cines.shape)
 
-  def lv_area(self, cines: np.ndarray) -> np.ndarray:
-    """(...,) LV blood-pool pixels of each (S, S) frame of (..., S, S) frames on [0, 1]."""
-    from cardiac_jax import structures  # pylint: disable=g-import-not-at-top
-    return np.sum(self.segment(cines) == structures.LV_BLOOD_POOL, axis=(-2, -1))
 
-
-def split_frames(config, directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """((N T, S, S) float32 frames on [0, 1], (N T, S, S) int32 labels) of a prepared split at
-  the model's image size; empty arrays when the split is empty."""
-  from data_pipelines import cine, prepare  # pylint: disable=g-import-not-at-top
-  source = prepare.load_split(directory, split)
+def split_frames(config, source) -> tuple[np.ndarray, np.ndarray]:
+  """((N T, S, S) float32 frames on [0, 1], (N T, S, S) int32 labels) of a prepared split
+  (`prepare.load_split`) at the model's image size; empty arrays when the split is empty."""
+  from data_pipelines import cine  # pylint: disable=g-import-not-at-top
   size = int(config.data.image_size)
   if len(source) == 0:
     return np.zeros((0, size, size), np.float32), np.zeros((0, size, size), np.int32)
@@ -89,13 +83,12 @@ def load_or_train(config, workdir: str, steps: int = DEFAULT_STEPS,
     if _matches(meta, wanted):
       return LongAxisSegmenter(params, seg_config, meta)
     logging.info("%s was trained for other data or settings: training again", out)
-  try:
-    images, labels = split_frames(config, directory, "train")
-  except ValueError as e:
-    if "la_label" in str(e) or "la_image" in str(e):
-      logging.warning("%s has no 4-chamber images or labels: no LV segmentation", directory)
-      return None
-    raise
+  from data_pipelines import prepare  # pylint: disable=g-import-not-at-top
+  train = prepare.load_split(directory, "train")
+  if len(train) == 0 or not set(FIELDS) <= set(train[0]):
+    logging.warning("%s has no 4-chamber images or labels: no LV segmentation", directory)
+    return None
+  images, labels = split_frames(config, train)
   if not np.any(labels == structures.LV_BLOOD_POOL):
     logging.warning("%s: the 4-chamber labels are empty: no LV segmentation", directory)
     return None
@@ -112,7 +105,7 @@ def load_or_train(config, workdir: str, steps: int = DEFAULT_STEPS,
   params = segmenter.train_segmenter(batches(), steps, int(rng.integers(2 ** 31)), seg_config)
   trained = LongAxisSegmenter(params, seg_config, {**wanted,
                                                    "num_train_frames": int(len(images))})
-  val_images, val_labels = split_frames(config, directory, "val")
+  val_images, val_labels = split_frames(config, prepare.load_split(directory, "val"))
   if len(val_images):
     predicted = trained.segment(val_images)
     true_area = np.sum(val_labels == structures.LV_BLOOD_POOL, axis=(1, 2))

@@ -180,9 +180,6 @@ def lv_measurements(steps: Sequence[float], seg, input_labels: np.ndarray,
 
   def area(labels):
     return np.sum(labels == structures.LV_BLOOD_POOL, axis=(-2, -1))
-  curves = area(cine_labels)                                    # (M, T)
-  ed = curves[:, 0]
-  reference = ed[list(steps).index(0.0)] if 0.0 in steps else None
   true_labels = batch.get("la_label")
   true_curve = None if true_labels is None else area(np.asarray(true_labels)[0, ..., 0])
   return {
@@ -190,6 +187,21 @@ def lv_measurements(steps: Sequence[float], seg, input_labels: np.ndarray,
                       "segmenter"),
       "segmenter_dir": long_axis_segmenter.SEGMENTER_DIR,
       "segmenter": dict(seg.meta),
+      **area_summary(steps, area(cine_labels), pixel_mm),
+      "input_segmented_curve_px": area(input_labels).tolist(),
+      "input_true_curve_px": (None if true_curve is None or not true_curve.any()
+                              else true_curve.tolist()),
+  }
+
+
+def area_summary(steps: Sequence[float], curves: np.ndarray, pixel_mm: float) -> dict:
+  """The fields of direction.json shared by the LV segmentation and the blood-pool proxy, from
+  (M, T) area curves in pixels (one per m): ED (frame 0) areas in px and mm^2, their change
+  from m = 0 in % (None without m = 0 or with a zero area there), Spearman rho of m and the ED
+  area, and the curves."""
+  ed = curves[:, 0]
+  reference = ed[list(steps).index(0.0)] if 0.0 in steps else None
+  return {
       "pixel_spacing_mm": pixel_mm, "ed_frame": 0,
       "area_ed_px": [int(a) for a in ed],
       "area_ed_mm2": [float(a * pixel_mm ** 2) for a in ed],
@@ -197,9 +209,6 @@ def lv_measurements(steps: Sequence[float], seg, input_labels: np.ndarray,
                                  [float(100.0 * (a - reference) / reference) for a in ed]),
       "spearman_m_vs_area_ed": _spearman(steps, ed),
       "area_curves_px": curves.tolist(),
-      "input_segmented_curve_px": area(input_labels).tolist(),
-      "input_true_curve_px": (None if true_curve is None or not true_curve.any()
-                              else true_curve.tolist()),
   }
 
 
@@ -311,19 +320,12 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
       lv = lv_measurements(steps, seg, input_labels, cine_labels, batch, pixel_mm)
   curves = np.stack([blood_pool_area(c, blood_threshold) for c in cines_unit])   # (M, T)
   area_ed = curves[:, 0]
-  reference = area_ed[steps.index(0.0)] if 0.0 in steps else None
   proxy = {
       "description": ("proxy of chamber size, not a segmentation: pixels of the decoded "
                       "cine on [0, 1] above the threshold (the blood pools of the 4-chamber "
                       "view) at the end-diastolic frame 0"),
-      "threshold": float(blood_threshold), "pixel_spacing_mm": pixel_mm,
-      "ed_frame": 0,
-      "area_ed_px": [int(a) for a in area_ed],
-      "area_ed_mm2": [float(a * pixel_mm ** 2) for a in area_ed],
-      "change_from_m0_percent": (None if not reference else
-                                 [float(100.0 * (a - reference) / reference) for a in area_ed]),
-      "spearman_m_vs_area_ed": _spearman(steps, area_ed),
-      "area_curves_px": curves.tolist(),
+      "threshold": float(blood_threshold),
+      **area_summary(steps, curves, pixel_mm),
       "input_area_ed_px": int(blood_pool_area(x0_unit, blood_threshold)[0]),
   }
 
