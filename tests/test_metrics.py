@@ -229,6 +229,10 @@ def test_metrics_dict_is_json_serialisable(structured_cohort):
     assert decoded[key]["mean"] == pytest.approx(np.mean([decoded[key][n] for n in NAMES]))
   assert decoded["interpretability"]["mean"] == pytest.approx(
       np.mean([decoded["interpretability"][n]["score"] for n in NAMES]))
+  assert set(decoded["mig_binned"]) == {*NAMES, "mean"}
+  assert set(decoded["dci"]["informativeness"]) == {*NAMES, "mean"}
+  assert set(decoded["methods"]) == {"mig", "mig_binned", "dci"}
+  assert "GradientBoostingRegressor" in decoded["methods"]["dci"]
 
 
 def test_noise_latents_give_near_zero_metrics():
@@ -339,3 +343,146 @@ def test_interpretability_bad_input_messages():
   attributes[3, 1] = np.nan
   with pytest.raises(ValueError, match="non-finite value at row 3, column 1"):
     interp.interpretability_metrics(latents, attributes, ["a", "b"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampled codes (the reference protocol), binned MIG, DCI
+# ----------------------------------------------------------------------------------------------
+
+def _wide_posterior_cohort(n=200):
+  """Posterior means equal to the standardised attributes (plus two noise codes); code 0's
+  posterior has SD 2, the others SD 0.01."""
+  rng = np.random.default_rng(20)
+  attributes = rng.normal([150.0, 110.0, 160.0], [30.0, 15.0, 35.0], size=(n, 3))
+  standardised = (attributes - attributes.mean(axis=0)) / attributes.std(axis=0)
+  mu = np.concatenate([standardised, rng.standard_normal((n, 2))], axis=1)
+  logvar = np.full(mu.shape, np.log(1e-4))
+  logvar[:, 0] = np.log(4.0)
+  return mu, logvar, attributes
+
+
+def test_sampled_codes_are_the_default_and_score_a_wide_posterior_lower():
+  """The references score one draw z ~ q(z|x) per subject: a code whose mean follows the
+  attribute exactly but whose posterior is wide scores lower than its mean would."""
+  mu, logvar, attributes = _wide_posterior_cohort()
+  out = interp.posterior_code_metrics(mu, logvar, attributes, NAMES, regularized_dims=(0, 1, 2))
+  assert set(out) == {"interpretability", "regularized", "interpretability_mean_codes",
+                      "regularized_mean_codes"}
+  sampled, means = out["interpretability"], out["interpretability_mean_codes"]
+  assert sampled["codes"] == out["regularized"]["codes"] == "sampled"
+  assert sampled["seed"] == 0 and "q(z|x)" in sampled["protocol"] and "seed 0" in sampled["protocol"]
+  assert means["codes"] == "mean" and means["protocol"] == "posterior means z = mu"
+  # The headline block is computed on the seeded draw itself.
+  z = mu + np.exp(0.5 * logvar) * np.random.default_rng(0).standard_normal(mu.shape)
+  assert sampled["interpretability"]["lv_edv_ml"]["dim"] == 0
+  assert sampled["interpretability"]["lv_edv_ml"]["score"] == pytest.approx(
+      np.corrcoef(z[:, 0], attributes[:, 0])[0, 1] ** 2, rel=1e-10)
+  # Mean code: exact; draw: mean + N(0, 4) noise on a unit-variance mean, R^2 about 1/5.
+  assert means["interpretability"]["lv_edv_ml"]["score"] == pytest.approx(1.0)
+  assert sampled["interpretability"]["lv_edv_ml"]["score"] < 0.4
+  for key in ("mig", "mig_binned", "sap", "scc"):
+    assert sampled[key]["lv_edv_ml"] < means[key]["lv_edv_ml"] - 0.3, key
+  assert (sampled["dci"]["informativeness"]["lv_edv_ml"]
+          < means["dci"]["informativeness"]["lv_edv_ml"] - 0.3)
+  assert (abs(out["regularized"]["lv_edv_ml"]["spearman_rho"])
+          < out["regularized_mean_codes"]["lv_edv_ml"]["spearman_rho"] - 0.3)
+  # The narrow posteriors barely move.
+  assert sampled["interpretability"]["myo_ed_ml"]["score"] > 0.99
+  # Seeded: the same seed gives the same draw, another seed another one.
+  np.testing.assert_array_equal(interp.posterior_codes(mu, logvar, seed=0)[0], z)
+  other, protocol = interp.posterior_codes(mu, logvar, seed=1)
+  assert "seed 1" in protocol and not np.allclose(other[:, 0], z[:, 0])
+
+
+def test_mean_codes_protocol_swaps_the_blocks():
+  mu, logvar, attributes = _wide_posterior_cohort(n=60)
+  out = interp.posterior_code_metrics(mu, logvar, attributes, NAMES, codes="mean")
+  assert set(out) == {"interpretability", "interpretability_sampled_codes"}
+  assert out["interpretability"]["codes"] == "mean" and "seed" not in out["interpretability"]
+  assert out["interpretability_sampled_codes"]["codes"] == "sampled"
+  np.testing.assert_array_equal(interp.posterior_codes(mu, logvar, "mean")[0], mu)
+  with pytest.raises(ValueError, match="codes must be one of"):
+    interp.posterior_code_metrics(mu, logvar, attributes, NAMES, codes="median")
+  with pytest.raises(ValueError, match=r"shape \(60, 5\) but log-variances \(60, 4\)"):
+    interp.posterior_codes(mu, logvar[:, :4])
+  with pytest.raises(ValueError, match="reserved"):
+    interp.posterior_code_metrics(mu, logvar, attributes, ["lv", "codes", "rv"], (0, 1, 2))
+
+
+def test_binned_mig_matches_mutual_info_score_by_hand():
+  from sklearn.metrics import mutual_info_score
+  rng = np.random.default_rng(22)
+  n = 120
+  attributes = rng.normal(size=(n, 2))
+  latents = np.stack([attributes[:, 0] + 0.3 * rng.standard_normal(n), attributes[:, 1] ** 3,
+                      rng.standard_normal(n)], axis=1)
+
+  def bins(x):  # disentanglement_lib's histogram discretiser, written out.
+    return np.digitize(x, np.histogram(x, 20)[1][:-1])
+
+  expected_mi = np.array([[mutual_info_score(bins(attributes[:, a]), bins(latents[:, d]))
+                           for a in range(2)] for d in range(3)])
+  expected_entropy = np.array([stats.entropy(np.bincount(bins(attributes[:, a])))
+                               for a in range(2)])
+  ordered = np.sort(expected_mi, axis=0)
+  mig, mi, entropy = interp.binned_mig(latents, attributes)
+  np.testing.assert_allclose(mi, expected_mi, rtol=1e-12)
+  np.testing.assert_allclose(entropy, expected_entropy, rtol=1e-12)
+  np.testing.assert_allclose(mig, (ordered[-1] - ordered[-2]) / expected_entropy, rtol=1e-12)
+  assert interp.histogram_discretize(latents).max() == 19
+
+
+def test_binned_mig_of_a_disentangled_code_is_near_one_and_mixing_lowers_it():
+  rng = np.random.default_rng(23)
+  n = 2000
+  attributes = rng.uniform(size=(n, 3)) * [100.0, 50.0, 120.0] + [80.0, 60.0, 90.0]
+  latents = np.stack([0.1 * attributes[:, 2] - 3.0, 2.0 * attributes[:, 0], -attributes[:, 1],
+                      rng.standard_normal(n)], axis=1)
+  mig = interp.binned_mig(latents, attributes)[0]
+  assert mig.min() > 0.9
+  np.testing.assert_allclose(interp.binned_mig(latents[:, [3, 1, 0, 2]], attributes)[0], mig,
+                             rtol=1e-12)
+  mixed = latents.copy()
+  mixed[:, 1] = attributes[:, 0] / 100.0 + attributes[:, 1] / 50.0
+  mixed[:, 2] = attributes[:, 0] / 100.0 - attributes[:, 1] / 50.0
+  mixed_mig = interp.binned_mig(mixed, attributes)[0]
+  assert mixed_mig[0] < 0.3 and mixed_mig[1] < 0.3 and mixed_mig[2] > 0.9
+
+
+def test_dci_of_a_disentangled_code_is_one_and_mixing_lowers_it():
+  rng = np.random.default_rng(24)
+  n = 240
+  attributes = rng.uniform(size=(n, 3))
+  latents = np.stack([np.exp(attributes[:, 1]), 2.0 * attributes[:, 0] - 1.0,
+                      -attributes[:, 2], rng.standard_normal(n)], axis=1)
+  out = interp.dci_scores(latents, attributes, NAMES)
+  assert out["disentanglement"] > 0.99 and out["completeness"] > 0.99
+  assert out["informativeness"]["mean"] > 0.95
+  assert out["num_train"] == 160 and out["num_held_out"] == 80
+  importance = np.array([out["importance"][name] for name in NAMES]).T
+  assert list(importance.argmax(axis=0)) == [1, 0, 2]
+  # Permuting the codes permutes the importance rows and leaves the scores unchanged.
+  permuted = interp.dci_scores(latents[:, [3, 2, 0, 1]], attributes, NAMES)
+  for key in ("disentanglement", "completeness"):
+    assert permuted[key] == pytest.approx(out[key], abs=1e-5)
+  assert permuted["informativeness"]["mean"] == pytest.approx(out["informativeness"]["mean"],
+                                                              abs=1e-5)
+  mixed = latents.copy()
+  mixed[:, 0] = attributes[:, 0] + attributes[:, 1]
+  mixed[:, 1] = attributes[:, 0] - attributes[:, 1]
+  mixed_out = interp.dci_scores(mixed, attributes, NAMES)
+  assert mixed_out["disentanglement"] < 0.8 and mixed_out["completeness"] < 0.8
+
+
+def test_dci_scores_of_hand_computed_importances():
+  # Code 0 serves factor 0 only, code 1 both equally: D = 0.5 * 1 + 0.5 * 0 = 0.5.
+  importance = np.array([[1.0, 0.0], [0.5, 0.5]])
+  assert interp.dci_disentanglement(importance) == pytest.approx(0.5, abs=1e-9)
+  # Factor 0 spread 2/3 : 1/3 over the codes (weight 0.75), factor 1 on code 1 only (0.25).
+  spread = -(2 / 3 * np.log2(2 / 3) + 1 / 3 * np.log2(1 / 3))
+  assert interp.dci_completeness(importance) == pytest.approx(0.75 * (1 - spread) + 0.25,
+                                                              abs=1e-9)
+  assert interp.dci_disentanglement(np.eye(3)) == pytest.approx(1.0, abs=1e-9)
+  assert interp.dci_completeness(np.ones((4, 2))) == pytest.approx(0.0, abs=1e-9)
+  with pytest.raises(ValueError, match="2 training and 2 held-out"):
+    interp.dci_split(4)

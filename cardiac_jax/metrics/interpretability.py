@@ -1,6 +1,6 @@
 """Latent-space interpretability metrics for continuous attributes (AR-VAE definitions).
 
-Given encoder codes z (N, D) of a test split and continuous clinical attributes a (N, A) (e.g.
+Given codes z (N, D) of an evaluated split and continuous clinical attributes a (N, A) (e.g.
 lv_edv_ml, rv_edv_ml, myo_ed_ml), this module computes the metrics reported by the
 attribute-regularised VAE papers (Pati & Lerch 2021, AR-VAE; the AR-SIVAE cardiac papers):
 
@@ -15,6 +15,27 @@ attribute-regularised VAE papers (Pati & Lerch 2021, AR-VAE; the AR-SIVAE cardia
   delta_i = (sum_a m_ia^2 - theta_i) / (theta_i (A - 1)), mod_i = 1 - delta_i (0 if theta_i = 0);
   score = mean over codes.
 
+and two disentanglement_lib metrics (Locatello et al. 2019):
+
+- Binned MIG: every code and every attribute cut into 20 equal-width bins over the evaluated
+  samples (the library's histogram discretiser; it has discrete factors, our attributes are
+  volumes, so they are binned too), MI of the bin labels with sklearn's `mutual_info_score`,
+  MIG_a = (m_(1),a - m_(2),a) / H(binned a).
+- DCI (Eastwood & Williams 2018): one gradient-boosted tree ensemble per attribute
+  (sklearn's defaults, as the library) predicts the attribute from all codes; the attributes
+  stay continuous, so the learner is `GradientBoostingRegressor` (squared error) instead of the
+  library's classifier, and informativeness is the R^2 on a held-out third of the samples
+  (the library's 10000 / 5000 train / test proportion) instead of the accuracy. Importance
+  R_ia = the impurity importance of code i for attribute a; disentanglement
+  D = sum_i rho_i (1 - H_A(P_i.)), completeness C = sum_a rho_a (1 - H_D(P_.a)) with P the
+  row / column normalised R, rho the share of total importance and H_K the entropy in base K.
+
+The reference evaluations (ar-vae `ImageVAETrainer.compute_representations`, AR-SIVAE
+`DownstreamEvaluator.compute_latent_representations`) compute their metrics on one draw
+z ~ q(z|x) per test image, not on the posterior means; `posterior_codes` makes those codes with
+a seeded generator and `posterior_code_metrics` reports every metric for the sampled codes and
+for the means side by side (disentanglement_lib itself scores the means).
+
 Mutual information uses the Kraskov-Stoegbauer-Grassberger estimator (Phys. Rev. E 69, 066138,
 2004, algorithm 1) with k = 3 neighbours, implemented here rather than taken from
 `sklearn.feature_selection.mutual_info_regression`, whose results have changed across sklearn
@@ -22,8 +43,8 @@ versions. It follows the same conventions as that function: both variables are s
 standard deviation, tiny Gaussian noise (1e-10 of the scale, from a fixed seed) breaks ties,
 and negative estimates are clipped to 0. MI is in nats.
 
-Everything here is numpy/scipy on the host; results are plain python floats and ints so that
-they can be written to JSON directly.
+Everything here is numpy/scipy/scikit-learn on the host; results are plain python floats and
+ints so that they can be written to JSON directly.
 """
 
 from __future__ import annotations
@@ -39,6 +60,15 @@ _SCC_P_THRESHOLD = 0.05
 # Relative amplitude of the tie-breaking noise recommended by Kraskov et al. for data with
 # repeated values (quantised attributes, collapsed codes).
 _TIE_BREAK_NOISE = 1e-10
+# disentanglement_lib's histogram discretiser setting for MIG.
+DEFAULT_NUM_BINS = 20
+# Share of the samples DCI holds out for informativeness (disentanglement_lib: 5000 of 15000).
+DCI_HELD_OUT_FRACTION = 1.0 / 3.0
+# disentanglement_lib adds this to the importances so that a code (or attribute) with zero
+# total importance has a defined, maximal entropy.
+_DCI_ENTROPY_OFFSET = 1e-11
+# What evaluate's --codes selects: one draw from q(z|x) per subject, or its mean.
+CODE_PROTOCOLS = ("sampled", "mean")
 
 
 def _as_matrix(values, name: str) -> np.ndarray:
@@ -272,6 +302,171 @@ def modularity_from_mutual_information(mi: np.ndarray) -> float:
   return float(per_code.mean())
 
 
+def histogram_discretize(values, num_bins: int = DEFAULT_NUM_BINS) -> np.ndarray:
+  """Bin labels 0..num_bins-1 of each column in num_bins equal-width bins over its range.
+
+  The disentanglement_lib histogram discretiser: edges from `np.histogram_bin_edges`, the
+  maximum falls in the last bin; a constant column falls in one bin.
+
+  Args:
+    values: (N, K) samples.
+    num_bins: bins per column (20 in disentanglement_lib).
+
+  Returns:
+    (N, K) int64 bin labels.
+  """
+  values = _as_matrix(values, "values")
+  if num_bins < 2:
+    raise ValueError(f"num_bins must be >= 2, got {num_bins}")
+  binned = np.empty(values.shape, dtype=np.int64)
+  for k, column in enumerate(values.T):
+    edges = np.histogram_bin_edges(column, bins=num_bins)
+    binned[:, k] = np.digitize(column, edges[1:-1])
+  return binned
+
+
+def discrete_mutual_information_matrix(binned_latents, binned_attributes) -> np.ndarray:
+  """(D, A) MI in nats between every binned code and every binned attribute
+  (`sklearn.metrics.mutual_info_score` of the bin labels)."""
+  from sklearn.metrics import mutual_info_score
+  binned_latents = np.asarray(binned_latents)
+  binned_attributes = np.asarray(binned_attributes)
+  return np.array([[mutual_info_score(attribute, code) for attribute in binned_attributes.T]
+                   for code in binned_latents.T])
+
+
+def binned_mig(latents, attributes, num_bins: int = DEFAULT_NUM_BINS
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """disentanglement_lib's MIG with codes and attributes binned (module docstring).
+
+  Args:
+    latents: (N, D) codes, D >= 2.
+    attributes: (N, A) continuous attributes.
+    num_bins: equal-width bins per code and per attribute.
+
+  Returns:
+    (A,) MIG per attribute, the (D, A) binned MI matrix and the (A,) entropies of the binned
+    attributes, all in nats.
+  """
+  latents = _as_matrix(latents, "latents")
+  attributes = _as_matrix(attributes, "attributes")
+  _check_same_rows(latents, attributes)
+  binned_attributes = histogram_discretize(attributes, num_bins)
+  mi = discrete_mutual_information_matrix(histogram_discretize(latents, num_bins),
+                                          binned_attributes)
+  entropy = np.diag(discrete_mutual_information_matrix(binned_attributes, binned_attributes))
+  if np.any(entropy <= 0):
+    constant = [int(a) for a in np.flatnonzero(entropy <= 0)]
+    raise ValueError(f"attribute columns {constant} fall in a single bin; their binned MIG is "
+                     f"undefined")
+  return _top_two_gap(mi) / entropy, mi, entropy
+
+
+def dci_disentanglement(importance) -> float:
+  """D = sum_i rho_i (1 - H_A(P_i.)) of a (D, A) importance matrix (Eastwood & Williams).
+
+  With one attribute every code serves at most one factor, so each code scores 1.
+  """
+  importance = np.asarray(importance, dtype=np.float64)
+  num_codes, num_attributes = importance.shape
+  if num_attributes == 1:
+    per_code = np.ones(num_codes)
+  else:
+    per_code = 1.0 - stats.entropy(importance.T + _DCI_ENTROPY_OFFSET, base=num_attributes)
+  total = importance.sum()
+  weights = importance.sum(axis=1) / total if total > 0 else np.full(num_codes, 1 / num_codes)
+  return float(per_code @ weights)
+
+
+def dci_completeness(importance) -> float:
+  """C = sum_a rho_a (1 - H_D(P_.a)) of a (D, A) importance matrix (Eastwood & Williams)."""
+  importance = np.asarray(importance, dtype=np.float64)
+  num_codes, num_attributes = importance.shape
+  if num_codes < 2:
+    raise ValueError(f"DCI completeness needs at least 2 latent codes, got {num_codes}")
+  per_attribute = 1.0 - stats.entropy(importance + _DCI_ENTROPY_OFFSET, base=num_codes)
+  total = importance.sum()
+  weights = (importance.sum(axis=0) / total if total > 0
+             else np.full(num_attributes, 1 / num_attributes))
+  return float(per_attribute @ weights)
+
+
+def dci_split(num_samples: int, held_out_fraction: float = DCI_HELD_OUT_FRACTION,
+              seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Seeded (train, held-out) sample indices for DCI; each part has at least 2 samples."""
+  if not 0 < held_out_fraction < 1:
+    raise ValueError(f"the DCI held-out fraction must be in (0, 1), got {held_out_fraction}")
+  num_test = int(round(num_samples * held_out_fraction))
+  if num_test < 2 or num_samples - num_test < 2:
+    raise ValueError(f"DCI needs at least 2 training and 2 held-out samples; {num_samples} "
+                     f"samples with a held-out fraction of {held_out_fraction:.3g} give "
+                     f"{num_samples - num_test} and {num_test}")
+  order = np.random.default_rng(seed).permutation(num_samples)
+  return np.sort(order[num_test:]), np.sort(order[:num_test])
+
+
+def dci_importance(train_latents, train_attributes, test_latents, test_attributes,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Gradient-boosted-tree importances and R^2 of every attribute predicted from all codes.
+
+  One `sklearn.ensemble.GradientBoostingRegressor` (default settings, `random_state=seed`)
+  per attribute column, fit on the training part.
+
+  Returns:
+    (D, A) importance matrix (each column sums to 1 unless the fit found no split), (A,)
+    training R^2 and (A,) held-out R^2.
+  """
+  from sklearn.ensemble import GradientBoostingRegressor
+  from sklearn.metrics import r2_score
+  train_latents = _as_matrix(train_latents, "train latents")
+  train_attributes = _as_matrix(train_attributes, "train attributes")
+  test_latents = _as_matrix(test_latents, "held-out latents")
+  test_attributes = _as_matrix(test_attributes, "held-out attributes")
+  importance = np.zeros((train_latents.shape[1], train_attributes.shape[1]))
+  r2_train, r2_test = [], []
+  for a in range(train_attributes.shape[1]):
+    model = GradientBoostingRegressor(random_state=seed)
+    model.fit(train_latents, train_attributes[:, a])
+    importance[:, a] = np.abs(model.feature_importances_)
+    r2_train.append(r2_score(train_attributes[:, a], model.predict(train_latents)))
+    r2_test.append(r2_score(test_attributes[:, a], model.predict(test_latents)))
+  return importance, np.array(r2_train), np.array(r2_test)
+
+
+def dci_scores(latents, attributes, attribute_names: Sequence[str],
+               held_out_fraction: float = DCI_HELD_OUT_FRACTION, seed: int = 0) -> dict:
+  """DCI disentanglement, completeness and informativeness (module docstring).
+
+  Args:
+    latents: (N, D) codes, D >= 2.
+    attributes: (N, A) continuous attributes, columns in the order of `attribute_names`.
+    held_out_fraction: share of the samples (seeded draw) held out for informativeness.
+    seed: seed of the split and of the tree ensembles.
+
+  Returns:
+    {"disentanglement": D, "completeness": C,
+     "informativeness": {name: held-out R^2, ..., "mean"},
+     "informativeness_train": {name: training R^2, ..., "mean"},
+     "importance": {name: [R_1a, ..., R_Da], ...}, "num_train": int, "num_held_out": int}
+  """
+  latents = _as_matrix(latents, "latents")
+  attributes = _as_matrix(attributes, "attributes")
+  _check_same_rows(latents, attributes)
+  names = _check_names(attribute_names, attributes.shape[1], "attribute", "mean")
+  train, test = dci_split(latents.shape[0], held_out_fraction, seed)
+  importance, r2_train, r2_test = dci_importance(latents[train], attributes[train],
+                                                 latents[test], attributes[test], seed)
+  return {
+      "disentanglement": dci_disentanglement(importance),
+      "completeness": dci_completeness(importance),
+      "informativeness": _per_attribute(r2_test, names),
+      "informativeness_train": _per_attribute(r2_train, names),
+      "importance": {name: [float(v) for v in importance[:, a]]
+                     for a, name in enumerate(names)},
+      "num_train": int(train.size), "num_held_out": int(test.size),
+  }
+
+
 def linear_r2(x: np.ndarray, y: np.ndarray) -> float:
   """In-sample R^2 of the least-squares fit y ~ w x + b; 0 if x or y is constant."""
   x = np.asarray(x, dtype=np.float64)
@@ -310,15 +505,19 @@ def _per_attribute(values: np.ndarray, names: Sequence[str]) -> dict[str, float]
 
 
 def interpretability_metrics(latents, attributes, attribute_names: Sequence[str],
-                             n_neighbors: int = 3, seed: int = 0) -> dict:
-  """All AR-VAE interpretability metrics of a set of codes against continuous attributes.
+                             n_neighbors: int = 3, seed: int = 0,
+                             num_bins: int = DEFAULT_NUM_BINS,
+                             dci_held_out_fraction: float = DCI_HELD_OUT_FRACTION) -> dict:
+  """All interpretability metrics of a set of codes against continuous attributes.
 
   Args:
-    latents: (N, D) codes (encoder means on the test split), D >= 2.
+    latents: (N, D) codes of the evaluated split (`posterior_codes`), D >= 2.
     attributes: (N, A) attribute values, columns in the order of `attribute_names`.
     attribute_names: A names such as ("lv_edv_ml", "myo_ed_ml", "rv_edv_ml").
     n_neighbors: k of the KSG mutual information estimator.
-    seed: seed of the estimator's tie-breaking noise.
+    seed: seed of the estimator's tie-breaking noise, of the DCI split and of its trees.
+    num_bins: bins per code and attribute of the binned MIG.
+    dci_held_out_fraction: share of the samples DCI holds out for informativeness.
 
   Returns:
     A JSON-serialisable dict:
@@ -330,7 +529,10 @@ def interpretability_metrics(latents, attributes, attribute_names: Sequence[str]
        "scc": {name: float, ..., "mean": float},
        "scc_dims": {name: code index attaining the SCC, ...},
        "modularity": float,
-       "self_information": {name: H_a in nats, ...}}
+       "self_information": {name: H_a in nats, ...},
+       "mig_binned": {name: float, ..., "mean": float},
+       "dci": the `dci_scores` dict,
+       "methods": {metric: how it was computed, ...}}
   """
   latents = _as_matrix(latents, "latents")
   attributes = _as_matrix(attributes, "attributes")
@@ -368,6 +570,19 @@ def interpretability_metrics(latents, attributes, attribute_names: Sequence[str]
       "scc_dims": {name: int(d) for name, d in zip(names, scc_dims)},
       "modularity": modularity_from_mutual_information(mi),
       "self_information": {name: float(h) for name, h in zip(names, self_information)},
+      "mig_binned": _per_attribute(binned_mig(latents, attributes, num_bins)[0], names),
+      "dci": dci_scores(latents, attributes, names, dci_held_out_fraction, seed),
+      "methods": {
+          "mig": f"KSG mutual information (k={n_neighbors}, nats) normalised by the KSG "
+                 f"self-information of the attribute",
+          "mig_binned": f"{num_bins} equal-width bins per code and per attribute, "
+                        f"sklearn mutual_info_score (nats), normalised by the entropy of the "
+                        f"binned attribute",
+          "dci": f"sklearn GradientBoostingRegressor (default settings, random_state={seed}) "
+                 f"per attribute on all codes, attributes kept continuous; importance = "
+                 f"impurity importance; informativeness = R^2 on a seeded held-out "
+                 f"{dci_held_out_fraction:.3g} of the samples",
+      },
   }
 
 
@@ -401,4 +616,75 @@ def regularized_dimension_correlations(latents, attributes, dims: Sequence[int],
       name: {"dim": d, "spearman_rho": float(rho[r, r]), "p_value": float(p_values[r, r])}
       for r, (name, d) in enumerate(zip(names, dims))}
   out["mean_abs_rho"] = float(np.mean(np.abs(np.diag(rho))))
+  return out
+
+
+def posterior_codes(mu, logvar, codes: str = "sampled", seed: int = 0
+                    ) -> tuple[np.ndarray, str]:
+  """Codes of N subjects from their posteriors q(z|x) = N(mu, diag(exp(logvar))).
+
+  "sampled": one draw per subject, z = mu + exp(logvar / 2) * eps, eps the (N, D) standard
+  normal draw of `numpy.random.default_rng(seed)` (row i for the i-th subject in the given
+  order), the codes the reference evaluations score; "mean": z = mu.
+
+  Args:
+    mu, logvar: (N, D) posterior means and log-variances.
+    codes: one of CODE_PROTOCOLS.
+    seed: seed of eps.
+
+  Returns:
+    (N, D) float64 codes and the sentence naming the protocol, for metrics.json.
+  """
+  mu = _as_matrix(mu, "posterior means (mu)")
+  logvar = _as_matrix(logvar, "posterior log-variances (logvar)")
+  if mu.shape != logvar.shape:
+    raise ValueError(f"posterior means have shape {mu.shape} but log-variances {logvar.shape}")
+  if codes == "mean":
+    return mu, "posterior means z = mu"
+  if codes == "sampled":
+    eps = np.random.default_rng(seed).standard_normal(mu.shape)
+    return (mu + np.exp(0.5 * logvar) * eps,
+            f"sampled z ~ q(z|x): z = mu + exp(logvar / 2) * eps, one draw per subject, "
+            f"eps from numpy default_rng seed {seed}")
+  raise ValueError(f"codes must be one of {CODE_PROTOCOLS}, got {codes!r}")
+
+
+def posterior_code_metrics(mu, logvar, attributes, attribute_names: Sequence[str],
+                           regularized_dims: Sequence[int] = (), codes: str = "sampled",
+                           seed: int = 0) -> dict:
+  """Every interpretability metric for the sampled codes and for the posterior means.
+
+  The block of the `codes` protocol goes under "interpretability" (and "regularized" with the
+  Spearman rho of each regularised dimension when `regularized_dims` is given), the other
+  protocol's under "interpretability_<other>_codes" (and "regularized_<other>_codes"). Every
+  block says which codes produced it ("codes", "protocol", and "seed" for sampled codes).
+
+  Args:
+    mu, logvar: (N, D) posterior means and log-variances of the evaluated subjects.
+    attributes: (N, A) attributes, columns in the order of `attribute_names`.
+    attribute_names: A attribute names.
+    regularized_dims: per attribute, the latent dimension it regularises (empty: none).
+    codes: the headline protocol, one of CODE_PROTOCOLS.
+    seed: seed of the sampled codes' eps.
+
+  Returns:
+    The four (or two) blocks of eval/metrics.json keyed as above.
+  """
+  if codes not in CODE_PROTOCOLS:
+    raise ValueError(f"codes must be one of {CODE_PROTOCOLS}, got {codes!r}")
+  clashing = sorted({"codes", "protocol", "seed"} & {str(name) for name in attribute_names})
+  if clashing and len(regularized_dims):
+    raise ValueError(f"attribute names {clashing} are reserved for the protocol of the "
+                     f"regularised-dimension block; rename those attributes")
+  other = next(c for c in CODE_PROTOCOLS if c != codes)
+  out = {}
+  for protocol, suffix in ((codes, ""), (other, f"_{other}_codes")):
+    latents, sentence = posterior_codes(mu, logvar, protocol, seed)
+    label = {"codes": protocol, "protocol": sentence,
+             **({"seed": int(seed)} if protocol == "sampled" else {})}
+    out["interpretability" + suffix] = {
+        **label, **interpretability_metrics(latents, attributes, attribute_names)}
+    if len(regularized_dims):
+      out["regularized" + suffix] = {**label, **regularized_dimension_correlations(
+          latents, attributes, regularized_dims, attribute_names)}
   return out
