@@ -5,10 +5,15 @@ Builds the comparison table of the AR-SIVAE paper (Di Folco et al., MICCAI 2024,
 each run's DIR/eval/metrics.json (written by `python -m experiments.evaluate --workdir=DIR`):
 one row per run, columns
 
-  reconstruction MSE, PSNR (dB), SSIM | interpretability score, MIG, SAP, SCC (means over
-  attributes), modularity | mean |Spearman rho| of the regularised dimensions
+  reconstruction MSE, PSNR (dB), SSIM | interpretability score, MIG, binned MIG, SAP, SCC
+  (means over attributes), modularity | DCI disentanglement, completeness, informativeness
+  (mean held-out R^2) | mean |Spearman rho| of the regularised dimensions | codes
 
-("-" where a run has no such metric, e.g. no regularised dimension). A row is named by its
+("-" where a run has no such metric, e.g. no regularised dimension). The interpretability
+columns come from the "interpretability" and "regularized" blocks, the reference protocol
+(codes sampled from q(z|x)) unless the run was evaluated with --codes=mean; the last column
+says which codes each row scored ("sampled (seed S)" or "mean"; a metrics.json without a
+"codes" field predates sampled codes and scored the posterior means). A row is named by its
 config name plus the config fields that distinguish it from the other runs of the same config
 (read from DIR/config.json), or by the workdir's basename when the run has no config.json.
 
@@ -51,9 +56,14 @@ COLUMNS = (
     Column("interpretability", "Interpretability",
            ("interpretability", "interpretability", "mean"), 3),
     Column("mig", "MIG", ("interpretability", "mig", "mean"), 3),
+    Column("mig_binned", "MIG (binned)", ("interpretability", "mig_binned", "mean"), 3),
     Column("sap", "SAP", ("interpretability", "sap", "mean"), 3),
     Column("scc", "SCC", ("interpretability", "scc", "mean"), 3),
     Column("modularity", "Modularity", ("interpretability", "modularity"), 3),
+    Column("dci_disentanglement", "DCI D", ("interpretability", "dci", "disentanglement"), 3),
+    Column("dci_completeness", "DCI C", ("interpretability", "dci", "completeness"), 3),
+    Column("dci_informativeness", "DCI I (R^2)",
+           ("interpretability", "dci", "informativeness", "mean"), 3),
     Column("regularized_abs_rho", "Mean abs rho (reg. dims)",
            ("regularized", "mean_abs_rho"), 3),
 )
@@ -142,6 +152,19 @@ def metric_value(metrics: dict, column: Column) -> float | None:
   return float(node)
 
 
+def codes_label(metrics: dict) -> str | None:
+  """Which codes a run's interpretability columns scored: "sampled (seed S)", "mean", or None
+  when it has no interpretability block. Blocks without a "codes" field were written when
+  evaluate scored the posterior means."""
+  block = metrics.get("interpretability")
+  if not isinstance(block, dict):
+    return None
+  codes = block.get("codes", "mean")
+  if codes == "sampled" and "seed" in block:
+    return f"sampled (seed {block['seed']})"
+  return str(codes)
+
+
 def _format_field_value(value: Any) -> str:
   if isinstance(value, float):
     return repr(value)  # Exact and short: 0.05, 0.0002, 1e-05.
@@ -217,7 +240,8 @@ def _format_cell(mean: float | None, std: float | None, digits: int) -> str:
 
 
 def build_rows(runs: Sequence[Run], group_by_config: bool = False) -> list[dict]:
-  """One dict per row: name, workdirs, seeds, n, and per column `key` (mean or value, None when
+  """One dict per row: name, workdirs, seeds, n, codes (the distinct `codes_label`s of its runs
+  joined by "; ", None when none has one), and per column `key` (mean or value, None when
   absent) and `key_std` (None for a single run)."""
   if group_by_config:
     groups = _group_runs(runs)
@@ -230,6 +254,8 @@ def build_rows(runs: Sequence[Run], group_by_config: bool = False) -> list[dict]
   for name, group in zip(names, groups):
     row: dict[str, Any] = {"name": name, "workdirs": [r.workdir for r in group],
                            "seeds": [r.seed for r in group], "n": len(group)}
+    labels = [label for label in (codes_label(r.metrics) for r in group) if label is not None]
+    row["codes"] = "; ".join(dict.fromkeys(labels)) or None
     for column in COLUMNS:
       values = [v for v in (metric_value(r.metrics, column) for r in group) if v is not None]
       row[column.key], row[f"{column.key}_std"] = _mean_std(values)
@@ -243,7 +269,8 @@ def _format_seeds(seeds: Sequence[Any]) -> str:
 
 def markdown_table(rows: Sequence[dict], group_by_config: bool = False) -> str:
   """The rows as a GitHub-flavoured markdown table (one line per row, trailing newline)."""
-  headers = ["Run"] + (["Seeds"] if group_by_config else []) + [c.header for c in COLUMNS]
+  headers = (["Run"] + (["Seeds"] if group_by_config else []) + [c.header for c in COLUMNS]
+             + ["Codes"])
   lines = ["| " + " | ".join(headers) + " |",
            "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
   for row in rows:
@@ -251,6 +278,7 @@ def markdown_table(rows: Sequence[dict], group_by_config: bool = False) -> str:
     if group_by_config:
       cells.append(_format_seeds(row["seeds"]))
     cells += [_format_cell(row[c.key], row[f"{c.key}_std"], c.digits) for c in COLUMNS]
+    cells.append(row["codes"] or "-")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -268,11 +296,11 @@ def comparison_table(workdirs: Sequence[str],
 
 
 def write_csv(path: str, rows: Sequence[dict], group_by_config: bool = False) -> None:
-  """The table as CSV: run name, seeds, then each metric (and its std when grouped)."""
+  """The table as CSV: run name, seeds, each metric (and its std when grouped), codes."""
   header = ["run"] + (["seeds", "n"] if group_by_config else ["seed"])
   for column in COLUMNS:
     header += [column.key] + ([f"{column.key}_std"] if group_by_config else [])
-  header.append("workdirs")
+  header += ["codes", "workdirs"]
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(header)
@@ -283,7 +311,7 @@ def write_csv(path: str, rows: Sequence[dict], group_by_config: bool = False) ->
       for column in COLUMNS:
         keys = [column.key] + ([f"{column.key}_std"] if group_by_config else [])
         line += ["" if row[k] is None else repr(row[k]) for k in keys]
-      line.append(";".join(row["workdirs"]))
+      line += [row["codes"] or "", ";".join(row["workdirs"])]
       writer.writerow(line)
 
 

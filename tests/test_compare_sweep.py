@@ -46,7 +46,10 @@ def fake_config(name, seed, gamma, log_every=25):
           "model": {"channels": [8, 16]}, "train": {"num_steps": 100, "log_every": log_every}}
 
 
-def fake_metrics(mse, psnr, ssim, interp, mig, sap, scc, modularity, rho=None):
+def fake_metrics(mse, psnr, ssim, interp, mig, mig_binned, sap, scc, modularity, dci_d, dci_c,
+                 dci_i, rho=None, codes="sampled"):
+  """metrics.json with the given means; codes=None leaves out the protocol fields (a file
+  written before evaluate scored sampled codes); the mean-code block holds other numbers."""
   names = ("lv_edv_ml", "myo_ed_ml", "rv_edv_ml")
   metrics = {
       "workdir": "x", "config": "ar_sivae", "split": "test", "step": 100, "num_subjects": 30,
@@ -59,19 +62,35 @@ def fake_metrics(mse, psnr, ssim, interp, mig, sap, scc, modularity, rho=None):
           "sap": {**{n: sap for n in names}, "mean": sap},
           "scc": {**{n: scc for n in names}, "mean": scc},
           "scc_dims": {n: 0 for n in names}, "modularity": modularity,
-          "self_information": {n: 1.0 for n in names}}}
+          "self_information": {n: 1.0 for n in names},
+          "mig_binned": {**{n: mig_binned for n in names}, "mean": mig_binned},
+          "dci": {"disentanglement": dci_d, "completeness": dci_c,
+                  "informativeness": {**{n: dci_i for n in names}, "mean": dci_i}}}}
   if rho is not None:
     metrics["regularized"] = {**{n: {"dim": i, "spearman_rho": rho, "p_value": 0.01}
                                  for i, n in enumerate(names)}, "mean_abs_rho": rho}
+  if codes is not None:
+    metrics["interpretability_mean_codes"] = json.loads(json.dumps(metrics["interpretability"]))
+    metrics["interpretability_mean_codes"]["mig"]["mean"] = 0.999
+    for key, block in (("interpretability", metrics["interpretability"]),
+                       ("interpretability_mean_codes", metrics["interpretability_mean_codes"])):
+      protocol = codes if key == "interpretability" else "mean"
+      block.update({"codes": protocol, "protocol": f"{protocol} codes",
+                    **({"seed": 0} if protocol == "sampled" else {})})
   return metrics
 
 
-# (config name, seed, gamma) -> metric numbers; the first two differ only in seed.
+# (config name, seed, gamma) -> metric numbers in the order of compare.COLUMNS; the first two
+# differ only in seed.
 RUNS = {
-    "a": (("ar_sivae", 0, 0.1), (0.010, 20.0, 0.80, 0.60, 0.30, 0.20, 0.70, 0.90, 0.95)),
-    "b": (("ar_sivae", 1, 0.1), (0.014, 18.0, 0.70, 0.40, 0.10, 0.40, 0.50, 0.80, 0.85)),
-    "c": (("ar_sivae", 0, 0.05), (0.020, 17.0, 0.60, 0.30, 0.20, 0.10, 0.40, 0.70, 0.75)),
-    "d": (("vae", 0, 0.0), (0.030, 15.0, 0.50, 0.20, 0.05, 0.05, 0.30, 0.60, None)),
+    "a": (("ar_sivae", 0, 0.1), (0.010, 20.0, 0.80, 0.60, 0.30, 0.25, 0.20, 0.70, 0.90,
+                                 0.50, 0.45, 0.65, 0.95)),
+    "b": (("ar_sivae", 1, 0.1), (0.014, 18.0, 0.70, 0.40, 0.10, 0.15, 0.40, 0.50, 0.80,
+                                 0.30, 0.35, 0.55, 0.85)),
+    "c": (("ar_sivae", 0, 0.05), (0.020, 17.0, 0.60, 0.30, 0.20, 0.12, 0.10, 0.40, 0.70,
+                                  0.20, 0.25, 0.45, 0.75)),
+    "d": (("vae", 0, 0.0), (0.030, 15.0, 0.50, 0.20, 0.05, 0.04, 0.05, 0.30, 0.60,
+                            0.10, 0.15, 0.35, None)),
 }
 
 
@@ -83,7 +102,7 @@ def fake_runs(tmp_path_factory):
     # Run b logs more often than a: a bookkeeping field that must not split or name a row.
     dirs[key] = write_run(base / f"run_{key}",
                           fake_config(name, seed, gamma, log_every=5 if key == "b" else 25),
-                          fake_metrics(*numbers))
+                          fake_metrics(*numbers, codes=None if key == "d" else "sampled"))
   return dirs
 
 
@@ -93,8 +112,9 @@ def table_cells(markdown):
   return [[c.strip() for c in l.strip().strip("|").split(" | ")] for l in lines]
 
 
-HEADER = ["Run", "MSE", "PSNR (dB)", "SSIM", "Interpretability", "MIG", "SAP", "SCC",
-          "Modularity", "Mean abs rho (reg. dims)"]
+HEADER = ["Run", "MSE", "PSNR (dB)", "SSIM", "Interpretability", "MIG", "MIG (binned)", "SAP",
+          "SCC", "Modularity", "DCI D", "DCI C", "DCI I (R^2)", "Mean abs rho (reg. dims)",
+          "Codes"]
 
 
 def test_table_has_one_row_per_run_with_its_numbers(fake_runs):
@@ -105,9 +125,11 @@ def test_table_has_one_row_per_run_with_its_numbers(fake_runs):
   assert [c[0] for c in cells[1:]] == [
       "ar_sivae loss.gamma=0.1,seed=0", "ar_sivae loss.gamma=0.1,seed=1",
       "ar_sivae loss.gamma=0.05,seed=0", "vae"]
-  assert cells[1][1:] == ["0.01000", "20.00", "0.8000", "0.600", "0.300", "0.200", "0.700",
-                          "0.900", "0.950"]
-  assert cells[4][-1] == "-"  # The VAE has no regularised dimension.
+  assert cells[1][1:] == ["0.01000", "20.00", "0.8000", "0.600", "0.300", "0.250", "0.200",
+                          "0.700", "0.900", "0.500", "0.450", "0.650", "0.950",
+                          "sampled (seed 0)"]
+  assert cells[4][-2] == "-"  # The VAE has no regularised dimension.
+  assert cells[4][-1] == "mean"  # Its metrics.json predates sampled codes.
   for row, key in zip(rows, order):
     for column, value in zip(compare.COLUMNS, RUNS[key][1]):
       assert row[column.key] == (None if value is None else pytest.approx(value)), column.key
@@ -129,9 +151,29 @@ def test_group_by_config_gives_mean_and_std_over_seeds(fake_runs):
   assert cells[0] == HEADER[:1] + ["Seeds"] + HEADER[1:]
   # MSE 0.012 ± 0.002828, PSNR 19 ± 1.414, |rho| 0.9 ± 0.0707.
   assert cells[1][:4] == ["ar_sivae loss.gamma=0.1", "0,1", "0.01200 ± 0.00283", "19.00 ± 1.41"]
-  assert cells[1][-1] == "0.900 ± 0.071"
+  assert cells[1][-2:] == ["0.900 ± 0.071", "sampled (seed 0)"]
   assert cells[2][2] == "0.02000"  # A single seed: the value alone.
-  assert cells[3][-1] == "-"
+  assert cells[3][-2:] == ["-", "mean"]
+
+
+def test_interpretability_columns_show_the_headline_protocol_and_name_its_codes(tmp_path):
+  """The columns read the "interpretability" block (the reference protocol), never the
+  mean-code block beside it, and a group whose runs scored different codes says so."""
+  numbers = RUNS["a"][1]
+  sampled = write_run(tmp_path / "sampled", fake_config("ar_sivae", 0, 0.1),
+                      fake_metrics(*numbers))
+  means = write_run(tmp_path / "means", fake_config("ar_sivae", 1, 0.1),
+                    fake_metrics(*numbers, codes="mean"))
+  _, rows = compare.comparison_table([sampled, means])
+  assert [r["codes"] for r in rows] == ["sampled (seed 0)", "mean"]
+  assert rows[0]["mig"] == pytest.approx(0.30) and rows[0]["mig_binned"] == pytest.approx(0.25)
+  assert rows[0]["dci_informativeness"] == pytest.approx(0.65)
+  markdown, grouped = compare.comparison_table([sampled, means], group_by_config=True)
+  assert grouped[0]["codes"] == "sampled (seed 0); mean"
+  assert table_cells(markdown)[1][-1] == "sampled (seed 0); mean"
+  compare.write_csv(str(tmp_path / "t.csv"), rows)
+  with open(tmp_path / "t.csv") as f:
+    assert [r["codes"] for r in csv.DictReader(f)] == ["sampled (seed 0)", "mean"]
 
 
 def test_runs_without_config_are_named_by_workdir(tmp_path):
