@@ -14,12 +14,18 @@ and not recomputed by a rerun; the folder is removed once metrics.json is writte
 Writes DIR/eval/metrics.json with
 - reconstruction: MSE, PSNR, SSIM (overall and per channel) of the posterior-mean reconstruction,
   plus the reconstruction loss and KL, on the held-out split;
-- interpretability: the AR-VAE metrics of the encoder means against the config's attributes
-  (interpretability score, MIG, SAP, SCC, modularity);
-- regularized: Spearman rho of each regularised latent dimension with its attribute;
+- interpretability: the metrics of `cardiac_jax.metrics.interpretability` (interpretability
+  score, MIG, SAP, SCC, modularity, binned MIG, DCI) against the config's attributes, on the
+  codes of --codes: by default one seeded draw z ~ q(z|x) per subject (--code_seed), the
+  codes the AR-VAE and AR-SIVAE reference evaluations score; the block's "codes" and
+  "protocol" say which;
+- regularized: Spearman rho of each regularised latent dimension with its attribute, same codes;
+- interpretability_mean_codes, regularized_mean_codes (or ..._sampled_codes with
+  --codes=mean): the same metrics for the other kind of code;
 and draws DIR/eval/reconstructions.png, traversals.png (each regularised dimension, or for an
 unregularised model the dimension with the highest mutual information per attribute, decoded
-across its range with the other dimensions at a real subject's code), attribute_scatter.png.
+across its range with the other dimensions at a real subject's posterior mean) and
+attribute_scatter.png (the scored codes).
 """
 
 from __future__ import annotations
@@ -39,6 +45,11 @@ def define_flags() -> None:
   flags.DEFINE_integer("traversal_steps", 9, "Columns of the traversal grid.")
   flags.DEFINE_float("traversal_range", 2.5,
                      "Traversal half-width in standard deviations of the test codes.")
+  flags.DEFINE_enum("codes", "sampled", ["sampled", "mean"],
+                    "Codes the interpretability metrics score: one draw z ~ q(z|x) per subject "
+                    "(the reference protocol) or the posterior means; the other kind is "
+                    "reported beside them.")
+  flags.DEFINE_integer("code_seed", 0, "Seed of the draws of --codes=sampled.")
   flags.DEFINE_integer("inversion_steps", None,
                        "diffae3d: DDIM inversion steps (default: config.eval).")
   flags.DEFINE_integer("decode_steps", None,
@@ -60,14 +71,20 @@ def traversal_images(family, state, base_code, dims, values_per_dim):
 
 
 def evaluate_run(workdir: str, split: str = "test", step: int | None = None,
-                 traversal_steps: int = 9, traversal_range: float = 2.5) -> dict:
-  """Computes and writes DIR/eval/metrics.json and the figures; returns the metrics."""
+                 traversal_steps: int = 9, traversal_range: float = 2.5,
+                 codes: str = "sampled", code_seed: int = 0) -> dict:
+  """Computes and writes DIR/eval/metrics.json and the figures; returns the metrics.
+
+  `codes` ("sampled" or "mean") picks the codes of the "interpretability" and "regularized"
+  blocks, `code_seed` the draws of the sampled ones (module docstring)."""
   import numpy as np
   from cardiac_jax import training, viz
   from cardiac_jax.metrics import interpretability
   from data_pipelines import pipeline
   from experiments import common
 
+  if codes not in interpretability.CODE_PROTOCOLS:
+    raise ValueError(f"--codes must be one of {interpretability.CODE_PROTOCOLS}, got {codes!r}")
   config, family, state, mesh = common.restore_run(workdir, step)
   source = common.split_source(config, split)
   batches = pipeline.eval_batches(source, config.data, batch_size=config.train.eval_batch_size)
@@ -109,8 +126,8 @@ def evaluate_run(workdir: str, split: str = "test", step: int | None = None,
                             title=f"{config.name}: traversals (sigma units) of "
                                   f"{outputs['subject'][anchor]}")
     viz.save_attribute_scatter_grid(
-        os.path.join(out_dir, "attribute_scatter.png"), latents[:, shown], attributes,
-        xlabels=[f"z{d}" for d in shown], ylabels=names,
+        os.path.join(out_dir, "attribute_scatter.png"), scored[:, shown], attributes,
+        xlabels=[f"z{d} ({codes})" for d in shown], ylabels=names,
         title=f"{config.name}: attributes vs latent dimensions ({split})")
   common.write_json(os.path.join(out_dir, "metrics.json"), result)
   shutil.rmtree(cache_dir, ignore_errors=True)
@@ -171,13 +188,14 @@ def main(argv):
             f"PSNR {rec['psnr']:.2f} dB  NRMSE {rec['nrmse']:.4f}")
   else:
     result = evaluate_run(FLAGS.workdir, FLAGS.split, FLAGS.step, FLAGS.traversal_steps,
-                          FLAGS.traversal_range)
+                          FLAGS.traversal_range, codes=FLAGS.codes, code_seed=FLAGS.code_seed)
     rec = result["reconstruction"]
     line = (f"{result['config']} step {result['step']} on {result['num_subjects']} "
             f"{result['split']} subjects: SSIM {rec['ssim']:.4f}  PSNR {rec['psnr']:.2f} dB  "
             f"MSE {rec['mse']:.5f}")
     if "regularized" in result:
-      line += f"  mean |rho| of regularised dims {result['regularized']['mean_abs_rho']:.3f}"
+      line += (f"  mean |rho| of regularised dims {result['regularized']['mean_abs_rho']:.3f} "
+               f"({result['regularized']['codes']} codes)")
   print(line)
   print(f"Wrote {os.path.join(FLAGS.workdir, 'eval', 'metrics.json')}", file=sys.stderr)
 

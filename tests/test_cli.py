@@ -64,8 +64,14 @@ def test_evaluate_writes_metrics_and_figures(trained_run):
   rec = metrics["reconstruction"]
   assert 0 <= rec["mse"] < 1 and -1 <= rec["ssim"] <= 1
   assert set(metrics["regularized"]) >= {"lv_edv_ml", "myo_ed_ml", "rv_edv_ml"}
-  for key in ("interpretability", "mig", "sap", "scc", "modularity"):
+  for key in ("interpretability", "mig", "sap", "scc", "modularity", "mig_binned", "dci"):
     assert key in metrics["interpretability"]
+    assert key in metrics["interpretability_mean_codes"]
+  # By default the reference protocol: one seeded draw z ~ q(z|x) per subject.
+  assert metrics["interpretability"]["codes"] == metrics["regularized"]["codes"] == "sampled"
+  assert "q(z|x)" in metrics["interpretability"]["protocol"]
+  assert metrics["interpretability_mean_codes"]["codes"] == "mean"
+  assert metrics["regularized_mean_codes"]["protocol"] == "posterior means z = mu"
   for figure in ("reconstructions.png", "traversals.png", "attribute_scatter.png"):
     assert os.path.getsize(os.path.join(workdir, "eval", figure)) > 1000
 
