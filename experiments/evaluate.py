@@ -101,11 +101,9 @@ def evaluate_run(workdir: str, split: str = "test", step: int | None = None,
             "reconstruction": reconstruction}
   dims = [int(d) for d in config.loss.get("regularized_dims", ())]
   if names and len(latents) > 4:
-    result["interpretability"] = interpretability.interpretability_metrics(
-        latents, attributes, names)
-    if dims:
-      result["regularized"] = interpretability.regularized_dimension_correlations(
-          latents, attributes, dims, names)
+    result.update(interpretability.posterior_code_metrics(
+        latents, outputs["logvar"], attributes, names, dims, codes=codes, seed=code_seed))
+    scored, _ = interpretability.posterior_codes(latents, outputs["logvar"], codes, code_seed)
 
   channel_names = [c.upper() for c in config.data.channels]
   viz.save_reconstruction_figure(os.path.join(out_dir, "reconstructions.png"),
