@@ -17,12 +17,15 @@ What is measured, in this order, in one process:
 4. input_samples_per_sec: the single-process training iterator of the config's prepared
    training split (slices or cine; generated and prepared first if the cache lacks it), timed
    over --input_batches batches after a warm-up batch; skipped with --input_batches=0;
-5. with --torch_python=PYTHON: the PyTorch eager baseline (benchmarks/torch_baseline.py, the same
-   AR-SIVAE model and encoder+decoder update) run right after the JAX steps by that interpreter
-   (an environment that has PyTorch; PyTorch is never a project dependency) at the same batch
-   size, resolution, channels, latent size and loss weights, for as many timed steps after one
-   warm-up step. jax_over_torch = jax_s_per_step / torch_s_per_step (below 1: JAX is faster).
-   Both parameter counts are reported and must agree.
+5. with --torch_python=PYTHON: the PyTorch eager baseline of the config's family, run right
+   after the JAX steps by that interpreter (an environment that has PyTorch; PyTorch is never a
+   project dependency) at the same configuration, for as many timed steps after one warm-up
+   step: benchmarks/torch_baseline.py for the soft_intro VAE configs (the same AR-SIVAE model
+   and encoder + decoder update, loss weights and latent size), benchmarks/imlatent_baseline.py
+   for diffae3d (the ImLatent reference network at the config's frames, size, channels and
+   attention; encoder + eps loss + backward + clipping + Adam + EMA). jax_over_torch =
+   jax_s_per_step / torch_s_per_step (below 1: JAX is faster). Both parameter counts (trained
+   parameters, not an EMA copy) are reported and must agree.
 
 The machine may be shared: the 1-, 5- and 15-minute load averages (os.getloadavg) at the start
 and end of the run are part of the line, and so are the individual step times of both
@@ -66,7 +69,8 @@ _PEAK_MATMUL_SIZE = flags.DEFINE_integer("peak_matmul_size", 2048,
 _PEAK_REPEATS = flags.DEFINE_integer("peak_repeats", 5, "Timed runs of the matmul (best kept).")
 _TORCH_PYTHON = flags.DEFINE_string(
     "torch_python", "", "Python interpreter with PyTorch installed: also time the PyTorch eager "
-    "baseline (benchmarks/torch_baseline.py) at the same configuration (soft_intro configs).")
+    "baseline at the same configuration (benchmarks/torch_baseline.py for soft_intro VAE "
+    "configs, benchmarks/imlatent_baseline.py for diffae3d).")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0,
                                       "torch.set_num_threads for the baseline (0 = its default).")
 
@@ -77,8 +81,10 @@ _REMAT = flags.DEFINE_enum(
     "remat", None, ["none", "blocks"],
     "Rematerialisation of the model's residual blocks; default: config.model.remat (or none).")
 
-TORCH_BASELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "benchmarks", "torch_baseline.py")
+BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "benchmarks")
+TORCH_BASELINE = os.path.join(BENCHMARKS_DIR, "torch_baseline.py")
+IMLATENT_BASELINE = os.path.join(BENCHMARKS_DIR, "imlatent_baseline.py")
 
 
 def measure_matmul_peak(size: int, repeats: int) -> float:
@@ -195,7 +201,8 @@ def benchmark_train_step(config, num_steps: int, remat: str | None = None,
   flops_per_step = _flops(compiled) * mesh.size
 
   step_buffers_mb = _step_buffers_mb(compiled)
-  params = {part: count_parameters(p) for part, p in state.params.items()}
+  # The model's trained parameters; an EMA copy carried in the state ("ema") is not the model.
+  params = {part: count_parameters(p) for part, p in state.params.items() if part != "ema"}
 
   state, metrics = train_step(state, batch, jax.random.fold_in(root, 0))  # Warm-up.
   jax.block_until_ready((state, metrics))
@@ -229,9 +236,8 @@ def benchmark_train_step(config, num_steps: int, remat: str | None = None,
   }
 
 
-def torch_baseline_command(config, torch_python: str, num_steps: int,
-                           threads: int = 0) -> list[str]:
-  """The benchmarks/torch_baseline.py command line for `config` (a soft_intro VAE config)."""
+def soft_intro_baseline_args(config) -> list[str]:
+  """benchmarks/torch_baseline.py flags for `config` (a soft_intro VAE config)."""
   if config.model.family != "vae" or config.loss.objective != "soft_intro":
     raise ValueError(
         f"the PyTorch baseline implements the Soft-IntroVAE / AR-SIVAE update of the residual "
@@ -241,20 +247,78 @@ def torch_baseline_command(config, torch_python: str, num_steps: int,
     raise ValueError("the PyTorch baseline implements loss.reconstruction='mse' and "
                      "loss.scale='chw' only")
   loss = config.loss
-  command = [
-      torch_python, TORCH_BASELINE,
+  return [
       f"--image_size={int(config.data.image_size)}",
       f"--image_channels={len(config.data.channels)}",
       f"--channels={','.join(str(int(c)) for c in config.model.channels)}",
       f"--latent_dim={int(config.model.latent_dim)}",
       f"--num_attributes={len(config.data.attributes)}",
       f"--batch_size={int(config.train.batch_size)}",
-      f"--steps={num_steps}", "--warmup_steps=1", f"--seed={int(config.seed)}",
       f"--learning_rate={float(config.optimizer.learning_rate)}",
       f"--beta_rec={float(loss.beta_rec)}", f"--beta_kl={float(loss.beta_kl)}",
       f"--beta_neg={float(loss.beta_neg)}", f"--gamma_r={float(loss.gamma_r)}",
       f"--gamma={float(loss.gamma)}", f"--delta={float(loss.delta)}",
   ]
+
+
+def imlatent_baseline_args(config) -> list[str]:
+  """benchmarks/imlatent_baseline.py flags for a diffae3d config: its network sizes, diffusion
+  schedule, loss weights, optimizer, EMA decay and batch."""
+  model, opt, diff = config.model, config.optimizer, config.diffusion
+  if model.compute_dtype != "float32":
+    raise ValueError(f"the ImLatent baseline runs in float32 only; config has "
+                     f"model.compute_dtype={model.compute_dtype!r}")
+  if opt.name not in ("adam", "adamw") or opt.get("schedule", "constant") != "constant":
+    raise ValueError(f"the ImLatent baseline implements optimizer.name adam or adamw with the "
+                     f"constant schedule (and linear warm-up) only; config has "
+                     f"optimizer.name={opt.name!r}, schedule={opt.get('schedule')!r}")
+  ints = lambda values: ",".join(str(int(v)) for v in values)
+  return [
+      f"--num_frames={int(config.data.num_frames)}",
+      f"--image_size={int(config.data.image_size)}",
+      f"--base_channels={int(model.base_channels)}",
+      f"--channel_mult={ints(model.channel_mult)}",
+      f"--num_res_blocks={int(model.num_res_blocks)}",
+      f"--attention_resolutions={ints(model.attention_resolutions)}",
+      f"--encoder_channel_mult={ints(model.encoder_channel_mult)}",
+      f"--encoder_num_res_blocks={int(model.encoder_num_res_blocks)}",
+      f"--encoder_attention_resolutions={ints(model.encoder_attention_resolutions)}",
+      f"--encoder_head={model.get('encoder_head', 'pool')}",
+      f"--z_sem_dim={int(model.z_sem_dim)}",
+      f"--time_embed_dim={int(model.time_embed_dim)}",
+      f"--num_heads={int(model.num_heads)}",
+      f"--dropout={float(model.dropout)}",
+      f"--num_timesteps={int(diff.num_timesteps)}",
+      f"--beta_start={float(diff.beta_start)}", f"--beta_end={float(diff.beta_end)}",
+      f"--p2_gamma={float(diff.get('p2_gamma', 0.0))}", f"--p2_k={float(diff.get('p2_k', 1.0))}",
+      f"--optimizer={opt.name}", f"--learning_rate={float(opt.learning_rate)}",
+      f"--b1={float(opt.get('b1', 0.9))}", f"--b2={float(opt.get('b2', 0.999))}",
+      f"--weight_decay={float(opt.get('weight_decay', 0.0))}",
+      f"--lr_warmup_steps={int(opt.get('warmup_steps', 0))}",
+      f"--grad_clip_norm={float(opt.get('grad_clip_norm', 0.0))}",
+      f"--ema_decay={float(model.ema_decay)}",
+      f"--batch_size={int(config.train.batch_size)}",
+  ]
+
+
+# model.family -> (PyTorch baseline script, its flags for a config of that family).
+TORCH_BASELINES = {
+    "vae": (TORCH_BASELINE, soft_intro_baseline_args),
+    "diffae3d": (IMLATENT_BASELINE, imlatent_baseline_args),
+}
+
+
+def torch_baseline_command(config, torch_python: str, num_steps: int,
+                           threads: int = 0) -> list[str]:
+  """The command line of the config family's PyTorch baseline (TORCH_BASELINES) at the
+  config's settings, `num_steps` timed steps after one warm-up step."""
+  family = config.model.family
+  if family not in TORCH_BASELINES:
+    raise ValueError(f"no PyTorch baseline for model.family={family!r}; --torch_python works "
+                     f"with {', '.join(sorted(TORCH_BASELINES))}")
+  script, baseline_args = TORCH_BASELINES[family]
+  command = [torch_python, script, *baseline_args(config),
+             f"--steps={num_steps}", "--warmup_steps=1", f"--seed={int(config.seed)}"]
   if threads:
     command.append(f"--threads={threads}")
   return command
