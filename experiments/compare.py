@@ -272,7 +272,7 @@ def markdown_table(rows: Sequence[dict], group_by_config: bool = False) -> str:
   headers = (["Run"] + (["Seeds"] if group_by_config else []) + [c.header for c in COLUMNS]
              + ["Codes"])
   lines = ["| " + " | ".join(headers) + " |",
-           "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+           "|" + "|".join(["---"] + ["---:"] * (len(headers) - 2) + ["---"]) + "|"]
   for row in rows:
     cells = [row["name"].replace("|", "\\|")]
     if group_by_config:
