@@ -31,10 +31,13 @@ and two disentanglement_lib metrics (Locatello et al. 2019):
   row / column normalised R, rho the share of total importance and H_K the entropy in base K.
 
 The reference evaluations (ar-vae `ImageVAETrainer.compute_representations`, AR-SIVAE
-`DownstreamEvaluator.compute_latent_representations`) compute their metrics on one draw
-z ~ q(z|x) per test image, not on the posterior means; `posterior_codes` makes those codes with
-a seeded generator and `posterior_code_metrics` reports every metric for the sampled codes and
-for the means side by side (disentanglement_lib itself scores the means).
+`DownstreamEvaluator.compute_latent_representations`) compute their metrics on one unseeded
+draw z ~ q(z|x) per test image, not on the posterior means: ar-vae on its test split, AR-SIVAE
+on the ACDC test subjects, one basal slice each. `posterior_codes` makes those codes, one draw
+per subject (one slice per subject here too) from a seeded generator, and
+`posterior_code_metrics` reports every metric for the sampled codes and for the means side by
+side (disentanglement_lib itself scores the means). AR-SIVAE scores SAP, SCC and modularity
+against every column of its attribute table; here all metrics use the given attributes.
 
 Mutual information uses the Kraskov-Stoegbauer-Grassberger estimator (Phys. Rev. E 69, 066138,
 2004, algorithm 1) with k = 3 neighbours, implemented here rather than taken from
