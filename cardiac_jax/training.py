@@ -16,7 +16,12 @@ no flags, so tests run it directly. The loop
 - on SIGTERM/SIGINT (reaching any process) finishes the current step, saves a checkpoint and
   exits cleanly, every process after the same step;
 - logs scalars (metrics.jsonl + TensorBoard), a progress bar, periodic validation metrics and
-  the family's figures from process 0 only.
+  the family's figures from process 0 only;
+- with config.train.best_metric (a logged validation metric, e.g. "val/reconstruction_loss",
+  better when lower for train.best_mode "min"), keeps the checkpoint of the best evaluation
+  besides the latest train.max_checkpoints ones: an evaluation that improves on the best saves
+  its step at once, and workdir/best_checkpoint.json names it (`BEST_FILE`); a resumed run
+  continues from the best recorded in its checkpoints.
 
 A model family (`steps.FAMILIES`, chosen by config.model.family) is an object built as
 `Family(config, axis_name=None)` with
@@ -61,6 +66,12 @@ ANALYSIS_SECTIONS = ("latent.",)
 # the field), so the run still resumes.
 ADDED_FIELD_DEFAULTS = {"model.remat": "none", "diffusion.p2_gamma": 0.0,
                         "diffusion.p2_k": 1.0}
+# Added fields that choose which checkpoints are kept, not what is trained: a saved config
+# without them takes the resuming config's values (the run keeps a best checkpoint from its
+# next evaluation on). A value the run was written with may not change.
+ADOPTED_FIELDS = ("train.best_metric", "train.best_mode")
+# The best checkpoint of a run with train.best_metric: {"metric", "mode", "step", "value"}.
+BEST_FILE = "best_checkpoint.json"
 
 
 class NonFiniteError(FloatingPointError):
@@ -111,6 +122,7 @@ def check_workdir_config(workdir: str, config) -> None:
     b = flatten_config(current)
     # An added field counts at its old value only in configs that have it (its section).
     added = {k: v for k, v in ADDED_FIELD_DEFAULTS.items() if k in b}
+    added.update({k: b[k] for k in ADOPTED_FIELDS if k in b})
     a = {**added, **flatten_config(saved)}
     differing = sorted(k for k in set(a) | set(b)
                        if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS
@@ -121,11 +133,38 @@ def check_workdir_config(workdir: str, config) -> None:
           f"{workdir} holds a run with a different config ({details}). Use another --workdir, "
           "or the same config to resume.")
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(current, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    _write_json(path, current)
+
+
+def _write_json(path: str, data: dict) -> None:
+  """Writes `data` as JSON atomically (a reader sees the old file or the new one)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _record_best(workdir: str, checkpointer: checkpointing.Checkpointer) -> None:
+  """Writes workdir/BEST_FILE from the checkpointer's best (removes a stale one without)."""
+  path = os.path.join(workdir, BEST_FILE)
+  best = checkpointer.best()
+  if best is not None:
+    _write_json(path, {"metric": checkpointer.best_metric, "mode": checkpointer.best_mode,
+                       "step": int(best[0]), "value": float(best[1])})
+  elif os.path.exists(path):
+    os.remove(path)
+
+
+def _check_best_metric(config) -> None:
+  """A clear error for a train.best_metric / best_mode that cannot select a checkpoint."""
+  name, mode = config.train.get("best_metric", ""), config.train.get("best_mode", "min")
+  if mode not in checkpointing.BEST_MODES:
+    raise ValueError(f"train.best_mode must be one of {checkpointing.BEST_MODES}, got {mode!r}")
+  if name and not name.startswith("val/"):
+    raise ValueError(f"train.best_metric must name a validation metric as logged in "
+                     f"metrics.jsonl (val/<name>, e.g. val/reconstruction_loss), got {name!r}; "
+                     "'' keeps no best checkpoint")
 
 
 class _SignalFlag:
@@ -253,6 +292,7 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
   distributed.initialize_from_environment()  # Multi-host runs: before any device is touched.
   workdir = os.path.abspath(workdir)
   is_chief = jax.process_index() == 0
+  _check_best_metric(config)
   check_workdir_config(workdir, config)
   writer = metric_logging.MetricWriter(workdir, enabled=is_chief)
   figures_dir = os.path.join(workdir, "figures")
@@ -266,8 +306,11 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
   # Independent streams: parameters (fold_in 0, inside init_state), training steps, figures.
   step_keys, figure_key = jax.random.fold_in(root_key, 1), jax.random.fold_in(root_key, 2)
   init = jax.jit(family.init_state, out_shardings=parallel.replicated(mesh))
+  best_metric = tc.get("best_metric", "")
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                            max_to_keep=tc.max_checkpoints)
+                                            max_to_keep=tc.max_checkpoints,
+                                            best_metric=best_metric,
+                                            best_mode=tc.get("best_mode", "min"))
   restored = checkpointer.restore_latest(
       parallel.abstract_state(family.init_state, root_key, mesh))
   if restored is None:
@@ -275,6 +318,8 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
   else:
     state, start_step = restored
   writer.truncate_after(start_step)  # Lines beyond the restored step (or all, from scratch).
+  if is_chief:
+    _record_best(workdir, checkpointer)  # Repairs a record of a save that never completed.
   if start_step:
     print(f"Resuming {workdir} from step {start_step}.", flush=True)
 
@@ -288,9 +333,21 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
   figure_examples = _figure_examples(data) if is_chief and tc.figure_every else None
 
   def run_eval(step: int) -> dict[str, float]:
+    """The validation metrics of `step`, logged and returned under their val/ names."""
     metrics, _ = evaluate(family, state, data.eval_batches(), mesh, eval_fn)
     writer.write(step, metrics, prefix="val/")
+    metrics = {f"val/{k}": v for k, v in metrics.items()}
+    if best_metric and best_metric not in metrics:
+      raise ValueError(f"train.best_metric {best_metric!r} is not among the validation "
+                       f"metrics of this model ({', '.join(sorted(metrics))})")
     return metrics
+
+  def save(step: int, evaluated: dict[str, float] | None, force: bool = False) -> None:
+    """Saves `step` with its validation metrics (None if not evaluated at this step)."""
+    before = checkpointer.best()
+    checkpointer.save(step, state, force=force, metrics=evaluated)
+    if is_chief and checkpointer.best() != before:
+      _record_best(workdir, checkpointer)
 
   progress = None
   if is_chief and tc.progress_bar and start_step < tc.num_steps:
@@ -302,6 +359,7 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
   accumulated_steps = 0
   interval_start = time.perf_counter()
   step = start_step
+  evaluated = None  # Validation metrics of the current step, when it was evaluated.
   try:
     with _SignalFlag() as flag:
       while step < tc.num_steps:
@@ -329,10 +387,13 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
                                  steps_s=f"{means['steps_per_sec']:.2f}")
           accumulated, accumulated_steps = {}, 0
           interval_start = time.perf_counter()
-        if tc.checkpoint_every and step % tc.checkpoint_every == 0:
-          checkpointer.save(step, state)
+        evaluated = None
         if tc.eval_every and (step % tc.eval_every == 0 or step == tc.num_steps):
-          run_eval(step)
+          evaluated = run_eval(step)
+        # An improving evaluation is saved at once: it becomes the best checkpoint.
+        if ((tc.checkpoint_every and step % tc.checkpoint_every == 0)
+            or checkpointer.improves(evaluated)):
+          save(step, evaluated)
         if figure_examples is not None and (step % tc.figure_every == 0
                                             or step == tc.num_steps):
           os.makedirs(figures_dir, exist_ok=True)
@@ -341,14 +402,14 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
         if parallel.any_process(flag.received is not None):
           checkpointer.wait()
           if checkpointer.latest_step() != step:  # The periodic save may have just run.
-            checkpointer.save(step, state, force=True)
+            save(step, evaluated, force=True)
           checkpointer.wait()
           cause = (f"received signal {flag.received}" if flag.received is not None
                    else "another process received a signal")
           raise Preempted(f"{cause} at step {step}: checkpoint saved in "
                           f"{checkpointer.directory}; rerun the same command to resume.")
       if checkpointer.latest_step() != step:
-        checkpointer.save(step, state, force=True)
+        save(step, evaluated, force=True)
   finally:
     # Stop the input pipeline's threads now: left to interpreter shutdown, a tf.data iterator
     # with in-flight numpy_function calls can deadlock and keep a preempted process alive.

@@ -145,11 +145,65 @@ def load_run_config(workdir: str):
     return ml_collections.ConfigDict(json.load(f))
 
 
-def restore_run(workdir: str, step: int | None = None):
-  """(config, family, state, mesh) of a run's checkpoint, for evaluation and analyses."""
+STEP_CHOICES = ("latest", "best")
+
+
+def parse_step(value, workdir: str = "") -> int | str | None:
+  """A --step value: None or "latest" -> None (the latest checkpoint), "best" -> "best" (the
+  best validation checkpoint, train.best_metric), an integer (or its text) -> that step.
+  ValueError naming the workdir otherwise."""
+  if value is None or isinstance(value, int) and not isinstance(value, bool):
+    step = value
+  else:
+    text = str(value).strip().lower()
+    if text in STEP_CHOICES:
+      return None if text == "latest" else text
+    try:
+      step = int(text)
+    except ValueError:
+      step = -1
+  if step is not None and step < 0:
+    raise ValueError(f"--step={value!r}{f' for {workdir}' if workdir else ''}: expected a "
+                     "checkpoint step (an integer >= 0), 'best' or 'latest'")
+  return step
+
+
+def step_selection(value) -> str:
+  """How a --step value chose the checkpoint, for outputs beside the restored integer step:
+  "latest", "best" or "explicit"."""
+  step = parse_step(value)
+  return "latest" if step is None else "best" if step == "best" else "explicit"
+
+
+def best_step(workdir: str, config=None) -> int:
+  """The step of a run's best validation checkpoint (train.best_metric); ValueError naming the
+  workdir when the run keeps none or has not saved an evaluated one yet."""
+  from cardiac_jax import checkpointing
+  config = config or load_run_config(workdir)
+  metric = config.train.get("best_metric", "")
+  if not metric:
+    raise ValueError(f"--step=best: {workdir} keeps no best checkpoint (its config.json has no "
+                     "train.best_metric); use --step=latest or an integer step")
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), best_metric=metric,
+                                  best_mode=config.train.get("best_mode", "min")) as checkpointer:
+    best = checkpointer.best()
+    steps = checkpointer.all_steps()
+  if best is None:
+    raise ValueError(f"--step=best: {workdir} has no best checkpoint yet: no saved step carries "
+                     f"an evaluation of {metric} (train.eval_every="
+                     f"{config.train.get('eval_every')}; steps kept: {steps})")
+  return best[0]
+
+
+def restore_run(workdir: str, step=None):
+  """(config, family, state, mesh) of a run's checkpoint, for evaluation and analyses; `step`
+  as `parse_step` reads it (default: the latest). The restored step is int(state.step)."""
   import jax
   from cardiac_jax import checkpointing, parallel, steps
   config = load_run_config(workdir)
+  step = parse_step(step, workdir)
+  if step == "best":
+    step = best_step(workdir, config)
   family = steps.make_family(config)
   mesh = parallel.make_mesh(config.parallel.num_devices)
   abstract = parallel.abstract_state(family.init_state, jax.random.key(config.seed), mesh)

@@ -269,3 +269,93 @@ def test_a_run_saved_before_an_added_field_resumes_at_its_old_value(tmp_path):
   config.diffusion.p2_gamma = 1.0
   with pytest.raises(training.WorkdirConflictError, match=r"diffusion\.p2_gamma: 0\.0 -> 1\.0"):
     training.check_workdir_config(str(tmp_path), config)
+
+
+# ----------------------------------------------------------------------------- best checkpoint
+
+def test_best_checkpoint_survives_rotation_and_resume(tmp_path, disc_examples, monkeypatch):
+  """Validation improves until step 3 and then gets worse: with one latest checkpoint kept,
+  step 3 is kept as `best` through the rotation, the final save and a resume (which must know
+  the best so far: step 5 is worse than step 3, not a first evaluation), and `--step=best`
+  restores exactly the parameters evaluated at step 3."""
+  from experiments import common
+  loss_at = {1: 5.0, 2: 4.0, 3: 3.0, 4: 3.5, 5: 6.0, 6: 3.2}
+  evaluated_params = {}
+
+  def scripted_evaluate(family, state, batches, mesh, eval_fn=None, **kwargs):
+    step = int(state.step)
+    evaluated_params[step] = params_of(state)
+    return {"reconstruction_loss": loss_at[step], "kl": 0.0}, {}
+
+  monkeypatch.setattr(training, "evaluate", scripted_evaluate)
+  workdir = str(tmp_path / "best")
+  first = smoke_config(num_steps=4, checkpoint_every=2, eval_every=1, max_checkpoints=1)
+  training.train_and_evaluate(first, workdir, data_source(first, disc_examples))
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+    assert ckpt.all_steps() == [3, 4]
+  config = smoke_config(num_steps=6, checkpoint_every=2, eval_every=1, max_checkpoints=1)
+  training.train_and_evaluate(config, workdir, data_source(config, disc_examples))
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+    assert ckpt.all_steps() == [3, 6]
+  with open(os.path.join(workdir, training.BEST_FILE)) as f:
+    assert json.load(f) == {"metric": "val/reconstruction_loss", "mode": "min", "step": 3,
+                            "value": 3.0}
+  _, _, state, _ = common.restore_run(workdir, "best")
+  assert int(state.step) == 3
+  assert_trees_equal(params_of(state), evaluated_params[3])
+  assert int(common.restore_run(workdir, "latest")[2].step) == 6
+
+
+def test_step_choices_and_clear_errors_of_restore_run(uninterrupted, tmp_path):
+  from experiments import common
+  _, source, _ = uninterrupted
+  assert [common.parse_step(v) for v in (None, "latest", "best", "6", 3)] == [None, None,
+                                                                            "best", 6, 3]
+  assert [common.step_selection(v) for v in (None, "best", "6")] == ["latest", "best",
+                                                                      "explicit"]
+  workdir = str(tmp_path / "run")
+  shutil.copytree(source, workdir)
+  with pytest.raises(ValueError, match=f"--step='final' for {workdir}: .*'best' or 'latest'"):
+    common.restore_run(workdir, "final")
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint step 5 .*\[3, 6\]"):
+    common.restore_run(workdir, 5)
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    saved = json.load(f)
+  for metric, message in (("", "keeps no best checkpoint"),
+                          ("val/kl", "has no best checkpoint yet: no saved step carries an "
+                                     "evaluation of val/kl")):
+    saved["train"]["best_metric"] = metric
+    with open(path, "w") as f:
+      json.dump(saved, f)
+    with pytest.raises(ValueError, match=f"{workdir} {message}"):
+      common.restore_run(workdir, "best")
+
+
+def test_best_metric_is_adopted_by_older_runs_and_may_not_change(tmp_path):
+  """A run written before train.best_metric existed resumes and keeps a best from then on; a
+  run written with one refuses another (its kept best was ranked by the first)."""
+  config = smoke_config()
+  saved = json.loads(config.to_json_best_effort())
+  del saved["train"]["best_metric"], saved["train"]["best_mode"]
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(saved, f)
+  training.check_workdir_config(str(tmp_path), config)
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["train"]["best_metric"] == "val/reconstruction_loss"
+  config.train.best_metric = "val/ssim"
+  with pytest.raises(training.WorkdirConflictError, match="train.best_metric"):
+    training.check_workdir_config(str(tmp_path), config)
+  config.train.best_metric = "ssim"
+  with pytest.raises(ValueError, match="train.best_metric must name a validation metric"):
+    training.train_and_evaluate(config, str(tmp_path / "other"), None)
+
+
+def test_analysis_commands_accept_step_best():
+  from absl import flags
+  from experiments import infer_latents, probe, reproducibility
+  for module in (infer_latents, probe, reproducibility):
+    values = flags.FlagValues()
+    module.define_flags(values)
+    values(["program", "--step=best"])
+    assert values.step == "best"

@@ -94,7 +94,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 250
   c.train.checkpoint_every = 250
   c.train.figure_every = 250
-  c.train.max_checkpoints = 3
+  c.train.max_checkpoints = 3       # Latest checkpoints kept (plus the best, below).
+  # Validation metric (as logged, val/<name>) whose best checkpoint is kept besides the latest
+  # ones, for `--step=best` of the analyses; "" keeps none. best_mode: "min" | "max".
+  c.train.best_metric = "val/reconstruction_loss"
+  c.train.best_mode = "min"
   c.train.eval_batch_size = 64
   c.train.skip_nonfinite = False   # Skip (and count) non-finite updates instead of stopping.
   c.train.progress_bar = True

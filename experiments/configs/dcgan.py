@@ -46,6 +46,7 @@ def get_config(arg=None):
   c.train.eval_every = 500
   c.train.checkpoint_every = 500
   c.train.figure_every = 250
+  c.train.best_metric = "val/mmd2_thumbnail"  # Real vs generated sets (D's outputs rank none).
   base.finalize(c, arg, paper)
   if arg == "smoke":
     c.gan.eval_thumbnail_size = 8

@@ -214,6 +214,7 @@ def get_config(arg=None):
   c.train.eval_every = 1500           # Once, at the end (a validation pass takes minutes).
   c.train.checkpoint_every = 200
   c.train.figure_every = 250
+  c.train.best_metric = "val/eps_loss"
   c = base.finalize(c, arg, paper)
   if arg == "smoke":
     smoke(c)

@@ -76,6 +76,7 @@ def get_config(arg=None):
   c.train.eval_every = 250
   c.train.checkpoint_every = 250
   c.train.figure_every = 250
+  c.train.best_metric = "val/bce"     # The classifier's loss (stage 1 leaves it untrained).
 
   # experiments/tcav.py.
   c.tcav = ml_collections.ConfigDict()
