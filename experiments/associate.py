@@ -295,8 +295,9 @@ def associate(workdir: str, latents_path: Optional[str] = None,
               covariates: Optional[Sequence[str]] = None,
               covariates_file: Optional[str] = None, inverse_normal: bool = False,
               splits: Sequence[str] = SPLITS, alpha: float = 0.05,
-              output_dir: Optional[str] = None) -> dict:
-  """Runs every latent x trait test and writes the outputs (module docstring).
+              output_dir: Optional[str] = None, step=None) -> dict:
+  """Runs every latent x trait test and writes the outputs (module docstring). An explicit
+  `step` (--step, `common.parse_step`) brings the run's own latents to that checkpoint.
 
   traits / binary_traits / covariates None mean the defaults; empty lists mean none.
   Returns {"rows", "threshold", "output_dir", "num_subjects", "covariates"}.
@@ -305,7 +306,8 @@ def associate(workdir: str, latents_path: Optional[str] = None,
   from data_pipelines import cine  # pylint: disable=g-import-not-at-top
   from experiments import common, infer_latents  # pylint: disable=g-import-not-at-top
   config = common.load_run_config(workdir)
-  latents = infer_latents.load_or_compute(workdir, latents_path)
+  latents = infer_latents.load_or_compute(workdir, latents_path, refresh=step is not None,
+                                          step=step)
   unknown = [s for s in splits if s not in SPLITS]
   if unknown:
     raise ValueError(f"unknown splits {unknown} (train, val, test)")
@@ -369,6 +371,8 @@ def associate(workdir: str, latents_path: Optional[str] = None,
 def define_flags() -> None:
   """The command-line flags; defined only when run as a program."""
   flags.DEFINE_string("workdir", None, "diffae3d run directory.")
+  flags.DEFINE_string("step", None, "Checkpoint of computed latents: a step, best (the best "
+                      "validation checkpoint) or latest (default).")
   flags.DEFINE_string("latents", None, "Latents CSV (default: DIR/latents/latents.csv, "
                       "computed when missing).")
   flags.DEFINE_list("traits", None, "Continuous attributes.csv columns (default: every "
@@ -393,7 +397,7 @@ def main(argv):
   result = associate(f.workdir, latents_path=f.latents, traits=f.traits,
                      binary_traits=f.binary_traits, covariates=f.covariates,
                      covariates_file=f.covariates_file, inverse_normal=f.inverse_normal,
-                     splits=f.splits, alpha=f.alpha, output_dir=f.output_dir)
+                     splits=f.splits, alpha=f.alpha, output_dir=f.output_dir, step=f.step)
   with open(os.path.join(result["output_dir"], "summary.md"), encoding="utf-8") as fh:
     print(fh.read())
 

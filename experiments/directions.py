@@ -95,7 +95,8 @@ def define_flags() -> None:
   flags.DEFINE_list("compare", None, "Method folders (with results.json) to compare only.")
   flags.DEFINE_string("compare_out", None, "Folder of the comparison files (default: the "
                       "folders' common parent; DIR/directions for --methods).")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.DEFINE_string("step", None, "Checkpoint: a step, best (the best validation "
+                      "checkpoint) or latest (default).")
   flags.DEFINE_integer("num_directions", 16, "Directions found and scored (at most latent_dim "
                        "but for voynov; 0: latent_dim).")
   flags.DEFINE_integer("num_base_latents", 32, "Base latents z ~ N(0, I).")
@@ -208,6 +209,7 @@ class GeneratorRun:
   state: Any
   config: Any
   workdir: str
+  step_selection: str = "latest"  # How --step chose the checkpoint (common.step_selection).
 
 
 def generator_from_workdir(workdir: str, step: int | None = None):
@@ -234,7 +236,8 @@ def generator_from_workdir(workdir: str, step: int | None = None):
 
 def load_generator_run(workdir: str, step: int | None = None) -> GeneratorRun:
   generator, latent_dim, kind, family, state, config = generator_from_workdir(workdir, step)
-  return GeneratorRun(generator, latent_dim, kind, family, state, config, workdir)
+  return GeneratorRun(generator, latent_dim, kind, family, state, config, workdir,
+                      common.step_selection(step))
 
 
 # ------------------------------------------------------------------------------- segmenter
@@ -835,6 +838,7 @@ def write_method_outputs(out_dir: str, run: GeneratorRun, method: str, found, ex
   result = {
       "workdir": os.path.abspath(run.workdir), "config": run.config.name, "kind": run.kind,
       "method": found.method, "requested_method": method, "step": int(run.state.step),
+      "step_selection": run.step_selection,
       "latent_dim": run.latent_dim, "image_size": int(run.config.data.image_size),
       "settings": dataclasses.asdict(settings), "shifts": shifts.tolist(),
       "segmenter": {"dice": dice, "split": seg_meta.get("quality", {}).get("split"),

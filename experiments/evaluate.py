@@ -41,7 +41,8 @@ def define_flags() -> None:
   next to other commands defines nothing)."""
   flags.DEFINE_string("workdir", None, "Run directory written by experiments.train.")
   flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to evaluate.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.DEFINE_string("step", None, "Checkpoint: a step, best (the best validation "
+                      "checkpoint) or latest (default).")
   flags.DEFINE_integer("traversal_steps", 9, "Columns of the traversal grid.")
   flags.DEFINE_float("traversal_range", 2.5,
                      "Traversal half-width in standard deviations of the test codes.")
@@ -97,7 +98,8 @@ def evaluate_run(workdir: str, split: str = "test", step: int | None = None,
   names = list(config.data.attributes)
   latents, attributes = outputs["mu"], outputs["attributes"]
   result = {"workdir": os.path.abspath(workdir), "config": config.name, "split": split,
-            "step": int(state.step), "num_subjects": int(len(latents)),
+            "step": int(state.step), "step_selection": common.step_selection(step),
+            "num_subjects": int(len(latents)),
             "reconstruction": reconstruction}
   dims = [int(d) for d in config.loss.get("regularized_dims", ())]
   if names and len(latents) > 4:
@@ -158,7 +160,8 @@ def evaluate_diffae_run(workdir: str, split: str = "test", step: int | None = No
                                        keep=("subject",))
   eps = {k: v for k, v in metrics.items() if k.startswith("eps_loss")}
   result = {"workdir": os.path.abspath(workdir), "config": config.name, "split": split,
-            "step": int(state.step), "num_subjects": int(len(outputs["subject"])),
+            "step": int(state.step), "step_selection": common.step_selection(step),
+            "num_subjects": int(len(outputs["subject"])),
             "inversion_steps": family.inversion_steps, "decode_steps": family.decode_steps,
             "ema": family.eval_use_ema,
             "reconstruction": {k: metrics[k] for k in ("ssim", "nrmse", "psnr")},

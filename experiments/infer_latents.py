@@ -99,7 +99,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     "latent (Blom) before writing.", **fv)
   flags.DEFINE_integer("batch_size", None, "Subjects per batch (default: the run's "
                        "train.eval_batch_size).", **fv)
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", **fv)
+  flags.DEFINE_string("step", None, "Checkpoint: a step, best (the best validation "
+                      "checkpoint) or latest (default).", **fv)
   flags.DEFINE_bool("overwrite", False, "Replace an existing output of another run.", **fv)
   flags.DEFINE_bool("progress", True, "Show a progress bar.", **fv)
 
@@ -198,6 +199,7 @@ def load_encoder(workdir: str, step: Optional[int] = None) -> EncoderRun:
   run = EncoderRun(workdir=os.path.abspath(workdir), config=config, family=family, mesh=mesh,
                    params=params, step=restored_step,
                    identity={"workdir": os.path.realpath(workdir), "step": restored_step,
+                             "step_selection": common.step_selection(step),
                              "encoder_sha256": encoder_digest(params)},
                    encode_fn=encode_fn)
   _ENCODERS[key] = run

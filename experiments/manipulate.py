@@ -225,10 +225,13 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
                latents_path: Optional[str] = None, output_dir: Optional[str] = None,
                blood_threshold: float = DEFAULT_BLOOD_THRESHOLD, seed: int = 0,
                shift: str = "pattern", segment: bool = True,
-               segmenter_steps: int = long_axis_segmenter.DEFAULT_STEPS, run=None) -> dict:
+               segmenter_steps: int = long_axis_segmenter.DEFAULT_STEPS, run=None,
+               checkpoint_step=None) -> dict:
   """Fits the trait direction, decodes the subject's edited cines and writes the outputs
   (module docstring); `run` is an already restored (config, family, state, mesh) of workdir
-  to reuse. Returns the content of direction.json plus "output_dir"."""
+  to reuse, else `checkpoint_step` (--step, `common.parse_step`) is restored; an explicit one
+  also brings the run's own latents to that checkpoint. Returns the content of direction.json
+  plus "output_dir"."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from cardiac_jax import association, diffae_steps, viz  # pylint: disable=g-import-not-at-top
   from data_pipelines import cine  # pylint: disable=g-import-not-at-top
@@ -246,7 +249,7 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
   if kind == "logistic" and inferred != "logistic":
     raise ValueError(f"trait {trait!r} is continuous; a logistic direction needs a binary "
                      "trait column:value such as group:DCM")
-  run = run or common.restore_run(workdir)
+  run = run or common.restore_run(workdir, checkpoint_step)
   config, family, state, _ = run
   if not isinstance(family, diffae_steps.DiffAEFamily):
     raise ValueError(f"{workdir}: manipulation needs a diffae3d run, this one is "
@@ -364,6 +367,7 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
                       x_T=np.asarray(x_T)[0, ..., 0])
   result = {
       "workdir": os.path.abspath(workdir), "checkpoint_step": int(state.step),
+      "step_selection": common.step_selection(checkpoint_step),
       "trait": trait, "kind": kind, "direction": direction.to_dict(),
       "num_train_subjects": int(len(train)),
       "standardisation": {"mean": transform.mean.tolist(), "std": transform.std.tolist()},
@@ -390,6 +394,8 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
 def define_flags() -> None:
   """The command-line flags; defined only when run as a program."""
   flags.DEFINE_string("workdir", None, "diffae3d run directory.")
+  flags.DEFINE_string("step", None, "Checkpoint: a step, best (the best validation "
+                      "checkpoint) or latest (default).")
   flags.DEFINE_string("trait", "lv_edv_ml", "attributes.csv column, or column:value for a "
                       "binary trait (e.g. group:DCM).")
   flags.DEFINE_enum("kind", None, ["linear", "logistic"], "Direction model (default: logistic "
@@ -428,7 +434,8 @@ def main(argv):
                       inversion_steps=f.inversion_steps, decode_steps=f.decode_steps,
                       latents_path=f.latents, output_dir=f.output_dir,
                       blood_threshold=f.blood_threshold, seed=f.seed, shift=f.shift,
-                      segment=f.segment, segmenter_steps=f.segmenter_steps)
+                      segment=f.segment, segmenter_steps=f.segmenter_steps,
+                      checkpoint_step=f.step)
   d, proxy, lv = result["direction"], result["blood_pool_proxy"], result["lv_segmentation"]
   fallback = " (empty-model fallback)" if d["empty_fallback"] else ""
   print(f"{result['trait']} ({result['kind']}): {d['num_nonzero']} non-zero coefficients, "

@@ -50,8 +50,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("train_split", "train", "Split the probe is fitted on.", **fv)
   flags.DEFINE_string("test_split", "test", "Split the probe is scored on.", **fv)
   flags.DEFINE_string("output_dir", None, "Output folder (default: DIR/probe).", **fv)
-  flags.DEFINE_integer("step", None, "Checkpoint step of computed latents (default: latest).",
-                       **fv)
+  flags.DEFINE_string("step", None, "Checkpoint of computed latents: a step, best (the best "
+                      "validation checkpoint) or latest (default).", **fv)
 
 
 def _log(message: str) -> None:

@@ -52,6 +52,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       "reproducibility/).", **fv)
   flags.DEFINE_integer("batch_size", None, "Batch size of latents that must be computed.",
                        **fv)
+  flags.DEFINE_string("step", None, "Checkpoint of every run: a step, best (the best "
+                      "validation checkpoint) or latest (default).", **fv)
 
 
 def _log(message: str) -> None:
@@ -172,9 +174,10 @@ def markdown_table(result: dict) -> str:
 
 def run(workdirs: Sequence[str], threshold: float = 0.5,
         splits: Optional[Sequence[str]] = None, output_dir: Optional[str] = None,
-        batch_size: Optional[int] = None, log: Callable[[str], None] = _log) -> dict:
-  """Latents of every run, matching of every ordered pair, outputs; returns results.json's
-  content (module docstring)."""
+        batch_size: Optional[int] = None, log: Callable[[str], None] = _log,
+        step=None) -> dict:
+  """Latents of every run (at checkpoint `step` of each, `common.parse_step`), matching of
+  every ordered pair, outputs; returns results.json's content (module docstring)."""
   from experiments import infer_latents
   if len(workdirs) < 2:
     raise ValueError(f"reproducibility needs at least 2 runs, got {len(workdirs)}")
@@ -189,7 +192,7 @@ def run(workdirs: Sequence[str], threshold: float = 0.5,
     else:
       # The run's own latents are checked against the run (refresh): stale ones are recomputed.
       tables.append(infer_latents.load_or_compute(workdir, refresh=True, batch_size=batch_size,
-                                                  log=log))
+                                                  step=step, log=log))
     paths.append(path)
   subjects, codes = align_latents(tables, labels, splits)
   log(f"matching {len(workdirs)} runs on {len(subjects)} common subjects")
@@ -216,7 +219,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   f = flag_values
   if f is flags.FLAGS:
     common.quiet_logs()
-  result = run(workdirs, f.threshold, f.splits, f.output_dir, f.batch_size)
+  result = run(workdirs, f.threshold, f.splits, f.output_dir, f.batch_size, step=f.step)
   print(markdown_table(result))
 
 

@@ -72,7 +72,8 @@ def define_flags() -> None:
                        "run's latent.image_decode_steps).")
   flags.DEFINE_integer("latent_steps", None, "DDIM steps of the z_sem sampling (default: the "
                        "run's latent.sample_steps).")
-  flags.DEFINE_integer("step", None, "Checkpoint step of the run (default: latest).")
+  flags.DEFINE_string("step", None, "Checkpoint: a step, best (the best validation "
+                      "checkpoint) or latest (default).")
   flags.DEFINE_integer("batch_size", None, "Cines encoded / decoded per call (default: the "
                        "run's train.eval_batch_size).")
   flags.DEFINE_string("latent_dir", None, "Latent DDIM folder (default: WORKDIR/latent_ddim).")
@@ -249,7 +250,8 @@ def run(workdir: str, num: int, seed: int = 0, output: str | None = None,
   np.savez(os.path.join(output, "samples.npz.tmp.npz"), z_sem=z_samples, u=u_samples)
   os.replace(os.path.join(output, "samples.npz.tmp.npz"), os.path.join(output, "samples.npz"))
   result = {
-      "workdir": os.path.abspath(workdir), "checkpoint_step": int(state.step), "num": num,
+      "workdir": os.path.abspath(workdir), "checkpoint_step": int(state.step),
+      "step_selection": common.step_selection(step), "num": num,
       "seed": seed, "decode_steps": decode_steps, "latent_steps": latent_steps,
       "num_frames": num_frames, "image_size": size, "spacing_mm": spacing,
       "z_sem_dim": int(z_train.shape[1]), "value_range": [0.0, 1.0],

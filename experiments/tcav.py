@@ -48,7 +48,8 @@ from typing import Any, Iterable, Sequence
 from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "temporal_classifier run directory.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_STEP = flags.DEFINE_string("step", None, "Checkpoint: a step, best (the best validation "
+                            "checkpoint) or latest (default).")
 _CONCEPT_SPLITS = flags.DEFINE_list("concept_splits", ["train", "val"],
                                     "Splits pooled for the concept and random sets.")
 _EXPLAIN_SPLIT = flags.DEFINE_enum("explain_split", "test", ["train", "val", "test"],
@@ -484,6 +485,7 @@ def run(workdir: str, step: int | None = None, concept_splits: Sequence[str] = (
   common.write_json(os.path.join(out_dir, f"interpolation_{interpolate}.json"), interpolation)
 
   result = {"workdir": os.path.abspath(workdir), "step": int(state.step),
+            "step_selection": common.step_selection(step),
             "explain_split": explain_split, "concept_splits": list(concept_splits),
             "auc": analysis["auc"], "set_size": analysis["set_size"],
             "num_random_sets": num_random, "excluded_by_qc": excluded,
