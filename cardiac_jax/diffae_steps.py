@@ -153,11 +153,9 @@ class DiffAEFamily:
     self.loss_weights = diffusion.p2_weights(self.schedule, p2_gamma, p2_k)
     self.inversion_steps = int(ecfg.inversion_steps)
     self.decode_steps = int(ecfg.decode_steps)
-    for name, count in (("inversion_steps", self.inversion_steps),
-                        ("decode_steps", self.decode_steps)):
-      if not 1 <= count <= self.num_timesteps:
-        raise ValueError(f"eval.{name} must be in [1, diffusion.num_timesteps = "
-                         f"{self.num_timesteps}], got {count}")
+    # Runs saved before the field existed were evaluated on the "even" grid.
+    self.ddim_grid = str(ecfg.get("ddim_grid", "even"))
+    self.check_ddim_steps(self.inversion_steps, self.decode_steps, self.ddim_grid)
     self.loss_timesteps = tuple(int(t) for t in ecfg.loss_timesteps)
     if not self.loss_timesteps or any(not 0 <= t < self.num_timesteps
                                       for t in self.loss_timesteps):
@@ -240,6 +238,15 @@ class DiffAEFamily:
                       skipped_nonfinite=jnp.zeros((), jnp.int32))
 
   # ---------------------------------------------------------------------------- inference
+  def check_ddim_steps(self, inversion_steps: int, decode_steps: int, grid: str) -> None:
+    """Raises ValueError naming the setting when a step count has no grid of kind `grid`."""
+    for name, count in (("inversion_steps", inversion_steps), ("decode_steps", decode_steps)):
+      try:
+        diffusion.ddim_timesteps(self.num_timesteps, int(count), grid)
+      except ValueError as e:
+        raise ValueError(f"eval.{name} = {count} on the {grid!r} DDIM grid of "
+                         f"diffusion.num_timesteps = {self.num_timesteps}: {e}") from None
+
   def encode(self, state: TrainState, x0: jax.Array, ema: bool = True) -> jax.Array:
     """(B, T, S, S, 1) in [-1, 1] -> z_sem (B, z_sem_dim), deterministic."""
     return self.apply_encoder(self.inference_params(state, ema)["encoder"], x0)
@@ -248,7 +255,7 @@ class DiffAEFamily:
              ema: bool = True) -> jax.Array:
     """DDIM inversion x_0 -> x_T (B, T, S, S, 1) under z_sem with `num_steps` steps."""
     schedule = diffusion.ddim_schedule(self.num_timesteps, int(num_steps), self.beta_start,
-                                       self.beta_end)
+                                       self.beta_end, self.ddim_grid)
     cond = (self.inference_params(state, ema)["unet"], z_sem)
     return diffusion.ddim_invert(self.eps_fn, x0.astype(jnp.float32), cond, schedule)
 
@@ -257,7 +264,7 @@ class DiffAEFamily:
     """DDIM decoding x_T -> x_0 (B, T, S, S, 1) in [-1, 1] under z_sem with `num_steps`
     steps (x_T ~ N(0, I) samples new cines with the semantics of z_sem)."""
     schedule = diffusion.ddim_schedule(self.num_timesteps, int(num_steps), self.beta_start,
-                                       self.beta_end)
+                                       self.beta_end, self.ddim_grid)
     cond = (self.inference_params(state, ema)["unet"], z_sem)
     return diffusion.ddim_decode(self.eps_fn, x_T.astype(jnp.float32), cond, schedule)
 
@@ -349,9 +356,9 @@ class DiffAEFamily:
     out["eps_loss_other_z"] = jnp.mean(jnp.stack(losses_other), axis=0)
     cond = (params["unet"], z_sem)
     inversion = diffusion.ddim_schedule(self.num_timesteps, self.inversion_steps,
-                                        self.beta_start, self.beta_end)
+                                        self.beta_start, self.beta_end, self.ddim_grid)
     decoding = diffusion.ddim_schedule(self.num_timesteps, self.decode_steps,
-                                       self.beta_start, self.beta_end)
+                                       self.beta_start, self.beta_end, self.ddim_grid)
     x_T = diffusion.ddim_invert(self.eps_fn, x0, cond, inversion)
     recon = diffusion.ddim_decode(self.eps_fn, x_T, cond, decoding)
     out.update(volume_metrics(to_unit_range(x0), to_unit_range(recon)))

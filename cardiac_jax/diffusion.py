@@ -18,8 +18,10 @@ and the respaced step grids.
   beta'_i = 1 - abar_{tau_i} / abar_{tau_{i-1}} (abar_{tau_{-1}} = 1), so the respaced process
   has exactly the original abar at the grid points; the model is always called with the
   original timestep tau_i.
-- DDIM grid with N steps ("ddimN" of the DiffAE code): tau_i = round(i (T - 1) / (N - 1)),
-  i.e. N evenly spaced timesteps from 0 to T - 1 inclusive.
+- DDIM grids with N steps (`ddim_timesteps`): "stride", the grid of the DiffAE and ImLatent
+  code ("ddimN"): tau = range(0, T, k) with k the smallest integer stride giving exactly N
+  steps (k = T / N when N divides T: 0, 50, ..., 950 for N = 20), so the top step is below
+  T - 1; "even": tau_i = round(i (T - 1) / (N - 1)), N steps from 0 to T - 1 inclusive.
 - One DDIM step from the state at abar_t to abar_s (s before t when decoding, after t when
   inverting): x0_hat = clip((x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t), -1, 1);
   eps_tilde = (x_t / sqrt(abar_t) - x0_hat) / sqrt(1 / abar_t - 1);
@@ -89,14 +91,31 @@ def linear_schedule(num_timesteps: int = 1000, beta_start: float = 1e-4,
   return _schedule_from_betas(np.arange(num_timesteps), betas)
 
 
-def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-  """(N,) int32 evenly spaced grid 0 = tau_0 < ... < tau_{N-1} = T - 1 (DiffAE "ddimN")."""
+DDIM_GRIDS = ("stride", "even")
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int, grid: str = "stride") -> np.ndarray:
+  """(N,) int32 increasing DDIM grid starting at 0: "stride" (the reference's range(0, T, k))
+  or "even" (N steps from 0 to T - 1 inclusive); see the module docstring."""
   if not 1 <= num_steps <= num_timesteps:
     raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
+  if grid == "stride":
+    # The smallest k < T with len(range(0, T, k)) = ceil(T / k) = N (as the reference, which
+    # has no 1-step grid: that would decode from t = 0).
+    stride = -(-num_timesteps // num_steps)
+    while stride < num_timesteps and -(-num_timesteps // stride) > num_steps:
+      stride += 1
+    if stride >= num_timesteps or -(-num_timesteps // stride) != num_steps:
+      raise ValueError(f"no integer stride gives exactly {num_steps} of {num_timesteps} "
+                       f"timesteps on the 'stride' DDIM grid; choose another step count or "
+                       f"the 'even' grid")
+    return np.arange(0, num_timesteps, stride, dtype=np.int32)
+  if grid != "even":
+    raise ValueError(f"unknown DDIM grid {grid!r}; expected one of {DDIM_GRIDS}")
   if num_steps == 1:
     return np.array([num_timesteps - 1], np.int32)
-  stride = (num_timesteps - 1) / (num_steps - 1)
-  return np.round(np.arange(num_steps) * stride).astype(np.int32)
+  spacing = (num_timesteps - 1) / (num_steps - 1)
+  return np.round(np.arange(num_steps) * spacing).astype(np.int32)
 
 
 def respace(num_timesteps: int, timesteps, beta_start: float = 1e-4,
@@ -124,9 +143,10 @@ def respace(num_timesteps: int, timesteps, beta_start: float = 1e-4,
 
 
 def ddim_schedule(num_timesteps: int, num_steps: int, beta_start: float = 1e-4,
-                  beta_end: float = 0.02) -> Schedule:
+                  beta_end: float = 0.02, grid: str = "stride") -> Schedule:
   """The respaced schedule of an N-step DDIM grid (`ddim_timesteps` + `respace`)."""
-  return respace(num_timesteps, ddim_timesteps(num_timesteps, num_steps), beta_start, beta_end)
+  return respace(num_timesteps, ddim_timesteps(num_timesteps, num_steps, grid), beta_start,
+                 beta_end)
 
 
 def _per_example(values: jax.Array, ndim: int) -> jax.Array:

@@ -99,6 +99,7 @@ class LatentSettings:
   checkpoint_every: int = 1000
   std_floor: float = 1e-6
   sample_steps: int = 20
+  ddim_grid: str = "stride"        # The DDIM grid of sampling (`diffusion.ddim_timesteps`).
   image_decode_steps: int = 20
 
   def __post_init__(self):
@@ -115,6 +116,11 @@ class LatentSettings:
     if not 1 <= self.sample_steps <= self.num_timesteps:
       raise ValueError(f"latent.sample_steps must be in [1, latent.num_timesteps = "
                        f"{self.num_timesteps}], got {self.sample_steps}")
+    try:
+      diffusion.ddim_timesteps(self.num_timesteps, self.sample_steps, self.ddim_grid)
+    except ValueError as e:
+      raise ValueError(f"latent.sample_steps = {self.sample_steps} on latent.ddim_grid = "
+                       f"{self.ddim_grid!r}: {e}") from None
     if not 0.0 <= self.ema_decay < 1.0:
       raise ValueError(f"latent.ema_decay must be in [0, 1), got {self.ema_decay}")
     if (self.learning_rate <= 0 or self.grad_clip_norm < 0 or self.std_floor <= 0
@@ -149,7 +155,8 @@ class LatentSettings:
     static argument of `train_steps`, so that runs differing only in length, logging,
     checkpointing or sampling share one compilation."""
     return dataclasses.replace(self, num_steps=0, log_every=1, checkpoint_every=1,
-                               std_floor=1.0, sample_steps=1, image_decode_steps=1)
+                               std_floor=1.0, sample_steps=1, ddim_grid="even",
+                               image_decode_steps=1)
 
   def network(self, dim: int) -> MLPSkipNet:
     return MLPSkipNet(dim=int(dim), num_layers=self.num_layers, hidden_units=self.hidden_units,
@@ -162,7 +169,7 @@ class LatentSettings:
   def ddim_schedule(self, num_steps: int | None = None) -> diffusion.Schedule:
     """The respaced DDIM grid of `num_steps` (default sample_steps) steps."""
     return diffusion.ddim_schedule(self.num_timesteps, int(num_steps or self.sample_steps),
-                                   self.beta_start, self.beta_end)
+                                   self.beta_start, self.beta_end, self.ddim_grid)
 
   def optimizer(self):
     return make_optimizer(ml_collections.ConfigDict(

@@ -55,6 +55,9 @@ def define_flags() -> None:
                        "diffae3d: DDIM inversion steps (default: config.eval).")
   flags.DEFINE_integer("decode_steps", None,
                        "diffae3d: DDIM decoding steps (default: config.eval).")
+  flags.DEFINE_enum("ddim_grid", None, ["stride", "even"],
+                    "diffae3d: DDIM step grid (default: config.eval.ddim_grid; runs without "
+                    "the field: even).")
 
 
 def traversal_images(family, state, base_code, dims, values_per_dim):
@@ -136,11 +139,11 @@ def evaluate_run(workdir: str, split: str = "test", step: int | None = None,
 
 def evaluate_diffae_run(workdir: str, split: str = "test", step: int | None = None,
                        inversion_steps: int | None = None,
-                       decode_steps: int | None = None) -> dict:
+                       decode_steps: int | None = None, ddim_grid: str | None = None) -> dict:
   """Reconstruction metrics of a diffae3d run (module docstring); writes and returns
   DIR/eval/metrics.json. Resumable per batch like `evaluate_run`."""
   import jax
-  from cardiac_jax import training
+  from cardiac_jax import diffusion, training
   from data_pipelines import cine, prepare
   from experiments import common
 
@@ -150,11 +153,13 @@ def evaluate_diffae_run(workdir: str, split: str = "test", step: int | None = No
       raise ValueError(f"--{name} must be in [1, {family.num_timesteps}], got {value}")
   family.inversion_steps = int(inversion_steps or family.inversion_steps)
   family.decode_steps = int(decode_steps or family.decode_steps)
+  family.ddim_grid = ddim_grid or family.ddim_grid
+  family.check_ddim_steps(family.inversion_steps, family.decode_steps, family.ddim_grid)
   source = prepare.load_split(cine.prepared_cine_dir(config, create=False), split)
   batches = cine.eval_batches(source, config.data, batch_size=config.train.eval_batch_size,
                               fields=family.batch_fields)
   out_dir = os.path.join(workdir, "eval")
-  ddim = f"ddim{family.inversion_steps}x{family.decode_steps}"
+  ddim = f"ddim{family.inversion_steps}x{family.decode_steps}_{family.ddim_grid}"
   cache_dir = os.path.join(out_dir, f"partial_{split}_step{int(state.step)}_{ddim}")
   metrics, outputs = training.evaluate(family, state, batches, mesh, cache_dir=cache_dir,
                                        keep=("subject",))
@@ -163,6 +168,13 @@ def evaluate_diffae_run(workdir: str, split: str = "test", step: int | None = No
             "step": int(state.step), "step_selection": common.step_selection(step),
             "num_subjects": int(len(outputs["subject"])),
             "inversion_steps": family.inversion_steps, "decode_steps": family.decode_steps,
+            "ddim_grid": family.ddim_grid,
+            "ddim_timesteps": {
+                "inversion": diffusion.ddim_timesteps(family.num_timesteps,
+                                                      family.inversion_steps,
+                                                      family.ddim_grid).tolist(),
+                "decoding": diffusion.ddim_timesteps(family.num_timesteps, family.decode_steps,
+                                                     family.ddim_grid).tolist()},
             "ema": family.eval_use_ema,
             "reconstruction": {k: metrics[k] for k in ("ssim", "nrmse", "psnr")},
             "eps_loss": eps, "z_sem_std": metrics.get("z_sem_std")}
@@ -181,12 +193,12 @@ def main(argv):
   common.start_command(argv, workdir=FLAGS.workdir)
   if common.load_run_config(FLAGS.workdir).model.family == "diffae3d":
     result = evaluate_diffae_run(FLAGS.workdir, FLAGS.split, FLAGS.step,
-                                 FLAGS.inversion_steps, FLAGS.decode_steps)
+                                 FLAGS.inversion_steps, FLAGS.decode_steps, FLAGS.ddim_grid)
     rec = result["reconstruction"]
     line = (f"{result['config']} step {result['step']} on {result['num_subjects']} "
             f"{result['split']} subjects ({result['inversion_steps']} inversion + "
-            f"{result['decode_steps']} decoding steps): SSIM {rec['ssim']:.4f}  "
-            f"PSNR {rec['psnr']:.2f} dB  NRMSE {rec['nrmse']:.4f}")
+            f"{result['decode_steps']} decoding steps, {result['ddim_grid']} grid): "
+            f"SSIM {rec['ssim']:.4f}  PSNR {rec['psnr']:.2f} dB  NRMSE {rec['nrmse']:.4f}")
   else:
     result = evaluate_run(FLAGS.workdir, FLAGS.split, FLAGS.step, FLAGS.traversal_steps,
                           FLAGS.traversal_range, codes=FLAGS.codes, code_seed=FLAGS.code_seed)

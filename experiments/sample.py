@@ -192,7 +192,7 @@ def run(workdir: str, num: int, seed: int = 0, output: str | None = None,
   (module docstring). Returns the content of samples.json."""
   import jax
   import numpy as np
-  from cardiac_jax import latent_diffusion, viz
+  from cardiac_jax import diffusion, latent_diffusion, viz
   if num < 1:
     raise ValueError(f"--num must be >= 1, got {num}")
   check_diffae_run(workdir)
@@ -203,6 +203,12 @@ def run(workdir: str, num: int, seed: int = 0, output: str | None = None,
   for name, value in (("decode_steps", decode_steps), ("latent_steps", latent_steps)):
     if not 1 <= value <= settings.num_timesteps:
       raise ValueError(f"--{name} must be in [1, {settings.num_timesteps}], got {value}")
+  for name, value, grid in (("decode_steps", decode_steps, family.ddim_grid),
+                            ("latent_steps", latent_steps, settings.ddim_grid)):
+    try:
+      diffusion.ddim_timesteps(settings.num_timesteps, value, grid)
+    except ValueError as e:
+      raise ValueError(f"--{name}={value} on the {grid!r} DDIM grid: {e}") from None
   batch_size = int(batch_size or config.train.eval_batch_size)
   output = output or os.path.join(workdir, "samples")
   latent_dir = latent_dir or os.path.join(workdir, "latent_ddim")
@@ -253,6 +259,7 @@ def run(workdir: str, num: int, seed: int = 0, output: str | None = None,
       "workdir": os.path.abspath(workdir), "checkpoint_step": int(state.step),
       "step_selection": common.step_selection(step), "num": num,
       "seed": seed, "decode_steps": decode_steps, "latent_steps": latent_steps,
+      "ddim_grid": {"cine": family.ddim_grid, "latent": settings.ddim_grid},
       "num_frames": num_frames, "image_size": size, "spacing_mm": spacing,
       "z_sem_dim": int(z_train.shape[1]), "value_range": [0.0, 1.0],
       "latent_ddim": {"directory": os.path.abspath(latent_dir), "step": latent.step,

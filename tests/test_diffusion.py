@@ -41,8 +41,33 @@ def test_linear_schedule_matches_closed_form():
   assert FULL.betas.dtype == jnp.float32
 
 
-def test_ddim_grid_and_respacing_definition():
+def _reference_stride_grid(num_timesteps, num_steps):
+  """DiffAE's "ddimN": the first integer stride whose range(0, T, stride) has N elements."""
+  for stride in range(1, num_timesteps):
+    if len(range(0, num_timesteps, stride)) == num_steps:
+      return np.arange(0, num_timesteps, stride)
+  return None
+
+
+def test_default_ddim_grid_is_the_reference_stride_grid():
   grid = diffusion.ddim_timesteps(1000, 20)
+  np.testing.assert_array_equal(grid, np.arange(0, 1000, 50))   # 0, 50, ..., 950
+  np.testing.assert_array_equal(diffusion.ddim_schedule(1000, 20).timesteps, grid)
+  for num_timesteps in (10, 100, 1000):
+    for num_steps in range(1, num_timesteps + 1):
+      expected = _reference_stride_grid(num_timesteps, num_steps)
+      if expected is None:
+        with pytest.raises(ValueError, match="no integer stride"):
+          diffusion.ddim_timesteps(num_timesteps, num_steps, "stride")
+      else:
+        np.testing.assert_array_equal(
+            diffusion.ddim_timesteps(num_timesteps, num_steps, "stride"), expected)
+  with pytest.raises(ValueError, match="unknown DDIM grid"):
+    diffusion.ddim_timesteps(1000, 20, "linear")
+
+
+def test_ddim_grid_and_respacing_definition():
+  grid = diffusion.ddim_timesteps(1000, 20, "even")
   assert grid[0] == 0 and grid[-1] == 999 and len(grid) == 20
   np.testing.assert_array_equal(grid, np.round(np.arange(20) * 999 / 19).astype(int))
   spaced = diffusion.respace(1000, grid)
@@ -101,12 +126,13 @@ def test_eps_loss_per_example():
                              [1.0, 4.0])
 
 
-@pytest.mark.parametrize("num_steps", [1, 5, 20])
-def test_ddim_decode_with_oracle_reconstructs_x0(num_steps):
+@pytest.mark.parametrize("num_steps,grid", [(1, "even"), (5, "stride"), (20, "stride"),
+                                            (20, "even")])
+def test_ddim_decode_with_oracle_reconstructs_x0(num_steps, grid):
   key_x, key_n = jax.random.split(jax.random.key(2))
   x0 = jax.random.uniform(key_x, (2, 3, 8, 8, 1), minval=-0.9, maxval=0.9)
   x_T = jax.random.normal(key_n, x0.shape)
-  schedule = diffusion.ddim_schedule(1000, num_steps)
+  schedule = diffusion.ddim_schedule(1000, num_steps, grid=grid)
   out = diffusion.ddim_decode(_oracle_eps_fn, x_T, x0, schedule)
   np.testing.assert_allclose(np.asarray(out), np.asarray(x0), atol=2e-4)
   # Decoding from pure noise with the oracle leaves no trace of x_T.
@@ -131,7 +157,7 @@ def test_clipping_of_x0_prediction():
   # An eps model that predicts zero noise makes x0_hat = x_t / sqrt(abar) (out of range).
   zero_eps = lambda x_t, t, cond: jnp.zeros_like(x_t)
   x_T = jnp.full((1, 4), 3.0)
-  schedule = diffusion.ddim_schedule(1000, 4)
+  schedule = diffusion.ddim_schedule(1000, 4, grid="even")
   clipped = diffusion.ddim_decode(zero_eps, x_T, None, schedule, clip=True)
   unclipped = diffusion.ddim_decode(zero_eps, x_T, None, schedule, clip=False)
   np.testing.assert_allclose(np.asarray(clipped), 1.0)
@@ -152,3 +178,18 @@ def test_inversion_then_decoding_is_near_identity_for_gaussian_data():
   assert errors[2] < 0.03 * 1.0  # RMS error under 3 % of the [-1, 1] range (data std 0.5).
   # The inverted code has the unit scale of noise.
   assert 0.9 < float(jnp.std(x_T)) < 1.1
+
+
+def test_diffae_runs_use_the_reference_grid_and_old_runs_keep_theirs():
+  from cardiac_jax import steps
+  from experiments.configs import diffae3d
+  for variant in ("paper", "smoke", None):
+    assert steps.make_family(diffae3d.get_config(variant)).ddim_grid == "stride"
+  # A run saved before eval.ddim_grid existed was evaluated on the "even" grid.
+  old = diffae3d.get_config("smoke")
+  del old.eval["ddim_grid"]
+  assert steps.make_family(old).ddim_grid == "even"
+  bad = diffae3d.get_config("smoke")
+  bad.eval.decode_steps = 333
+  with pytest.raises(ValueError, match="eval.decode_steps = 333 on the 'stride' DDIM grid"):
+    steps.make_family(bad)

@@ -328,6 +328,9 @@ def test_evaluate_diffae_reports_test_reconstruction_with_the_requested_ddim_ste
   assert written == json.loads(json.dumps(result))
   assert (written["split"], written["num_subjects"]) == ("test", 4)
   assert (written["inversion_steps"], written["decode_steps"]) == (2, 4)
+  # The reference's DDIM grid by default, and the grid is part of the output.
+  assert written["ddim_grid"] == "stride"
+  assert written["ddim_timesteps"] == {"inversion": [0, 500], "decoding": [0, 250, 500, 750]}
   rec = written["reconstruction"]
   assert -1.0 <= rec["ssim"] <= 1.0 and rec["nrmse"] > 0.0 and np.isfinite(rec["psnr"])
   assert {"eps_loss", "eps_loss_other_z"} <= set(written["eps_loss"])
@@ -337,3 +340,10 @@ def test_evaluate_diffae_reports_test_reconstruction_with_the_requested_ddim_ste
   assert os.path.exists(os.path.join(eval_dir, f"reconstructions_{written['step']:07d}.png"))
   with pytest.raises(ValueError, match="--decode_steps"):
     evaluate.evaluate_diffae_run(run_copy, "test", decode_steps=0)
+  # 333 steps have no integer stride of T = 1000: refused before any work, naming the setting.
+  with pytest.raises(ValueError, match="decode_steps = 333 on the 'stride' DDIM grid"):
+    evaluate.evaluate_diffae_run(run_copy, "test", inversion_steps=2, decode_steps=333)
+  even = evaluate.evaluate_diffae_run(run_copy, "test", inversion_steps=2, decode_steps=4,
+                                      ddim_grid="even")
+  assert even["ddim_timesteps"] == {"inversion": [0, 999], "decoding": [0, 333, 666, 999]}
+  assert even["reconstruction"] != rec

@@ -175,6 +175,8 @@ def get_config(arg=None):
   c.eval = ml_collections.ConfigDict()
   c.eval.inversion_steps = 10         # DDIM steps x_0 -> x_T (reference: 20).
   c.eval.decode_steps = 10            # DDIM steps x_T -> x_0 (reference: 20).
+  c.eval.ddim_grid = "stride"         # DDIM grid: the reference's range(0, T, T // N), or
+                                      # "even" (N steps from 0 to T - 1; cardiac_jax.diffusion).
   c.eval.loss_timesteps = (50, 250, 500, 750, 950)  # Fixed timesteps of the eval eps loss.
   c.eval.use_ema = True               # Evaluate (and draw figures of) the EMA parameters.
 
