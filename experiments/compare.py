@@ -109,13 +109,22 @@ def _read_json(path: str) -> dict:
   return data
 
 
-def load_run(workdir: str) -> Run:
-  """Reads DIR/config.json (optional) and DIR/eval/metrics.json (required)."""
-  metrics_path = os.path.join(workdir, "eval", "metrics.json")
+def evaluate_hint(workdir: str, eval_name: str = "eval") -> str:
+  """The command that writes DIR/<eval_name>/metrics.json ("eval_best": of --step=best)."""
+  command = f"python -m experiments.evaluate --workdir={workdir}"
+  if eval_name != "eval":
+    step = eval_name[len("eval_"):] if eval_name.startswith("eval_") else "STEP"
+    command += f" --step={step} --output_dir={os.path.join(workdir, eval_name)}"
+  return command
+
+
+def load_run(workdir: str, eval_name: str = "eval") -> Run:
+  """Reads DIR/config.json (optional) and DIR/<eval_name>/metrics.json (required)."""
+  metrics_path = os.path.join(workdir, eval_name, "metrics.json")
   if not os.path.isfile(metrics_path):
     raise MissingEvaluationError(
         f"run {workdir} has no {metrics_path}: evaluate it first with "
-        f"`python -m experiments.evaluate --workdir={workdir}`")
+        f"`{evaluate_hint(workdir, eval_name)}`")
   metrics = _read_json(metrics_path)
   config_path = os.path.join(workdir, "config.json")
   fields, name = {}, None
@@ -125,14 +134,14 @@ def load_run(workdir: str) -> Run:
   return Run(workdir=workdir, config_name=name, fields=fields, metrics=metrics)
 
 
-def load_runs(workdirs: Sequence[str]) -> list[Run]:
+def load_runs(workdirs: Sequence[str], eval_name: str = "eval") -> list[Run]:
   """Loads every run, reporting all runs without evaluation in one error."""
   if not workdirs:
     raise ValueError("no run directories given")
   runs, missing = [], []
   for workdir in workdirs:
     try:
-      runs.append(load_run(workdir))
+      runs.append(load_run(workdir, eval_name))
     except MissingEvaluationError as e:
       missing.append(str(e))
   if missing:
@@ -283,15 +292,15 @@ def markdown_table(rows: Sequence[dict], group_by_config: bool = False) -> str:
   return "\n".join(lines) + "\n"
 
 
-def comparison_table(workdirs: Sequence[str],
-                     group_by_config: bool = False) -> tuple[str, list[dict]]:
+def comparison_table(workdirs: Sequence[str], group_by_config: bool = False,
+                     eval_name: str = "eval") -> tuple[str, list[dict]]:
   """(markdown, rows) comparing the evaluated runs in `workdirs` (see the module docstring).
 
   Raises:
     MissingEvaluationError: a run has no eval/metrics.json (all such runs are named).
     ValueError: a config.json or metrics.json is not a JSON object; no workdirs.
   """
-  rows = build_rows(load_runs(workdirs), group_by_config)
+  rows = build_rows(load_runs(workdirs, eval_name), group_by_config)
   return markdown_table(rows, group_by_config), rows
 
 
@@ -315,10 +324,10 @@ def write_csv(path: str, rows: Sequence[dict], group_by_config: bool = False) ->
       writer.writerow(line)
 
 
-def write_comparison(workdirs: Sequence[str], output: str,
-                     group_by_config: bool = False) -> tuple[str, list[dict]]:
+def write_comparison(workdirs: Sequence[str], output: str, group_by_config: bool = False,
+                     eval_name: str = "eval") -> tuple[str, list[dict]]:
   """Writes `output` (markdown) and the CSV beside it; returns (markdown, rows)."""
-  markdown, rows = comparison_table(workdirs, group_by_config)
+  markdown, rows = comparison_table(workdirs, group_by_config, eval_name)
   directory = os.path.dirname(os.path.abspath(output))
   os.makedirs(directory, exist_ok=True)
   with open(output, "w") as f:
@@ -338,6 +347,9 @@ def define_flags() -> None:
                       "Markdown file to write; the CSV goes next to it (same stem).")
   flags.DEFINE_bool("group_by_config", False, "One row per config (runs differing only in "
                     "`seed`), mean ± std over the seeds.")
+  flags.DEFINE_string("eval_name", "eval", "Evaluation folder of each run to compare: eval "
+                      "(experiments.evaluate's default) or e.g. eval_best (written by "
+                      "`evaluate --step=best --output_dir=DIR/eval_best`).")
 
 
 def main(argv):
@@ -347,7 +359,8 @@ def main(argv):
                          "python -m experiments.compare DIR1 DIR2 ...")
   output = flags.FLAGS.output
   try:
-    markdown, _ = write_comparison(workdirs, output, flags.FLAGS.group_by_config)
+    markdown, _ = write_comparison(workdirs, output, flags.FLAGS.group_by_config,
+                                   flags.FLAGS.eval_name)
   except (MissingEvaluationError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -43,6 +43,8 @@ def define_flags() -> None:
   flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to evaluate.")
   flags.DEFINE_string("step", None, "Checkpoint: a step, best (the best validation "
                       "checkpoint) or latest (default).")
+  flags.DEFINE_string("output_dir", None, "Where metrics.json and the figures go (default: "
+                      "DIR/eval); e.g. DIR/eval_best for --step=best beside the final step's.")
   flags.DEFINE_integer("traversal_steps", 9, "Columns of the traversal grid.")
   flags.DEFINE_float("traversal_range", 2.5,
                      "Traversal half-width in standard deviations of the test codes.")
@@ -76,8 +78,10 @@ def traversal_images(family, state, base_code, dims, values_per_dim):
 
 def evaluate_run(workdir: str, split: str = "test", step: int | None = None,
                  traversal_steps: int = 9, traversal_range: float = 2.5,
-                 codes: str = "sampled", code_seed: int = 0) -> dict:
-  """Computes and writes DIR/eval/metrics.json and the figures; returns the metrics.
+                 codes: str = "sampled", code_seed: int = 0,
+                 output_dir: str | None = None) -> dict:
+  """Computes and writes `output_dir`/metrics.json (default DIR/eval) and the figures; returns
+  the metrics.
 
   `codes` ("sampled" or "mean") picks the codes of the "interpretability" and "regularized"
   blocks, `code_seed` the draws of the sampled ones (module docstring)."""
@@ -92,7 +96,7 @@ def evaluate_run(workdir: str, split: str = "test", step: int | None = None,
   config, family, state, mesh = common.restore_run(workdir, step)
   source = common.split_source(config, split)
   batches = pipeline.eval_batches(source, config.data, batch_size=config.train.eval_batch_size)
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = output_dir or os.path.join(workdir, "eval")
   # Finished batches of an interrupted evaluation are read back, not recomputed.
   cache_dir = os.path.join(out_dir, f"partial_{split}_step{int(state.step)}")
   reconstruction, outputs = training.evaluate(
@@ -139,7 +143,8 @@ def evaluate_run(workdir: str, split: str = "test", step: int | None = None,
 
 def evaluate_diffae_run(workdir: str, split: str = "test", step: int | None = None,
                        inversion_steps: int | None = None,
-                       decode_steps: int | None = None, ddim_grid: str | None = None) -> dict:
+                       decode_steps: int | None = None, ddim_grid: str | None = None,
+                       output_dir: str | None = None) -> dict:
   """Reconstruction metrics of a diffae3d run (module docstring); writes and returns
   DIR/eval/metrics.json. Resumable per batch like `evaluate_run`."""
   import jax
@@ -158,7 +163,7 @@ def evaluate_diffae_run(workdir: str, split: str = "test", step: int | None = No
   source = prepare.load_split(cine.prepared_cine_dir(config, create=False), split)
   batches = cine.eval_batches(source, config.data, batch_size=config.train.eval_batch_size,
                               fields=family.batch_fields)
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = output_dir or os.path.join(workdir, "eval")
   ddim = f"ddim{family.inversion_steps}x{family.decode_steps}_{family.ddim_grid}"
   cache_dir = os.path.join(out_dir, f"partial_{split}_step{int(state.step)}_{ddim}")
   metrics, outputs = training.evaluate(family, state, batches, mesh, cache_dir=cache_dir,
@@ -193,7 +198,8 @@ def main(argv):
   common.start_command(argv, workdir=FLAGS.workdir)
   if common.load_run_config(FLAGS.workdir).model.family == "diffae3d":
     result = evaluate_diffae_run(FLAGS.workdir, FLAGS.split, FLAGS.step,
-                                 FLAGS.inversion_steps, FLAGS.decode_steps, FLAGS.ddim_grid)
+                                 FLAGS.inversion_steps, FLAGS.decode_steps, FLAGS.ddim_grid,
+                                 FLAGS.output_dir)
     rec = result["reconstruction"]
     line = (f"{result['config']} step {result['step']} on {result['num_subjects']} "
             f"{result['split']} subjects ({result['inversion_steps']} inversion + "
@@ -201,7 +207,8 @@ def main(argv):
             f"SSIM {rec['ssim']:.4f}  PSNR {rec['psnr']:.2f} dB  NRMSE {rec['nrmse']:.4f}")
   else:
     result = evaluate_run(FLAGS.workdir, FLAGS.split, FLAGS.step, FLAGS.traversal_steps,
-                          FLAGS.traversal_range, codes=FLAGS.codes, code_seed=FLAGS.code_seed)
+                          FLAGS.traversal_range, codes=FLAGS.codes, code_seed=FLAGS.code_seed,
+                          output_dir=FLAGS.output_dir)
     rec = result["reconstruction"]
     line = (f"{result['config']} step {result['step']} on {result['num_subjects']} "
             f"{result['split']} subjects: SSIM {rec['ssim']:.4f}  PSNR {rec['psnr']:.2f} dB  "
@@ -210,7 +217,8 @@ def main(argv):
       line += (f"  mean |rho| of regularised dims {result['regularized']['mean_abs_rho']:.3f} "
                f"({result['regularized']['codes']} codes)")
   print(line)
-  print(f"Wrote {os.path.join(FLAGS.workdir, 'eval', 'metrics.json')}", file=sys.stderr)
+  output_dir = FLAGS.output_dir or os.path.join(FLAGS.workdir, "eval")
+  print(f"Wrote {os.path.join(output_dir, 'metrics.json')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Run an ablation grid of config overrides and seeds: `python -m experiments.sweep
 --config=NAME[:variant] --set=config.loss.gamma=0,0.05,0.1 [--set=...] --seeds=0,1,2
-[--root=DIR] [--dry_run] [--extra=--config.train.num_steps=100]`.
+[--root=DIR] [--dry_run] [--extra=--config.train.num_steps=100] [--eval_steps=latest,best]`.
 
 The grid is the cartesian product of every --set list and the seeds (the AR-VAE / AR-SIVAE
 papers sweep gamma and delta over decades and report mean ± std over seeds). Each job gets its
@@ -9,10 +9,12 @@ other and each in its own process as on a cluster,
 
   python -m experiments.train --config=SPEC --workdir=DIR --config.seed=S --config.loss.gamma=V
   python -m experiments.evaluate --workdir=DIR
+  python -m experiments.evaluate --workdir=DIR --step=best --output_dir=DIR/eval_best
 
-with the output of both appended to DIR/sweep.log. Before anything runs, every --set key and
-every --config.* override in --extra is checked against the config (an unknown key or a value
-of the wrong type is refused, naming it). A job whose DIR/eval/metrics.json exists is skipped,
+(the second with --eval_steps=latest,best: the best validation checkpoint evaluated beside the
+final one) with the output of all appended to DIR/sweep.log. Before anything runs, every --set
+key and every --config.* override in --extra is checked against the config (an unknown key or a
+value of the wrong type is refused, naming it). A job whose evaluations all exist is skipped,
 so rerunning the command finishes an interrupted sweep (a half-trained job resumes from its
 checkpoint). A failing job is reported with the tail of its log and the sweep goes on. At the
 end the evaluated jobs are compared (experiments.compare, grouped by config: mean ± std over
@@ -271,14 +273,39 @@ def train_command(job: Job, config_spec: str, extra: Sequence[str],
           f"--workdir={job.workdir}", *job.overrides, *extra]
 
 
-def evaluate_command(job: Job, python: str = "python") -> list[str]:
-  return [python, "-m", "experiments.evaluate", f"--workdir={job.workdir}"]
+def eval_name(selection: str) -> str:
+  """The evaluation folder of a checkpoint selection: eval (latest), eval_best, eval_<step>."""
+  return "eval" if selection == "latest" else f"eval_{selection}"
 
 
-def shell_line(job: Job, config_spec: str, extra: Sequence[str]) -> str:
-  """One job as a shell line for a cluster scheduler: train && evaluate."""
-  return (f"{shlex.join(train_command(job, config_spec, extra))} && "
-          f"{shlex.join(evaluate_command(job))}")
+def parse_eval_steps(values: Sequence[str]) -> list[str]:
+  """--eval_steps: latest, best or integer steps, each once."""
+  out = []
+  for value in values:
+    value = value.strip()
+    if value not in ("latest", "best") and not (value.isdigit() and int(value) > 0):
+      raise SweepConfigError(f"--eval_steps entry {value!r} is not latest, best or a step > 0")
+    if value not in out:
+      out.append(value)
+  if not out:
+    raise SweepConfigError("--eval_steps is empty")
+  return out
+
+
+def evaluate_command(job: Job, python: str = "python", selection: str = "latest") -> list[str]:
+  command = [python, "-m", "experiments.evaluate", f"--workdir={job.workdir}"]
+  if selection != "latest":
+    command += [f"--step={selection}",
+                f"--output_dir={os.path.join(job.workdir, eval_name(selection))}"]
+  return command
+
+
+def shell_line(job: Job, config_spec: str, extra: Sequence[str],
+               eval_steps: Sequence[str] = ("latest",)) -> str:
+  """One job as a shell line for a cluster scheduler: train && evaluate (per eval step)."""
+  return " && ".join([shlex.join(train_command(job, config_spec, extra))] +
+                     [shlex.join(evaluate_command(job, selection=selection))
+                      for selection in eval_steps])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,8 +313,8 @@ def shell_line(job: Job, config_spec: str, extra: Sequence[str]) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def metrics_path(workdir: str) -> str:
-  return os.path.join(workdir, "eval", "metrics.json")
+def metrics_path(workdir: str, selection: str = "latest") -> str:
+  return os.path.join(workdir, eval_name(selection), "metrics.json")
 
 
 def training_complete(workdir: str) -> bool:
@@ -362,16 +389,21 @@ def _run_logged(command: Sequence[str], log_path: str, forwarder: _SignalForward
 
 
 def run_job(job: Job, config_spec: str, extra: Sequence[str],
-            forwarder: _SignalForwarder) -> JobResult:
-  """Trains (or resumes) and evaluates one job unless it is already evaluated."""
-  if os.path.isfile(metrics_path(job.workdir)):
+            forwarder: _SignalForwarder,
+            eval_steps: Sequence[str] = ("latest",)) -> JobResult:
+  """Trains (or resumes) and evaluates one job at each of `eval_steps` unless every one of
+  those evaluations exists (a missing one is computed; training then resumes nothing)."""
+  missing = [e for e in eval_steps if not os.path.isfile(metrics_path(job.workdir, e))]
+  if not missing:
     return JobResult(job, "skipped", "already evaluated")
   start = time.perf_counter()
   os.makedirs(job.workdir, exist_ok=True)
   log_path = os.path.join(job.workdir, LOG_NAME)
   python = sys.executable
-  for stage, command in (("train", train_command(job, config_spec, extra, python)),
-                         ("evaluate", evaluate_command(job, python))):
+  stages = [("train", train_command(job, config_spec, extra, python))]
+  stages += [(f"evaluate ({selection})", evaluate_command(job, python, selection))
+             for selection in missing]
+  for stage, command in stages:
     status = _run_logged(command, log_path, forwarder)
     seconds = time.perf_counter() - start
     if forwarder.received is not None:
@@ -387,12 +419,13 @@ def run_job(job: Job, config_spec: str, extra: Sequence[str],
 
 
 def _write_manifest(root: str, config_spec: str, axes: Sequence[SweepAxis],
-                    seeds: Sequence[int], extra: Sequence[str], jobs: Sequence[Job]) -> None:
+                    seeds: Sequence[int], extra: Sequence[str], jobs: Sequence[Job],
+                    eval_steps: Sequence[str]) -> None:
   """<root>/sweep.json: what the sweep was asked to do, so its table can be traced back."""
   manifest = {"config": config_spec, "set": {f"config.{a.path}": list(a.values) for a in axes},
-              "seeds": list(seeds), "extra": list(extra),
+              "seeds": list(seeds), "extra": list(extra), "eval_steps": list(eval_steps),
               "jobs": [{"name": j.name, "workdir": j.workdir, "command": shell_line(
-                  j, config_spec, extra)} for j in jobs]}
+                  j, config_spec, extra, eval_steps)} for j in jobs]}
   path = os.path.join(root, "sweep.json")
   with open(path + ".tmp", "w") as f:
     json.dump(manifest, f, indent=2)
@@ -401,27 +434,30 @@ def _write_manifest(root: str, config_spec: str, axes: Sequence[SweepAxis],
 
 def run_sweep(config_spec: str, axes: Sequence[SweepAxis], seeds: Sequence[int], root: str,
               extra: Sequence[str] = (), dry_run: bool = False,
-              out: TextIO = sys.stdout) -> list[JobResult]:
-  """Validates, then prints (dry_run) or runs every job and writes <root>/comparison.md.
+              out: TextIO = sys.stdout,
+              eval_steps: Sequence[str] = ("latest",)) -> list[JobResult]:
+  """Validates, then prints (dry_run) or runs every job and writes <root>/comparison.md (and
+  comparison_<selection>.md for every other entry of `eval_steps`, e.g. comparison_best.md).
 
   Returns one JobResult per job ([] for a dry run).
 
   Raises:
     SweepConfigError: the settings do not fit the config (before any job runs).
   """
+  eval_steps = parse_eval_steps(eval_steps)
   validate_sweep(config_spec, axes, extra)
   jobs = make_jobs(axes, seeds, root)
   if dry_run:
     for job in jobs:
-      print(shell_line(job, config_spec, extra), file=out)
+      print(shell_line(job, config_spec, extra, eval_steps), file=out)
     return []
   os.makedirs(root, exist_ok=True)
-  _write_manifest(root, config_spec, axes, seeds, extra, jobs)
+  _write_manifest(root, config_spec, axes, seeds, extra, jobs, eval_steps)
   results = []
   with _SignalForwarder() as forwarder:
     for index, job in enumerate(jobs, 1):
       print(f"[{index}/{len(jobs)}] {job.name}: ", end="", file=out, flush=True)
-      result = run_job(job, config_spec, extra, forwarder)
+      result = run_job(job, config_spec, extra, forwarder, eval_steps)
       results.append(result)
       if result.status == "done":
         print(f"done in {result.seconds:.0f} s", file=out, flush=True)
@@ -434,12 +470,12 @@ def run_sweep(config_spec: str, axes: Sequence[SweepAxis], seeds: Sequence[int],
         print(f"interrupted ({result.message}); rerun the same command to continue the sweep",
               file=out, flush=True)
         break
-  _summarize(results, jobs, root, out)
+  _summarize(results, jobs, root, out, eval_steps)
   return results
 
 
 def _summarize(results: Sequence[JobResult], jobs: Sequence[Job], root: str,
-               out: TextIO) -> None:
+               out: TextIO, eval_steps: Sequence[str] = ("latest",)) -> None:
   from experiments import compare  # pylint: disable=g-import-not-at-top
   counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
   not_run = len(jobs) - len(results)
@@ -449,14 +485,18 @@ def _summarize(results: Sequence[JobResult], jobs: Sequence[Job], root: str,
     if result.status == "failed":
       print(f"  failed: {result.job.workdir} (log: "
             f"{os.path.join(result.job.workdir, LOG_NAME)})", file=out)
-  evaluated = [j.workdir for j in jobs if os.path.isfile(metrics_path(j.workdir))]
-  if not evaluated:
-    print("No evaluated job to compare.", file=out)
-    return
-  output = os.path.join(root, "comparison.md")
-  markdown, _ = compare.write_comparison(evaluated, output, group_by_config=True)
-  print(markdown, end="", file=out)
-  print(f"Wrote {output} and {compare.csv_path(output)}", file=out, flush=True)
+  for selection in eval_steps:
+    evaluated = [j.workdir for j in jobs if os.path.isfile(metrics_path(j.workdir, selection))]
+    if not evaluated:
+      print(f"No job evaluated at the {selection} checkpoint to compare.", file=out)
+      continue
+    name = "comparison.md" if selection == "latest" else f"comparison_{selection}.md"
+    output = os.path.join(root, name)
+    markdown, _ = compare.write_comparison(evaluated, output, group_by_config=True,
+                                           eval_name=eval_name(selection))
+    print(f"{selection} checkpoint:", file=out)
+    print(markdown, end="", file=out)
+    print(f"Wrote {output} and {compare.csv_path(output)}", file=out, flush=True)
 
 
 def define_flags() -> None:
@@ -469,6 +509,9 @@ def define_flags() -> None:
   flags.DEFINE_string("root", None, "Directory of the job workdirs and the comparison "
                       "(default: workdirs/sweeps/<config>_<swept fields>).")
   flags.DEFINE_bool("dry_run", False, "Print one `train && evaluate` shell line per job only.")
+  flags.DEFINE_list("eval_steps", ["latest"], "Checkpoints each job is evaluated at: latest "
+                    "(into DIR/eval), best (the best validation checkpoint, DIR/eval_best), "
+                    "or a step N (DIR/eval_N); one comparison table each.")
   flags.DEFINE_multi_string("extra", [], "Extra flags for every training job, e.g. "
                             "--extra=--config.train.num_steps=100 (repeatable).")
 
@@ -484,7 +527,7 @@ def main(argv):
     axes = [parse_set(text) for text in f.set]
     root = f.root or default_root(f.config, axes)
     results = run_sweep(f.config, axes, parse_seeds(f.seeds), root, parse_extra(f.extra),
-                        dry_run=f.dry_run)
+                        dry_run=f.dry_run, eval_steps=f.eval_steps)
   except SweepConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

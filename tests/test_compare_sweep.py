@@ -303,11 +303,15 @@ FAKE_TRAIN = textwrap.dedent("""
 """)
 FAKE_EVALUATE = textwrap.dedent("""
     import json, os, sys
-    workdir = sys.argv[1].split("=", 1)[1]
+    args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+    workdir = args["--workdir"]
+    output = args.get("--output_dir", os.path.join(workdir, "eval"))
     beta = json.load(open(os.path.join(workdir, "config.json")))["loss"]["beta_kl"]
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    json.dump({"reconstruction": {"mse": 0.01 * beta, "psnr": 20.0, "ssim": 0.5}},
-              open(os.path.join(workdir, "eval", "metrics.json"), "w"))
+    best = args.get("--step") == "best"  # The best checkpoint plays one with half the error.
+    os.makedirs(output, exist_ok=True)
+    json.dump({"reconstruction": {"mse": 0.01 * beta * (0.5 if best else 1.0), "psnr": 20.0,
+                                  "ssim": 0.5}},
+              open(os.path.join(output, "metrics.json"), "w"))
 """)
 
 
@@ -316,8 +320,11 @@ def fake_jobs(monkeypatch):
   """Jobs that are small Python scripts instead of training: the sweep's bookkeeping alone."""
   monkeypatch.setattr(sweep, "train_command", lambda job, spec, extra, python="python": [
       sys.executable, "-c", FAKE_TRAIN, f"--workdir={job.workdir}", *job.overrides, *extra])
-  monkeypatch.setattr(sweep, "evaluate_command", lambda job, python="python": [
-      sys.executable, "-c", FAKE_EVALUATE, f"--workdir={job.workdir}"])
+  real_evaluate_command = sweep.evaluate_command
+  monkeypatch.setattr(sweep, "evaluate_command",
+                      lambda job, python="python", selection="latest": [
+                          sys.executable, "-c", FAKE_EVALUATE,
+                          *real_evaluate_command(job, python, selection)[3:]])
 
 
 def test_failed_job_is_reported_and_the_sweep_goes_on(fake_jobs, tmp_path):
@@ -346,6 +353,37 @@ def test_failed_job_is_reported_and_the_sweep_goes_on(fake_jobs, tmp_path):
   # A rerun skips the evaluated jobs and retries the failed one.
   again = sweep.run_sweep("vae:smoke", axes, [0], root, out=io.StringIO())
   assert [r.status for r in again] == ["skipped", "failed", "skipped"]
+
+
+def test_jobs_are_evaluated_at_the_best_checkpoint_beside_the_final_one(fake_jobs, tmp_path):
+  root = str(tmp_path / "sweep")
+  axes = [sweep.parse_set("loss.beta_kl=1,2")]
+  out = io.StringIO()
+  sweep.run_sweep("vae:smoke", axes, [0], root, out=out)
+  # The final evaluations exist; asking for the best ones too runs only those.
+  results = sweep.run_sweep("vae:smoke", axes, [0], root, out=out,
+                            eval_steps=["latest", "best"])
+  assert [r.status for r in results] == ["done", "done"]
+  job = results[0].job.workdir
+  with open(os.path.join(job, "sweep.log")) as f:
+    log = f.read()
+  # First sweep: train, evaluate; second: train (resumes nothing), evaluate the best only.
+  assert log.count("] $ ") == 4 and log.count("--step=") == 1
+  assert f"--step=best --output_dir={os.path.join(job, 'eval_best')}" in log
+  with open(os.path.join(root, "comparison_best.md")) as f:
+    best = [line.split(" | ") for line in f.read().splitlines()[2:]]
+  with open(os.path.join(root, "comparison.md")) as f:
+    final = [line.split(" | ") for line in f.read().splitlines()[2:]]
+  assert [c[2] for c in best] == ["0.00500", "0.01000"]
+  assert [c[2] for c in final] == ["0.01000", "0.02000"]
+  with open(os.path.join(root, "sweep.json")) as f:
+    manifest = json.load(f)
+  assert manifest["eval_steps"] == ["latest", "best"]
+  assert "--step=best" in manifest["jobs"][0]["command"]
+  with pytest.raises(sweep.SweepConfigError, match="'worst'"):
+    sweep.run_sweep("vae:smoke", axes, [0], root, out=out, eval_steps=["worst"])
+  with pytest.raises(compare.MissingEvaluationError, match="--step=250 --output_dir="):
+    compare.load_run(job, "eval_250")
 
 
 def test_preempted_job_stops_the_sweep_without_evaluating(fake_jobs, tmp_path):
