@@ -51,7 +51,9 @@ Preparation (`prepare_cine_dataset`) writes the same files as data_pipelines/pre
 the same guarantees, reusing its lock, leftovers and report helpers: the per-subject outcomes
 are kept in O/.subjects/subjects/ as soon as computed, so an interrupted run resumes where it
 stopped; a broken subject is "skipped" with its reason. Splits are subject-level, stratified by
-group (`tfds_builders.stratified_split`), fractions configurable.
+group (`tfds_builders.stratified_split`), fractions configurable. `held_out_cine_dir` generates
+and prepares, once, extra synthetic subjects of one group that a run never saw (the TCAV
+concept pool), acquired and prepared like the run's synthetic cohort.
 
 Batches (`make_data_source(config)`): the training batch at global step k is a pure function of
 (config.seed, k) as in data_pipelines/pipeline.py (same index schedule and augmentation draws:
@@ -1001,6 +1003,61 @@ def prepared_cine_dir(config, *, create: bool = True, num_workers: Optional[int]
         int(data_field(data, "synthetic.seed")), long_axis_4ch=True,
         num_workers=num_workers or min(os.cpu_count() or 1, 8))
   prepare_cine_dataset(raw, out, cine_config, dataset=dataset, split_seed=split_seed,
+                       split_fractions=fractions)
+  return out
+
+
+# The group of a held-out synthetic cohort, and the one split its prepared dataset holds.
+HELD_OUT_GROUP = "NOR"
+HELD_OUT_SPLIT = "train"
+
+
+def held_out_cine_dir(config, num_subjects: int, group: str = HELD_OUT_GROUP, *,
+                      create: bool = True, num_workers: Optional[int] = None) -> str:
+  """The prepared cine dataset of synthetic subjects held out from the run's cohort.
+
+  The run's prepared dataset (`prepared_cine_dir(config, create=False)`) must come from a raw
+  synthetic cohort (its report.json). `num_subjects` subjects of `group`, numbered after that
+  cohort's highest subject id, are drawn from the held-out streams of data.synthetic.seed with
+  the cohort's recorded acquisition ranges (`synthetic.synthesize_held_out_cohort`), and
+  prepared with the run's recorded preparation, every subject in split `HELD_OUT_SPLIT`. Both
+  are cached in <cache>/synthetic/held_out/<digest of the cohort's path>_<group>_n<N>_seed<S>/
+  (raw, cine/<configuration name>) and reused.
+
+  Raises:
+    ValueError: the run's data were not prepared from a synthetic cohort.
+    InvalidInputError: the run's prepared dataset is missing or incomplete.
+  """
+  data = config.data
+  main = prepared_cine_dir(config, create=False)
+  report = prepare._report(main)  # pylint: disable=protected-access
+  recorded = report["config"]
+  if recorded.get("dataset") != "synthetic":
+    raise ValueError(f"{main} was prepared from a {recorded.get('dataset')!r} cohort, not a "
+                     "synthetic one: no held-out synthetic subjects can complement it")
+  source = recorded["input_dir"]
+  numbers = [int(entry["subject"][len("patient"):]) for entry in report["subjects"]
+             if entry["subject"].startswith("patient")
+             and entry["subject"][len("patient"):].isdigit()]
+  if not numbers:
+    raise ValueError(f"{main}: no patient<digits> subject ids to number held-out subjects after")
+  seed = int(data_field(data, "synthetic.seed"))
+  cine_config = CineConfig(**recorded["cine"])
+  digest = hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:10]
+  root = os.path.join(_cache_root(data), "synthetic", "held_out",
+                      f"{digest}_{group.lower()}_n{int(num_subjects)}_seed{seed}")
+  fractions = (1.0, 0.0, 0.0)
+  out = os.path.join(root, "cine", make_builder_config("synthetic", cine_config, 0,
+                                                       fractions).name)
+  if not create:
+    return out
+  raw = os.path.join(root, "raw")
+  ranges = synthetic.read_acquisition_ranges(source) or synthetic.AcquisitionRanges()
+  synthetic.synthesize_held_out_cohort(
+      raw, int(num_subjects), seed, first_index=max(numbers), group=group, ranges=ranges,
+      long_axis_4ch=cine_config.long_axis,
+      num_workers=num_workers or min(os.cpu_count() or 1, 8))
+  prepare_cine_dataset(raw, out, cine_config, dataset="synthetic", split_seed=0,
                        split_fractions=fractions)
   return out
 

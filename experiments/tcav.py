@@ -2,27 +2,47 @@
 
 Global interpretability (Clough et al. 2019, Table 1 and Fig. 3) of a `temporal_classifier` run:
 
-1. Activations. The posterior means M (T, latent) of every subject of the concept splits
-   (default: train and val) and of the explained split (default: test), their 64-unit concept-
-   layer activations a(M) and the classifier logit (`TemporalClassifierFamily`). The pass over a
-   split resumes from its finished batches (DIR/tcav/partial_<split>_step<N>).
-2. Concepts. Cardiac function biomarkers of each subject from its stored segmentations and whole-
+1. Concept pool (`--concept_pool`), the subjects concepts and random sets are drawn from.
+   Clough et al. use "a held out set of 5,000 CAD-negative subjects": subjects the classifier
+   never trained on, all of the negative class. The default, held_out_negatives, is that
+   protocol: on synthetic data a cohort of `--concept_subjects` extra NOR subjects, generated
+   and prepared once like the run's cohort, numbered after its subjects and drawn from separate
+   random streams (`data_pipelines.cine.held_out_cine_dir`); on other data the split
+   `--concept_split` of `--concept_dir` (default: the run's prepared dataset), refused when it
+   holds a positive subject. pooled_train_val pools the classifier's own train and val subjects
+   of both classes, an earlier protocol kept for comparison: there any biomarker that tracks the
+   label gets a CAV close to the classifier's own decision direction and a TCAV score near 1 by
+   construction (the label_proxy control shows it). A pool that shares subjects with the
+   classifier's training split or with the explained split is refused unless
+   `--allow_overlap`, which the table header then states.
+2. Activations. The posterior means M (T, latent) of every pool subject and of the explained
+   split (default: test), their 64-unit concept-layer activations a(M) and the classifier logit
+   (`TemporalClassifierFamily`). The pass over a split resumes from its finished batches
+   (DIR/tcav/partial_*_step<N>).
+3. Concepts. Cardiac function biomarkers of each subject from its stored segmentations and whole-
    stack LV volume curve (`cardiac_jax.cardiac.biomarkers`; subjects failing the volume-curve QC
    are excluded from the concept sets, with the reason, in DIR/tcav/biomarkers.csv): low EF, low
    peak ejection rate, low peak filling rate, low atrial peak filling rate, high EDV, high ESV,
-   high wall-thickening variance. Concepts built to be irrelevant to the label, as controls:
-   a per-subject random number (any dataset) and, for the synthetic cohort, the scanner intensity
-   scale and the image noise level of the generating parameters (the classifier sees label maps,
-   so neither can matter). A concept set is the `tcav.concept_fraction` of the pooled concept
-   splits with the lowest (or highest) value, its negative set the same share at the other end.
-3. TCAV (`cardiac_jax.interpret.tcav.run_tcav`): CAVs on the concept layer, directional
+   high wall-thickening variance. Controls: a per-subject random number, built to be
+   irrelevant; the label proxy, the class label plus such a number, which carries nothing beyond
+   the class (noise in a negatives-only pool, the label itself in a pool of both classes); for
+   synthetic data, the scanner intensity scale and the image noise level of the generating
+   parameters (the classifier sees label maps, so neither can matter). A concept set is the
+   `tcav.concept_fraction` of the pool with the lowest (or highest) value, its negative set the
+   same share at the other end; the random sets are drawn from the same pool.
+4. TCAV (`cardiac_jax.interpret.tcav.run_tcav`): CAVs on the concept layer, directional
    derivatives of the logit for every subject of the explained split, TCAV score (fraction > 0),
    mean derivative, significance against `tcav.num_random_sets` random concepts (two-sided t-test,
    Bonferroni over the concepts) with the spread of the scores across the random runs.
 
 Writes DIR/tcav/:
+- protocol.json: the pool protocol, its sources, every pool subject with its split, class label,
+  group and QC exclusion, its overlap with the training and explained splits, whether
+  --allow_overlap was given, the explained split and its size, the concept fraction and the
+  concept and random set sizes;
 - table1.md, table1.csv: concept, description, TCAV score, mean derivative, spread, CAV accuracy,
-  p-value, significant; the header states the explained split, its AUC and the set sizes;
+  p-value, significant; the header states the pool (and any allowed overlap), the explained
+  split, its AUC and the set sizes;
 - results.json: the same plus the AUC and per-run scores;
 - pca.png: PCA of the explained split's concept activations coloured by label, each subject's
   logit gradient as an arrow and one concept's CAV (Fig. 3 left);
@@ -50,8 +70,21 @@ from absl import app, flags
 _WORKDIR = flags.DEFINE_string("workdir", None, "temporal_classifier run directory.")
 _STEP = flags.DEFINE_string("step", None, "Checkpoint: a step, best (the best validation "
                             "checkpoint) or latest (default).")
-_CONCEPT_SPLITS = flags.DEFINE_list("concept_splits", ["train", "val"],
-                                    "Splits pooled for the concept and random sets.")
+HELD_OUT_NEGATIVES, POOLED_TRAIN_VAL = "held_out_negatives", "pooled_train_val"
+_CONCEPT_POOL = flags.DEFINE_enum(
+    "concept_pool", HELD_OUT_NEGATIVES, [HELD_OUT_NEGATIVES, POOLED_TRAIN_VAL],
+    "Subjects of the concept and random sets: held-out negative subjects (Clough et al.), or "
+    "the classifier's own train and val subjects of both classes (needs --allow_overlap).")
+_CONCEPT_SPLIT = flags.DEFINE_string(
+    "concept_split", None, "Split of held-out negative subjects for the concept pool (default "
+    "on synthetic data: a generated cohort of --concept_subjects NOR subjects).")
+_CONCEPT_DIR = flags.DEFINE_string(
+    "concept_dir", None, "Prepared cine dataset holding --concept_split (default: the run's).")
+_CONCEPT_SUBJECTS = flags.DEFINE_integer(
+    "concept_subjects", 500, "Subjects of the generated held-out NOR cohort (synthetic data).")
+_ALLOW_OVERLAP = flags.DEFINE_bool(
+    "allow_overlap", False, "Run even when the concept pool shares subjects with the "
+    "classifier's training split or the explained split (the table header says so).")
 _EXPLAIN_SPLIT = flags.DEFINE_enum("explain_split", "test", ["train", "val", "test"],
                                    "Split whose subjects are explained (TCAV scores, AUC).")
 _NUM_RANDOM = flags.DEFINE_integer("num_random_sets", None,
@@ -90,6 +123,9 @@ CONCEPTS = (
             "high variance of LV wall thickening over 6 segments"),
     Concept("random", "random_attribute", "high",
             "control: a random number per subject", control=True),
+    Concept("label_proxy", "label_proxy", "high",
+            "control: the class label plus a random number (nothing beyond the class)",
+            control=True),
     Concept("high_intensity", "intensity_scale", "high",
             "control: scanner intensity scale (synthetic)", control=True),
     Concept("high_noise", "noise_level", "high",
@@ -101,10 +137,16 @@ BIOMARKER_KEYS = ("lv_edv_ml", "lv_esv_ml", "lv_ef", "peak_ejection_rate_ml_s",
 
 
 # ------------------------------------------------------------------------------ biomarkers
-def random_attribute(subject: str) -> float:
-  """A uniform number in [0, 1) that depends only on the subject id (a control concept)."""
+def random_attribute(subject: str, salt: str = "") -> float:
+  """A uniform number in [0, 1) that depends only on the subject id and `salt` (controls)."""
   import numpy as np
-  return float(np.random.default_rng(zlib.crc32(subject.encode("utf-8"))).random())
+  return float(np.random.default_rng(zlib.crc32((salt + subject).encode("utf-8"))).random())
+
+
+def label_proxy(subject: str, label: int) -> float:
+  """The class label plus a uniform number in [0, 1) of the subject: orders every positive
+  above every negative and carries nothing else (a control concept)."""
+  return float(label) + random_attribute(subject, salt="label_proxy:")
 
 
 def subject_biomarkers(labels, volumes_ml, pixel_spacing_mm: float, slice_thickness_mm: float,
@@ -129,12 +171,16 @@ def subject_biomarkers(labels, volumes_ml, pixel_spacing_mm: float, slice_thickn
   return out
 
 
-def synthetic_parameters(config) -> dict[str, dict[str, float]]:
-  """{subject: {intensity_scale, noise_level}} of a synthetic cohort ({} for other data)."""
-  from data_pipelines import cine, synthetic
-  if config.data.get("dataset", "") != "synthetic":
+def synthetic_parameters(prepared_dir: str) -> dict[str, dict[str, float]]:
+  """{subject: {intensity_scale, noise_level}} of the synthetic cohort a prepared dataset was
+  made from (its report.json); {} for other data or when the cohort's parameters.csv is gone."""
+  from data_pipelines import prepare, synthetic
+  from experiments import common
+  recorded = (common.read_json(os.path.join(prepared_dir, prepare.REPORT)) or {}).get(
+      "config") or {}
+  if recorded.get("dataset") != "synthetic" or not recorded.get("input_dir"):
     return {}
-  path = os.path.join(cine.synthetic_raw_dir(config.data), synthetic.PARAMETERS_CSV)
+  path = os.path.join(recorded["input_dir"], synthetic.PARAMETERS_CSV)
   if not os.path.exists(path):
     return {}
   return {p.subject: {"intensity_scale": p.intensity_scale, "noise_level": p.noise_level}
@@ -142,17 +188,21 @@ def synthetic_parameters(config) -> dict[str, dict[str, float]]:
 
 
 def biomarker_rows(examples: Iterable[dict], frame_interval_s: float, window_length: int,
-                   polyorder: int, parameters: dict[str, dict[str, float]]) -> list[dict]:
-  """One row per stored cine example: subject, group, biomarkers, control attributes."""
+                   polyorder: int, parameters: dict[str, dict[str, float]],
+                   positive_groups: Sequence[int]) -> list[dict]:
+  """One row per stored cine example: subject, group, class label (group in the group indices
+  `positive_groups`), biomarkers, control attributes."""
   rows = []
   for example in examples:
     subject = example["subject"]
     subject = subject.decode("utf-8") if isinstance(subject, bytes) else str(subject)
-    row = {"subject": subject, "group": int(example["group"])}
+    group = int(example["group"])
+    row = {"subject": subject, "group": group, "label": int(group in positive_groups)}
     row.update(subject_biomarkers(example["sa_label"], example["lv_volume_ml"],
                                   example["pixel_spacing_mm"], example["slice_thickness_mm"],
                                   frame_interval_s, window_length, polyorder))
     row["random_attribute"] = random_attribute(subject)
+    row["label_proxy"] = label_proxy(subject, row["label"])
     extra = parameters.get(subject, {})
     row["intensity_scale"] = float(extra.get("intensity_scale", float("nan")))
     row["noise_level"] = float(extra.get("noise_level", float("nan")))
@@ -196,11 +246,12 @@ def analyse(family, state, pool: dict, explained: dict, rows: Sequence[dict], *,
   """TCAV of every measurable concept.
 
   Args:
-    pool: `model_outputs` of the concept splits; explained: of the explained split.
+    pool: `model_outputs` of the concept pool; explained: of the explained split.
     rows: `biomarker_rows` of every subject in `pool`.
   Returns:
     {"results": {name: ConceptResult}, "skipped": {name: reason}, "gradients": (N, K),
-     "concepts": the Concept objects used, "auc": AUC of the explained split}.
+     "concepts": the Concept objects used, "auc": AUC of the explained split, "set_size": the
+     size of the random sets, "concept_set_sizes": {name: [concept, negative] set sizes}}.
   """
   from cardiac_jax.interpret import tcav
   from cardiac_jax.temporal_steps import roc_auc
@@ -225,7 +276,8 @@ def analyse(family, state, pool: dict, explained: dict, rows: Sequence[dict], *,
   randoms = tcav.random_sets(pool["concepts"], num_random_sets, size, seed=seed)
   results = tcav.run_tcav(gradients, sets, randoms, alpha=alpha, seed=seed)
   return {"results": results, "skipped": skipped, "gradients": gradients, "concepts": used,
-          "auc": roc_auc(explained["logit"], explained["label"]), "set_size": size}
+          "auc": roc_auc(explained["logit"], explained["label"]), "set_size": size,
+          "concept_set_sizes": {name: [len(c), len(n)] for name, (c, n) in sets.items()}}
 
 
 def table_rows(analysis: dict) -> list[dict]:
@@ -383,10 +435,19 @@ def save_pca_figure(path: str, activations, labels, gradients, cav_vector, conce
 
 
 # ------------------------------------------------------------------------------ driver
-def load_split_examples(config, split: str):
-  """Random-access source of one split of the run's prepared cine dataset."""
-  from data_pipelines import cine, prepare
-  return prepare.load_split(cine.prepared_cine_dir(config), split)
+@dataclasses.dataclass(frozen=True)
+class PoolSource:
+  """A part of the concept pool: split `split` of the prepared cine dataset `directory`, named
+  `name` in the outputs."""
+  name: str
+  directory: str
+  split: str
+
+
+def load_split_examples(directory: str, split: str):
+  """Random-access source of one split of a prepared cine dataset."""
+  from data_pipelines import prepare
+  return prepare.load_split(directory, split)
 
 
 def split_batches(config, source):
@@ -394,15 +455,109 @@ def split_batches(config, source):
   return cine.eval_batches(source, config.data, batch_size=config.train.eval_batch_size)
 
 
-def run(workdir: str, step: int | None = None, concept_splits: Sequence[str] = ("train", "val"),
-        explain_split: str = "test", num_random_sets: int | None = None,
-        concept_fraction: float | None = None, interpolate: str = "low_ef",
-        subject: str | None = None, sigmas: Sequence[float] = (-2, -1, 0, 1, 2),
-        seed: int = 0) -> dict[str, Any]:
+def concept_pool_sources(config, run_dir: str, concept_pool: str, concept_split: str | None,
+                         concept_dir: str | None, concept_subjects: int) -> list[PoolSource]:
+  """Where the concept pool comes from (module docstring, step 1); generates and prepares the
+  held-out synthetic cohort on first use. `run_dir`: the run's prepared cine dataset."""
+  from data_pipelines import cine
+  if concept_pool == POOLED_TRAIN_VAL:
+    if concept_split or concept_dir:
+      raise ValueError(f"--concept_split and --concept_dir name a held-out pool; they do not "
+                       f"apply to --concept_pool={POOLED_TRAIN_VAL}")
+    return [PoolSource("train", run_dir, "train"), PoolSource("val", run_dir, "val")]
+  if concept_pool != HELD_OUT_NEGATIVES:
+    raise ValueError(f"--concept_pool={concept_pool!r}: expected {HELD_OUT_NEGATIVES} or "
+                     f"{POOLED_TRAIN_VAL}")
+  if concept_split:
+    directory = os.path.abspath(concept_dir) if concept_dir else run_dir
+    return [PoolSource(concept_split, directory, concept_split)]
+  if concept_dir:
+    raise ValueError(f"--concept_dir={concept_dir} needs --concept_split, the split of "
+                     "held-out negative subjects in it")
+  if concept_subjects < 2:
+    raise ValueError(f"--concept_subjects={concept_subjects}: the generated concept pool needs "
+                     "at least 2 subjects")
+  try:
+    directory = cine.held_out_cine_dir(config, concept_subjects)
+  except ValueError as e:
+    raise ValueError(f"{e}. Name a split of held-out negative subjects with --concept_split "
+                     "(and --concept_dir when they are prepared apart), or use "
+                     f"--concept_pool={POOLED_TRAIN_VAL} --allow_overlap") from None
+  return [PoolSource("held_out", directory, cine.HELD_OUT_SPLIT)]
+
+
+def check_concept_pool(rows: Sequence[dict], where: str, concept_pool: str,
+                       training_subjects: Iterable[str], explain_split: str,
+                       explained_subjects: Iterable[str], allow_overlap: bool
+                       ) -> dict[str, list[str]]:
+  """The pool's subjects in the classifier's training split ("train") and in the explained
+  split; ValueError when a held-out negatives pool holds a positive subject, or when the pool
+  shares subjects with either split and `allow_overlap` is False."""
+  from cardiac_jax import structures
+  if concept_pool == HELD_OUT_NEGATIVES:
+    positives = [r for r in rows if r["label"]]
+    if positives:
+      groups = sorted({structures.GROUPS[r["group"]] for r in positives})
+      raise ValueError(
+          f"the concept pool ({where}) holds {len(positives)} positive subject(s) (groups "
+          f"{groups} are in the run's data.positive_groups), e.g. "
+          f"{[r['subject'] for r in positives[:5]]}: the {HELD_OUT_NEGATIVES} protocol needs "
+          "a split of negative subjects only")
+  pool = {r["subject"] for r in rows}
+  overlap = {"train": sorted(pool & set(training_subjects)),
+             explain_split: sorted(pool & set(explained_subjects))}
+  shared = {split: subjects for split, subjects in overlap.items() if subjects}
+  if shared and not allow_overlap:
+    details = "; ".join(f"{len(v)} in the {'classifier training' if k == 'train' else k} "
+                        f"split, e.g. {v[:5]}" for k, v in shared.items())
+    raise ValueError(f"the concept pool ({where}) shares subjects with the run's splits: "
+                     f"{details}. Concept and random sets must come from subjects the "
+                     "classifier never trained on and that are not explained; pass "
+                     "--allow_overlap to run anyway (the table header then says so)")
+  return overlap
+
+
+def _partial_dir(out_dir: str, source: PoolSource, step: int) -> str:
+  """Resume folder of the model pass over one split (its dataset's path in the name, so two
+  datasets with a split of the same name never share one)."""
+  import hashlib
+  digest = hashlib.sha1(f"{source.directory}:{source.split}".encode()).hexdigest()[:8]
+  return os.path.join(out_dir, f"partial_{source.name}_{digest}_step{step}")
+
+
+def pool_description(concept_pool: str, sources: Sequence[PoolSource], num_subjects: int,
+                     overlap: dict[str, list[str]], allow_overlap: bool) -> str:
+  """The concept-pool clause of the table header."""
+  names = "+".join(s.name for s in sources)
+  if concept_pool == HELD_OUT_NEGATIVES:
+    text = f"concept pool: {num_subjects} held-out negative subjects ({names})"
+  else:
+    text = f"concept pool: the classifier's own {names} subjects of both classes ({num_subjects})"
+  shared = {k: v for k, v in overlap.items() if v}
+  if shared:
+    text += ("; OVERLAP ALLOWED (--allow_overlap): " + ", ".join(
+        f"{len(v)} pool subjects in the {'classifier training' if k == 'train' else k} split"
+        for k, v in shared.items()))
+  elif allow_overlap:
+    text += "; --allow_overlap given, no overlap with the training or explained split"
+  else:
+    text += "; none in the training or explained split"
+  return text
+
+
+def run(workdir: str, step: int | str | None = None,
+        concept_pool: str = HELD_OUT_NEGATIVES, concept_split: str | None = None,
+        concept_dir: str | None = None, concept_subjects: int = 500,
+        allow_overlap: bool = False, explain_split: str = "test",
+        num_random_sets: int | None = None, concept_fraction: float | None = None,
+        interpolate: str = "low_ef", subject: str | None = None,
+        sigmas: Sequence[float] = (-2, -1, 0, 1, 2), seed: int = 0) -> dict[str, Any]:
   """The whole analysis (module docstring); returns results.json's content."""
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from cardiac_jax import structures
+  from data_pipelines import cine, prepare
   from experiments import common
 
   family_name = common.load_run_config(workdir).model.family
@@ -418,37 +573,74 @@ def run(workdir: str, step: int | None = None, concept_splits: Sequence[str] = (
   out_dir = os.path.join(workdir, "tcav")
   os.makedirs(out_dir, exist_ok=True)
   frame_interval = float(tc.cycle_duration_s) / int(config.data.num_frames)
-  parameters = synthetic_parameters(config)
+  run_dir = cine.prepared_cine_dir(config)
+  splits_path = os.path.join(run_dir, prepare.SPLITS)
+  splits = common.read_json(splits_path)
+  if splits is None or not isinstance(splits.get("train"), list):
+    raise ValueError(f"{splits_path}: missing or without a 'train' list; the concept pool "
+                     "cannot be checked against the classifier's training subjects")
+  sources = concept_pool_sources(config, run_dir, concept_pool, concept_split, concept_dir,
+                                 concept_subjects)
+  explained_source = PoolSource(explain_split, run_dir, explain_split)
 
-  def gather(split):
-    source = load_split_examples(config, split)
-    outputs = model_outputs(family, state, mesh, split_batches(config, source),
-                            cache_dir=os.path.join(out_dir,
-                                                   f"partial_{split}_step{int(state.step)}"))
-    rows = biomarker_rows((source[i] for i in range(len(source))), frame_interval,
-                          int(tc.savgol_window), int(tc.savgol_order), parameters)
-    return outputs, rows
+  def read_rows(source):
+    examples = load_split_examples(source.directory, source.split)
+    rows = biomarker_rows((examples[i] for i in range(len(examples))), frame_interval,
+                          int(tc.savgol_window), int(tc.savgol_order),
+                          synthetic_parameters(source.directory), family.positive_groups)
+    return examples, rows
 
-  pool_parts = [gather(s) for s in concept_splits]
-  pool = {k: np.concatenate([p[0][k] for p in pool_parts]) for k in pool_parts[0][0]}
-  rows = [r for p in pool_parts for r in p[1]]
-  explained, explained_rows = gather(explain_split)
+  def outputs_of(source, examples):
+    return model_outputs(family, state, mesh, split_batches(config, examples),
+                         cache_dir=_partial_dir(out_dir, source, int(state.step)))
+
+  pool_parts = [read_rows(source) for source in sources]
+  rows = [r for _, part_rows in pool_parts for r in part_rows]
+  where = ", ".join(f"split {s.split!r} of {s.directory}" for s in sources)
+  overlap = check_concept_pool(rows, where, concept_pool, splits["train"], explain_split,
+                               splits.get(explain_split, []), allow_overlap)
+  pool_outputs = [outputs_of(source, examples) for source, (examples, _) in
+                  zip(sources, pool_parts)]
+  pool = {k: np.concatenate([p[k] for p in pool_outputs]) for k in pool_outputs[0]}
+  explained_examples, explained_rows = read_rows(explained_source)
+  explained = outputs_of(explained_source, explained_examples)
+  split_of = {r["subject"]: source.name for source, (_, part_rows) in zip(sources, pool_parts)
+              for r in part_rows}
   common.write_csv(os.path.join(out_dir, "biomarkers.csv"),
-            [dict(r, split=s) for s, p in zip(concept_splits, pool_parts) for r in p[1]]
-            + [dict(r, split=explain_split) for r in explained_rows])
+                   [dict(r, split=split_of[r["subject"]]) for r in rows]
+                   + [dict(r, split=explain_split) for r in explained_rows])
   excluded = {r["subject"]: r[QC_FAILED] for r in rows if r[QC_FAILED]}
 
   analysis = analyse(family, state, pool, explained, rows, fraction=fraction,
                      num_random_sets=num_random, alpha=float(tc.alpha), seed=seed)
   table = table_rows(analysis)
+  pool_text = pool_description(concept_pool, sources, len(rows), overlap, allow_overlap)
+  protocol = {
+      "concept_pool": concept_pool, "allow_overlap": bool(allow_overlap),
+      "sources": [dict(dataclasses.asdict(s), num_subjects=len(part_rows))
+                  for s, (_, part_rows) in zip(sources, pool_parts)],
+      "generated_subjects": (concept_subjects if concept_pool == HELD_OUT_NEGATIVES
+                             and not concept_split else None),
+      "overlap": overlap,
+      "explained": {"split": explain_split, "directory": run_dir,
+                    "num_subjects": len(explained["logit"]),
+                    "num_positive": int(np.sum(explained["label"] > 0.5))},
+      "concept_fraction": fraction, "concept_set_sizes": analysis["concept_set_sizes"],
+      "num_random_sets": num_random, "random_set_size": analysis["set_size"],
+      "subjects": [{"subject": r["subject"], "split": split_of[r["subject"]],
+                    "label": r["label"],
+                    "group": (structures.GROUPS[r["group"]]
+                              if 0 <= r["group"] < len(structures.GROUPS) else "unknown"),
+                    "excluded_by_qc": r[QC_FAILED]} for r in rows],
+  }
+  common.write_json(os.path.join(out_dir, "protocol.json"), protocol)
   header = (f"TCAV of the concept layer, {config.name} step {int(state.step)}: "
             f"{len(explained['logit'])} {explain_split} subjects explained (AUC "
-            f"{analysis['auc']:.3f}); concept sets of {analysis['set_size']} subjects from "
-            f"{'+'.join(concept_splits)} ({len(rows)} subjects, {len(excluded)} excluded by QC); "
-            f"{num_random} random concepts; Bonferroni over {len(table)} concepts at "
-            f"alpha {float(tc.alpha)}.")
-  with open(os.path.join(out_dir, "table1.md"), "w", encoding="utf-8") as f:
-    f.write(markdown_table(table, header))
+            f"{analysis['auc']:.3f}); {pool_text}; {len(excluded)} excluded by QC; concept "
+            f"sets of {analysis['set_size']} or more subjects, {num_random} random sets of "
+            f"{analysis['set_size']}; Bonferroni over {len(table)} concepts at alpha "
+            f"{float(tc.alpha)}.")
+  common.write_text(os.path.join(out_dir, "table1.md"), markdown_table(table, header))
   common.write_csv(os.path.join(out_dir, "table1.csv"), table)
 
   # Figures: PCA with gradients and the CAV, and the decoded interpolation.
@@ -486,7 +678,8 @@ def run(workdir: str, step: int | None = None, concept_splits: Sequence[str] = (
 
   result = {"workdir": os.path.abspath(workdir), "step": int(state.step),
             "step_selection": common.step_selection(step),
-            "explain_split": explain_split, "concept_splits": list(concept_splits),
+            "explain_split": explain_split, "concept_pool": concept_pool,
+            "pool_sources": protocol["sources"], "allow_overlap": bool(allow_overlap),
             "auc": analysis["auc"], "set_size": analysis["set_size"],
             "num_random_sets": num_random, "excluded_by_qc": excluded,
             "skipped_concepts": analysis["skipped"], "table": table,
@@ -496,18 +689,21 @@ def run(workdir: str, step: int | None = None, concept_splits: Sequence[str] = (
                 analysis["results"].values())).random_baseline_scores.tolist(),
             "interpolation": interpolation}
   common.write_json(os.path.join(out_dir, "results.json"), result)
-  for split in set(concept_splits) | {explain_split}:
-    shutil.rmtree(os.path.join(out_dir, f"partial_{split}_step{int(state.step)}"),
-                  ignore_errors=True)
+  for source in [*sources, explained_source]:
+    shutil.rmtree(_partial_dir(out_dir, source, int(state.step)), ignore_errors=True)
   return result
 
 
 def main(argv):
   from experiments import common
   common.start_command(argv, workdir=_WORKDIR.value)
-  result = run(_WORKDIR.value, _STEP.value, _CONCEPT_SPLITS.value, _EXPLAIN_SPLIT.value,
-               _NUM_RANDOM.value, _FRACTION.value, _INTERPOLATE.value, _SUBJECT.value,
-               [float(s) for s in _SIGMAS.value], _SEED.value)
+  result = run(_WORKDIR.value, _STEP.value, concept_pool=_CONCEPT_POOL.value,
+               concept_split=_CONCEPT_SPLIT.value, concept_dir=_CONCEPT_DIR.value,
+               concept_subjects=_CONCEPT_SUBJECTS.value, allow_overlap=_ALLOW_OVERLAP.value,
+               explain_split=_EXPLAIN_SPLIT.value, num_random_sets=_NUM_RANDOM.value,
+               concept_fraction=_FRACTION.value, interpolate=_INTERPOLATE.value,
+               subject=_SUBJECT.value, sigmas=[float(s) for s in _SIGMAS.value],
+               seed=_SEED.value)
   with open(os.path.join(_WORKDIR.value, "tcav", "table1.md"), encoding="utf-8") as f:
     print(f.read())
   inter = result["interpolation"]

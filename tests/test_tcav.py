@@ -128,3 +128,41 @@ def test_t_test_edge_cases_and_bad_input():
     tcav.train_cav(np.full((10, 3), np.nan), np.ones((10, 3)))
   with pytest.raises(ValueError, match="at least 2 random sets"):
     tcav.run_tcav(np.ones((4, 3)), {}, [np.ones((5, 3))])
+
+
+def _two_class_layer(rng, num_negative: int, num_positive: int):
+  """(activations (N, DIM), labels (N,)): a concept layer where the positives sit 3 units along
+  e_0, the direction `_curved_logit` rises along."""
+  labels = np.r_[np.zeros(num_negative), np.ones(num_positive)]
+  activations = rng.normal(size=(len(labels), DIM))
+  activations[:, 0] += 3.0 * labels
+  return activations, labels
+
+
+def test_label_proxy_is_significant_only_in_a_pool_of_both_classes():
+  """A control that carries nothing beyond the class (label + a random number per example),
+  over 10 draws of the layer: significant in every pool of both classes (the classifier's own
+  train and val examples), about as often as a random concept in a pool of held-out negatives."""
+
+  def label_proxy_result(rng, seed, grads, pool, labels):
+    proxy = labels + rng.random(len(labels))
+    concepts = {"label proxy": tcav.concept_sets(proxy, pool, 0.2, "high")}
+    randoms = tcav.random_sets(pool, num_sets=10, size=len(concepts["label proxy"][0]),
+                               seed=seed)
+    return tcav.run_tcav(grads, concepts, randoms, alpha=0.05, seed=seed)["label proxy"]
+
+  held_out_significant = 0
+  for seed in range(10):
+    rng = np.random.default_rng(100 + seed)
+    explained, _ = _two_class_layer(rng, 100, 100)
+    grads = tcav.logit_gradients(_curved_logit, explained)
+    # Both classes: the proxy's concept set is the positives, its CAV the decision direction.
+    pooled = label_proxy_result(rng, seed, grads, *_two_class_layer(rng, 300, 300))
+    assert pooled.significant and pooled.score > 0.9, (seed, pooled)
+    # Negatives only: the same proxy is noise.
+    held_out = label_proxy_result(rng, seed, grads, *_two_class_layer(rng, 600, 0))
+    assert held_out.cav_accuracy < 0.75, (seed, held_out)
+    held_out_significant += held_out.significant
+  # TCAV's t-test of one fixed concept set against random pairs runs a little above its nominal
+  # 5 % false positives; 10 of 10 is the pooled protocol's outcome.
+  assert held_out_significant <= 3

@@ -18,7 +18,11 @@ VAE-classifier (`cardiac_jax.models.temporal_classifier`):
   random runs is reported because TCAV scores are unstable with few random sets.
 - Concepts from a continuous biomarker (Clough et al.): in a held-out set, the examples with the
   lowest (or highest) `fraction` of its values are the concept set, those at the other end the
-  negative set ("low EF" = lowest EF vs highest EF).
+  negative set ("low EF" = lowest EF vs highest EF). That set and the random sets come from one
+  pool of examples the classifier never trained on, all of one class (Clough et al.: 5,000
+  CAD-negative subjects). In a pool of both classes any concept that tracks the class label
+  separates the classes, so its CAV is close to the classifier's own decision direction and it
+  comes out significant whatever it means.
 
 Everything is numpy except the gradients (JAX). The logistic regression is solved by Newton's
 method (the problem is small and strictly convex with the L2 term), so a CAV is deterministic
