@@ -1,13 +1,15 @@
-"""Pure train and eval steps of the VAE family: VAE, beta-VAE, AR-VAE, Soft-IntroVAE, AR-SIVAE.
+"""Pure train and eval steps of the VAE family: VAE, beta-VAE, AR-VAE, Attri-VAE, Soft-IntroVAE,
+AR-SIVAE.
 
 Every step is a pure function `(state, batch, key) -> (state, metrics)`, compiled by the caller
 (see `cardiac_jax.parallel`). A batch is a dict with "image" (B, H, W, C) float32 in [0, 1] and
 "attributes" (B, A) float32.
 
 Objectives (config.loss.objective):
-- "vae": L = mean_i[Rec_i] + beta_kl * mean_i[KL_i] + gamma * AR(z, a). With beta_kl = 1 the
-  VAE, with beta_kl > 1 the beta-VAE (Higgins et al. 2017), with gamma > 0 the AR-VAE
-  (Pati & Lerch 2021). Encoder and decoder are updated together from the same loss.
+- "vae": L = mean_i[Rec_i] + beta_kl * mean_i[KL_i] + gamma * AR(z, a) + weight_l1 * sum|theta|.
+  With beta_kl = 1 the VAE, with beta_kl > 1 the beta-VAE (Higgins et al. 2017), with gamma > 0
+  the AR-VAE (Pati & Lerch 2021); the L1 penalty on every parameter is Attri-VAE's. Encoder and
+  decoder are updated together from the same loss.
 - "soft_intro": Soft-IntroVAE (Daniel & Tamar, CVPR 2021), with gamma > 0 AR-SIVAE (Di Folco et
   al., MICCAI 2024). Per batch, the encoder is updated first (decoder frozen) with
     L_E = s (beta_rec Rec(x, x_r) + beta_kl KL(x)) + 1/4 (expELBO(x_r) + expELBO(x_f)) + gamma AR,
@@ -18,6 +20,9 @@ Objectives (config.loss.objective):
   s = 1 / (C H W). Each part has its own Adam optimizer. The AR term is not scaled by s.
   During the first `loss.vae_warmup_steps` steps the VAE objective (with beta_rec/beta_kl
   weights) is used instead, as the reference's `num_vae` epochs.
+
+Networks (config.model.architecture): "soft_intro_resnet" (`cardiac_jax.models.vae`, the default)
+or "attri_vae_conv" (`cardiac_jax.models.attri_vae`, Attri-VAE's convolutional beta-VAE).
 
 BatchNorm statistics: the encoder keeps the statistics of its pass over real images, the decoder
 those of its pass decoding real codes; passes over fakes never update running statistics.
@@ -42,6 +47,7 @@ import numpy as np
 
 from cardiac_jax import losses
 from cardiac_jax.metrics import reconstruction as recon_metrics
+from cardiac_jax.models import attri_vae as attri_vae_lib
 from cardiac_jax.models import vae as vae_lib
 from cardiac_jax.train_state import (TrainState, finish_step, make_optimizer, optimizer_step,
                                      replica_rows)
@@ -64,6 +70,7 @@ class LossConfig:
   delta: float = 1.0
   regularized_dims: tuple[int, ...] = ()
   vae_warmup_steps: int = 0
+  weight_l1: float = 0.0
 
   @classmethod
   def from_config(cls, loss_config) -> "LossConfig":
@@ -99,16 +106,14 @@ class VAEFamily:
     self.image_size = int(config.data.image_size)
     self.image_channels = len(config.data.channels)
     self.latent_dim = int(model_config.latent_dim)
-    self.model = vae_lib.VAE(
-        channels=tuple(model_config.channels), latent_dim=self.latent_dim,
-        image_size=self.image_size, image_channels=self.image_channels,
-        output_activation=model_config.output_activation, conv_impl=model_config.conv_impl,
-        dtype=jnp.dtype(model_config.compute_dtype), bn_axis_name=bn_axis_name,
-        initializer=model_config.initializer, remat=model_config.get("remat", "none"))
+    self.model = build_network(model_config, self.image_size, self.image_channels, bn_axis_name)
     self.tx = {part: make_optimizer(config.optimizer) for part in PARTS}
     self.skip_nonfinite = bool(config.train.skip_nonfinite)
     if self.loss.objective not in ("vae", "soft_intro"):
       raise ValueError(f"unknown loss.objective {self.loss.objective!r} (vae or soft_intro)")
+    if self.loss.weight_l1 and self.loss.objective != "vae":
+      raise ValueError(f"loss.weight_l1 is a term of the vae objective; loss.objective is "
+                       f"{self.loss.objective!r}")
     if self.loss.gamma and not self.loss.regularized_dims:
       raise ValueError("loss.gamma > 0 needs loss.regularized_dims (one latent dimension per "
                        "entry of data.attributes)")
@@ -246,6 +251,10 @@ class VAEFamily:
       loss = scale * (rec_weight * rec + self.loss.beta_kl * kl) + self.loss.gamma * ar
       metrics = {"loss": loss, "reconstruction_loss": rec, "kl": kl, "ar_loss": ar,
                  "mse": rec / (x[0].size)}
+      if self.loss.weight_l1:
+        penalty = l1_norm(params)
+        loss = loss + self.loss.weight_l1 * penalty
+        metrics.update(loss=loss, weight_l1_norm=penalty)
       return loss, ({"encoder": enc_stats, "decoder": dec_stats}, metrics)
 
     grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -364,6 +373,64 @@ class VAEFamily:
 
   def uses_warmup(self, step: int) -> bool:
     return self.warmup_train_step is not None and step < self.loss.vae_warmup_steps
+
+
+def l1_norm(params) -> jax.Array:
+  """sum |theta| over every parameter, written sign(theta) * theta so that its gradient at 0 is 0
+  (as PyTorch's L1 loss of the Attri-VAE reference, whose biases start at 0)."""
+  leaves = jax.tree.leaves(params)
+  return sum(jnp.sum(jax.lax.stop_gradient(jnp.sign(p)) * p) for p in leaves)
+
+
+# config.model.architecture -> the network's builder: the residual Soft-IntroVAE model that
+# the VAE, beta-VAE, AR-VAE, Soft-IntroVAE and AR-SIVAE configs share, or Attri-VAE's conv net.
+ARCHITECTURES = ("soft_intro_resnet", "attri_vae_conv")
+
+
+def build_network(model_config, image_size: int, image_channels: int,
+                  bn_axis_name: str | None = None):
+  """The encoder/decoder module named by model_config.architecture (default
+  "soft_intro_resnet")."""
+  architecture = model_config.get("architecture", "soft_intro_resnet")
+  remat = model_config.get("remat", "none")
+  dtype = jnp.dtype(model_config.compute_dtype)
+  if architecture == "soft_intro_resnet":
+    return vae_lib.VAE(
+        channels=tuple(model_config.channels), latent_dim=int(model_config.latent_dim),
+        image_size=image_size, image_channels=image_channels,
+        output_activation=model_config.output_activation, conv_impl=model_config.conv_impl,
+        dtype=dtype, bn_axis_name=bn_axis_name, initializer=model_config.initializer,
+        remat=remat)
+  if architecture == "attri_vae_conv":
+    if remat != "none":
+      raise ValueError(f"model.remat={remat!r}: the attri_vae_conv network has no residual "
+                       "blocks to rematerialise (use model.remat=none)")
+    attri_vae_lib.check_image_size(image_size, len(model_config.channels))
+    return attri_vae_lib.AttriVAE(
+        channels=tuple(model_config.channels), latent_dim=int(model_config.latent_dim),
+        image_size=image_size, image_channels=image_channels,
+        bottleneck_features=int(model_config.bottleneck_features),
+        output_activation=model_config.output_activation, conv_impl=model_config.conv_impl,
+        dtype=dtype, initializer=model_config.initializer)
+  raise ValueError(f"unknown model.architecture {architecture!r}; known: {ARCHITECTURES}")
+
+
+def parameter_counts(family, seed: int = 0) -> dict[str, int]:
+  """Number of trainable parameters per part of any family's state ({"encoder": n, ...}), from
+  the abstract shapes of `init_state` (nothing is computed)."""
+  params = jax.eval_shape(family.init_state, jax.random.key(seed)).params
+  if not isinstance(params, dict):
+    params = {"model": params}
+  return {str(part): int(sum(np.prod(leaf.shape, dtype=np.int64)
+                             for leaf in jax.tree.leaves(tree)))
+          for part, tree in params.items()}
+
+
+def parameter_summary(config) -> str:
+  """One line naming the config and its parameter count per part, printed at training start."""
+  counts = parameter_counts(make_family(config), int(config.seed))
+  parts = ", ".join(f"{part} {n:,}" for part, n in sorted(counts.items()))
+  return f"{config.name or config.model.family}: {sum(counts.values()):,} parameters ({parts})"
 
 
 # config.model.family -> "module:class" of the family; imported on first use, so a family's

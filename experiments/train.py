@@ -38,12 +38,15 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError(f"--config is required; available: {', '.join(configs.available_configs())}")
-  from cardiac_jax import distributed, training  # Heavy imports after flag parsing.
+  from cardiac_jax import distributed, steps, training  # Heavy imports after flag parsing.
+  import jax
   distributed.initialize_from_environment(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
                                           _PROCESS_ID.value)  # Before any device is touched.
   from experiments import common
   common.quiet_logs()
   workdir = _WORKDIR.value or default_workdir(config)
+  if jax.process_index() == 0:
+    print(steps.parameter_summary(config), flush=True)
   try:
     training.train_and_evaluate(config, workdir, common.make_data_source(config))
   except training.Preempted as e:

@@ -11,7 +11,8 @@ from cardiac_jax import steps
 from experiments import configs
 
 
-VAE_FAMILY = ("vae", "beta_vae", "ar_vae", "sivae", "ar_sivae")
+SOFT_INTRO_NETWORK = ("vae", "beta_vae", "ar_vae", "sivae", "ar_sivae")
+VAE_FAMILY = SOFT_INTRO_NETWORK + ("attri_vae",)
 
 
 def test_every_config_has_smoke_and_paper_variants():
@@ -28,8 +29,33 @@ def test_every_config_has_smoke_and_paper_variants():
 @pytest.mark.parametrize("name", VAE_FAMILY)
 def test_paper_variant_of_the_vae_family_is_the_acdc_setting(name):
   paper = configs.get_config(f"{name}:paper")
-  assert paper.data.image_size == 128 and paper.model.latent_dim == 256
-  assert paper.train.batch_size == 16
+  assert paper.data.image_size == 128 and paper.train.batch_size == 16
+  assert paper.data.prepare.slice_rule == "acdc_basal"
+  assert paper.model.latent_dim == (128 if name == "attri_vae" else 256)
+
+
+def test_paper_hyperparameters_of_attri_vae():
+  c = configs.get_config("attri_vae:paper")
+  assert (c.model.architecture, tuple(c.model.channels)) == ("attri_vae_conv", (32,) * 5)
+  assert (c.model.bottleneck_features, c.model.output_activation) == (256, "none")
+  assert (c.loss.objective, c.loss.reconstruction) == ("vae", "mse")
+  assert (c.loss.beta_kl, c.loss.gamma, c.loss.delta, c.loss.weight_l1) == (2.0, 100.0, 100.0,
+                                                                              5e-4)
+  assert tuple(c.loss.regularized_dims) == (0, 1, 2)
+  assert (c.optimizer.name, c.optimizer.learning_rate, c.optimizer.weight_decay) == (
+      "adam", 5e-5, 0.0)
+  assert c.train.num_steps == 1500 * 6  # 1500 epochs of 85 subjects in batches of 16.
+
+
+def test_attri_vae_and_the_ar_vae_ablation_share_the_default_data_and_budget():
+  attri, ablation, ar_sivae = (configs.get_config(n) for n in ("attri_vae", "ar_vae", "ar_sivae"))
+  for other in (ablation, ar_sivae):
+    assert attri.data.to_dict() == other.data.to_dict()
+    assert (attri.train.batch_size, attri.train.num_steps) == (16, other.train.num_steps)
+    assert attri.model.latent_dim == other.model.latent_dim
+    assert tuple(attri.loss.regularized_dims) == tuple(other.loss.regularized_dims)
+  assert (attri.data.image_size, tuple(attri.model.channels)) == (64, (32,) * 4)
+  assert ablation.model.get("architecture", "soft_intro_resnet") == "soft_intro_resnet"
 
 
 def test_paper_hyperparameters_of_ar_sivae():
