@@ -47,9 +47,7 @@ import argparse
 import json
 import math
 import os
-import resource
 import sys
-import time
 
 try:
   import numpy as np
@@ -61,6 +59,10 @@ except ImportError as error:  # Only this script needs PyTorch; say how to get i
            f"dependency ({error}). Install it into a separate environment: python3.11 -m venv "
            f"/work/torch-venv && /work/torch-venv/bin/pip install torch==2.13.0 numpy; then run "
            f"this script (or experiments.benchmark --torch_python=...) with that interpreter.")
+
+# The timing helpers beside this script (also when it is loaded from a file path).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_timing import count_parameters, time_steps  # noqa: E402  pylint: disable=g-import-not-at-top
 
 GROUP_LIMIT = 32
 
@@ -314,21 +316,8 @@ class DiffAEStep:
     return result
 
 
-def peak_rss_mb() -> float:
-  """This process's peak resident memory in MiB: VmHWM (Linux), which restarts at exec, unlike
-  getrusage's maxrss, which a child started by a larger process inherits."""
-  try:
-    with open("/proc/self/status") as status:
-      for line in status:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) / 1024.0
-  except OSError:
-    pass
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def count_parameters(module: nn.Module) -> int:
-  return sum(p.numel() for p in module.parameters())
 
 
 def _int_list(value: str) -> list[int]:
@@ -424,24 +413,12 @@ def main(argv=None) -> dict:
   shape = (a.batch_size, a.in_channels, a.num_frames, a.image_size, a.image_size)
   x0 = torch.rand(shape, generator=generator) * 2.0 - 1.0
   step = DiffAEStep(encoder, unet, a)
-  load_before = os.getloadavg()
-  for _ in range(a.warmup_steps):
-    step(x0)
-  seconds = []
-  for _ in range(a.steps):
-    start = time.perf_counter()
-    losses = step(x0)  # float() of the losses waits for the step to finish.
-    seconds.append(time.perf_counter() - start)
-  s_per_step = sum(seconds) / len(seconds)
   result.update({
       "framework": "pytorch-eager", "model": "imlatent-diffae3d",
       "torch_version": torch.__version__, "threads": torch.get_num_threads(),
       "batch_size": a.batch_size, "num_frames": a.num_frames, "image_size": a.image_size,
-      "base_channels": a.base_channels, "steps": a.steps, "warmup_steps": a.warmup_steps,
-      "s_per_step": s_per_step, "step_seconds": seconds,
-      "samples_per_sec": a.batch_size / s_per_step, "peak_rss_mb": peak_rss_mb(),
-      "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
-      **losses,
+      "base_channels": a.base_channels,
+      **time_steps(lambda: step(x0), a.warmup_steps, a.steps, a.batch_size),
   })
   print(json.dumps(result), flush=True)
   return result

@@ -33,9 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
-import time
 
 try:
   import torch
@@ -46,6 +44,10 @@ except ImportError as error:  # Only this script needs PyTorch; say how to get i
            f"({error}). Install it into a separate environment: python3.11 -m venv "
            f"/work/torch-venv && /work/torch-venv/bin/pip install torch==2.13.0 numpy; then run "
            f"this script (or experiments.benchmark --torch_python=...) with that interpreter.")
+
+# The timing helpers beside this script (also when it is loaded from a file path).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_timing import count_parameters, time_steps  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _bottleneck_size(image_size: int, num_levels: int) -> int:
@@ -210,21 +212,8 @@ class SoftIntroStep:
     return {"encoder_loss": float(loss_e), "decoder_loss": float(loss_d)}
 
 
-def peak_rss_mb() -> float:
-  """This process's peak resident memory in MiB. VmHWM (Linux) restarts at exec, unlike
-  getrusage's maxrss, which a child started by a larger process inherits."""
-  try:
-    with open("/proc/self/status") as status:
-      for line in status:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) / 1024.0
-  except OSError:
-    pass
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def count_parameters(module: nn.Module) -> int:
-  return sum(p.numel() for p in module.parameters())
 
 
 def build(args) -> tuple[Encoder, Decoder]:
@@ -284,25 +273,12 @@ def main(argv=None) -> dict:
                  generator=generator)
   attributes = torch.randn(args.batch_size, args.num_attributes, generator=generator)
   step = SoftIntroStep(encoder, decoder, args)
-  load_before = os.getloadavg()
-  for _ in range(args.warmup_steps):
-    step(x, attributes)
-  seconds = []
-  for _ in range(args.steps):
-    start = time.perf_counter()
-    losses = step(x, attributes)  # float() of the losses waits for the step to finish.
-    seconds.append(time.perf_counter() - start)
-  s_per_step = sum(seconds) / len(seconds)
   result.update({
       "framework": "pytorch-eager", "torch_version": torch.__version__,
       "threads": torch.get_num_threads(), "batch_size": args.batch_size,
       "image_size": args.image_size, "channels": args.channels, "latent_dim": args.latent_dim,
-      "steps": args.steps, "warmup_steps": args.warmup_steps,
-      "s_per_step": s_per_step, "step_seconds": seconds,
-      "samples_per_sec": args.batch_size / s_per_step,
-      "peak_rss_mb": peak_rss_mb(),
-      "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
-      **losses,
+      **time_steps(lambda: step(x, attributes), args.warmup_steps, args.steps,
+                   args.batch_size),
   })
   print(json.dumps(result), flush=True)
   return result
