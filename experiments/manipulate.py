@@ -256,7 +256,10 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
                      f"{config.model.family!r}")
   inversion_steps = int(inversion_steps or family.inversion_steps)
   decode_steps = int(decode_steps or family.decode_steps)
-  latents = infer_latents.load_or_compute(workdir, latents_path).require_finite()
+  family.check_ddim_steps(inversion_steps, decode_steps, family.ddim_grid)
+  latents = infer_latents.load_or_compute(workdir, latents_path,
+                                          refresh=checkpoint_step is not None,
+                                          step=checkpoint_step).require_finite()
   directory = cine.prepared_cine_dir(config, create=False)
   attributes_path, attributes = associate.read_attributes(directory)
   values = associate.trait_values(attributes, latents.subjects, trait, attributes_path).values
@@ -381,6 +384,7 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
       "steps": steps, "sqrt_d": math.sqrt(dim),
       "latent_shift_norm": [float(np.linalg.norm(m * unit_shift)) for m in steps],
       "inversion_steps": inversion_steps, "decode_steps": decode_steps,
+      "ddim_grid": family.ddim_grid,
       "latents_file": latents.path, "latents_file_max_abs_difference": csv_difference,
       "lv_segmentation": lv,
       "blood_pool_proxy": proxy,
