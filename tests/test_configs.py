@@ -53,6 +53,7 @@ def test_attri_vae_and_the_ar_vae_ablation_share_the_default_data_and_budget():
     assert attri.data.to_dict() == other.data.to_dict()
     assert (attri.train.batch_size, attri.train.num_steps) == (16, other.train.num_steps)
     assert attri.model.latent_dim == other.model.latent_dim
+    assert attri.optimizer.learning_rate == other.optimizer.learning_rate
     assert tuple(attri.loss.regularized_dims) == tuple(other.loss.regularized_dims)
   assert (attri.data.image_size, tuple(attri.model.channels)) == (64, (32,) * 4)
   assert ablation.model.get("architecture", "soft_intro_resnet") == "soft_intro_resnet"
