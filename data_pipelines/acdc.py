@@ -25,6 +25,7 @@ memory), with its CRC checked. nibabel still parses the header fields and comput
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import math
 import os
@@ -38,6 +39,7 @@ import nibabel as nib
 import numpy as np
 
 from cardiac_jax import structures
+from data_pipelines import plausibility
 from data_pipelines.errors import InvalidInputError
 
 PARTITIONS = ("training", "testing")
@@ -52,6 +54,14 @@ MAX_INFO_CFG_BYTES = 64 * 1024
 # (428 x 512 x 18 x 30). A header declaring more is corrupt or hostile, and honouring it could
 # exhaust memory before the file is found to be short.
 MAX_VOXELS = 1 << 29
+# Largest decoded size of one volume in bytes, the stored voxels and their float32 copy each:
+# twice the largest ACDC cine as float32. Compared with what a header declares before any
+# voxel is inflated, so a small hostile file cannot make a reader allocate gigabytes.
+MAX_DATA_BYTES = 1 << 30
+# NIfTI xyzt_units spatial codes -> (name, millimetres per unit). "unknown" (0) is read as mm,
+# as nibabel and the NIfTI tools do; real ACDC and UK Biobank files declare mm.
+_SPATIAL_UNITS_TO_MM = {0: ("unknown", 1.0), 1: ("meter", 1000.0), 2: ("mm", 1.0),
+                        3: ("micron", 0.001)}
 # NIfTI extensions sit between the header and the voxels; real ones are a few kB.
 _MAX_EXTENSION_BYTES = 16 * 1024 * 1024
 # A gzip stream may hold a few bytes past the voxel block (padding); more is not a NIfTI.
@@ -134,40 +144,90 @@ def printable_path(path: str) -> str:
 
 # ----------------------------------------------------------------------------- cohort listing
 
-def find_subjects(root: str) -> tuple[list[SubjectRef], list[RejectedEntry]]:
-  """Subject folders of an ACDC-layout cohort, and folders rejected as subjects.
+def _entry_problem(path: str) -> Optional[str]:
+  """Why the folder entry `path` cannot be a subject folder, or None when it is a directory
+  (directly or through a symbolic link)."""
+  try:
+    mode = os.stat(path).st_mode
+  except OSError as e:
+    if os.path.islink(path):
+      if e.errno == errno.ELOOP:
+        return "is a symbolic link loop"
+      try:
+        target = printable_path(os.readlink(path))
+      except OSError:
+        target = "?"
+      if e.errno == errno.ENOENT:
+        return f"is a symbolic link to {target}, which does not exist"
+      return f"is a symbolic link to {target}, which cannot be accessed ({e.strerror})"
+    return f"cannot be accessed ({e.strerror})"
+  if stat.S_ISDIR(mode):
+    return None
+  if stat.S_ISREG(mode):
+    return "is a file, not a subject folder"
+  return "is not a folder (a device, pipe or socket)"
 
-  Looks in root/training and root/testing; a root with patientXXX folders directly inside it
-  is accepted too. Subjects are sorted by partition then name. A folder is rejected (with a
-  reason, so a cohort job can report it) when its name is not valid UTF-8, or when it starts
-  with "patient" but is not `patient<digits>`; other folders and files are not subjects and are
-  ignored.
+
+def _holds_subject_files(path: str) -> bool:
+  """Whether a folder holds an Info.cfg or NIfTI files, i.e. looks like a subject's."""
+  try:
+    with os.scandir(path) as entries:
+      return any(e.name == "Info.cfg" or e.name.endswith((".nii", ".nii.gz"))
+                 for e in entries)
+  except OSError:
+    return False
+
+
+def find_subjects(root: str) -> tuple[list[SubjectRef], list[RejectedEntry]]:
+  """Subject folders of an ACDC-layout cohort, and entries rejected as subjects.
+
+  Looks in root/training, root/testing and in root itself (subject folders beside training/
+  are subjects too); subjects are sorted by partition (training, testing, then the root) and
+  name. Every
+  entry that looks like a subject is either a subject or rejected with a reason, so a cohort
+  job can report it: entries named like one (starting with "patient") that are not folders
+  (plain files, symbolic link loops, links to missing targets, devices), folders whose name is
+  not valid UTF-8 or starts with "patient" without being `patient<digits>`, and folders with
+  another name that hold an Info.cfg or NIfTI files. Hidden entries and other files are not
+  subjects and are ignored.
   """
   if not os.path.isdir(root):
     raise InvalidInputError(f"{printable_path(root)}: cohort directory does not exist")
-  partitions = [p for p in PARTITIONS if os.path.isdir(os.path.join(root, p))] or [""]
+  partitions = [p for p in PARTITIONS if os.path.isdir(os.path.join(root, p))]
   refs, rejected = [], []
-  for partition in partitions:
+  for partition in [*partitions, ""]:
     folder = os.path.join(root, partition)
     try:
       names = sorted(os.listdir(folder))
     except OSError as e:
       raise InvalidInputError(f"{printable_path(folder)}: cannot list ({e.strerror})") from None
     for name in names:
-      path = os.path.join(folder, name)
-      if not os.path.isdir(path):
+      if name.startswith(".") or (not partition and name in partitions):
         continue
-      shown = printable_path(name)
+      path = os.path.join(folder, name)
+      shown, shown_path = printable_path(name), printable_path(path)
+      named_like_subject = shown.lower().startswith("patient")
+      problem = _entry_problem(path)
+      if problem is not None:
+        if named_like_subject:
+          rejected.append(RejectedEntry(name=shown, directory=shown_path,
+                                        reason=f"{shown_path}: {problem}"))
+        continue
       if shown != name:
         rejected.append(RejectedEntry(
-            name=shown, directory=printable_path(path),
-            reason=f"{printable_path(path)}: folder name is not valid UTF-8 text"))
+            name=shown, directory=shown_path,
+            reason=f"{shown_path}: folder name is not valid UTF-8 text"))
       elif _SUBJECT_DIR.match(name):
         refs.append(SubjectRef(subject=name, partition=partition, directory=path))
-      elif name.lower().startswith("patient"):
+      elif named_like_subject:
         rejected.append(RejectedEntry(
             name=name, directory=path,
             reason=f"{path}: folder name is not a subject id of the form patient<digits>"))
+      elif _holds_subject_files(path):
+        rejected.append(RejectedEntry(
+            name=name, directory=path,
+            reason=f"{path}: holds subject files (Info.cfg or NIfTI) but its name is not a "
+                   "subject id of the form patient<digits>"))
   return refs, rejected
 
 
@@ -367,8 +427,128 @@ def _volume_shape(header, shown: str) -> tuple[int, ...]:
   return tuple(shape)
 
 
+@dataclasses.dataclass(frozen=True)
+class NiftiHeader:
+  """What a NIfTI header declares, checked, before any voxel is read.
+
+  shape: (X, Y, Z) or (X, Y, Z, T), no empty axis, at most MAX_VOXELS voxels whose decoded
+    size (`data_bytes`, and the float32 copy) stays within MAX_DATA_BYTES.
+  spacing_mm, affine, has_orientation: as in `NiftiVolume`, converted to millimetres from the
+    header's spatial unit (`spatial_unit`: "mm", "meter", "micron", or "unknown", read as mm).
+  """
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  spacing_mm: tuple[float, float, float]
+  affine: np.ndarray
+  has_orientation: bool
+  spatial_unit: str
+  offset: int
+  slope: Optional[float]
+  inter: Optional[float]
+
+  @property
+  def data_bytes(self) -> int:
+    return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _parse_header(stream: "_ByteStream", shown: str) -> NiftiHeader:
+  """Reads and checks the header at the start of `stream` (only the header is inflated)."""
+  stream.fill(540)
+  header_class = _header_class(bytes(stream.buffer[:4]), shown)
+  header_size = header_class.sizeof_hdr
+  if len(stream.buffer) < header_size:
+    raise InvalidInputError(f"{shown}: cannot read NIfTI, the file is truncated "
+                            f"({len(stream.buffer)} bytes, the header alone is "
+                            f"{header_size})")
+  try:
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+      warnings.simplefilter("ignore")
+      header = header_class.from_fileobj(
+          io.BytesIO(bytes(stream.buffer[:header_size])), check=False)
+      dtype = header.get_data_dtype()
+      offset = float(header["vox_offset"])
+      slope, inter = header.get_slope_inter()
+      affine = np.asarray(header.get_best_affine(), dtype=np.float64)
+      has_orientation = bool(header["sform_code"] != 0 or header["qform_code"] != 0)
+      # Through str: the shortest decimal of the stored float32 (1.6, not 1.600000023...),
+      # which is the value the writer meant.
+      pixdim = [float(str(p)) for p in header["pixdim"][1:4]]
+      magic = bytes(header["magic"])
+      unit_code = int(header["xyzt_units"]) & 0x07
+  except InvalidInputError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # nibabel parses the hostile bytes: whatever it raises is a problem of this file.
+    raise InvalidInputError(f"{shown}: cannot read NIfTI, the header is corrupt "
+                            f"({type(e).__name__}: {e})") from None
+  if magic[:3] not in (b"n+1", b"n+2"):
+    raise InvalidInputError(f"{shown}: NIfTI magic {magic!r} is not that of a single "
+                            "file (n+1 / n+2); .hdr/.img pairs are not supported")
+  shape = _volume_shape(header, shown)
+  if dtype.fields is not None or dtype.kind not in "iuf":
+    raise InvalidInputError(f"{shown}: voxel type {dtype} is not a real number type")
+  # Both the stored voxels and their float32 copy must fit: checked before anything is
+  # inflated, so a small file that declares a huge volume costs nothing.
+  decoded_bytes = math.prod(shape) * max(dtype.itemsize, 4)
+  if decoded_bytes > MAX_DATA_BYTES:
+    raise InvalidInputError(
+        f"{shown}: header declares {shape} voxels of {dtype}, {decoded_bytes} bytes once "
+        f"decoded, more than the {MAX_DATA_BYTES} bytes a volume may take")
+  if not (math.isfinite(offset) and offset == int(offset)
+          and header_size <= offset <= header_size + _MAX_EXTENSION_BYTES):
+    raise InvalidInputError(f"{shown}: header vox_offset {offset} does not point past the "
+                            "header")
+  if unit_code not in _SPATIAL_UNITS_TO_MM:
+    raise InvalidInputError(f"{shown}: header xyzt_units has spatial unit code {unit_code}, "
+                            "which is not a NIfTI unit (0 unknown, 1 meter, 2 mm, 3 micron)")
+  unit, to_mm = _SPATIAL_UNITS_TO_MM[unit_code]
+  if not all(math.isfinite(p) and p > 0 for p in pixdim):
+    raise InvalidInputError(f"{shown}: header voxel spacing (pixdim) {tuple(pixdim)} is not "
+                            "positive and finite")
+  if to_mm != 1.0:
+    # Ten significant digits drop the float noise of the product (0.0014 m is 1.4 mm).
+    pixdim = [float(f"{p * to_mm:.10g}") for p in pixdim]
+    affine[:3] *= to_mm
+  if not np.all(np.isfinite(affine)):
+    raise InvalidInputError(f"{shown}: the header's affine (sform/qform) holds NaN or "
+                            "infinite values")
+  axes = affine[:3, :3]
+  lengths = np.linalg.norm(axes, axis=0)
+  if not np.all(lengths > 0) or abs(np.linalg.det(axes)) < 1e-6 * np.prod(lengths):
+    raise InvalidInputError(f"{shown}: the header's affine (sform/qform) is singular: its voxel "
+                            f"axes {np.round(axes, 4).tolist()} do not span 3D space")
+  return NiftiHeader(shape=shape, dtype=dtype, spacing_mm=(pixdim[0], pixdim[1], pixdim[2]),
+                     affine=affine, has_orientation=has_orientation, spatial_unit=unit,
+                     offset=int(offset), slope=slope, inter=inter)
+
+
+def _check_gzip_magic(f, shown: str) -> None:
+  magic = f.read(2)
+  f.seek(0)
+  if magic != _GZIP_MAGIC:
+    raise InvalidInputError(f"{shown}: cannot read NIfTI, the file is not gzip-compressed "
+                            "although its name ends in .gz (truncated or corrupt)")
+
+
+def read_nifti_header(path: str) -> NiftiHeader:
+  """The checked header of a NIfTI file, without reading its voxels (see `read_nifti` for what
+  is refused); lets a caller compare shapes and grids before it decodes any data."""
+  shown = printable_path(path)
+  gzipped = path.endswith(".gz")
+  with _open_regular_file(path, "file") as f:
+    try:
+      if gzipped:
+        _check_gzip_magic(f, shown)
+      return _parse_header(_ByteStream(f, shown, gzipped), shown)
+    except OSError as e:
+      raise InvalidInputError(f"{shown}: cannot read NIfTI ({e})") from None
+
+
 def read_nifti(path: str) -> NiftiVolume:
   """Decodes a NIfTI-1 or NIfTI-2 single file (.nii, or gzipped .nii.gz) defensively.
+
+  Spacing and affine are returned in millimetres whatever spatial unit the header names
+  (xyzt_units: meter and micron are converted; "unknown" is read as mm, as NIfTI tools do).
 
   Returns:
     The volume (see `NiftiVolume` for the guarantees on its fields).
@@ -376,10 +556,11 @@ def read_nifti(path: str) -> NiftiVolume:
   Raises:
     InvalidInputError naming the file: missing or not a regular file; a .nii.gz that is not
     gzip or whose stream is truncated/corrupt; no NIfTI header; fewer than 3 or more than 4
-    axes, an empty axis, more than MAX_VOXELS voxels; a voxel type that is not a real number
-    (complex, RGB); less voxel data than the header declares; spacing (pixdim) not finite and
-    positive; an affine that is not finite or is singular; NaN or infinite voxels (after
-    scaling).
+    axes, an empty axis, more than MAX_VOXELS voxels or MAX_DATA_BYTES bytes once decoded
+    (checked from the header, before any voxel is inflated); a voxel type that is not a real
+    number (complex, RGB); a spatial unit code that NIfTI does not define; less voxel data than
+    the header declares; spacing (pixdim) not finite and positive; an affine that is not finite
+    or is singular; NaN or infinite voxels (after scaling).
   """
   shown = printable_path(path)
   gzipped = path.endswith(".gz")
@@ -387,50 +568,10 @@ def read_nifti(path: str) -> NiftiVolume:
     stream = _ByteStream(f, shown, gzipped)
     try:
       if gzipped:
-        magic = f.read(2)
-        f.seek(0)
-        if magic != _GZIP_MAGIC:
-          raise InvalidInputError(f"{shown}: cannot read NIfTI, the file is not gzip-compressed "
-                                  "although its name ends in .gz (truncated or corrupt)")
-      stream.fill(540)
-      header_class = _header_class(bytes(stream.buffer[:4]), shown)
-      header_size = header_class.sizeof_hdr
-      if len(stream.buffer) < header_size:
-        raise InvalidInputError(f"{shown}: cannot read NIfTI, the file is truncated "
-                                f"({len(stream.buffer)} bytes, the header alone is "
-                                f"{header_size})")
-      try:
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-          warnings.simplefilter("ignore")
-          header = header_class.from_fileobj(
-              io.BytesIO(bytes(stream.buffer[:header_size])), check=False)
-          dtype = header.get_data_dtype()
-          offset = float(header["vox_offset"])
-          slope, inter = header.get_slope_inter()
-          affine = np.asarray(header.get_best_affine(), dtype=np.float64)
-          has_orientation = bool(header["sform_code"] != 0 or header["qform_code"] != 0)
-          # Through str: the shortest decimal of the stored float32 (1.6, not 1.600000023...),
-          # which is the value the writer meant.
-          pixdim = [float(str(p)) for p in header["pixdim"][1:4]]
-          magic = bytes(header["magic"])
-      except InvalidInputError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except
-        # nibabel parses the hostile bytes: whatever it raises is a problem of this file.
-        raise InvalidInputError(f"{shown}: cannot read NIfTI, the header is corrupt "
-                                f"({type(e).__name__}: {e})") from None
-      if magic[:3] not in (b"n+1", b"n+2"):
-        raise InvalidInputError(f"{shown}: NIfTI magic {magic!r} is not that of a single "
-                                "file (n+1 / n+2); .hdr/.img pairs are not supported")
-      shape = _volume_shape(header, shown)
-      if dtype.fields is not None or dtype.kind not in "iuf":
-        raise InvalidInputError(f"{shown}: voxel type {dtype} is not a real number type")
-      if not (math.isfinite(offset) and offset == int(offset)
-              and header_size <= offset <= header_size + _MAX_EXTENSION_BYTES):
-        raise InvalidInputError(f"{shown}: header vox_offset {offset} does not point past the "
-                                "header")
-      offset = int(offset)
-      data_bytes = math.prod(shape) * dtype.itemsize
+        _check_gzip_magic(f, shown)
+      header = _parse_header(stream, shown)
+      shape, dtype, offset = header.shape, header.dtype, header.offset
+      data_bytes = header.data_bytes
       stream.fill(offset + data_bytes)
       if len(stream.buffer) < offset + data_bytes:
         raise InvalidInputError(
@@ -448,26 +589,18 @@ def read_nifti(path: str) -> NiftiVolume:
     except OSError as e:
       raise InvalidInputError(f"{shown}: cannot read NIfTI ({e})") from None
   voxels = np.frombuffer(stream.buffer, dtype=dtype, count=math.prod(shape), offset=offset)
+  slope, inter = header.slope, header.inter
   with np.errstate(all="ignore"):
     data = voxels.reshape(shape, order="F").astype(np.float32)
+    del voxels, stream
     if slope is not None and (slope, inter) != (1.0, 0.0):
-      data = (data * np.float32(slope) + np.float32(inter)).astype(np.float32)
-  if not all(math.isfinite(p) and p > 0 for p in pixdim):
-    raise InvalidInputError(f"{shown}: header voxel spacing (pixdim) {tuple(pixdim)} is not "
-                            "positive and finite")
-  if not np.all(np.isfinite(affine)):
-    raise InvalidInputError(f"{shown}: the header's affine (sform/qform) holds NaN or "
-                            "infinite values")
-  axes = affine[:3, :3]
-  lengths = np.linalg.norm(axes, axis=0)
-  if not np.all(lengths > 0) or abs(np.linalg.det(axes)) < 1e-6 * np.prod(lengths):
-    raise InvalidInputError(f"{shown}: the header's affine (sform/qform) is singular: its voxel "
-                            f"axes {np.round(axes, 4).tolist()} do not span 3D space")
+      data *= np.float32(slope)
+      data += np.float32(inter)
   bad = int(np.count_nonzero(~np.isfinite(data)))
   if bad:
     raise InvalidInputError(f"{shown}: {bad} voxels are NaN or infinite")
-  return NiftiVolume(data=data, spacing_mm=(pixdim[0], pixdim[1], pixdim[2]), affine=affine,
-                     has_orientation=has_orientation)
+  return NiftiVolume(data=data, spacing_mm=header.spacing_mm, affine=header.affine,
+                     has_orientation=header.has_orientation)
 
 
 def load_nifti(path: str) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -490,6 +623,17 @@ def _nifti_path(directory: str, stem: str) -> str:
       f"{printable_path(os.path.join(directory, stem + '.nii.gz'))}: file is missing")
 
 
+def check_same_shape(shape, path: str, reference_shape, reference_path: str, what: str,
+                     reference_what: str) -> None:
+  """Raises InvalidInputError unless the spatial (X, Y, Z) parts of two shapes are equal; used
+  on headers (`read_nifti_header`) so that a mismatch is found before any voxel is decoded."""
+  shape, reference_shape = tuple(shape[:3]), tuple(reference_shape[:3])
+  if shape != reference_shape:
+    raise InvalidInputError(f"{printable_path(path)}: {what} shape {shape} does not match "
+                            f"{reference_what} {printable_path(reference_path)} shape "
+                            f"{reference_shape}")
+
+
 def check_same_grid(volume: NiftiVolume, path: str, reference: NiftiVolume,
                     reference_path: str, what: str, reference_what: str) -> None:
   """Raises InvalidInputError unless `volume` lies on the voxel grid of `reference`.
@@ -500,10 +644,9 @@ def check_same_grid(volume: NiftiVolume, path: str, reference: NiftiVolume,
   `reference_what` name the two ("label" and "image", "cine" and "ED frame") in the message.
   """
   shown, reference_shown = printable_path(path), printable_path(reference_path)
-  shape, reference_shape = volume.data.shape[:3], reference.data.shape[:3]
-  if shape != reference_shape:
-    raise InvalidInputError(f"{shown}: {what} shape {shape} does not match "
-                            f"{reference_what} {reference_shown} shape {reference_shape}")
+  shape = volume.data.shape[:3]
+  check_same_shape(volume.data.shape, path, reference.data.shape, reference_path, what,
+                   reference_what)
   if not np.allclose(volume.spacing_mm, reference.spacing_mm, rtol=_SPACING_RTOL, atol=0):
     raise InvalidInputError(f"{shown}: {what} spacing {volume.spacing_mm} does not match "
                             f"{reference_what} {reference_shown} spacing {reference.spacing_mm}")
@@ -528,18 +671,23 @@ def check_same_grid(volume: NiftiVolume, path: str, reference: NiftiVolume,
         f"{', '.join(parts) or 'small differences add up'})")
 
 
-def _load_frame(directory: str, subject: str, frame: int, label_convention: str,
-                ) -> tuple[NiftiVolume, np.ndarray, str]:
-  """Image volume, canonical labels (uint8, (X, Y, Z)) and image path of one annotated frame."""
+def _frame_paths(directory: str, subject: str, frame: int) -> tuple[str, str]:
+  """(image path, label path) of one annotated frame; raises naming a missing file."""
   stem = f"{subject}_frame{frame:02d}"
-  image_path = _nifti_path(directory, stem)
-  labels_path = _nifti_path(directory, stem + "_gt")
+  return _nifti_path(directory, stem), _nifti_path(directory, stem + "_gt")
+
+
+def _check_frame_header(header: NiftiHeader, path: str) -> None:
+  if len(header.shape) == 4 and header.shape[3] != 1:
+    raise InvalidInputError(f"{printable_path(path)}: expected a (X, Y, Z) frame, got shape "
+                            f"{header.shape}")
+
+
+def _load_frame(image_path: str, labels_path: str, label_convention: str,
+                ) -> tuple[NiftiVolume, np.ndarray]:
+  """Image volume and canonical labels (uint8, (X, Y, Z)) of one annotated frame."""
   image = read_nifti(image_path)
   labels = read_nifti(labels_path)
-  for volume, path in ((image, image_path), (labels, labels_path)):
-    if volume.data.ndim == 4 and volume.data.shape[3] != 1:
-      raise InvalidInputError(f"{printable_path(path)}: expected a (X, Y, Z) frame, got shape "
-                              f"{volume.data.shape}")
   if image.data.ndim == 4:
     image = dataclasses.replace(image, data=image.data[..., 0])
   check_same_grid(labels, labels_path, image, image_path, "label", "image")
@@ -548,26 +696,49 @@ def _load_frame(directory: str, subject: str, frame: int, label_convention: str,
                                         else labels.data, label_convention)
   except ValueError as e:
     raise InvalidInputError(f"{printable_path(labels_path)}: {e}") from None
-  return image, canonical, image_path
+  return image, canonical
 
 
 def load_subject(ref: SubjectRef | str, label_convention: str = "acdc",
                  load_cine: bool = False) -> AcdcSubject:
   """Loads the ED and ES frames (and optionally the 4D cine) of one subject folder.
 
-  The frames and labels must share one voxel grid (`check_same_grid`); the cine, when loaded,
-  too, with at least 2 frames and at least max(ED, ES).
+  The frames and labels must share one voxel grid (`check_same_grid`, shapes compared from
+  the headers before any voxel is decoded); the cine, when loaded, too, with at least 2 frames
+  and at least max(ED, ES). No image frame may be blank or constant.
   """
   directory = ref.directory if isinstance(ref, SubjectRef) else str(ref)
   subject = os.path.basename(os.path.normpath(directory))
   info = parse_info_cfg(os.path.join(directory, "Info.cfg"))
-  ed, ed_labels, ed_path = _load_frame(directory, subject, info.ed_frame, label_convention)
-  es, es_labels, es_path = _load_frame(directory, subject, info.es_frame, label_convention)
+  ed_path, ed_labels_path = _frame_paths(directory, subject, info.ed_frame)
+  es_path, es_labels_path = _frame_paths(directory, subject, info.es_frame)
+  # Every header is read and the shapes compared before any voxel is decoded: a label file
+  # that declares another (possibly huge) volume is refused without inflating it.
+  ed_header = read_nifti_header(ed_path)
+  for path, what, reference, reference_what in (
+      (ed_labels_path, "label", ed_path, "image"),
+      (es_path, f"ES frame {info.es_frame}", ed_path, f"ED frame {info.ed_frame}"),
+      (es_labels_path, "label", es_path, "image")):
+    header = read_nifti_header(path)
+    _check_frame_header(header, path)
+    check_same_shape(header.shape, path, ed_header.shape, reference, what, reference_what)
+  _check_frame_header(ed_header, ed_path)
+  cine_path = _nifti_path(directory, f"{subject}_4d") if load_cine else None
+  if cine_path is not None:
+    check_same_shape(read_nifti_header(cine_path).shape, cine_path, ed_header.shape, ed_path,
+                     "cine", "ED frame")
+  ed, ed_labels = _load_frame(ed_path, ed_labels_path, label_convention)
+  es, es_labels = _load_frame(es_path, es_labels_path, label_convention)
   check_same_grid(es, es_path, ed, ed_path, f"ES frame {info.es_frame}",
                   f"ED frame {info.ed_frame}")
+  for volume, path, phase, frame in ((ed, ed_path, "ED", info.ed_frame),
+                                     (es, es_path, "ES", info.es_frame)):
+    try:
+      plausibility.check_not_constant(volume.data, f"{phase} image (frame {frame})")
+    except InvalidInputError as e:
+      raise InvalidInputError(f"{printable_path(path)}: {e}") from None
   cine = None
-  if load_cine:
-    cine_path = _nifti_path(directory, f"{subject}_4d")
+  if cine_path is not None:
     cine_volume = read_nifti(cine_path)
     cine = cine_volume.data
     shown = printable_path(cine_path)
@@ -580,6 +751,10 @@ def load_subject(ref: SubjectRef | str, label_convention: str = "acdc",
     if cine.shape[3] < max(info.ed_frame, info.es_frame):
       raise InvalidInputError(f"{shown}: only {cine.shape[3]} frames, but ED/ES are "
                               f"{info.ed_frame}/{info.es_frame}")
+    try:
+      plausibility.check_frames_not_constant(cine, "cine")
+    except InvalidInputError as e:
+      raise InvalidInputError(f"{shown}: {e}") from None
   return AcdcSubject(subject=subject, info=info, ed_image=ed.data, ed_labels=ed_labels,
                      es_image=es.data, es_labels=es_labels,
                      spacing_mm=tuple(ed.spacing_mm), cine=cine)

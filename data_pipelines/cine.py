@@ -76,8 +76,6 @@ import json
 import os
 import shutil
 import time
-import traceback
-import uuid
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Optional
@@ -91,10 +89,12 @@ from cardiac_jax import cardiac
 from cardiac_jax import structures
 from data_pipelines import acdc
 from data_pipelines import pipeline
+from data_pipelines import plausibility
 from data_pipelines import prepare
 from data_pipelines import preprocess
 from data_pipelines import synthetic
 from data_pipelines import tfds_builders
+from data_pipelines.errors import InvalidArgumentError
 from data_pipelines.errors import InvalidInputError
 
 DATASETS = ("synthetic", "ukbb")
@@ -105,8 +105,9 @@ UKBB_SEGMENTATION = "seg_sa.nii.gz"
 NUM_SHORT_AXIS_SLICES = 3
 UNKNOWN_GROUP = -1
 # Bumped when a prepared cine example would differ for the same inputs and configuration.
-# 2: image fields stored as float16, every tensor as raw bytes. 3: la_label.
-FORMAT_VERSION = 3
+# 2: image fields stored as float16, every tensor as raw bytes. 3: la_label. 4: plausibility
+# checks (bounds in the configuration), input fingerprints with content hashes in report.json.
+FORMAT_VERSION = 4
 STORED_IMAGE_DTYPE = np.float16
 # Image fields and their value range: [0, 1] images fill shifted-in pixels with 0, [-1, 1] with -1.
 _UNIT_IMAGES = ("sa_image",)
@@ -135,6 +136,8 @@ class CineConfig:
     intensity_percentiles: (low, high) percentiles mapped to 0 and 1 in sa_image.
     variance_fraction: the heart mask of the 4-chamber crop keeps pixels whose temporal variance
       exceeds this fraction of the image's mean temporal variance (0.5 in the DiffAE reference).
+    bounds: the physiological plausibility a labelled subject must meet
+      (`plausibility.PlausibilityBounds`).
   """
   num_frames: int = 50
   image_size: int = 80
@@ -142,8 +145,12 @@ class CineConfig:
   long_axis: bool = True
   intensity_percentiles: tuple[float, float] = (1.0, 99.0)
   variance_fraction: float = 0.5
+  bounds: plausibility.PlausibilityBounds = plausibility.PlausibilityBounds()
 
   def __post_init__(self):
+    if not isinstance(self.bounds, plausibility.PlausibilityBounds):
+      # A configuration read back from report.json holds the bounds as a dict.
+      object.__setattr__(self, "bounds", plausibility.PlausibilityBounds.from_dict(self.bounds))
     if self.num_frames < 2:
       raise ValueError(f"num_frames must be >= 2, got {self.num_frames}")
     if self.image_size < 8:
@@ -160,7 +167,7 @@ class CineConfig:
     object.__setattr__(self, "spacing_mm", float(self.spacing_mm))
 
   def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    return {**dataclasses.asdict(self), "bounds": self.bounds.to_dict()}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -189,15 +196,23 @@ class CineSubject:
   long_axis_labels: Optional[np.ndarray] = None
 
 
-def _read_cine_volume(path: str, what: str) -> acdc.NiftiVolume:
-  volume = acdc.read_nifti(path)
+def _check_series_shape(shape, path: str, what: str) -> None:
   shown = acdc.printable_path(path)
-  if volume.data.ndim != 4:
-    raise InvalidInputError(f"{shown}: expected a (X, Y, Z, T) {what}, got shape "
-                            f"{volume.data.shape}")
-  if volume.data.shape[3] < 2:
-    raise InvalidInputError(f"{shown}: a single-frame series {volume.data.shape}; a cine needs "
-                            "at least 2 frames")
+  if len(shape) != 4:
+    raise InvalidInputError(f"{shown}: expected a (X, Y, Z, T) {what}, got shape {shape}")
+  if shape[3] < 2:
+    raise InvalidInputError(f"{shown}: a single-frame series {shape}; a cine needs at least 2 "
+                            "frames")
+
+
+def _read_cine_volume(path: str, what: str) -> acdc.NiftiVolume:
+  """An image series (X, Y, Z, T) of at least 2 frames, none of them blank or constant."""
+  volume = acdc.read_nifti(path)
+  _check_series_shape(volume.data.shape, path, what)
+  try:
+    plausibility.check_frames_not_constant(volume.data, what)
+  except InvalidInputError as e:
+    raise InvalidInputError(f"{acdc.printable_path(path)}: {e}") from None
   return volume
 
 
@@ -211,12 +226,17 @@ def _read_long_axis(path: str) -> acdc.NiftiVolume:
 
 def _read_label_series(path: str, reference: acdc.NiftiVolume, reference_path: str,
                        what: str, reference_what: str) -> acdc.NiftiVolume:
-  """A label series on the grid and with the frame count of the cine `reference`."""
-  volume = _read_cine_volume(path, what)
-  acdc.check_same_grid(volume, path, reference, reference_path, "label", reference_what)
-  if volume.data.shape[3] != reference.data.shape[3]:
-    raise InvalidInputError(f"{acdc.printable_path(path)}: {volume.data.shape[3]} label frames "
+  """A label series on the grid and with the frame count of the cine `reference`; shapes are
+  compared from the header before any voxel is decoded."""
+  header = acdc.read_nifti_header(path)
+  _check_series_shape(header.shape, path, what)
+  acdc.check_same_shape(header.shape, path, reference.data.shape, reference_path, "label",
+                        reference_what)
+  if header.shape[3] != reference.data.shape[3]:
+    raise InvalidInputError(f"{acdc.printable_path(path)}: {header.shape[3]} label frames "
                             f"for {reference.data.shape[3]} cine frames")
+  volume = acdc.read_nifti(path)
+  acdc.check_same_grid(volume, path, reference, reference_path, "label", reference_what)
   return volume
 
 
@@ -322,7 +342,12 @@ def read_ukbb_cine(directory: str, label_convention: str = "ukbb",
 
 def find_cine_subjects(root: str, dataset: str) -> tuple[list[tuple[str, str]],
                                                         list[tuple[str, str, str]]]:
-  """([(subject, directory)], [(name, directory, reason)]) of a raw cohort of `dataset`."""
+  """([(subject, directory)], [(name, directory, reason)]) of a raw cohort of `dataset`.
+
+  Synthetic (ACDC layout): `acdc.find_subjects`. UK Biobank: every folder at the root is a
+  subject; symbolic links that lead nowhere (loops, missing targets) and NIfTI files at the
+  root are rejected with the reason, other files ignored.
+  """
   if dataset == "synthetic":
     refs, rejected = acdc.find_subjects(root)
     return ([(r.subject, r.directory) for r in refs],
@@ -332,14 +357,27 @@ def find_cine_subjects(root: str, dataset: str) -> tuple[list[tuple[str, str]],
   if not os.path.isdir(root):
     raise InvalidInputError(f"{acdc.printable_path(root)}: cohort directory does not exist")
   found, rejected = [], []
-  for name in sorted(os.listdir(root)):
+  try:
+    names = sorted(os.listdir(root))
+  except OSError as e:
+    raise InvalidInputError(f"{acdc.printable_path(root)}: cannot list ({e.strerror})") from None
+  for name in names:
     path = os.path.join(root, name)
-    if name.startswith(".") or not os.path.isdir(path):
+    if name.startswith("."):
       continue
-    shown = acdc.printable_path(name)
+    shown, shown_path = acdc.printable_path(name), acdc.printable_path(path)
+    if not os.path.isdir(path):
+      # Every folder is a subject here: a link that leads nowhere, or a NIfTI file lying at the
+      # root, is an entry that should have been one. Other files (lists, notes) are not.
+      broken = os.path.islink(path) and not os.path.exists(path)
+      if broken or name.endswith((".nii", ".nii.gz")):
+        problem = acdc._entry_problem(path)  # pylint: disable=protected-access
+        if problem is None or not broken:
+          problem = "is a NIfTI file at the cohort root; each subject is a folder"
+        rejected.append((shown, shown_path, f"{shown_path}: {problem}"))
+      continue
     if shown != name:
-      rejected.append((shown, acdc.printable_path(path),
-                       f"{acdc.printable_path(path)}: folder name is not valid UTF-8 text"))
+      rejected.append((shown, shown_path, f"{shown_path}: folder name is not valid UTF-8 text"))
     else:
       found.append((name, path))
   return found, rejected
@@ -545,9 +583,10 @@ def preprocess_cine(subject: CineSubject, config: CineConfig) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- one subject
 
-def _subject_attributes(subject: CineSubject) -> Optional[dict[str, float]]:
+def _subject_attributes(subject: CineSubject,
+                        bounds: plausibility.PlausibilityBounds) -> Optional[dict[str, float]]:
   """Whole-heart measurements at ED and ES (`cardiac.subject_attributes`), None without
-  labels; InvalidInputError when they cannot be measured."""
+  labels; InvalidInputError when they cannot be measured or are implausible (`bounds`)."""
   if subject.labels is None or subject.es_frame is None:
     return None
   try:
@@ -559,7 +598,21 @@ def _subject_attributes(subject: CineSubject) -> Optional[dict[str, float]]:
   bad = [name for name, value in attributes.items() if not np.isfinite(value)]
   if bad:
     raise InvalidInputError(f"non-finite measurements {bad}")
+  plausibility.check_measurements(attributes, bounds, subject.ed_frame + 1,
+                                  subject.es_frame + 1)
   return attributes
+
+
+def _check_short_axis_crop(example: dict[str, Any], subject: CineSubject) -> None:
+  """Every heart structure in the middle short-axis slice at ED (the slices are chosen where
+  all three appear) is in its crop, not cut off (labelled subjects)."""
+  if subject.labels is None:
+    return
+  present = np.bincount(example["sa_label"][0, :, :, 1].ravel(), minlength=structures.NUM_LABELS)
+  missing = [name for value, name in preprocess.STRUCTURE_NAMES.items() if present[value] == 0]
+  if missing:
+    raise InvalidInputError(f"the ED crop of the middle short-axis slice holds no "
+                            f"{' and no '.join(missing)}: cut off by the crop")
 
 
 def prepare_subject(directory: str, dataset: str,
@@ -568,8 +621,12 @@ def prepare_subject(directory: str, dataset: str,
   subject = read_cine_subject(directory, dataset, long_axis=config.long_axis)
   shown = acdc.printable_path(directory)
   try:
-    attributes = _subject_attributes(subject)
+    plausibility.check_spacing(subject.spacing_mm, config.bounds)
+    if subject.long_axis_spacing_mm is not None:
+      plausibility.check_spacing(subject.long_axis_spacing_mm, config.bounds)
+    attributes = _subject_attributes(subject, config.bounds)
     example = preprocess_cine(subject, config)
+    _check_short_axis_crop(example, subject)
   except InvalidInputError as e:
     raise InvalidInputError(f"{shown}: {e}") from None
   return tfds_builders.SubjectOutcome(
@@ -581,20 +638,13 @@ def prepare_subject(directory: str, dataset: str,
 
 def run_subject(subject: str, directory: str, dataset: str,
                 config: CineConfig) -> tfds_builders.SubjectOutcome:
-  """`prepare_subject` that never raises: a failure is a "skipped" outcome with the reason.
-
-  Unexpected exceptions are recorded with type, message and innermost frame, and marked so the
-  outcome is not cached (a rerun tries again). KeyboardInterrupt still stops.
-  """
+  """`prepare_subject` that never raises: a failure is a "skipped" outcome with the reason
+  (`tfds_builders.failure_reason`: unexpected exceptions are not cached, a rerun tries
+  again). KeyboardInterrupt still stops."""
   try:
     return prepare_subject(directory, dataset, config)
-  except InvalidInputError as e:
-    reason, unexpected = str(e), False
   except Exception as e:  # pylint: disable=broad-except
-    where = traceback.extract_tb(e.__traceback__)[-1]
-    reason = (f"{directory}: unexpected {type(e).__name__}: {e} "
-              f"(at {where.filename}:{where.lineno})")
-    unexpected = True
+    reason, unexpected = tfds_builders.failure_reason(directory, e)
   return tfds_builders.SubjectOutcome(
       subject=subject, directory=acdc.printable_path(directory), status="skipped",
       reason=acdc.printable_path(reason), unexpected=unexpected)
@@ -608,30 +658,16 @@ def _array_fields(config: CineConfig) -> tuple[str, ...]:
 
 
 def save_outcome(cache_dir: str, outcome: tfds_builders.SubjectOutcome, config: CineConfig,
-                 key: str, fingerprint: str) -> None:
+                 key: str) -> None:
   """Writes one outcome to cache_dir/<subject>.npz (temporary name, then rename); its metadata
   is what `tfds_builders.load_outcome` reads back."""
-  meta = {"subject": outcome.subject, "directory": outcome.directory, "status": outcome.status,
-          "reason": outcome.reason, "group": outcome.group, "ed_frame": outcome.ed_frame,
-          "es_frame": outcome.es_frame, "attributes": outcome.attributes, "key": key,
-          "fingerprint": fingerprint}
-  arrays = {"meta": np.array(json.dumps(meta))}
+  arrays = {"meta": np.array(json.dumps(tfds_builders.outcome_meta(outcome, key)))}
   if outcome.status == "prepared":
     example = outcome.example
     arrays.update({name: example[name] for name in _array_fields(config)})
     arrays.update(group_index=np.int32(example["group"]),
                   **{name: np.float32(example[name]) for name in _SCALARS})
-  os.makedirs(cache_dir, exist_ok=True)
-  final = tfds_builders.cache_path(cache_dir, outcome.subject)
-  temporary = f"{final}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-  assert tfds_builders.is_cache_temporary(temporary)
-  try:
-    with open(temporary, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(temporary, final)
-  finally:
-    if os.path.exists(temporary):
-      os.remove(temporary)
+  tfds_builders.write_cache_file(cache_dir, outcome.subject, arrays)
 
 
 def load_example(cache_dir: str, subject: str, config: CineConfig) -> dict[str, Any]:
@@ -731,12 +767,17 @@ class CardiacCine(tfds.core.GeneratorBasedBuilder):
   converted UK Biobank subjects (<id>/sa.nii.gz, la_4ch.nii.gz, seg_sa.nii.gz).
   """
 
-  def __init__(self, *, subject_cache_dir: Optional[str] = None, **kwargs):
+  def __init__(self, *, subject_cache_dir: Optional[str] = None,
+               previous: Optional[tfds_builders.PreviousPreparation] = None,
+               inputs: Optional[dict[str, dict]] = None, **kwargs):
     super().__init__(**kwargs)
     self.subject_cache_dir = subject_cache_dir
+    self.previous = previous
+    self.inputs = inputs
     self.outcomes: list[tfds_builders.SubjectOutcome] = []
     self.split_assignment: dict[str, list[str]] = {}
     self.num_reused = 0
+    self.num_unchanged = 0
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -755,20 +796,20 @@ class CardiacCine(tfds.core.GeneratorBasedBuilder):
                               f"for the {config.dataset!r} layout")
     cache_dir = self.subject_cache_dir or os.path.join(str(dl_manager.download_dir),
                                                        "subjects")
-    self._cache_dir = cache_dir
     key = hashlib.sha256(config.description.encode()).hexdigest()[:16]
-    self.outcomes, self.num_reused = [], 0
-    for subject, directory in found:
-      fingerprint = tfds_builders.input_fingerprint(directory)
-      outcome = tfds_builders.load_outcome(cache_dir, subject, key, fingerprint)
-      if outcome is not None:
-        self.num_reused += 1
-      else:
-        outcome = run_subject(subject, directory, config.dataset, config.cine)
-        if not outcome.unexpected:
-          save_outcome(cache_dir, outcome, config.cine, key, fingerprint)
-        outcome.example = None
-      self.outcomes.append(outcome)
+
+    def run(subject: str, directory: str) -> tfds_builders.SubjectOutcome:
+      return run_subject(subject, directory, config.dataset, config.cine)
+
+    def save(cache_dir: str, outcome, key: str) -> None:
+      save_outcome(cache_dir, outcome, config.cine, key)
+
+    self._loop = tfds_builders.SubjectLoop(cache_dir, key, run, save, self.previous,
+                                           self.inputs)
+    subjects, duplicates = tfds_builders.unique_subjects(found)
+    self.outcomes = [self._loop.outcome(s, d) for s, d in subjects] + duplicates
+    self.num_reused = self._loop.num_reused
+    self.num_unchanged = len(self._loop.from_previous)
     self.outcomes.extend(tfds_builders.SubjectOutcome(
         subject=name, directory=directory, status="skipped", reason=reason)
         for name, directory, reason in rejected)
@@ -787,7 +828,8 @@ class CardiacCine(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, subjects):
     config: CineBuilderConfig = self.builder_config
     for subject in subjects:
-      example = load_example(self._cache_dir, subject, config.cine)
+      example = self._loop.example(
+          subject, lambda cache_dir, s: load_example(cache_dir, s, config.cine))
       for name in _IMAGES:
         if name in example:
           example[name] = example[name].astype(STORED_IMAGE_DTYPE)
@@ -805,98 +847,52 @@ def _requested_config(input_dir: str, builder_config: CineBuilderConfig) -> dict
 def prepare_cine_dataset(input_dir: str, output_dir: str, config: Optional[CineConfig] = None,
                          *, dataset: str = "synthetic", split_seed: int = 0,
                          split_fractions=tfds_builders.DEFAULT_SPLIT_FRACTIONS,
-                         verbose: bool = False) -> dict:
+                         rehash: bool = False, verbose: bool = False) -> dict:
   """Prepares the raw cine cohort in `input_dir` into `output_dir`; returns report.json.
 
-  Same outputs and guarantees as `prepare.prepare_dataset` (atomic, resumable per subject,
-  idempotent, one preparing process per output directory under a lock): O/tfds,
+  Same outputs and guarantees as `prepare.prepare_dataset` (`prepare.run_preparation`:
+  arguments checked before any write, atomic, resumable per subject, one preparing process per
+  output directory under a lock, reruns follow the input files by fingerprint): O/tfds,
   O/attributes.csv (labelled subjects), O/splits.json, O/report.json (every subject "prepared"
-  with its split, or "skipped" with the reason; `resumed_subjects` counts the outcomes taken
-  from an interrupted run; `seconds_per_subject` the preparation time of the others).
+  with its split, or "skipped" with the reason, and its input fingerprint;
+  `resumed_subjects` counts the outcomes taken from an interrupted run, `unchanged_subjects`
+  those taken from the previous preparation; `seconds_per_subject` the preparation time of
+  the others).
 
   Raises:
     InvalidInputError: input_dir missing, or no subject could be prepared.
-    FileExistsError: output_dir holds another preparation or unrelated files.
+    InvalidArgumentError (a ValueError): an argument cannot be used, or output_dir cannot be
+      written.
+    FileExistsError: output_dir holds another finished preparation or unrelated files.
   """
-  start = time.time()
-  if not os.path.isdir(input_dir):
-    raise InvalidInputError(f"{acdc.printable_path(input_dir)}: input directory does not exist")
-  builder_config = make_builder_config(dataset, config or CineConfig(), split_seed,
-                                       split_fractions)
-  requested = _requested_config(input_dir, builder_config)
-  report = prepare._finished_report(output_dir, requested)  # pylint: disable=protected-access
-  if report is not None:
-    return report
-  prepare._refuse_foreign(output_dir)  # pylint: disable=protected-access
-  os.makedirs(output_dir, exist_ok=True)
-  with prepare._exclusive_lock(output_dir, verbose):  # pylint: disable=protected-access
-    report = prepare._finished_report(output_dir, requested)  # pylint: disable=protected-access
-    if report is not None:
-      return report
-    prepare._refuse_foreign(output_dir)  # pylint: disable=protected-access
-    report = _prepare_locked(input_dir, output_dir, builder_config, requested, start)
-  if verbose:
-    counts = report["counts"]
-    print(f"prepared {counts['prepared']} of {counts['found']} cine subjects into {output_dir} "
-          f"in {report['seconds']:.1f} s ({counts['skipped']} skipped)")
-    for entry in report["subjects"]:
-      if entry["status"] == "skipped":
-        print(f"  skipped {entry['subject']}: {entry['reason']}")
-  return report
-
-
-def _prepare_locked(input_dir: str, output_dir: str, builder_config: CineBuilderConfig,
-                    requested: dict, start: float) -> dict:
-  """The preparation itself; the caller holds the lock and has checked output_dir."""
-  # pylint: disable=protected-access
-  prepare._clear_own_leftovers(output_dir)
-  work = os.path.join(output_dir, prepare.WORK_DIR)
-  os.makedirs(work, exist_ok=True)
-  prepare._write_json(os.path.join(work, "config.json"), requested)
-  staging = os.path.join(output_dir, f".staging-{uuid.uuid4().hex[:12]}")
-  os.makedirs(staging)
   try:
-    builder = CardiacCine(config=builder_config,
-                          data_dir=os.path.join(staging, prepare.TFDS_DIR),
-                          file_format="array_record",
-                          subject_cache_dir=os.path.join(work, "subjects"))
-    builder.download_and_prepare(
-        download_dir=os.path.join(staging, "downloads"),
-        download_config=tfds.download.DownloadConfig(manual_dir=input_dir))
-    outcomes = builder.outcomes
-    prepare._write_attributes_csv(os.path.join(staging, prepare.ATTRIBUTES),
-                                  [o for o in outcomes if o.attributes is not None])
-    prepare._write_json(os.path.join(staging, prepare.SPLITS), {
-        "seed": builder_config.split_seed, "fractions": list(builder_config.split_fractions),
-        **{split: builder.split_assignment.get(split, []) for split in tfds_builders.SPLITS}})
-    split_of = {s: split for split, subjects in builder.split_assignment.items()
-                for s in subjects}
-    num_prepared = sum(o.status == "prepared" for o in outcomes)
-    seconds = time.time() - start
-    computed = max(1, len(outcomes) - builder.num_reused)
-    report = {
-        "config": requested,
-        "tfds_dir": os.path.relpath(str(builder.data_dir), staging),
-        "counts": {"found": len(outcomes), "prepared": num_prepared,
-                   "skipped": len(outcomes) - num_prepared,
-                   **{split: len(builder.split_assignment.get(split, []))
-                      for split in tfds_builders.SPLITS}},
-        "subjects": [{"subject": o.subject, "directory": o.directory, "status": o.status,
-                      **({"split": split_of[o.subject], "group": o.group}
-                         if o.status == "prepared" else {"reason": o.reason})}
-                     for o in outcomes],
-        "resumed_subjects": builder.num_reused,
-        "seconds": round(seconds, 2),
-        "seconds_per_subject": round(seconds / computed, 3),
-    }
-    for name in (prepare.TFDS_DIR, prepare.SPLITS, prepare.ATTRIBUTES):
-      os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
-    prepare._write_json(os.path.join(staging, prepare.REPORT), report)
-    os.replace(os.path.join(staging, prepare.REPORT), os.path.join(output_dir, prepare.REPORT))
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
-  shutil.rmtree(work, ignore_errors=True)
-  return report
+    split_seed, split_fractions = tfds_builders.check_split_arguments(split_seed,
+                                                                      split_fractions)
+    builder_config = make_builder_config(dataset, config or CineConfig(), split_seed,
+                                         split_fractions)
+  except InvalidInputError:
+    raise
+  except ValueError as e:
+    raise InvalidArgumentError(str(e)) from None
+  prepare.check_directories(input_dir, output_dir)
+
+  def find():
+    found, rejected = find_cine_subjects(input_dir, dataset)
+    subjects, duplicates = tfds_builders.unique_subjects(found)
+    return subjects, duplicates + [tfds_builders.SubjectOutcome(
+        subject=name, directory=directory, status="skipped", reason=reason)
+        for name, directory, reason in rejected]
+
+  def make_builder(data_dir, subject_cache_dir, previous, inputs):
+    return CardiacCine(config=builder_config, data_dir=data_dir, file_format="array_record",
+                       subject_cache_dir=subject_cache_dir, previous=previous, inputs=inputs)
+
+  job = prepare.Preparation(
+      input_dir=input_dir, output_dir=output_dir,
+      requested=_requested_config(input_dir, builder_config), find=find,
+      make_builder=make_builder, split_seed=split_seed, split_fractions=split_fractions,
+      noun="cine subjects")
+  return prepare.run_preparation(job, verbose=verbose, rehash=rehash)
 
 
 # ----------------------------------------------------------------------------- config

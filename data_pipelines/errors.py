@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class InvalidInputError(ValueError):
   """A file or directory of an input cohort is missing, unreadable or inconsistent."""
+
+
+class InvalidArgumentError(ValueError):
+  """An argument of a job (a flag value, a folder to write into) that cannot be used."""

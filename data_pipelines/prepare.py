@@ -2,34 +2,44 @@
 
   python -m data_pipelines.prepare --dataset=acdc --input_dir=D --output_dir=O \
       [--image_size=128 --spacing_mm=1.3 --slice_rule=acdc_basal --label_convention=acdc \
-       --split_seed=0]
+       --split_seed=0 --plausibility=lv_ef=2:90,... --rehash_inputs]
 
 Writes into O:
 - tfds/:            the dataset (array_record, splits "train"/"val"/"test"), written by the
                     `data_pipelines.tfds_builders.Acdc` builder with D as its manual_dir;
 - attributes.csv:   one row per prepared subject, columns `structures.ATTRIBUTES_CSV_COLUMNS`;
 - splits.json:      subject ids per split (stratified by group, seeded);
-- report.json:      every subject found, "prepared" or "skipped" with the reason, counts, the
-                    configuration, where the tfds dataset is, and how many subjects were taken
-                    from an interrupted run. Written last: its presence marks O as complete.
+- report.json:      every entry of D that is or looks like a subject, "prepared" or "skipped"
+                    with the reason, with the fingerprint of its input files (size, mtime,
+                    SHA-256, `data_pipelines.fingerprints`); counts, the configuration, where
+                    the tfds dataset is, how many subjects were taken from an interrupted run
+                    or from the previous preparation, and what changed since then. Written
+                    last: its presence marks O as complete.
 While a preparation runs (or after it was interrupted) O also holds .subjects/ (the per-subject
 work area), .prepare.lock and .staging-<id>/; a finished preparation leaves only the four above.
 
 Design: this module is a thin driver around the builder. The builder runs the per-subject
 preparation (`tfds_builders.run_subject`), so a tfds user with only the builder and a manual_dir
 gets the same examples; the driver adds the files a researcher reads and the guarantees a
-training job relies on:
+training job relies on (`run_preparation`, shared with the cine preparation of
+`data_pipelines.cine`):
+- validation first: every argument (seed, fractions, preprocessing, plausibility bounds, the
+  input folder and its subjects, a writable output folder) is checked before anything is
+  written, and a failure later leaves only what a corrected rerun can use;
 - atomicity: the dataset is written under O/.staging-<id>/ and renamed into place, report.json
   last, so an interrupted run never leaves a dataset that looks complete;
 - resumption: each subject's outcome is kept in the work area O/.subjects/ (one file per
   subject, see `tfds_builders`) as soon as it is computed; a run that is killed or interrupted
   in the per-subject loop is finished by rerunning the same command, which reuses those files
   and processes only the remaining subjects. The work area records the configuration it belongs
-  to and is deleted once report.json is in place;
-- idempotence: if O already holds a complete preparation with the same configuration (and
-  input directory), `prepare_dataset` returns its report without redoing work; a different
-  configuration in a non-empty O (complete, or unfinished in the work area) is refused, as is a
-  non-empty O that is not a preparation. Nothing already prepared is overwritten;
+  to and is deleted once report.json is in place; a run of another configuration takes it over
+  (its subjects are reused where their preprocessing and inputs match) instead of refusing;
+- inputs followed: a rerun into a complete preparation of the same configuration fingerprints
+  the input folder again. Unchanged, it returns the report without redoing work; otherwise it
+  prepares the changed and new subjects, drops the removed ones, takes the unchanged ones from
+  the existing dataset, and says what changed. A different finished configuration in O is
+  refused, as is a non-empty O that is not a preparation; an O of an older format version of
+  the same configuration is prepared again;
 - concurrency: every process of a multi-process job may call `prepare_dataset` on the same O.
   One takes an exclusive lock (flock on O/.prepare.lock) and prepares; the others wait for the
   lock, then find the complete report and return it. The kernel releases the lock when its
@@ -42,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import fcntl
 import json
 import os
@@ -49,15 +60,19 @@ import shutil
 import socket
 import time
 import uuid
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from absl import app
 from absl import flags
 import tensorflow_datasets as tfds
 
 from cardiac_jax import structures
+from data_pipelines import acdc
+from data_pipelines import fingerprints
+from data_pipelines import plausibility
 from data_pipelines import preprocess
 from data_pipelines import tfds_builders
+from data_pipelines.errors import InvalidArgumentError
 from data_pipelines.errors import InvalidInputError
 
 REPORT = "report.json"
@@ -71,8 +86,10 @@ _STAGING_PREFIX = ".staging-"
 _OUTPUT_NAMES = (TFDS_DIR, ATTRIBUTES, SPLITS, REPORT)
 _OWN_NAMES = (*_OUTPUT_NAMES, WORK_DIR, LOCK_FILE)
 DATASETS = ("acdc",)
-# Bumped when the prepared output changes for the same configuration.
-FORMAT_VERSION = 1
+# Bumped when the prepared output changes for the same configuration. An output of an older
+# version and otherwise the same configuration is prepared again in place.
+# 2: per-subject input fingerprints in report.json, plausibility bounds in the configuration.
+FORMAT_VERSION = 2
 
 
 def _requested_config(dataset: str, input_dir: str, builder_config: tfds_builders.AcdcConfig,
@@ -86,13 +103,14 @@ def _requested_config(dataset: str, input_dir: str, builder_config: tfds_builder
 def _read_json(path: str) -> Optional[dict]:
   try:
     with open(path, encoding="utf-8") as f:
-      return json.load(f)
+      value = json.load(f)
   except (OSError, ValueError):
     return None
+  return value if isinstance(value, dict) else None
 
 
 def _is_complete(output_dir: str, report: dict) -> bool:
-  if "tfds_dir" not in report:
+  if not isinstance(report.get("tfds_dir"), str):
     return False
   tfds_path = os.path.join(output_dir, report["tfds_dir"])
   return (os.path.isfile(os.path.join(output_dir, ATTRIBUTES))
@@ -100,12 +118,25 @@ def _is_complete(output_dir: str, report: dict) -> bool:
           and os.path.isfile(os.path.join(tfds_path, "dataset_info.json")))
 
 
-def _clear_own_leftovers(output_dir: str) -> None:
+def _is_outdated(existing, requested: dict) -> bool:
+  """Whether `existing` is the configuration of an older format version of `requested`: a
+  lower format_version and equal values for every key both have (newer versions add keys)."""
+  if not isinstance(existing, dict):
+    return False
+  version = existing.get("format_version")
+  if not isinstance(version, int) or version >= requested["format_version"]:
+    return False
+  shared = (set(existing) & set(requested)) - {"format_version"}
+  return all(existing[k] == requested[k] for k in shared)
+
+
+def _clear_own_leftovers(output_dir: str, keep_outputs: bool = False) -> None:
   """Removes what an interrupted or incomplete run left behind, except the per-subject work
-  area (which a rerun resumes from) and the lock (held by the caller)."""
+  area (which a rerun resumes from), the lock (held by the caller) and, with `keep_outputs`,
+  a complete dataset that is being updated."""
   for name in os.listdir(output_dir):
     path = os.path.join(output_dir, name)
-    if name in _OUTPUT_NAMES or name.startswith(_STAGING_PREFIX):
+    if (name in _OUTPUT_NAMES and not keep_outputs) or name.startswith(_STAGING_PREFIX):
       shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
   subjects = os.path.join(output_dir, WORK_DIR, "subjects")
   if os.path.isdir(subjects):
@@ -127,29 +158,24 @@ def _refuse_foreign(output_dir: str) -> None:
 
 def _finished_report(output_dir: str, requested: dict) -> Optional[dict]:
   """The report of a complete preparation of `requested` in output_dir, or None if there is
-  none (yet). Raises FileExistsError when output_dir holds another configuration."""
+  none (yet), or only one of an older format version of the same configuration (prepared
+  again). Raises FileExistsError when output_dir holds another, finished configuration.
+
+  An unfinished preparation (a work area without a complete report) never refuses a run: its
+  per-subject outcomes are reused where their configuration key and inputs match.
+  """
   if not os.path.isdir(output_dir):
     return None
   report = _read_json(os.path.join(output_dir, REPORT))
-  if report is not None and report.get("config") != requested:
+  if report is None or _is_outdated(report.get("config"), requested):
+    return None
+  if report.get("config") != requested:
     raise FileExistsError(
         f"{output_dir} holds a dataset prepared with a different configuration:\n"
         f"  existing:  {json.dumps(report.get('config'), sort_keys=True)}\n"
         f"  requested: {json.dumps(requested, sort_keys=True)}\n"
         "Choose another --output_dir or delete this one.")
-  if report is not None and _is_complete(output_dir, report):
-    return report
-  work_config = _read_json(os.path.join(output_dir, WORK_DIR, _WORK_CONFIG))
-  if work_config is not None and work_config != requested:
-    subjects = os.path.join(output_dir, WORK_DIR, "subjects")
-    done = len(os.listdir(subjects)) if os.path.isdir(subjects) else 0
-    raise FileExistsError(
-        f"{output_dir} holds an unfinished preparation ({done} subjects done, in "
-        f"{os.path.join(output_dir, WORK_DIR)}) with a different configuration:\n"
-        f"  unfinished: {json.dumps(work_config, sort_keys=True)}\n"
-        f"  requested:  {json.dumps(requested, sort_keys=True)}\n"
-        "Rerun with that configuration to finish it, or choose another --output_dir.")
-  return None
+  return report if _is_complete(output_dir, report) else None
 
 
 @contextlib.contextmanager
@@ -199,7 +225,7 @@ def _write_attributes_csv(path: str, outcomes) -> None:
     writer = csv.DictWriter(f, fieldnames=structures.ATTRIBUTES_CSV_COLUMNS)
     writer.writeheader()
     for o in outcomes:
-      if o.status == "prepared":
+      if o.status == "prepared" and o.attributes is not None:
         writer.writerow({"subject": o.subject, "group": o.group, "ed_frame": o.ed_frame,
                          "es_frame": o.es_frame,
                          **{k: repr(float(v)) for k, v in o.attributes.items()}})
@@ -211,110 +237,263 @@ def _write_json(path: str, value) -> None:
     f.write("\n")
 
 
-def prepare_dataset(input_dir: str, output_dir: str,
-                    preprocess_config: Optional[preprocess.PreprocessConfig] = None, *,
-                    dataset: str = "acdc", label_convention: str = "acdc", split_seed: int = 0,
-                    split_fractions=tfds_builders.DEFAULT_SPLIT_FRACTIONS,
-                    verbose: bool = True) -> dict:
-  """Prepares the cohort in `input_dir` into `output_dir` (see the module docstring).
+# ----------------------------------------------------------------------------- arguments
 
-  Args:
-    input_dir: ACDC-layout root (with training/ and/or testing/, or patientXXX folders).
-    output_dir: where the prepared dataset goes; created if missing.
-    preprocess_config: preprocessing choices; defaults to `PreprocessConfig()`.
-    dataset: the input layout; only "acdc" (which the synthetic cohort shares).
-    label_convention: label convention of the *_gt files ("acdc", "ukbb", "mnms").
-    split_seed: seed of the stratified subject split.
-    split_fractions: (train, val, test) fractions.
-    verbose: print a one-line summary.
-
-  Returns:
-    The report (the contents of report.json).
-
-  Raises:
-    InvalidInputError: the input directory is missing or no subject could be prepared.
-    FileExistsError: output_dir holds a different preparation or unrelated files.
-  """
-  start = time.time()
-  if dataset not in DATASETS:
-    raise ValueError(f"unknown dataset {dataset!r}; known: {DATASETS}")
+def check_directories(input_dir: str, output_dir: str) -> None:
+  """Checks, before anything is written, that `input_dir` is a readable folder and that
+  `output_dir` is a folder (or a path whose parent exists) this process may write into;
+  raises InvalidInputError (input) or InvalidArgumentError (output) naming the path."""
+  if not input_dir:
+    raise InvalidArgumentError("input_dir is empty: name the raw cohort's folder")
   if not os.path.isdir(input_dir):
-    raise InvalidInputError(f"{input_dir}: input directory does not exist")
-  preprocess_config = preprocess_config or preprocess.PreprocessConfig()
-  builder_config = tfds_builders.make_config(preprocess_config, label_convention, split_seed,
-                                             split_fractions)
-  requested = _requested_config(dataset, input_dir, builder_config)
+    what = "is not a folder" if os.path.lexists(input_dir) else "does not exist"
+    raise InvalidInputError(f"{acdc.printable_path(input_dir)}: input directory {what}")
+  if not output_dir:
+    raise InvalidArgumentError("output_dir is empty: name the folder to prepare into")
+  shown = acdc.printable_path(output_dir)
+  if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
+    raise InvalidArgumentError(f"output_dir {shown} exists and is not a folder")
+  existing = os.path.abspath(output_dir)
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise InvalidArgumentError(f"output_dir {shown}: {acdc.printable_path(existing)} is not a "
+                               "folder")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise InvalidArgumentError(f"output_dir {shown}: cannot write into "
+                               f"{acdc.printable_path(existing)} (permission denied or a "
+                               "read-only file system); choose a writable --output_dir")
+  if os.path.abspath(output_dir) == os.path.abspath(input_dir):
+    raise InvalidArgumentError(f"output_dir {shown} is the input directory; prepare into "
+                               "another folder")
 
-  report = _finished_report(output_dir, requested)
-  if report is None:
-    # Checked before the lock file is created, so a foreign folder is left as it was.
-    _refuse_foreign(output_dir)
+
+def _no_subject_error(input_dir: str, rejected: list) -> InvalidInputError:
+  shown = acdc.printable_path(input_dir)
+  try:
+    empty = not os.listdir(input_dir)
+  except OSError:
+    empty = False
+  if empty:
+    return InvalidInputError(f"{shown}: the input directory is empty (expected "
+                             f"{shown}/training/patient001/... as in the ACDC release)")
+  reasons = "".join(f"\n  {o.subject}: {o.reason}" for o in rejected[:10])
+  return InvalidInputError(
+      f"{shown}: no subject folders found (expected {shown}/training/patient001/... as in the "
+      f"ACDC release){'; entries rejected:' if rejected else ''}{reasons}")
+
+
+# ----------------------------------------------------------------------------- the driver
+
+@dataclasses.dataclass
+class Preparation:
+  """One kind of prepared dataset, as the driver sees it (slices here, cines in `cine`).
+
+  find(): (subjects [(id, directory)], skipped entries [SubjectOutcome]) of the input folder,
+    duplicates and entries that look like subjects but cannot be among the skipped;
+  make_builder(data_dir, subject_cache_dir, previous, inputs): the tfds builder;
+  requested: the configuration recorded in report.json.
+  """
+  input_dir: str
+  output_dir: str
+  requested: dict
+  find: Callable[[], tuple[list[tuple[str, str]], list]]
+  make_builder: Callable[..., tfds.core.DatasetBuilder]
+  split_seed: int
+  split_fractions: tuple[float, ...]
+  noun: str = "subjects"
+
+
+def _previous_preparation(output_dir: str, report: dict) -> tfds_builders.PreviousPreparation:
+  """The complete preparation in output_dir as a source of unchanged subjects."""
+  rows = {}
+  with open(os.path.join(output_dir, ATTRIBUTES), newline="", encoding="utf-8") as f:
+    for row in csv.DictReader(f):
+      rows[row["subject"]] = row
+  outcomes, split_of = {}, {}
+  for entry in report.get("subjects", []):
+    if not isinstance(entry.get("inputs"), dict):
+      continue                           # not a subject folder: judged again every run
+    outcome = tfds_builders.SubjectOutcome(
+        subject=entry["subject"], directory=entry["directory"], status=entry["status"],
+        reason=entry.get("reason"), group=entry.get("group"), inputs=entry["inputs"],
+        unexpected=bool(entry.get("unexpected", False)))
+    row = rows.get(entry["subject"])
+    if entry["status"] == "prepared":
+      split_of[entry["subject"]] = entry["split"]
+      if row is not None:
+        outcome.ed_frame, outcome.es_frame = int(row["ed_frame"]), int(row["es_frame"])
+        outcome.attributes = {name: float(row[name]) for name in structures.ATTRIBUTE_NAMES}
+    outcomes[entry["subject"]] = outcome
+  return tfds_builders.PreviousPreparation(os.path.join(output_dir, report["tfds_dir"]),
+                                           outcomes, split_of)
+
+
+def _input_changes(report: dict, subjects, skipped, known: dict[str, dict],
+                   rehash: bool) -> tuple[dict, dict[str, dict]]:
+  """What differs between the inputs a report was prepared from and the input folder now.
+
+  Returns ({"unchanged": n, "changed": {subject: what}, "added": [...], "removed": [...],
+  "other_entries": bool}, {directory: current fingerprint}). `known`: fingerprints computed
+  earlier in this run, by directory (their hashes are reused for unchanged files).
+  """
+  recorded = {e["subject"]: e for e in report.get("subjects", [])
+              if isinstance(e.get("inputs"), dict)}
+  changes = {"unchanged": 0, "changed": {}, "added": [], "removed": [], "other_entries": False}
+  inputs = {}
+  for subject, directory in subjects:
+    entry = recorded.pop(subject, None)
+    same_folder = entry is not None and entry["directory"] == acdc.printable_path(directory)
+    previous = known.get(directory) or (entry["inputs"] if same_folder else None)
+    inputs[directory] = fingerprints.subject_inputs(directory, previous, rehash=rehash)
+    if entry is None:
+      changes["added"].append(subject)
+    elif not same_folder:
+      changes["changed"][subject] = f"moved from {entry['directory']}"
+    elif not fingerprints.same_content(entry["inputs"], inputs[directory]):
+      changes["changed"][subject] = fingerprints.describe_difference(entry["inputs"],
+                                                                     inputs[directory])
+    else:
+      changes["unchanged"] += 1
+  changes["removed"] = sorted(recorded)
+  before = sorted((e["subject"], e.get("reason") or "") for e in report.get("subjects", [])
+                  if not isinstance(e.get("inputs"), dict))
+  now = sorted((o.subject, o.reason or "") for o in skipped)
+  changes["other_entries"] = before != now
+  return changes, inputs
+
+
+def _has_changes(changes: dict) -> bool:
+  return bool(changes["changed"] or changes["added"] or changes["removed"]
+              or changes["other_entries"])
+
+
+def _describe_changes(changes: dict) -> str:
+  parts = []
+  if changes["changed"]:
+    shown = "; ".join(f"{s}: {what}" for s, what in list(changes["changed"].items())[:5])
+    more = ", ..." if len(changes["changed"]) > 5 else ""
+    parts.append(f"{len(changes['changed'])} changed ({shown}{more})")
+  for key in ("removed", "added"):
+    if changes[key]:
+      more = ", ..." if len(changes[key]) > 5 else ""
+      parts.append(f"{len(changes[key])} {key} ({', '.join(changes[key][:5])}{more})")
+  if changes["other_entries"]:
+    parts.append("the folder entries that are not subjects differ")
+  return ", ".join(parts)
+
+
+def run_preparation(job: Preparation, *, verbose: bool = True, rehash: bool = False) -> dict:
+  """Prepares `job` into job.output_dir (module docstring), or returns the report of a
+  complete preparation whose inputs are unchanged; returns report.json's contents."""
+  start = time.time()
+  subjects, skipped = job.find()
+  if not subjects:
+    raise _no_subject_error(job.input_dir, skipped)
+  output_dir = job.output_dir
+  report = _finished_report(output_dir, job.requested)
+  known: dict[str, dict] = {}
+  if report is not None:
+    changes, known = _input_changes(report, subjects, skipped, known, rehash)
+    if not _has_changes(changes):
+      if verbose:
+        print(f"{output_dir}: already prepared ({report['counts']['prepared']} {job.noun}, "
+              "inputs unchanged), nothing to do")
+      return report
+  # Checked before the lock file is created, so a foreign folder is left as it was.
+  _refuse_foreign(output_dir)
+  created = not os.path.isdir(output_dir)
+  try:
     os.makedirs(output_dir, exist_ok=True)
     with _exclusive_lock(output_dir, verbose):
       # Another process may have finished, or started something else, while this one waited.
-      report = _finished_report(output_dir, requested)
-      if report is None:
-        _refuse_foreign(output_dir)
-        report = _prepare_locked(input_dir, output_dir, builder_config, requested, split_seed,
-                                 start)
-        _print_summary(output_dir, report, verbose)
-        return report
-  if verbose:
-    print(f"{output_dir}: already prepared ({report['counts']['prepared']} subjects), "
-          "nothing to do")
+      report = _finished_report(output_dir, job.requested)
+      changes = None
+      if report is not None:
+        changes, known = _input_changes(report, subjects, skipped, known, rehash)
+        if not _has_changes(changes):
+          if verbose:
+            print(f"{output_dir}: already prepared ({report['counts']['prepared']} "
+                  f"{job.noun}, inputs unchanged), nothing to do")
+          return report
+        if verbose:
+          print(f"{output_dir}: the input changed since it was prepared: "
+                f"{_describe_changes(changes)}; preparing again, "
+                f"{changes['unchanged']} unchanged {job.noun} taken from it", flush=True)
+      _refuse_foreign(output_dir)
+      previous = _previous_preparation(output_dir, report) if report is not None else None
+      report = _prepare_locked(job, previous, known, changes, start, verbose)
+  except OSError as e:
+    if created:
+      with contextlib.suppress(OSError):
+        os.rmdir(output_dir)             # only if nothing was written into it
+    where = acdc.printable_path(e.filename or output_dir)
+    raise InvalidArgumentError(f"output_dir {acdc.printable_path(output_dir)}: {where}: "
+                               f"{e.strerror or e}; rerun once this is fixed (what was "
+                               "prepared so far is kept)") from None
+  _print_summary(output_dir, report, verbose, job.noun)
   return report
 
 
-def _prepare_locked(input_dir: str, output_dir: str,
-                    builder_config: tfds_builders.AcdcConfig, requested: dict, split_seed: int,
-                    start: float) -> dict:
+def _prepare_locked(job: Preparation, previous: Optional[tfds_builders.PreviousPreparation],
+                    known: dict[str, dict], changes: Optional[dict], start: float,
+                    verbose: bool) -> dict:
   """The preparation itself; the caller holds the lock and has checked output_dir."""
-  _clear_own_leftovers(output_dir)
+  output_dir = job.output_dir
+  # A complete dataset being updated stays in place (the unchanged subjects are read from it)
+  # until the new one replaces it.
+  _clear_own_leftovers(output_dir, keep_outputs=previous is not None)
   work = os.path.join(output_dir, WORK_DIR)
   os.makedirs(work, exist_ok=True)
-  _write_json(os.path.join(work, _WORK_CONFIG), requested)
+  work_config = os.path.join(work, _WORK_CONFIG)
+  unfinished = _read_json(work_config)
+  if unfinished is not None and unfinished != job.requested and verbose:
+    print(f"{output_dir}: an unfinished preparation of another configuration is replaced "
+          "(its subjects are reused where their preprocessing and inputs match)")
+  _write_json(work_config, job.requested)
   staging = os.path.join(output_dir, f"{_STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
   os.makedirs(staging)
   try:
-    # tfds refuses a config object named like a predefined one: pass the predefined by name
-    # (names carry a digest of the content, so equal names mean equal configs).
-    predefined = {c.name for c in tfds_builders.Acdc.BUILDER_CONFIGS}
-    builder = tfds_builders.Acdc(config=(builder_config.name
-                                         if builder_config.name in predefined
-                                         else builder_config),
-                                 data_dir=os.path.join(staging, TFDS_DIR),
-                                 file_format="array_record",
-                                 subject_cache_dir=os.path.join(work, "subjects"))
+    builder = job.make_builder(os.path.join(staging, TFDS_DIR), os.path.join(work, "subjects"),
+                               previous, known)
     builder.download_and_prepare(
         download_dir=os.path.join(staging, "downloads"),
-        download_config=tfds.download.DownloadConfig(manual_dir=input_dir))
+        download_config=tfds.download.DownloadConfig(manual_dir=job.input_dir))
     tfds_dir = os.path.relpath(str(builder.data_dir), staging)
     outcomes = builder.outcomes
     _write_attributes_csv(os.path.join(staging, ATTRIBUTES), outcomes)
     _write_json(os.path.join(staging, SPLITS), {
-        "seed": split_seed, "fractions": list(builder_config.split_fractions),
+        "seed": job.split_seed, "fractions": list(job.split_fractions),
         **{split: builder.split_assignment.get(split, []) for split in tfds_builders.SPLITS}})
     split_of = {s: split for split, subjects in builder.split_assignment.items()
                 for s in subjects}
     num_prepared = sum(o.status == "prepared" for o in outcomes)
+    seconds = time.time() - start
+    computed = max(1, len(outcomes) - builder.num_reused - builder.num_unchanged)
     report = {
-        "config": requested,
+        "config": job.requested,
         "tfds_dir": tfds_dir,
         "counts": {"found": len(outcomes), "prepared": num_prepared,
                    "skipped": len(outcomes) - num_prepared,
                    **{split: len(builder.split_assignment.get(split, []))
                       for split in tfds_builders.SPLITS}},
-        "subjects": [{"subject": o.subject, "directory": o.directory, "status": o.status,
-                      **({"split": split_of[o.subject], "group": o.group}
-                         if o.status == "prepared" else {"reason": o.reason})}
-                     for o in outcomes],
+        "subjects": [_report_entry(o, split_of) for o in outcomes],
         "resumed_subjects": builder.num_reused,
-        "seconds": round(time.time() - start, 2),
+        "unchanged_subjects": builder.num_unchanged,
+        "changes": changes,
+        "seconds": round(seconds, 2),
+        "seconds_per_subject": round(seconds / computed, 3),
     }
-    # Rename into place, report.json last: until it exists, the preparation is incomplete.
-    for name in (TFDS_DIR, SPLITS, ATTRIBUTES):
-      os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
     _write_json(os.path.join(staging, REPORT), report)
+    # Into place, report.json last: until it exists, the preparation is incomplete. The
+    # previous report goes first, so a crash in between never pairs it with new files.
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(os.path.join(output_dir, REPORT))
+    for name in (TFDS_DIR, SPLITS, ATTRIBUTES):
+      target = os.path.join(output_dir, name)
+      if os.path.lexists(target):
+        os.replace(target, os.path.join(staging, f"previous-{name}"))
+      os.replace(os.path.join(staging, name), target)
     os.replace(os.path.join(staging, REPORT), os.path.join(output_dir, REPORT))
   finally:
     shutil.rmtree(staging, ignore_errors=True)
@@ -323,18 +502,104 @@ def _prepare_locked(input_dir: str, output_dir: str,
   return report
 
 
-def _print_summary(output_dir: str, report: dict, verbose: bool) -> None:
+def _report_entry(outcome: tfds_builders.SubjectOutcome, split_of: dict[str, str]) -> dict:
+  entry = {"subject": outcome.subject, "directory": outcome.directory, "status": outcome.status}
+  if outcome.status == "prepared":
+    entry.update(split=split_of[outcome.subject], group=outcome.group)
+  else:
+    entry["reason"] = outcome.reason
+    if outcome.unexpected:
+      entry["unexpected"] = True
+  if outcome.inputs is not None:
+    entry["inputs"] = outcome.inputs
+  return entry
+
+
+def _print_summary(output_dir: str, report: dict, verbose: bool, noun: str = "subjects",
+                   ) -> None:
   if not verbose:
     return
   counts = report["counts"]
   resumed = (f", {report['resumed_subjects']} taken from an interrupted run"
              if report.get("resumed_subjects") else "")
-  print(f"prepared {counts['prepared']} of {counts['found']} subjects "
+  unchanged = (f", {report['unchanged_subjects']} unchanged from the previous preparation"
+               if report.get("unchanged_subjects") else "")
+  print(f"prepared {counts['prepared']} of {counts['found']} {noun} "
         f"({counts['skipped']} skipped; train/val/test {counts['train']}/{counts['val']}/"
-        f"{counts['test']}{resumed}) into {output_dir} in {report['seconds']:.1f} s")
+        f"{counts['test']}{resumed}{unchanged}) into {output_dir} in {report['seconds']:.1f} s")
   for entry in report["subjects"]:
     if entry["status"] == "skipped":
       print(f"  skipped {entry['subject']}: {entry['reason']}")
+
+
+def prepare_dataset(input_dir: str, output_dir: str,
+                    preprocess_config: Optional[preprocess.PreprocessConfig] = None, *,
+                    dataset: str = "acdc", label_convention: str = "acdc", split_seed: int = 0,
+                    split_fractions=tfds_builders.DEFAULT_SPLIT_FRACTIONS,
+                    bounds: Optional[plausibility.PlausibilityBounds] = None,
+                    rehash: bool = False, verbose: bool = True) -> dict:
+  """Prepares the cohort in `input_dir` into `output_dir` (see the module docstring).
+
+  Every argument is checked before anything is written. A rerun into a complete preparation
+  of the same configuration compares the input files with the fingerprints in its report:
+  nothing changed, it returns that report; otherwise it prepares the changed and added
+  subjects, drops the removed ones, takes the unchanged ones from the existing dataset, and
+  says so (printed, and `changes` in the report).
+
+  Args:
+    input_dir: ACDC-layout root (with training/ and/or testing/, or patientXXX folders).
+    output_dir: where the prepared dataset goes; created if missing.
+    preprocess_config: preprocessing choices; defaults to `PreprocessConfig()`.
+    dataset: the input layout; only "acdc" (which the synthetic cohort shares).
+    label_convention: label convention of the *_gt files ("acdc", "ukbb", "mnms").
+    split_seed: seed of the stratified subject split, an integer >= 0.
+    split_fractions: (train, val, test) fractions.
+    bounds: plausibility bounds of the subjects; defaults to `PlausibilityBounds()`.
+    rehash: hash every input file again instead of trusting an unchanged size and mtime.
+    verbose: print a one-line summary.
+
+  Returns:
+    The report (the contents of report.json).
+
+  Raises:
+    InvalidInputError: the input directory is missing, holds no subject, or no subject could
+      be prepared.
+    InvalidArgumentError (a ValueError): an argument cannot be used, or output_dir cannot be
+      written.
+    FileExistsError: output_dir holds a different finished preparation or unrelated files.
+  """
+  if dataset not in DATASETS:
+    raise InvalidArgumentError(f"unknown dataset {dataset!r}; known: {DATASETS}")
+  preprocess_config = preprocess_config or preprocess.PreprocessConfig()
+  try:
+    builder_config = tfds_builders.make_config(preprocess_config, label_convention, split_seed,
+                                               split_fractions, bounds)
+  except ValueError as e:
+    raise InvalidArgumentError(str(e)) from None
+  check_directories(input_dir, output_dir)
+  requested = _requested_config(dataset, input_dir, builder_config)
+
+  def find():
+    refs, rejected = acdc.find_subjects(input_dir)
+    subjects, duplicates = tfds_builders.unique_subjects([(r.subject, r.directory)
+                                                          for r in refs])
+    return subjects, duplicates + [
+        tfds_builders.SubjectOutcome(subject=r.name, directory=r.directory, status="skipped",
+                                     reason=r.reason) for r in rejected]
+
+  def make_builder(data_dir, subject_cache_dir, previous, inputs):
+    # tfds refuses a config object named like a predefined one: pass the predefined by name
+    # (names carry a digest of the content, so equal names mean equal configs).
+    predefined = {c.name for c in tfds_builders.Acdc.BUILDER_CONFIGS}
+    return tfds_builders.Acdc(
+        config=(builder_config.name if builder_config.name in predefined else builder_config),
+        data_dir=data_dir, file_format="array_record", subject_cache_dir=subject_cache_dir,
+        previous=previous, inputs=inputs)
+
+  job = Preparation(input_dir=input_dir, output_dir=output_dir, requested=requested, find=find,
+                    make_builder=make_builder, split_seed=builder_config.split_seed,
+                    split_fractions=builder_config.split_fractions)
+  return run_preparation(job, verbose=verbose, rehash=rehash)
 
 
 # ----------------------------------------------------------------------------- consumers
@@ -388,7 +653,14 @@ def _define_flags():
                     "Which short-axis slice to keep.")
   flags.DEFINE_enum("label_convention", "acdc", sorted(structures.LABEL_CONVENTIONS),
                     "Label convention of the *_gt files.")
-  flags.DEFINE_integer("split_seed", 0, "Seed of the subject split.")
+  flags.DEFINE_integer("split_seed", 0, "Seed of the subject split (>= 0).")
+  flags.DEFINE_list("plausibility", [],
+                    "Plausibility bounds to change, as name=low:high (e.g. lv_ef=2:90,"
+                    "lv_edv_ml=5:800); names: those of data_pipelines.plausibility."
+                    "PlausibilityBounds.")
+  flags.DEFINE_boolean("rehash_inputs", False,
+                       "Hash every input file again on a rerun instead of trusting files "
+                       "whose size and modification time are unchanged.")
 
 
 def main(argv):
@@ -397,13 +669,18 @@ def main(argv):
   f = flags.FLAGS
   tfds.disable_progress_bar()
   try:
+    preprocess_config = preprocess.PreprocessConfig(image_size=f.image_size,
+                                                    spacing_mm=f.spacing_mm,
+                                                    slice_rule=f.slice_rule)
     prepare_dataset(
-        f.input_dir, f.output_dir,
-        preprocess.PreprocessConfig(image_size=f.image_size, spacing_mm=f.spacing_mm,
-                                    slice_rule=f.slice_rule),
-        dataset=f.dataset, label_convention=f.label_convention, split_seed=f.split_seed)
-  except (InvalidInputError, FileExistsError) as e:
+        f.input_dir, f.output_dir, preprocess_config, dataset=f.dataset,
+        label_convention=f.label_convention, split_seed=f.split_seed,
+        bounds=plausibility.parse_bounds(f.plausibility), rehash=f.rehash_inputs)
+  except (ValueError, FileExistsError) as e:
     raise SystemExit(f"prepare failed: {e}") from None
+  except OSError as e:
+    raise SystemExit(f"prepare failed: {acdc.printable_path(e.filename or '')}: "
+                     f"{e.strerror or e}") from None
 
 
 if __name__ == "__main__":

@@ -30,12 +30,21 @@ import numpy as np
 from scipy import ndimage
 
 from cardiac_jax import structures
+from data_pipelines import plausibility
 from data_pipelines.errors import InvalidInputError
 
 SLICE_RULES = ("acdc_basal", "mid", "largest_lv")
+# Largest crop side: 4x the paper's 128 px; larger crops of cardiac MRI hold nothing but
+# background, and each example would take tens of megabytes.
+MAX_IMAGE_SIZE = 512
 # Direction of the LV->RV centroid axis in output (row, col) coordinates: towards the left.
 CANONICAL_LV_TO_RV = (0.0, -1.0)
 _HEART_LABELS = (structures.RV_BLOOD_POOL, structures.LV_MYOCARDIUM, structures.LV_BLOOD_POOL)
+STRUCTURE_NAMES = {structures.RV_BLOOD_POOL: "RV blood pool",
+                   structures.LV_MYOCARDIUM: "LV myocardium",
+                   structures.LV_BLOOD_POOL: "LV blood pool"}
+# Channel order of a prepared example.
+PHASES = ("ED", "ES")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +68,13 @@ class PreprocessConfig:
   mask_outside_heart: bool = False
 
   def __post_init__(self):
-    if self.image_size < 8:
-      raise ValueError(f"image_size must be >= 8, got {self.image_size}")
-    if not self.spacing_mm > 0:
-      raise ValueError(f"spacing_mm must be positive, got {self.spacing_mm}")
+    if (isinstance(self.image_size, bool) or int(self.image_size) != self.image_size
+        or not 8 <= self.image_size <= MAX_IMAGE_SIZE):
+      raise ValueError(f"image_size must be an integer from 8 to {MAX_IMAGE_SIZE}, got "
+                       f"{self.image_size!r}")
+    if not (math.isfinite(self.spacing_mm) and self.spacing_mm > 0):
+      raise ValueError(f"spacing_mm must be positive and finite, got {self.spacing_mm}")
+    object.__setattr__(self, "image_size", int(self.image_size))
     if self.slice_rule not in SLICE_RULES:
       raise ValueError(f"unknown slice_rule {self.slice_rule!r}; known: {SLICE_RULES}")
     if self.min_label_pixels < 0:
@@ -217,6 +229,26 @@ def normalize_intensity(images: np.ndarray, low: float, high: float) -> np.ndarr
 
 # ----------------------------------------------------------------------------- one subject
 
+def check_crop(images: np.ndarray, slice_labels: np.ndarray, labels: np.ndarray,
+               slice_index: int, config: PreprocessConfig) -> None:
+  """Raises InvalidInputError unless each channel (ED, ES) of an aligned (S, S, 2) crop keeps
+  every heart structure that its (X, Y, 2) slice labels hold (at ED all three, by the slice
+  choice; at ES the basal slice may lie above the ventricles) and an image that is not
+  constant: a structure cut off by the crop, or a crop outside the field of view, would
+  otherwise become a training example that contradicts its labels and attributes."""
+  for channel, phase in enumerate(PHASES):
+    where = (f"{phase} crop of slice {slice_index} ({config.image_size} px of "
+             f"{config.spacing_mm:g} mm)")
+    before = np.bincount(slice_labels[..., channel].ravel(), minlength=structures.NUM_LABELS)
+    after = np.bincount(labels[..., channel].ravel(), minlength=structures.NUM_LABELS)
+    missing = [STRUCTURE_NAMES[value] for value in _HEART_LABELS
+               if before[value] > 0 and after[value] == 0]
+    if missing:
+      raise InvalidInputError(f"the {where} cuts off the {' and the '.join(missing)} of that "
+                              "slice: it lies outside the crop")
+    plausibility.check_not_constant(images[..., channel], where)
+
+
 def preprocess_subject(ed_image: np.ndarray, ed_labels: np.ndarray, es_image: np.ndarray,
                        es_labels: np.ndarray, spacing_mm, config: PreprocessConfig,
                        ) -> PreprocessedSlice:
@@ -229,14 +261,18 @@ def preprocess_subject(ed_image: np.ndarray, ed_labels: np.ndarray, es_image: np
     config: the preprocessing choices.
 
   Raises:
-    InvalidInputError: no usable slice, or a constant image (the message names no file; the
-      caller knows which subject it was).
+    InvalidInputError: no usable slice, a constant image on the slice or in a channel of the
+      crop, a heart structure of the slice cut off by the crop (`check_crop`; the message names
+      no file, the caller knows which subject it was).
   """
   z = select_slice(ed_labels, config.slice_rule, config.min_label_pixels)
   images = np.stack([ed_image[:, :, z], es_image[:, :, z]], axis=-1)
   labels = np.stack([ed_labels[:, :, z], es_labels[:, :, z]], axis=-1)
+  for channel, phase in enumerate(PHASES):
+    plausibility.check_not_constant(images[..., channel], f"{phase} image of slice {z}")
   low, high = intensity_window(images, config.intensity_percentiles)
   aligned_images, aligned_labels = align_slice(images, labels, spacing_mm, config)
+  check_crop(aligned_images, labels, aligned_labels, z, config)
   normalized = normalize_intensity(aligned_images, low, high)
   if config.mask_outside_heart:
     normalized = np.where(aligned_labels != structures.BACKGROUND, normalized, 0.0)

@@ -5,26 +5,31 @@ requires registration, so tfds cannot download it). It writes one example per su
 features of `data_pipelines.features.prepared_features`, in splits "train", "val", "test".
 The same builder prepares the synthetic cohort, which uses the ACDC layout.
 
-Design: every subject goes through `prepare_subject` (read -> measure -> preprocess), which
-either returns a prepared example or raises `InvalidInputError`; `run_subject` turns that into
-a `SubjectOutcome` ("prepared" or "skipped" with a reason naming the file), catching any other
-exception too, so one bad subject never stops a cohort. The builder prepares all subjects in
-`_split_generators`, before any split is written, because the split assignment is stratified
-over the subjects that actually were prepared (tfds also refuses a split with no examples).
+Design: every subject goes through `prepare_subject` (read -> measure -> check plausibility
+-> preprocess), which either returns a prepared example or raises `InvalidInputError`;
+`run_subject` turns that into a `SubjectOutcome` ("prepared" or "skipped" with a reason naming
+the file), catching any other exception too, so one bad subject never stops a cohort. The
+builder prepares all subjects in `_split_generators`, before any split is written, because the
+split assignment is stratified over the subjects that actually were prepared (tfds also
+refuses a split with no examples).
 
 Each subject's outcome is cached as one file in a work area (`subject_cache_dir`, by default
 <download_dir>/subjects): `<subject>.npz` with the prepared arrays and, as JSON, the status,
-reason, group, frames and attributes. A file is written under a temporary name and renamed, so
-it is either complete or absent, and it is reused only when its `subject_cache_key` (format,
-preprocessing, label convention) and its input fingerprint (name, size and mtime of every file
-in the subject folder) match. Hence a preparation killed in the per-subject loop resumes where
-it stopped, and `_generate_examples` streams examples from the work area: only the small
-per-subject metadata is held in memory, whatever the cohort size. Skips caused by unexpected
-exceptions (possibly transient: a network file system, memory) are not cached, so a rerun tries
-those subjects again. After `download_and_prepare` the builder's `outcomes`,
-`split_assignment` and `num_reused` hold what happened to every subject;
-`data_pipelines.prepare` is the driver that turns them into attributes.csv, report.json and
-splits.json around an atomic write, and serialises concurrent runs.
+reason, group, frames, attributes and the fingerprint of the subject's input files (size,
+mtime and SHA-256 of every file in its folder, `data_pipelines.fingerprints`). A file is
+written under a temporary name and renamed, so it is either complete or absent, and it is
+reused only when its `subject_cache_key` (format, preprocessing, label convention,
+plausibility bounds), its folder and its input contents match (`SubjectLoop`). Hence a
+preparation killed in the per-subject loop resumes where it stopped, and `_generate_examples`
+streams examples from the work area: only the small per-subject metadata is held in memory,
+whatever the cohort size. A builder given a `PreviousPreparation` (a complete dataset of the
+same configuration) takes the subjects whose inputs did not change from it. Skips caused by
+unexpected exceptions (possibly transient: a network file system) are not cached, so a rerun
+tries those subjects again; a MemoryError is kept as the subject's reason. After
+`download_and_prepare` the builder's `outcomes`, `split_assignment`, `num_reused` and
+`num_unchanged` hold what happened to every subject; `data_pipelines.prepare` is the driver
+that turns them into attributes.csv, report.json and splits.json around an atomic write, and
+serialises concurrent runs.
 
 Usage as a tfds dataset:
   builder = Acdc(data_dir=D, file_format="array_record")     # optional: subject_cache_dir=W
@@ -51,18 +56,18 @@ from cardiac_jax import cardiac
 from cardiac_jax import structures
 from data_pipelines import acdc
 from data_pipelines import features
+from data_pipelines import fingerprints
+from data_pipelines import plausibility
 from data_pipelines import preprocess
 from data_pipelines.errors import InvalidInputError
 
 SPLITS = ("train", "val", "test")
 # Bumped when a cached subject outcome would differ for the same inputs and configuration.
-SUBJECT_CACHE_VERSION = 1
+# 2: plausibility checks, input fingerprints with content hashes, MemoryError cached.
+SUBJECT_CACHE_VERSION = 2
 _CACHE_SUFFIX = ".npz"
 _CACHE_TEMP_SUFFIX = ".tmp"
 DEFAULT_SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
-_STRUCTURE_NAMES = {structures.RV_BLOOD_POOL: "RV blood pool",
-                    structures.LV_MYOCARDIUM: "LV myocardium",
-                    structures.LV_BLOOD_POOL: "LV blood pool"}
 
 
 # ----------------------------------------------------------------------------- one subject
@@ -79,16 +84,19 @@ class SubjectOutcome:
   es_frame: Optional[int] = None
   attributes: Optional[dict[str, float]] = None
   example: Optional[dict] = dataclasses.field(default=None, repr=False)
-  # The skip came from an unexpected exception (not InvalidInputError); such outcomes are not
-  # cached, so a rerun retries the subject.
+  # The skip came from an unexpected exception (not InvalidInputError, not a lack of memory);
+  # such outcomes are not cached, so a rerun retries the subject.
   unexpected: bool = False
+  # The fingerprint of the subject's input files (`fingerprints.subject_inputs`) the outcome
+  # was computed from; None for folder entries that are not subjects.
+  inputs: Optional[dict] = dataclasses.field(default=None, repr=False)
 
 
 def _check_structures_present(subject: acdc.AcdcSubject, directory: str) -> None:
   for phase, frame, labels in (("ED", subject.info.ed_frame, subject.ed_labels),
                                ("ES", subject.info.es_frame, subject.es_labels)):
     present = set(np.unique(labels).tolist())
-    for value, name in _STRUCTURE_NAMES.items():
+    for value, name in preprocess.STRUCTURE_NAMES.items():
       if value not in present:
         raise InvalidInputError(
             f"{directory}/{subject.subject}_frame{frame:02d}_gt.nii.gz: the {phase} labels "
@@ -96,23 +104,37 @@ def _check_structures_present(subject: acdc.AcdcSubject, directory: str) -> None
 
 
 def prepare_subject(ref: acdc.SubjectRef, config: preprocess.PreprocessConfig,
-                    label_convention: str = "acdc") -> SubjectOutcome:
-  """Reads, measures and preprocesses one subject into a prepared example.
+                    label_convention: str = "acdc",
+                    bounds: Optional[plausibility.PlausibilityBounds] = None) -> SubjectOutcome:
+  """Reads, measures, checks and preprocesses one subject into a prepared example.
+
+  Besides the readers' checks, the subject must be physiologically plausible (`bounds`,
+  default `PlausibilityBounds()`): voxel spacing, ED volumes above ES volumes, volumes, EFs and
+  mass in range, no blank frame, every structure in both channels of the crop.
 
   Raises:
     InvalidInputError: any problem with the subject's files or contents, naming the file.
   """
+  bounds = bounds or plausibility.PlausibilityBounds()
   subject = acdc.load_subject(ref, label_convention=label_convention)
   _check_structures_present(subject, ref.directory)
   ed_gt = f"{ref.directory}/{ref.subject}_frame{subject.info.ed_frame:02d}_gt.nii.gz"
   try:
+    plausibility.check_spacing(subject.spacing_mm, bounds)
     attributes = cardiac.subject_attributes(subject.ed_labels, subject.es_labels,
                                             subject.spacing_mm)
+  except InvalidInputError as e:
+    raise InvalidInputError(f"{ed_gt}: {e}") from None
   except ValueError as e:
     raise InvalidInputError(f"{ed_gt}: cannot measure the heart: {e}") from None
   bad = [name for name, value in attributes.items() if not np.isfinite(value)]
   if bad:
     raise InvalidInputError(f"{ref.directory}: non-finite measurements {bad}")
+  try:
+    plausibility.check_measurements(attributes, bounds, subject.info.ed_frame,
+                                    subject.info.es_frame)
+  except InvalidInputError as e:
+    raise InvalidInputError(f"{ref.directory}: {e}") from None
   try:
     prepared = preprocess.preprocess_subject(
         subject.ed_image, subject.ed_labels, subject.es_image, subject.es_labels,
@@ -134,22 +156,34 @@ def prepare_subject(ref: acdc.SubjectRef, config: preprocess.PreprocessConfig,
                         example=example)
 
 
-def run_subject(ref: acdc.SubjectRef, config: preprocess.PreprocessConfig,
-                label_convention: str = "acdc") -> SubjectOutcome:
-  """`prepare_subject` that never raises: failures become a "skipped" outcome with a reason.
+def failure_reason(directory: str, error: BaseException) -> tuple[str, bool]:
+  """(reason, unexpected) of a subject whose preparation raised `error`.
 
-  Unexpected exceptions (bugs, resource errors) are recorded with their type, message and the
-  innermost frame so the report shows where they came from. KeyboardInterrupt still stops.
+  InvalidInputError carries its own reason. A MemoryError is a property of the subject's
+  files on this machine (the readers bound what they allocate, so it is rare): its reason is
+  kept like an input problem and not retried on every run. Anything else is unexpected (a
+  bug, a flaky file system): recorded with its type, message and innermost frame, and marked
+  so that it is not cached and a rerun tries again.
   """
+  if isinstance(error, InvalidInputError):
+    return str(error), False
+  where = traceback.extract_tb(error.__traceback__)[-1]
+  at = f"(at {where.filename}:{where.lineno})"
+  if isinstance(error, MemoryError):
+    return (f"{directory}: not enough memory to prepare this subject (MemoryError: {error} "
+            f"{at}); change its files or free memory to try again", False)
+  return f"{directory}: unexpected {type(error).__name__}: {error} {at}", True
+
+
+def run_subject(ref: acdc.SubjectRef, config: preprocess.PreprocessConfig,
+                label_convention: str = "acdc",
+                bounds: Optional[plausibility.PlausibilityBounds] = None) -> SubjectOutcome:
+  """`prepare_subject` that never raises: failures become a "skipped" outcome with a reason
+  (`failure_reason`). KeyboardInterrupt still stops."""
   try:
-    return prepare_subject(ref, config, label_convention)
-  except InvalidInputError as e:
-    reason, unexpected = str(e), False
+    return prepare_subject(ref, config, label_convention, bounds)
   except Exception as e:  # pylint: disable=broad-except
-    where = traceback.extract_tb(e.__traceback__)[-1]
-    reason = (f"{ref.directory}: unexpected {type(e).__name__}: {e} "
-              f"(at {where.filename}:{where.lineno})")
-    unexpected = True
+    reason, unexpected = failure_reason(ref.directory, e)
   # Paths with bytes that are not UTF-8 would make the report unprintable.
   return SubjectOutcome(subject=ref.subject, directory=acdc.printable_path(ref.directory),
                         status="skipped", reason=acdc.printable_path(reason),
@@ -158,25 +192,14 @@ def run_subject(ref: acdc.SubjectRef, config: preprocess.PreprocessConfig,
 
 # ----------------------------------------------------------------------------- subject cache
 
-def subject_cache_key(config: preprocess.PreprocessConfig, label_convention: str) -> str:
+def subject_cache_key(config: preprocess.PreprocessConfig, label_convention: str,
+                      bounds: Optional[plausibility.PlausibilityBounds] = None) -> str:
   """What a cached subject outcome depends on besides its input files, as a short digest."""
+  bounds = bounds or plausibility.PlausibilityBounds()
   text = json.dumps({"version": SUBJECT_CACHE_VERSION, "preprocess": config.to_dict(),
-                     "label_convention": label_convention}, sort_keys=True)
+                     "label_convention": label_convention,
+                     "plausibility": bounds.to_dict()}, sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def input_fingerprint(directory: str) -> str:
-  """Digest of the name, size and modification time of every file in a subject folder.
-
-  A changed, added or removed file changes it, so a cached outcome is not reused for inputs
-  that are no longer the ones it was computed from. "" when the folder cannot be listed.
-  """
-  try:
-    entries = sorted((os.fsencode(e.name).hex(), e.stat().st_size, e.stat().st_mtime_ns)
-                     for e in os.scandir(directory) if e.is_file())
-  except OSError:
-    return ""
-  return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
 def cache_path(cache_dir: str, subject: str) -> str:
@@ -188,19 +211,18 @@ def is_cache_temporary(name: str) -> bool:
   return name.endswith(_CACHE_TEMP_SUFFIX)
 
 
-def save_outcome(cache_dir: str, outcome: SubjectOutcome, key: str, fingerprint: str) -> None:
-  """Writes one subject's outcome to `cache_dir/<subject>.npz` (temporary name, then rename)."""
-  meta = {"subject": outcome.subject, "directory": outcome.directory, "status": outcome.status,
+def outcome_meta(outcome: SubjectOutcome, key: str) -> dict:
+  """The JSON metadata of a cached outcome (what `load_outcome` reads back)."""
+  return {"subject": outcome.subject, "directory": outcome.directory, "status": outcome.status,
           "reason": outcome.reason, "group": outcome.group, "ed_frame": outcome.ed_frame,
           "es_frame": outcome.es_frame, "attributes": outcome.attributes, "key": key,
-          "fingerprint": fingerprint}
-  arrays = {"meta": np.array(json.dumps(meta))}
-  if outcome.status == "prepared":
-    example = outcome.example
-    arrays.update(image=example["image"], label=example["label"],
-                  slice_index=np.int32(example["slice_index"]))
+          "inputs": outcome.inputs}
+
+
+def write_cache_file(cache_dir: str, subject: str, arrays: dict) -> None:
+  """Writes one work-area file (temporary name, then rename: complete or absent)."""
   os.makedirs(cache_dir, exist_ok=True)
-  final = cache_path(cache_dir, outcome.subject)
+  final = cache_path(cache_dir, subject)
   temporary = f"{final}.{os.getpid()}-{uuid.uuid4().hex[:8]}{_CACHE_TEMP_SUFFIX}"
   try:
     with open(temporary, "wb") as f:
@@ -211,19 +233,45 @@ def save_outcome(cache_dir: str, outcome: SubjectOutcome, key: str, fingerprint:
       os.remove(temporary)
 
 
-def load_outcome(cache_dir: str, subject: str, key: str,
-                 fingerprint: str) -> Optional[SubjectOutcome]:
-  """The cached outcome of `subject` (without its example arrays), or None when there is none,
-  it is unreadable, or it was computed for another configuration or other input files."""
+def save_outcome(cache_dir: str, outcome: SubjectOutcome, key: str) -> None:
+  """Writes one subject's outcome, with its input fingerprint, to `cache_dir/<subject>.npz`."""
+  arrays = {"meta": np.array(json.dumps(outcome_meta(outcome, key)))}
+  if outcome.status == "prepared":
+    example = outcome.example
+    arrays.update(image=example["image"], label=example["label"],
+                  slice_index=np.int32(example["slice_index"]))
+  write_cache_file(cache_dir, outcome.subject, arrays)
+
+
+def _cached_meta(cache_dir: str, subject: str) -> Optional[dict]:
   try:
     with np.load(cache_path(cache_dir, subject), allow_pickle=False) as cached:
       meta = json.loads(str(cached["meta"]))
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
     return None
-  if meta.get("key") != key or meta.get("fingerprint") != fingerprint or not fingerprint:
+  return meta if isinstance(meta, dict) else None
+
+
+def cached_inputs(cache_dir: str, subject: str) -> Optional[dict]:
+  """The input fingerprint recorded with a cached outcome (None when there is none), so that
+  unchanged files need not be hashed again (`fingerprints.subject_inputs(previous=...)`)."""
+  meta = _cached_meta(cache_dir, subject)
+  return meta.get("inputs") if meta else None
+
+
+def load_outcome(cache_dir: str, subject: str, key: str, directory: str,
+                 inputs: dict) -> Optional[SubjectOutcome]:
+  """The cached outcome of `subject` (without its example arrays), or None when there is none,
+  it is unreadable, or it was computed for another configuration, folder or input files."""
+  meta = _cached_meta(cache_dir, subject)
+  if (meta is None or meta.get("key") != key
+      or meta.get("directory") != acdc.printable_path(directory)
+      or not fingerprints.same_content(meta.get("inputs"), inputs)):
     return None
   fields = {f.name for f in dataclasses.fields(SubjectOutcome)}
-  return SubjectOutcome(**{k: v for k, v in meta.items() if k in fields})
+  outcome = SubjectOutcome(**{k: v for k, v in meta.items() if k in fields})
+  outcome.inputs = inputs
+  return outcome
 
 
 def load_example(cache_dir: str, subject: str) -> dict:
@@ -240,6 +288,120 @@ def load_example(cache_dir: str, subject: str) -> dict:
   return {"subject": subject, "group": meta["group"], "image": image, "label": label,
           "slice_index": slice_index,
           "attributes": {name: np.float32(value) for name, value in meta["attributes"].items()}}
+
+
+# ----------------------------------------------------------------------------- the subject loop
+
+class PreviousPreparation:
+  """A complete earlier preparation of the same configuration in the output directory.
+
+  `outcomes`: subject id -> its outcome there (metadata and input fingerprint, no arrays);
+  `example(subject)` reads the subject's stored example back from that dataset, so a rerun
+  after some inputs changed takes the unchanged subjects from it instead of preparing them
+  again. `split_of`: subject id -> split it was stored in.
+  """
+
+  def __init__(self, tfds_dir: str, outcomes: dict[str, SubjectOutcome],
+               split_of: dict[str, str]):
+    self.tfds_dir = tfds_dir
+    self.outcomes = outcomes
+    self.split_of = split_of
+    self._builder = None
+    self._sources: dict[str, object] = {}
+    self._index: dict[str, tuple[str, int]] = {}
+
+  def _source(self, split: str):
+    if split not in self._sources:
+      # pylint: disable=g-import-not-at-top
+      from tensorflow_datasets.core import decode
+      from tensorflow_datasets.proto import tf_example_pb2
+      if self._builder is None:
+        self._builder = tfds.builder_from_directory(self.tfds_dir)
+      self._sources[split] = self._builder.as_data_source(split)
+      # Where each subject is: its id read from the serialised records (decoding them whole
+      # would read every image).
+      raw = self._builder.as_data_source(
+          split, deserialize_method=decode.DeserializeMethod.RAW_BYTES)
+      for i in range(len(raw)):
+        example = tf_example_pb2.Example.FromString(raw[i])
+        subject = example.features.feature["subject"].bytes_list.value[0].decode()
+        self._index[subject] = (split, i)
+    return self._sources[split]
+
+  def example(self, subject: str) -> dict:
+    """The stored example of `subject`, decoded (arrays as stored)."""
+    self._source(self.split_of[subject])
+    split, index = self._index[subject]
+    example = dict(self._sources[split][index])
+    if isinstance(example.get("subject"), bytes):
+      example["subject"] = example["subject"].decode()
+    return example
+
+
+def unique_subjects(found: list[tuple[str, str]],
+                    ) -> tuple[list[tuple[str, str]], list[SubjectOutcome]]:
+  """(subjects, skipped duplicates) of [(subject id, directory)]: an id found in a second
+  folder is skipped with a reason naming the first."""
+  seen, unique, duplicates = {}, [], []
+  for subject, directory in found:
+    if subject in seen:
+      duplicates.append(SubjectOutcome(
+          subject=subject, directory=acdc.printable_path(directory), status="skipped",
+          reason=acdc.printable_path(f"{directory}: subject id {subject} also in "
+                                     f"{seen[subject]}")))
+      continue
+    seen[subject] = directory
+    unique.append((subject, directory))
+  return unique, duplicates
+
+
+class SubjectLoop:
+  """Runs the per-subject preparation of a builder over a cohort, reusing what it can.
+
+  For each subject, in this order: the outcome of a previous complete preparation whose
+  input fingerprint equals the current one (`previous`), a work-area outcome of the same key,
+  folder and inputs (an interrupted run), or a fresh `run(subject, directory)` whose outcome
+  is saved at once with `save(cache_dir, outcome, key)` (unexpected failures excepted).
+  `inputs`: fingerprints already computed by the caller, by directory.
+  """
+
+  def __init__(self, cache_dir: str, key: str, run, save,
+               previous: Optional[PreviousPreparation] = None,
+               inputs: Optional[dict[str, dict]] = None):
+    self.cache_dir, self.key, self.run, self.save = cache_dir, key, run, save
+    self.previous = previous
+    self.inputs = inputs or {}
+    self.from_previous: set[str] = set()
+    self.num_reused = 0
+
+  def outcome(self, subject: str, directory: str) -> SubjectOutcome:
+    prior = self.previous.outcomes.get(subject) if self.previous else None
+    if prior is not None and prior.directory != acdc.printable_path(directory):
+      prior = None
+    inputs = self.inputs.get(directory)
+    if inputs is None:
+      known = prior.inputs if prior is not None else cached_inputs(self.cache_dir, subject)
+      inputs = fingerprints.subject_inputs(directory, previous=known)
+    if prior is not None and fingerprints.same_content(prior.inputs, inputs):
+      self.from_previous.add(subject)
+      return dataclasses.replace(prior, inputs=inputs)
+    outcome = load_outcome(self.cache_dir, subject, self.key, directory, inputs)
+    if outcome is not None:
+      self.num_reused += 1
+      return outcome
+    outcome = self.run(subject, directory)
+    outcome.inputs = inputs
+    if not outcome.unexpected:
+      self.save(self.cache_dir, outcome, self.key)
+    # The arrays now live in the work area; keep only the metadata in memory.
+    outcome.example = None
+    return outcome
+
+  def example(self, subject: str, load):
+    """The example of `subject`: from the previous dataset, else `load(cache_dir, subject)`."""
+    if subject in self.from_previous:
+      return self.previous.example(subject)
+    return load(self.cache_dir, subject)
 
 
 # ----------------------------------------------------------------------------- splits
@@ -293,27 +455,55 @@ def stratified_split(groups: dict[str, str], fractions=DEFAULT_SPLIT_FRACTIONS,
 
 @dataclasses.dataclass(eq=False)
 class AcdcConfig(tfds.core.BuilderConfig):
-  """A prepared-dataset configuration: preprocessing, label convention and split."""
+  """A prepared-dataset configuration: preprocessing, label convention, split and the
+  plausibility bounds subjects must meet."""
   preprocess: preprocess.PreprocessConfig = preprocess.PreprocessConfig()
   label_convention: str = "acdc"
   split_seed: int = 0
   split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS
+  bounds: plausibility.PlausibilityBounds = plausibility.PlausibilityBounds()
 
   def to_dict(self) -> dict:
     return {"preprocess": self.preprocess.to_dict(), "label_convention": self.label_convention,
-            "split_seed": self.split_seed, "split_fractions": list(self.split_fractions)}
+            "split_seed": self.split_seed, "split_fractions": list(self.split_fractions),
+            "plausibility": self.bounds.to_dict()}
+
+
+def check_split_arguments(split_seed, split_fractions) -> tuple[int, tuple[float, ...]]:
+  """(seed, fractions) checked: a seed numpy accepts (an integer >= 0) and three finite,
+  non-negative fractions summing to 1 with some training subjects. Raises ValueError naming
+  the argument, before anything is read or written."""
+  if isinstance(split_seed, bool) or not isinstance(split_seed, (int, np.integer)) or not (
+      0 <= int(split_seed) < 2**63):
+    raise ValueError(f"split_seed must be an integer >= 0, got {split_seed!r}")
+  try:
+    fractions = tuple(float(f) for f in split_fractions)
+  except (TypeError, ValueError):
+    raise ValueError(f"split fractions must be three numbers, got {split_fractions!r}") from None
+  if (len(fractions) != 3 or not all(np.isfinite(fractions)) or min(fractions) < 0
+      or not np.isclose(sum(fractions), 1.0) or not fractions[0] > 0):
+    raise ValueError(f"split fractions must be three non-negative numbers (train, val, test) "
+                     f"summing to 1 with train > 0, got {fractions}")
+  return int(split_seed), fractions
 
 
 def make_config(preprocess_config: preprocess.PreprocessConfig = preprocess.PreprocessConfig(),
                 label_convention: str = "acdc", split_seed: int = 0,
-                split_fractions=DEFAULT_SPLIT_FRACTIONS) -> AcdcConfig:
-  """An AcdcConfig named after its values (tfds keeps one directory per config name)."""
+                split_fractions=DEFAULT_SPLIT_FRACTIONS,
+                bounds: Optional[plausibility.PlausibilityBounds] = None) -> AcdcConfig:
+  """An AcdcConfig named after its values (tfds keeps one directory per config name).
+
+  Raises ValueError for an unknown label convention or split arguments that
+  `check_split_arguments` refuses.
+  """
   if label_convention not in structures.LABEL_CONVENTIONS:
     raise ValueError(f"unknown label convention {label_convention!r}; known: "
                      f"{sorted(structures.LABEL_CONVENTIONS)}")
+  split_seed, split_fractions = check_split_arguments(split_seed, split_fractions)
   config = AcdcConfig(name="pending", preprocess=preprocess_config,
-                      label_convention=label_convention, split_seed=int(split_seed),
-                      split_fractions=tuple(float(f) for f in split_fractions))
+                      label_convention=label_convention, split_seed=split_seed,
+                      split_fractions=split_fractions,
+                      bounds=bounds or plausibility.PlausibilityBounds())
   text = json.dumps(config.to_dict(), sort_keys=True)
   digest = hashlib.sha256(text.encode()).hexdigest()[:8]
   config.name = (f"s{preprocess_config.image_size}_{preprocess_config.spacing_mm:g}mm_"
@@ -336,14 +526,21 @@ class Acdc(tfds.core.GeneratorBasedBuilder):
   by `python -m data_pipelines.synthesize` has the same layout and works the same way.
   """
 
-  def __init__(self, *, subject_cache_dir: Optional[str] = None, **kwargs):
+  def __init__(self, *, subject_cache_dir: Optional[str] = None,
+               previous: Optional[PreviousPreparation] = None,
+               inputs: Optional[dict[str, dict]] = None, **kwargs):
     """`subject_cache_dir`: the work area of per-subject outcomes (module docstring); by
-    default <download_dir>/subjects. Other arguments as for any tfds builder."""
+    default <download_dir>/subjects. `previous`: an earlier complete preparation to take
+    unchanged subjects from; `inputs`: input fingerprints already computed, by directory
+    (`SubjectLoop`). Other arguments as for any tfds builder."""
     super().__init__(**kwargs)
     self.subject_cache_dir = subject_cache_dir
+    self.previous = previous
+    self.inputs = inputs
     self.outcomes: list[SubjectOutcome] = []
     self.split_assignment: dict[str, list[str]] = {}
     self.num_reused = 0
+    self.num_unchanged = 0
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -362,29 +559,19 @@ class Acdc(tfds.core.GeneratorBasedBuilder):
     if not refs:
       acdc.list_subjects(manual_dir)     # raises, explaining what was expected
     cache_dir = self.subject_cache_dir or os.path.join(str(dl_manager.download_dir), "subjects")
-    self._cache_dir = cache_dir
-    key = subject_cache_key(config.preprocess, config.label_convention)
-    self.outcomes, self.num_reused = [], 0
-    seen = {}
-    for ref in refs:
-      if ref.subject in seen:
-        self.outcomes.append(SubjectOutcome(
-            subject=ref.subject, directory=acdc.printable_path(ref.directory),
-            status="skipped", reason=acdc.printable_path(
-                f"{ref.directory}: subject id {ref.subject} also in {seen[ref.subject]}")))
-        continue
-      seen[ref.subject] = ref.directory
-      fingerprint = input_fingerprint(ref.directory)
-      outcome = load_outcome(cache_dir, ref.subject, key, fingerprint)
-      if outcome is not None:
-        self.num_reused += 1
-      else:
-        outcome = run_subject(ref, config.preprocess, config.label_convention)
-        if not outcome.unexpected:
-          save_outcome(cache_dir, outcome, key, fingerprint)
-        # The arrays now live in the work area; keep only the metadata in memory.
-        outcome.example = None
-      self.outcomes.append(outcome)
+    by_directory = {r.directory: r for r in refs}
+
+    def run(subject: str, directory: str) -> SubjectOutcome:
+      del subject  # The reference of the folder knows it.
+      return run_subject(by_directory[directory], config.preprocess, config.label_convention,
+                         config.bounds)
+
+    key = subject_cache_key(config.preprocess, config.label_convention, config.bounds)
+    self._loop = SubjectLoop(cache_dir, key, run, save_outcome, self.previous, self.inputs)
+    subjects, duplicates = unique_subjects([(r.subject, r.directory) for r in refs])
+    self.outcomes = [self._loop.outcome(s, d) for s, d in subjects] + duplicates
+    self.num_reused = self._loop.num_reused
+    self.num_unchanged = len(self._loop.from_previous)
     self.outcomes.extend(
         SubjectOutcome(subject=r.name, directory=r.directory, status="skipped", reason=r.reason)
         for r in rejected)
@@ -400,6 +587,7 @@ class Acdc(tfds.core.GeneratorBasedBuilder):
             for split, subjects in self.split_assignment.items() if subjects}
 
   def _generate_examples(self, subjects: Iterable[str]):
-    """Streams the prepared examples of `subjects` from the work area, keyed by subject id."""
+    """Streams the prepared examples of `subjects` (work area or previous dataset), keyed by
+    subject id."""
     for subject in subjects:
-      yield subject, load_example(self._cache_dir, subject)
+      yield subject, self._loop.example(subject, load_example)

@@ -325,11 +325,19 @@ def test_nifti_header_declaring_huge_volume_fails_fast(tmp_path):
   save_header_nifti(path, np.ones((4, 5, 3), np.float32), dim=dims)
   with pytest.raises(InvalidInputError, match="more than the 536870912 accepted"):
     acdc.load_nifti(path)
-  # Within the limit but far more than the file holds: truncation, found without allocating.
+  # Within the voxel limit, but 4 GiB of float64 (the float32 copy 2 GiB more): refused from
+  # the header before anything is inflated, not found truncated after inflating what is there.
+  save_header_nifti(path, np.ones((4, 5, 3), np.float64),
+                    dim=np.array([3, 2048, 2048, 128, 1, 1, 1, 1], np.int16))
+  with pytest.raises(InvalidInputError, match=r"header declares \(2048, 2048, 128\) voxels of "
+                                              r"float64, 4294967296 bytes once decoded, more "
+                                              r"than the 1073741824 bytes"):
+    acdc.read_nifti_header(path)
+  # Within both limits but far more than the file holds: truncation, found without allocating.
   save_header_nifti(path, np.ones((4, 5, 3), np.float32),
-                    dim=np.array([3, 800, 800, 800, 1, 1, 1, 1], np.int16))
+                    dim=np.array([3, 400, 400, 400, 1, 1, 1, 1], np.int16))
   with pytest.raises(InvalidInputError, match="the file is truncated: the header declares "
-                                              "2048000000 bytes"):
+                                              "256000000 bytes"):
     acdc.load_nifti(path)
 
 

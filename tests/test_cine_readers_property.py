@@ -36,7 +36,7 @@ CONFIG_LA = cine.CineConfig(num_frames=4, image_size=16, spacing_mm=4.0, long_ax
 
 
 def _phantom_series() -> dict[str, bytes]:
-  """Valid sa / seg_sa / la_4ch files: an LV disc, myocardial ring and RV crescent that contract
+  """Valid sa / seg_sa / la_4ch files: an LV disc, myocardial ring and RV disc that contract
   over FRAMES frames on 4 slices (UK Biobank labels: LV 1, myocardium 2, RV 3)."""
   x, y, z = 32, 32, 4
   yy, xx = np.mgrid[:x, :y]
@@ -47,7 +47,7 @@ def _phantom_series() -> dict[str, bytes]:
     for s in range(z):
       d = np.hypot(yy - 16, xx - 16)
       plane = np.zeros((x, y), np.uint8)
-      plane[np.hypot(yy - 16, xx - 5) < 5] = 3
+      plane[np.hypot(yy - 16, xx - 5) < 5.5 * (1 - 0.25 * np.sin(np.pi * t / FRAMES))] = 3
       plane[d < radius + 3] = 2
       plane[d < radius] = 1
       seg[:, :, s, t] = plane

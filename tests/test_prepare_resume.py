@@ -19,6 +19,7 @@ import threading
 import numpy as np
 import pytest
 
+from data_pipelines import fingerprints
 from data_pipelines import prepare
 from data_pipelines import preprocess
 from data_pipelines import tfds_builders
@@ -88,8 +89,12 @@ def _assert_same_dataset(output: str, reference_output: str) -> None:
       open(os.path.join(reference_output, prepare.REPORT)) as g:
     report, expected = json.load(f), json.load(g)
   for r in (report, expected):
-    r.pop("seconds")
-    r.pop("resumed_subjects")
+    for key in ("seconds", "seconds_per_subject", "resumed_subjects"):
+      r.pop(key)
+    for entry in r["subjects"]:
+      # Another test rewrites a subject with the same bytes: only its file times differ.
+      for record in entry.get("inputs", {}).values():
+        record.pop("mtime_ns", None)
   assert report == expected
   for split in tfds_builders.SPLITS:
     ours = {e["subject"]: e for e in prepare.load_split(output, split)}
@@ -198,42 +203,58 @@ def test_changed_input_and_unexpected_errors_are_recomputed(cohort, tmp_path, mo
   assert prepare.prepared_attributes(output)[changed]["group"] == "HCM"
   assert report["resumed_subjects"] == 2
 
-  # An unexpected exception (not InvalidInputError) is not cached: the next run retries it.
+  # An unexpected exception (not InvalidInputError) is not cached: the next run retries it;
+  # a MemoryError is the subject's reason and cached like an input problem.
   ref = tfds_builders.acdc.list_subjects(cohort)[0]
   key = tfds_builders.subject_cache_key(SMALL, "acdc")
   cache = str(tmp_path / "cache")
-  monkeypatch.setattr(tfds_builders.cardiac, "subject_attributes",
-                      lambda *a: (_ for _ in ()).throw(MemoryError("transient")))
-  outcome = tfds_builders.run_subject(ref, SMALL)
-  assert outcome.unexpected and "unexpected MemoryError: transient" in outcome.reason
-  fingerprint = tfds_builders.input_fingerprint(ref.directory)
-  assert tfds_builders.load_outcome(cache, ref.subject, key, fingerprint) is None
+  inputs = fingerprints.subject_inputs(ref.directory)
+  for error, cached in ((RuntimeError("transient"), False), (MemoryError("too big"), True)):
+    monkeypatch.setattr(tfds_builders.cardiac, "subject_attributes",
+                        lambda *a, error=error: (_ for _ in ()).throw(error))
+    outcome = tfds_builders.run_subject(ref, SMALL)
+    assert outcome.unexpected != cached, outcome.reason
+    outcome.inputs = inputs
+    if not outcome.unexpected:
+      tfds_builders.save_outcome(cache, outcome, key)
+    reused = tfds_builders.load_outcome(cache, ref.subject, key, ref.directory, inputs)
+    assert (reused is not None) == cached
+  assert "not enough memory to prepare this subject (MemoryError: too big" in reused.reason
 
 
-def test_other_configuration_does_not_touch_unfinished_work(cohort, tmp_path, monkeypatch):
+def test_other_configuration_takes_over_unfinished_work(cohort, reference, tmp_path,
+                                                        monkeypatch, capsys):
+  """An unfinished preparation never refuses a run of another configuration (the corrected
+  rerun of a failed one): the run takes the work area over, reusing the subjects whose
+  preprocessing and inputs match (a changed split seed) and preparing the others."""
   output = str(tmp_path / "out")
   monkeypatch.setattr(tfds_builders, "run_subject", CountingRunSubject(fail_after=2))
   with pytest.raises(KeyboardInterrupt):
-    prepare.prepare_dataset(cohort, output, SMALL, verbose=False)
+    prepare.prepare_dataset(cohort, output, SMALL, split_seed=7, verbose=False)
   before = _work_files(output)
-  other = preprocess.PreprocessConfig(image_size=32, spacing_mm=2.5)
-  with pytest.raises(FileExistsError, match=r"holds an unfinished preparation \(2 subjects "
-                                            r"done.*with a different configuration"):
-    prepare.prepare_dataset(cohort, output, other, verbose=False)
-  assert _work_files(output) == before
   # A cache file written for another configuration is never reused, even if found.
   ref = tfds_builders.acdc.list_subjects(cohort)[0]
-  fingerprint = tfds_builders.input_fingerprint(ref.directory)
+  inputs = fingerprints.subject_inputs(ref.directory)
   cache = os.path.join(output, prepare.WORK_DIR, "subjects")
-  assert tfds_builders.load_outcome(cache, ref.subject, tfds_builders.subject_cache_key(
-      SMALL, "acdc"), fingerprint) is not None
-  assert tfds_builders.load_outcome(cache, ref.subject, tfds_builders.subject_cache_key(
-      other, "acdc"), fingerprint) is None
+  other = preprocess.PreprocessConfig(image_size=32, spacing_mm=2.5)
+  for config, found in ((SMALL, True), (other, False)):
+    key = tfds_builders.subject_cache_key(config, "acdc")
+    assert (tfds_builders.load_outcome(cache, ref.subject, key, ref.directory,
+                                       inputs) is not None) == found
+  rerun = CountingRunSubject()
+  monkeypatch.setattr(tfds_builders, "run_subject", rerun)
+  report = prepare.prepare_dataset(cohort, output, SMALL, verbose=True)
+  assert "unfinished preparation of another configuration is replaced" in capsys.readouterr().out
+  assert report["resumed_subjects"] == len(before) == 2
+  assert len(rerun.subjects) == NUM_SUBJECTS - 2
+  _assert_same_dataset(output, reference[0])
   # A corrupt cache file is treated as absent, not as an error.
-  with open(tfds_builders.cache_path(cache, ref.subject), "wb") as f:
+  broken = str(tmp_path / "broken")
+  os.makedirs(broken)
+  with open(tfds_builders.cache_path(broken, ref.subject), "wb") as f:
     f.write(b"PK\x03\x04 broken")
-  assert tfds_builders.load_outcome(cache, ref.subject, tfds_builders.subject_cache_key(
-      SMALL, "acdc"), fingerprint) is None
+  assert tfds_builders.load_outcome(broken, ref.subject, tfds_builders.subject_cache_key(
+      SMALL, "acdc"), ref.directory, inputs) is None
 
 
 def test_concurrent_processes_prepare_once(cohort, reference, tmp_path):
