@@ -500,6 +500,9 @@ def make_config(preprocess_config: preprocess.PreprocessConfig = preprocess.Prep
     raise ValueError(f"unknown label convention {label_convention!r}; known: "
                      f"{sorted(structures.LABEL_CONVENTIONS)}")
   split_seed, split_fractions = check_split_arguments(split_seed, split_fractions)
+  if bounds is not None and not isinstance(bounds, plausibility.PlausibilityBounds):
+    raise ValueError(f"bounds must be PlausibilityBounds, got {type(bounds).__name__} "
+                     f"{bounds!r}")
   config = AcdcConfig(name="pending", preprocess=preprocess_config,
                       label_convention=label_convention, split_seed=split_seed,
                       split_fractions=split_fractions,

@@ -6,8 +6,11 @@ Info.cfg text go to `acdc.load_nifti`, `acdc.parse_info_cfg` and, assembled into
 folders, to `acdc.load_subject` and `tfds_builders.prepare_subject`. Every failure must be an
 `InvalidInputError` naming the file (never another exception type, never a hang: each call runs
 under an alarm), and every accepted input must give sane output (finite spacing > 0, shapes and
-dtypes as documented, the voxel values that were written). The number of inputs tried is
-printed by the last test, for the README's reliability section.
+dtypes as documented, the voxel values that were written). Well-formed but hostile subject
+folders (headers in other spatial units, ED and ES exchanged, blank frames, implausible
+segmentations, huge label headers) must be refused or give the reference's measurements, and
+random cohort roots must have every entry that looks like a subject found or rejected. The
+number of inputs tried is printed by the last test, for the README's reliability section.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import gzip
+import io
 import os
 import shutil
 import signal
@@ -26,6 +30,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 import nibabel as nib
 import numpy as np
+import pytest
 
 from cardiac_jax import structures
 from data_pipelines import acdc
@@ -183,7 +188,7 @@ def test_load_nifti_random_headers_and_arrays(nifti, gzipped):
   data, spacing = result
   _check_volume(data, spacing, path)
   if pristine:
-    header = nib.Nifti1Header.from_fileobj(__import__("io").BytesIO(content[:348]))
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(content[:348]))
     slope, inter = header.get_slope_inter()
     expected = array.astype(np.float32)
     if slope is not None:
@@ -387,6 +392,216 @@ def test_load_and_prepare_subject_on_random_folders(files, odd_parent):
     shutil.rmtree(root)
 
 
+# ----------------------------------------------------------------------------- hostile subjects
+# A valid phantom subject with one to three hostile edits that leave every file well-formed: the
+# spatial unit of the headers (metres and microns must give the same heart, unknown units and
+# undefined codes must not), ED and ES exchanged, blank or constant frames, implausible
+# segmentations, a label header declaring a huge volume. Headers in SAME_UNITS (and a moved
+# origin) keep the subject correct: it must then be prepared with the reference's measurements
+# and crop; any other edit must make it a clean refusal.
+
+# Spatial units that describe the phantom correctly, and ones that do not.
+SAME_UNITS = {"mm": (2, 1.0), "unknown unit, mm numbers": (0, 1.0), "meter": (1, 1e-3),
+              "micron": (3, 1e3)}
+WRONG_UNITS = {"unknown unit, metre numbers": (0, 1e-3),
+               "unknown unit, micron numbers": (0, 1e3), "undefined unit code": (None, 1.0)}
+CONTENT_EDITS = ("ED and ES exchanged", "blank ED image", "constant ES image",
+                 "ES LV of a few voxels", "no contraction", "huge label header")
+# Reference of the untouched phantom subject, computed once.
+_REFERENCE = {}
+
+
+def _with_unit(content: bytes, code: int, per_mm: float, origin_mm=(0.0, 0.0, 0.0)) -> bytes:
+  """The NIfTI `content` with its header in another spatial unit (xyzt_units `code`, numbers
+  times `per_mm`) and its origin moved by `origin_mm`: the same voxels, in other numbers."""
+  header = nib.Nifti1Header.from_fileobj(io.BytesIO(content[:348]), check=False)
+  affine = header.get_best_affine()
+  affine[:3, 3] += origin_mm
+  affine[:3] *= per_mm
+  spacing = [float(p) * per_mm for p in header["pixdim"][1:4]]
+  header.set_sform(affine, code=1)
+  header.set_qform(affine, code=1)
+  header["pixdim"][1:4] = spacing
+  header["xyzt_units"] = code
+  return header.binaryblock + content[348:]
+
+
+def _labels_file(labels: np.ndarray) -> bytes:
+  return nib.Nifti1Image(labels, np.diag([1.5, 1.6, 8.0, 1.0])).to_bytes()
+
+
+@st.composite
+def hostile_subjects(draw):
+  """(files {name: bytes}, Info.cfg text, edits applied) of a phantom subject."""
+  files = {f"patient001_frame{frame:02d}{'_gt' if gt else ''}.nii": PHANTOM_FILES[(kind, gt)]
+           for frame, kind in ((1, "ed"), (4, "es")) for gt in (False, True)}
+  info = "ED: 1\nES: 4\nGroup: DCM\nHeight: 170\nNbFrame: 6\nWeight: 70\n"
+  if draw(st.integers(0, 3)) == 3:
+    # The same heart in other numbers: must be accepted (drawn less often than the hostile
+    # cases, which hypothesis's preference for small values favours).
+    edits, unit = [], draw(st.sampled_from(sorted(SAME_UNITS)))
+  else:
+    edits = draw(st.lists(st.sampled_from(CONTENT_EDITS), max_size=2, unique=True))
+    unit = draw(st.sampled_from([None, *sorted(WRONG_UNITS)]))
+    if unit is None and not edits:
+      edits = [draw(st.sampled_from(CONTENT_EDITS))]
+    elif draw(st.booleans()) and edits:
+      unit = draw(st.sampled_from(sorted(SAME_UNITS)))
+  origin = tuple(draw(st.integers(-800, 800)) / 4.0 for _ in range(3))
+  for edit in edits:
+    if edit == "ED and ES exchanged":
+      info = info.replace("ED: 1", "ED: 4").replace("ES: 4", "ES: 1")
+    elif edit in ("blank ED image", "constant ES image"):
+      name = "patient001_frame01.nii" if edit.startswith("blank") else "patient001_frame04.nii"
+      value = 0.0 if edit.startswith("blank") else draw(st.sampled_from([1.0, -3.5, 1e4]))
+      image = nib.Nifti1Image(np.full(PHANTOM_LABELS["ed"].shape, value, np.float32),
+                              np.diag([1.5, 1.6, 8.0, 1.0]))
+      files[name] = image.to_bytes()
+    elif edit == "ES LV of a few voxels":
+      labels = PHANTOM_LABELS["es"].copy()
+      cavity = np.argwhere(labels == structures.LV_BLOOD_POOL)
+      labels[labels == structures.LV_BLOOD_POOL] = structures.LV_MYOCARDIUM
+      for index in cavity[:draw(st.integers(0, 3))]:
+        labels[tuple(index)] = structures.LV_BLOOD_POOL
+      files["patient001_frame04_gt.nii"] = _labels_file(labels)
+    elif edit == "no contraction":
+      files["patient001_frame04_gt.nii"] = _labels_file(PHANTOM_LABELS["ed"])
+    elif edit == "huge label header":
+      header = nib.Nifti1Header.from_fileobj(
+          io.BytesIO(files["patient001_frame01_gt.nii"][:348]), check=False)
+      header.set_data_dtype(np.float64)
+      header.set_data_shape(draw(st.sampled_from([(2048, 2048, 128), (480, 440, 60),
+                                                  (48, 44, 6000)])))
+      files["patient001_frame01_gt.nii"] = header.binaryblock + bytes(4 + 4096)
+  if unit is not None:
+    code, per_mm = {**SAME_UNITS, **WRONG_UNITS}[unit]
+    code = draw(st.integers(4, 7)) if code is None else code
+    files = {name: _with_unit(content, code, per_mm, origin) for name, content in files.items()}
+  return files, info, (*edits, *([unit] if unit else []))
+
+
+def _reference_outcome(directory_parent: str):
+  if not _REFERENCE:
+    directory = os.path.join(directory_parent, "reference", "patient001")
+    os.makedirs(directory)
+    with open(os.path.join(directory, "Info.cfg"), "w") as f:
+      f.write("ED: 1\nES: 4\nGroup: DCM\nHeight: 170\nNbFrame: 6\nWeight: 70\n")
+    for frame, kind in ((1, "ed"), (4, "es")):
+      for gt in (False, True):
+        with open(os.path.join(directory, f"patient001_frame{frame:02d}"
+                                          f"{'_gt' if gt else ''}.nii"), "wb") as f:
+          f.write(PHANTOM_FILES[(kind, gt)])
+    ref = acdc.SubjectRef(subject="patient001", partition="", directory=directory)
+    _REFERENCE["outcome"] = tfds_builders.prepare_subject(ref, SMALL)
+  return _REFERENCE["outcome"]
+
+
+@settings(PROPERTY_SETTINGS, max_examples=150)
+@given(subject=hostile_subjects())
+def test_hostile_subject_folders_are_refused_or_measured_correctly(subject):
+  files, info, edits = subject
+  root = tempfile.mkdtemp()
+  try:
+    reference = _reference_outcome(root)
+    directory = os.path.join(root, "cohort", "patient001")
+    os.makedirs(directory)
+    with open(os.path.join(directory, "Info.cfg"), "w") as f:
+      f.write(info)
+    for name, content in files.items():
+      with open(os.path.join(directory, name), "wb") as f:
+        f.write(content)
+    ref = acdc.SubjectRef(subject="patient001", partition="", directory=directory)
+    outcome = _call("prepare_subject: hostile subject folders", tfds_builders.prepare_subject,
+                    ref, SMALL, path=directory)
+    if set(edits) <= set(SAME_UNITS):
+      # Well-formed and the same heart: prepared, with the reference's numbers and crop.
+      assert outcome is not None, edits
+      assert outcome.attributes == pytest.approx(reference.attributes, rel=1e-6), edits
+      np.testing.assert_allclose(outcome.example["image"], reference.example["image"],
+                                 atol=1e-6)
+      np.testing.assert_array_equal(outcome.example["label"], reference.example["label"])
+    else:
+      assert outcome is None, (edits, outcome.attributes)
+  finally:
+    shutil.rmtree(root)
+
+
+# ----------------------------------------------------------------------------- cohort folders
+# Random cohort roots: subject folders in training/, testing/ or at the root, and entries that
+# look like subjects but cannot be (plain files, symbolic link loops, links to missing targets,
+# malformed names, subject files under another name). Every entry that looks like a subject
+# must come back exactly once, as a subject or as a rejected entry with a reason naming it;
+# nothing else may.
+
+ENTRY_KINDS = ("subject", "file named like a subject", "link loop", "dangling link",
+               "link to a subject", "malformed name", "subject files, other name",
+               "unrelated file", "hidden entry", "empty folder")
+
+
+@st.composite
+def cohort_layouts(draw):
+  """[(folder "", "training" or "testing", entry name, kind)] with unique names per folder."""
+  entries = draw(st.lists(st.tuples(st.sampled_from(["", "training", "testing"]),
+                                    st.integers(1, 40), st.sampled_from(ENTRY_KINDS)),
+                          min_size=1, max_size=12))
+  seen, layout = set(), []
+  for folder, number, kind in entries:
+    name = {"malformed name": f"patient{number}b", "subject files, other name": f"case{number}",
+            "unrelated file": f"notes{number}.txt", "hidden entry": f".patient{number:03d}",
+            "empty folder": f"misc{number}"}.get(kind, f"patient{number:03d}")
+    if (folder, name) not in seen and name not in ("training", "testing"):
+      seen.add((folder, name))
+      layout.append((folder, name, kind))
+  return layout
+
+
+@settings(PROPERTY_SETTINGS, max_examples=150)
+@given(layout=cohort_layouts())
+def test_every_cohort_entry_that_looks_like_a_subject_is_found_or_rejected(layout):
+  root = tempfile.mkdtemp()
+  try:
+    expected_subjects, expected_rejected = set(), set()
+    subject_folders = []
+    for folder, name, kind in layout:
+      parent = os.path.join(root, folder)
+      os.makedirs(parent, exist_ok=True)
+      path = os.path.join(parent, name)
+      if kind in ("subject", "subject files, other name"):
+        os.makedirs(path)
+        open(os.path.join(path, "Info.cfg"), "w").close()
+        subject_folders.append(path)
+      elif kind == "empty folder":
+        os.makedirs(path)
+      elif kind == "link loop":
+        os.symlink(name, path)
+      elif kind == "dangling link":
+        os.symlink(os.path.join(root, "nowhere", name), path)
+      elif kind == "link to a subject":
+        target = os.path.join(root, "targets", name)
+        os.makedirs(target, exist_ok=True)
+        os.symlink(target, path)
+      else:
+        with open(path, "w") as f:
+          f.write("x")
+      accepted = kind in ("subject", "link to a subject")
+      looks = accepted or kind in ("file named like a subject", "link loop", "dangling link",
+                                   "malformed name", "subject files, other name")
+      if accepted:
+        expected_subjects.add((folder, name))
+      elif looks:
+        expected_rejected.add(path)
+    TRIED["find_subjects: random cohort folders"] += 1
+    with _no_hang():
+      refs, rejected = acdc.find_subjects(root)
+    assert {(r.partition, r.subject) for r in refs} == expected_subjects
+    assert sorted(r.directory for r in rejected) == sorted(expected_rejected)
+    for entry in rejected:
+      assert entry.reason.startswith(f"{entry.directory}: "), entry
+    REJECTED["find_subjects: random cohort folders"] += bool(rejected)
+  finally:
+    shutil.rmtree(root)
+
+
 def test_zz_print_number_of_hostile_inputs(capsys):
   """Prints how many random inputs the properties above tried (README reliability section)."""
   lines = [f"  {name}: {TRIED[name]} tried, {REJECTED[name]} rejected cleanly"
@@ -397,6 +612,7 @@ def test_zz_print_number_of_hostile_inputs(capsys):
   # properties that ran in this process count (a test distributor may split the module).
   if TRIED.get("load_nifti: random NIfTI headers/arrays"):
     assert REJECTED["load_nifti: random NIfTI headers/arrays"] > 0
-  if TRIED.get("load_subject: random subject folders"):
-    assert TRIED["load_subject: random subject folders"] > REJECTED[
-        "load_subject: random subject folders"] > 0
+  for name in ("load_subject: random subject folders",
+               "prepare_subject: hostile subject folders"):
+    if TRIED.get(name):
+      assert TRIED[name] > REJECTED[name] > 0, name
