@@ -48,9 +48,12 @@ ED + k T_src / T (cyclic), images linearly, labels by the nearest frame.
 
 Preparation (`prepare_cine_dataset`) writes the same files as data_pipelines/prepare.py
 (tfds/ array_record, attributes.csv for labelled subjects, splits.json, report.json last) with
-the same guarantees, reusing its lock, leftovers and report helpers: the per-subject outcomes
-are kept in O/.subjects/subjects/ as soon as computed, so an interrupted run resumes where it
-stopped; a broken subject is "skipped" with its reason. Splits are subject-level, stratified by
+the same guarantees, through the same driver (`prepare.run_preparation`): the per-subject
+outcomes are kept in O/.subjects/subjects/ as soon as computed, so an interrupted run resumes
+where it stopped; a rerun after the input files changed prepares only the changed and new
+subjects; a broken or implausible subject (blank frames, labels whose volumes or ejection
+fraction `CineConfig.bounds` refuse, a structure cut off by the crop) is "skipped" with its
+reason. Splits are subject-level, stratified by
 group (`tfds_builders.stratified_split`), fractions configurable. `held_out_cine_dir` generates
 and prepares, once, extra synthetic subjects of one group that a run never saw (the TCAV
 concept pool), acquired and prepared like the run's synthetic cohort.

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 
 import nibabel as nib
 import numpy as np
@@ -424,20 +425,67 @@ def test_unexpected_error_is_recorded_not_raised(tmp_path, monkeypatch):
 
 
 def test_command_line(tmp_path):
+  """The prepare command, and each user mistake ending in one line that names the problem (no
+  traceback, nothing written): all run by one interpreter, calling the command's main as
+  `python -m data_pipelines.prepare` would."""
   root, output = str(tmp_path / "raw"), str(tmp_path / "out")
   _small_cohort(root)
-  result = subprocess.run(
-      [sys.executable, "-m", "data_pipelines.prepare", "--dataset=acdc", f"--input_dir={root}",
-       f"--output_dir={output}", "--image_size=32", "--spacing_mm=2.0", "--split_seed=1"],
-      capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
-      timeout=120, check=False)
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert "prepared 3 of 3 subjects" in result.stdout
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  good = [f"--input_dir={root}", "--image_size=32", "--spacing_mm=2.0"]
+  cases = [
+      ([*good, f"--output_dir={output}", "--split_seed=1"], "prepared 3 of 3 subjects"),
+      ([*good, f"--output_dir={output}", "--split_seed=1"], "inputs unchanged), nothing to do"),
+      ([f"--input_dir={empty}", f"--output_dir={tmp_path / 'o1'}"],
+       "prepare failed: .*empty: the input directory is empty"),
+      ([f"--input_dir={tmp_path / 'nowhere'}", f"--output_dir={tmp_path / 'o2'}"],
+       "prepare failed: .*nowhere: input directory does not exist"),
+      ([*good, f"--output_dir={tmp_path / 'o3'}", "--split_seed=-1"],
+       "prepare failed: split_seed must be an integer >= 0, got -1"),
+      ([*good[:1], f"--output_dir={tmp_path / 'o4'}", "--image_size=0"],
+       "prepare failed: image_size must be an integer from 8 to 512, got 0"),
+      ([*good[:2], f"--output_dir={tmp_path / 'o5'}", "--spacing_mm=nan"],
+       "prepare failed: spacing_mm must be positive and finite, got nan"),
+      ([*good, f"--output_dir={tmp_path / 'o6'}", "--plausibility=lv_ef=90:2"],
+       r"prepare failed: plausibility bound lv_ef must satisfy 0 <= low < high"),
+      ([*good, f"--output_dir={tmp_path / 'o7'}", "--plausibility=lv_ef"],
+       r"prepare failed: --plausibility entry 'lv_ef' is not name=low:high"),
+      ([*good, f"--output_dir={a_file}"], "prepare failed: output_dir .*a_file exists and is not "
+                                          "a folder"),
+  ]
+  script = textwrap.dedent(f"""
+      from absl import flags
+      from data_pipelines import prepare
+      prepare._define_flags()
+      for argv in {[argv for argv, _ in cases]!r}:
+        print("CASE", flush=True)
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["prepare", *argv])
+        try:
+          prepare.main(["prepare"])
+          print("EXIT 0", flush=True)
+        except SystemExit as e:
+          print(f"EXIT {{e.code}}", flush=True)
+  """)
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120,
+                          check=False)
+  assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  runs = result.stdout.split("CASE\n")[1:]
+  assert len(runs) == len(cases), result.stdout[-3000:]
+  for (argv, pattern), run in zip(cases, runs):
+    printed, _, code = run.rpartition("EXIT ")
+    if pattern.startswith("prepare failed"):
+      assert re.match(pattern, code.strip()), (argv, code)
+    else:
+      assert code.strip() == "0" and pattern in printed, (argv, run[-500:])
+  for name in ("o1", "o2", "o3", "o4", "o5", "o6", "o7"):
+    assert not os.path.exists(tmp_path / name), name
   assert prepare.prepared_attributes(output).keys() == {"patient001", "patient002",
                                                         "patient003"}
 
-
-# ----------------------------------------------------------------------------- synthetic
 
 def test_synthetic_cohort_lv_edv_matches_ground_truth(cine_cohort, tmp_path):
   """The session's small synthetic cohort (conftest) prepared as slices: every subject passes
