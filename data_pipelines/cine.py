@@ -77,8 +77,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import time
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Optional
