@@ -14,21 +14,35 @@ Besides the latest steps (exact resume), a run can keep its best step by a valid
 "the latest N, or the best one" (its LatestN and BestN preservation policies), ranking the steps
 by the value saved with them in their step directory, so the best survives the rotation and a
 reopened directory knows it.
+
+Integrity: orbax 0.12.8 checksums only the index of its zarr3 shards, not the array data, so a
+flipped byte in a data file restores silently. Once a save has finished, `MANIFEST_FILE` in the
+step directory records the size and SHA-256 of every file of the step; `restore` checks them
+first, and a step whose files differ (cut short, changed, missing, or an unreadable manifest) is
+damaged and moved aside like an incomplete one. A step without a manifest (written before
+manifests existed, or by a run killed between the end of a save and its manifest) is restored
+as it is. Each step also carries `step_metadata` (the run's config) in orbax's step metadata,
+so a run directory that lost its config.json still knows which config wrote its checkpoints.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 import os
 import sys
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
 BEST_MODES = ("min", "max")
+# Written into each finished step directory: {"files": {relative path: {"size", "sha256"}}}.
+MANIFEST_FILE = "integrity_manifest.json"
 
 
 class CheckpointMismatchError(ValueError):
@@ -50,21 +64,39 @@ def _leaf_names(tree: Any) -> dict[str, Any]:
   return {"/".join(name(e) for e in path): leaf for path, leaf in flat}
 
 
+def _stored_shape(leaf: Any) -> tuple[int, ...]:
+  """The shape under which a leaf of an abstract state is stored: a typed PRNG key array is
+  saved as its raw key data, with the implementation's trailing key shape (e.g. (2,))."""
+  dtype = getattr(leaf, "dtype", None)
+  shape = tuple(getattr(leaf, "shape", ()))
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    return tuple(jax.eval_shape(jax.random.key_data,
+                                jax.ShapeDtypeStruct(shape, dtype)).shape)
+  return shape
+
+
 def _describe_mismatch(saved: Any, target: Any) -> str:
-  """Names the first fields whose shape differs between two abstract trees, or that exist in
-  only one of them."""
+  """Names the first fields whose stored shape differs between a checkpoint's metadata and an
+  abstract state, or that exist in only one of them ("" when the structures agree)."""
   saved_leaves, target_leaves = _leaf_names(saved), _leaf_names(target)
   problems = []
   for name, leaf in target_leaves.items():
     other = saved_leaves.get(name)
     if other is None:
       problems.append(f"{name}: missing in the checkpoint")
-    elif tuple(getattr(other, "shape", ())) != tuple(getattr(leaf, "shape", ())):
+    elif tuple(getattr(other, "shape", ())) != _stored_shape(leaf):
       problems.append(f"{name}: checkpoint shape {tuple(other.shape)} != model shape "
-                      f"{tuple(leaf.shape)}")
+                      f"{_stored_shape(leaf)}")
   problems += [f"{name}: in the checkpoint but not in the model"
                for name in saved_leaves if name not in target_leaves]
   return "; ".join(problems[:6])
+
+
+def _summary(error: BaseException, limit: int = 300) -> str:
+  """The first line of an orbax / tensorstore error (whose full text lists the whole storage
+  spec), shortened: enough to say what failed."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _has_arrays(metadata: Any) -> bool:
@@ -75,6 +107,59 @@ def _has_arrays(metadata: Any) -> bool:
         getattr(leaf, "shape", None) is not None for leaf in _leaf_names(metadata).values())
   except (KeyError, AttributeError, TypeError):
     return False
+
+
+def _file_digests(step_dir: str) -> dict[str, dict[str, Any]]:
+  """{relative path: {"size", "sha256"}} of every file under a step directory (the manifest
+  itself excluded)."""
+  digests = {}
+  for root, dirs, names in os.walk(step_dir):
+    dirs.sort()
+    for name in sorted(names):
+      path = os.path.join(root, name)
+      relative = os.path.relpath(path, step_dir)
+      if relative in (MANIFEST_FILE, MANIFEST_FILE + ".tmp"):
+        continue
+      with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+      digests[relative] = {"size": os.path.getsize(path), "sha256": digest}
+  return digests
+
+
+def write_manifest(step_dir: str) -> None:
+  """Records the size and SHA-256 of every file of a finished step (atomically)."""
+  path = os.path.join(step_dir, MANIFEST_FILE)
+  files = _file_digests(step_dir)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump({"files": files}, f, indent=1, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def manifest_problem(step_dir: str) -> str | None:
+  """What differs between a step directory and its manifest, or None when every recorded file
+  is there unchanged (or the step has no manifest)."""
+  path = os.path.join(step_dir, MANIFEST_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      files = json.load(f)["files"]
+    recorded = {str(k): (int(v["size"]), str(v["sha256"])) for k, v in files.items()}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    return f"its {MANIFEST_FILE} is unreadable ({type(e).__name__}: {e})"
+  if not recorded:
+    return f"its {MANIFEST_FILE} lists no files"
+  for relative, (size, digest) in sorted(recorded.items()):
+    file_path = os.path.join(step_dir, relative)
+    if not os.path.isfile(file_path):
+      return f"{relative} is missing"
+    actual = os.path.getsize(file_path)
+    if actual != size:
+      return f"{relative} has {actual} bytes, {size} when saved"
+    with open(file_path, "rb") as f:
+      if hashlib.file_digest(f, "sha256").hexdigest() != digest:
+        return f"{relative} differs from the saved file (SHA-256 mismatch)"
+  return None
 
 
 def _ranking_value(metrics: Mapping[str, Any] | None, *, name: str, worst: float) -> float:
@@ -95,10 +180,15 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, best_metric: str = "",
-               best_mode: str = "min"):
+               best_mode: str = "min", step_metadata: Mapping[str, Any] | None = None):
     if best_mode not in BEST_MODES:
       raise ValueError(f"best_mode must be one of {BEST_MODES}, got {best_mode!r}")
+    if max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be >= 1 (a run keeps at least its latest step), got "
+                       f"{max_to_keep}")
     self.directory = os.path.abspath(directory)
+    self.step_metadata = dict(step_metadata) if step_metadata else None
+    self._unsealed: list[int] = []  # Steps saved here whose manifest is not written yet.
     self.best_metric, self.best_mode = best_metric, best_mode
     if best_metric:
       rank = functools.partial(_ranking_value, name=best_metric,
@@ -114,8 +204,66 @@ class Checkpointer:
     else:
       self._options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                    enable_async_checkpointing=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+    self._open()
+
+  def _open(self) -> None:
+    """Opens orbax's manager over the directory. Opening reads every step's saved metrics; a
+    step whose files fail its manifest, or whose metadata no longer parses, is moved aside
+    then, and the manager opened again."""
+    try:
+      self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+    except Exception as e:  # pylint: disable=broad-except (orbax raises many types)
+      damaged = self._unreadable_steps() if jax.process_index() == 0 else []
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        damaged = [(int(s), "") for s in multihost_utils.broadcast_one_to_all(
+            np.asarray([s for s, _ in damaged] + [-1] * (64 - len(damaged)), np.int64))
+                   if s >= 0]
+      if not damaged:
+        raise CorruptCheckpointError(f"cannot open the checkpoints in {self.directory}: "
+                                     f"{type(e).__name__}: {e}") from e
+      for step, problem in damaged:
+        print(f"WARNING: checkpoint step {step} in {self.directory} is damaged: {problem}; "
+              "moving it aside.", file=sys.stderr, flush=True)
+        self._move_aside(step)
+      self._manager = ocp.CheckpointManager(self.directory, options=self._options)
     self._best = self._saved_best()
+
+  def _unreadable_steps(self) -> list[tuple[int, str]]:
+    """(step, problem) of each step directory that fails its manifest or, without one, whose
+    JSON metadata does not parse."""
+    damaged = []
+    for name in sorted(os.listdir(self.directory)):
+      step_dir = os.path.join(self.directory, name)
+      if not name.isdigit() or not os.path.isdir(step_dir):
+        continue
+      problem = manifest_problem(step_dir)
+      if problem is None and not os.path.exists(os.path.join(step_dir, MANIFEST_FILE)):
+        for relative in ("_CHECKPOINT_METADATA", os.path.join("metrics", "metrics")):
+          try:
+            with open(os.path.join(step_dir, relative), encoding="utf-8") as f:
+              json.load(f)
+          except FileNotFoundError:
+            pass
+          except (OSError, ValueError) as e:
+            problem = f"{relative} is unreadable ({e})"
+            break
+      if problem:
+        damaged.append((int(name), problem))
+    return damaged
+
+  def _move_aside(self, step: int) -> None:
+    """Renames step directory <step> to <step>.corrupt-<n> (kept for inspection, never
+    deleted), on process 0, seen by every process when this returns."""
+    if jax.process_index() == 0:
+      path = os.path.join(self.directory, str(step))
+      n = 0
+      while os.path.exists(f"{path}.corrupt-{n}"):
+        n += 1
+      os.replace(path, f"{path}.corrupt-{n}")
+    if jax.process_count() > 1:  # Every process sees the rename before rescanning.
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"checkpoint_quarantine_{step}")
 
   def _saved_best(self) -> tuple[int, float] | None:
     """(step, value) of the best step in the directory, or None."""
@@ -159,11 +307,44 @@ class Checkpointer:
     if self.best_metric:
       record = ({self.best_metric: float(metrics[self.best_metric])}
                 if self.improves(metrics) else {})
+    self._manager.wait_until_finished()  # orbax would wait too; the finished step is sealed.
+    self._seal()
     saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force,
-                               metrics=record)
+                               metrics=record, custom_metadata=self.step_metadata)
+    if saved:
+      self._unsealed.append(step)
     if saved and record:
       self._best = (step, record[self.best_metric])
     return saved
+
+  def _seal(self) -> None:
+    """Writes the manifest of every step this checkpointer saved whose save has finished."""
+    if not self._unsealed or self._manager.is_saving_in_progress():
+      return
+    if jax.process_index() == 0:
+      for step in self._unsealed:
+        step_dir = os.path.join(self.directory, str(step))
+        if os.path.isdir(step_dir) and step in self.all_steps():  # Not rotated away.
+          write_manifest(step_dir)
+    self._unsealed = []
+
+  def poll(self) -> None:
+    """Seals finished saves (cheap when none finished): call it between steps, so that a step
+    gets its manifest soon after its asynchronous save ends."""
+    self._seal()
+
+  def recorded_metadata(self, step: int | None = None) -> dict[str, Any]:
+    """The `step_metadata` saved with `step` (default: the newest step holding one), or {}
+    (steps saved without it, or an unreadable step metadata file)."""
+    steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+    for s in steps:
+      try:
+        custom = self._manager.metadata(s).custom_metadata
+      except Exception:  # pylint: disable=broad-except (a damaged metadata file)
+        custom = None
+      if custom:
+        return dict(custom)
+    return {}
 
   def restore(self, abstract_state: Any, step: int | None = None) -> Any:
     """Restores `step` (default: latest) into the structure of `abstract_state`.
@@ -178,6 +359,10 @@ class Checkpointer:
     if step not in self.all_steps():
       raise FileNotFoundError(f"no checkpoint step {step} in {self.directory} (steps kept: "
                               f"{self.all_steps()})")
+    problem = self._verified_problem(step)
+    if problem:
+      raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} is damaged: "
+                                   f"{problem}")
     try:
       return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except Exception as e:  # pylint: disable=broad-except (orbax/tensorstore raise many types)
@@ -188,14 +373,25 @@ class Checkpointer:
       if not _has_arrays(saved):
         raise CorruptCheckpointError(
             f"checkpoint step {step} in {self.directory} is incomplete (no readable metadata): "
-            f"{e}") from e
+            f"{_summary(e)}") from e
       detail = _describe_mismatch(saved, abstract_state)
       if not detail:  # Same structure and shapes: the data itself is damaged.
         raise CorruptCheckpointError(
-            f"checkpoint step {step} in {self.directory} is damaged: {e}") from e
+            f"checkpoint step {step} in {self.directory} is damaged: {_summary(e)}") from e
       raise CheckpointMismatchError(
           f"checkpoint step {step} in {self.directory} does not match the current model "
           f"({detail}); use another --workdir or the config that wrote it") from e
+
+  def _verified_problem(self, step: int) -> str | None:
+    """`manifest_problem` of a step as process 0 sees it, on every process."""
+    problem = (manifest_problem(os.path.join(self.directory, str(step)))
+               if jax.process_index() == 0 else None)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      damaged = multihost_utils.broadcast_one_to_all(np.int32(problem is not None))
+      if int(damaged) and problem is None:
+        problem = "its files differ from its manifest (checked by process 0)"
+    return problem
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, int] | None:
     """(state, step) of the newest checkpoint that restores, or None if there is none.
@@ -209,27 +405,20 @@ class Checkpointer:
       except CorruptCheckpointError as e:
         print(f"WARNING: {e}; moving it aside and trying an older checkpoint.", file=sys.stderr,
               flush=True)
-        if jax.process_index() == 0:
-          path = os.path.join(self.directory, str(step))
-          n = 0
-          while os.path.exists(f"{path}.corrupt-{n}"):
-            n += 1
-          os.replace(path, f"{path}.corrupt-{n}")
-        if jax.process_count() > 1:  # Every process sees the rename before rescanning.
-          from jax.experimental import multihost_utils
-          multihost_utils.sync_global_devices(f"checkpoint_quarantine_{step}")
+        self._move_aside(step)
         # A fresh manager: one that has seen a damaged step can misjudge the layout of the
         # others (e.g. take an emptied directory for a multi-item checkpoint).
         self._manager.close()
-        self._manager = ocp.CheckpointManager(self.directory, options=self._options)
-        self._best = self._saved_best()
+        self._open()
     return None
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
+    self._seal()
 
   def close(self) -> None:
     self._manager.wait_until_finished()
+    self._seal()
     self._manager.close()
 
   def __enter__(self) -> "Checkpointer":

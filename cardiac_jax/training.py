@@ -3,11 +3,23 @@
 `train_and_evaluate(config, workdir, data)` is what `python -m experiments.train` calls; it needs
 no flags, so tests run it directly. The loop
 
+- checks the config (`config_checks.validate`), the workdir path, the device and process
+  layout and the model's abstract state before it writes anything, so that a mistake leaves no
+  trace that refuses the corrected rerun;
+- holds an exclusive lock on the workdir (`cardiac_jax.workdir.WorkdirLock`): a second run on
+  it is refused naming the holder;
 - writes the resolved config to workdir/config.json, and refuses a workdir written by a
-  different config (fields that may change on resume: `RESUMABLE_FIELDS`);
+  different config (fields that may change on resume: `RESUMABLE_FIELDS`); every checkpoint
+  records the config too, so a workdir whose config.json was deleted resumes only under the
+  config that wrote it (and gets its config.json back), and a damaged config.json is named
+  with the fix. A workdir that holds no checkpoint has no run to protect: a new config
+  replaces its config.json;
 - restores the latest orbax checkpoint when there is one and continues from its step: the data
   iterator starts at that step and per-step keys are `fold_in(rng, step)`, so a resumed run
-  is the run that would have happened without interruption;
+  is the run that would have happened without interruption; a damaged step is moved aside
+  and the previous one restored (`cardiac_jax.checkpointing`); metrics.jsonl keeps the
+  records up to that step (a partial last line is dropped) and an evaluation the restored
+  step should have logged but did not is run again;
 - compiles the family's pure step once over the device mesh, donating the state, with the
   backend of config.parallel.backend ("jit" or "pmap", see `cardiac_jax.parallel`);
 - stops at a non-finite loss or gradient naming the step and the metrics, writes the offending
@@ -50,7 +62,9 @@ from typing import Any, Callable, Iterable, Iterator
 import jax
 import numpy as np
 
-from cardiac_jax import checkpointing, distributed, metric_logging, parallel, steps
+from cardiac_jax import (checkpointing, config_checks, distributed, metric_logging, parallel,
+                         steps)
+from cardiac_jax import workdir as workdir_lib
 from cardiac_jax.train_state import TrainState
 
 # Config fields that may differ between the run that wrote a workdir and the one resuming it.
@@ -112,26 +126,78 @@ def flatten_config(tree: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def check_workdir_config(workdir: str, config) -> None:
-  """Writes workdir/config.json, or checks that an existing one comes from the same config."""
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """"key: saved -> current" for each training field in which two config dicts differ (the
+  fields of `RESUMABLE_FIELDS` and `ANALYSIS_SECTIONS` may differ; a field of
+  `ADDED_FIELD_DEFAULTS` missing from `saved` counts at its old value, one of `ADOPTED_FIELDS`
+  at the current one)."""
+  b = flatten_config(current)
+  # An added field counts at its old value only in configs that have it (its section).
+  added = {k: v for k, v in ADDED_FIELD_DEFAULTS.items() if k in b}
+  added.update({k: b[k] for k in ADOPTED_FIELDS if k in b})
+  a = {**added, **flatten_config(saved)}
+  differing = sorted(k for k in set(a) | set(b)
+                     if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS
+                     and not k.startswith(ANALYSIS_SECTIONS))
+  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differing]
+
+
+def read_config_file(path: str) -> dict:
+  """A run's config.json as a dict; ValueError saying why when it is not a JSON object."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"not UTF-8 text ({e})") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"not valid JSON ({e})") from None
+  if not isinstance(saved, dict):
+    raise ValueError(f"not a JSON object (a {type(saved).__name__})")
+  return saved
+
+
+def check_workdir_config(workdir: str, config,
+                         checkpointer: checkpointing.Checkpointer | None = None) -> None:
+  """Writes workdir/config.json, or checks that the run in the workdir comes from `config`.
+
+  The run's config is config.json or, when that is missing, the config recorded with the
+  checkpoints of `checkpointer` (the workdir's). Raises WorkdirConflictError naming the
+  differing keys, a damaged config.json (with the fix), or checkpoints whose config is unknown.
+  A workdir without checkpoints holds no run: its config.json is replaced.
+  """
   path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json_best_effort())
+  steps_saved = checkpointer.all_steps() if checkpointer is not None else []
+  recorded = checkpointer.recorded_metadata().get("config") if steps_saved else None
+  saved, source = None, path
   if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    b = flatten_config(current)
-    # An added field counts at its old value only in configs that have it (its section).
-    added = {k: v for k, v in ADDED_FIELD_DEFAULTS.items() if k in b}
-    added.update({k: b[k] for k in ADOPTED_FIELDS if k in b})
-    a = {**added, **flatten_config(saved)}
-    differing = sorted(k for k in set(a) | set(b)
-                       if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS
-                       and not k.startswith(ANALYSIS_SECTIONS))
-    if differing:
-      details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differing[:8])
+    try:
+      saved = read_config_file(path)
+    except ValueError as e:
+      if steps_saved or checkpointer is None:
+        fix = ("delete it and rerun: the config recorded with the checkpoints takes its place"
+               if recorded else "restore it from a copy, or use another --workdir")
+        raise WorkdirConflictError(
+            f"{path} is damaged: {e}. It records the config of the run whose checkpoints are "
+            f"in {workdir}; {fix}.") from None
+      print(f"Replacing the damaged {path} (the workdir holds no checkpoint).", flush=True)
+  elif steps_saved:
+    if not recorded:
       raise WorkdirConflictError(
-          f"{workdir} holds a run with a different config ({details}). Use another --workdir, "
-          "or the same config to resume.")
+          f"{workdir} holds checkpoints (steps {steps_saved}) but no config.json, and the "
+          "checkpoints do not record the config that wrote them: restore config.json, or use "
+          "another --workdir.")
+    saved, source = recorded, f"the config recorded with the checkpoints in {workdir}"
+  if saved is not None:
+    differences = config_differences(saved, current)
+    if differences and (steps_saved or checkpointer is None):
+      raise WorkdirConflictError(
+          f"{workdir} holds a run with a different config ({', '.join(differences[:8])}; "
+          f"from {source}). Use another --workdir, or the same config to resume.")
+    if differences:
+      print(f"Replacing {path}: the workdir holds no checkpoint of its config.", flush=True)
+    elif source != path:
+      print(f"Re-creating {path} from {source}.", flush=True)
   if jax.process_index() == 0:
     _write_json(path, current)
 
@@ -154,17 +220,6 @@ def _record_best(workdir: str, checkpointer: checkpointing.Checkpointer) -> None
                        "step": int(best[0]), "value": float(best[1])})
   elif os.path.exists(path):
     os.remove(path)
-
-
-def _check_best_metric(config) -> None:
-  """A clear error for a train.best_metric / best_mode that cannot select a checkpoint."""
-  name, mode = config.train.get("best_metric", ""), config.train.get("best_mode", "min")
-  if mode not in checkpointing.BEST_MODES:
-    raise ValueError(f"train.best_mode must be one of {checkpointing.BEST_MODES}, got {mode!r}")
-  if name and not name.startswith("val/"):
-    raise ValueError(f"train.best_metric must name a validation metric as logged in "
-                     f"metrics.jsonl (val/<name>, e.g. val/reconstruction_loss), got {name!r}; "
-                     "'' keeps no best checkpoint")
 
 
 class _SignalFlag:
@@ -230,6 +285,7 @@ def evaluate(family, state: TrainState, batches: Iterable[dict], mesh,
     path = os.path.join(cache_dir, f"batch_{i:06d}.npz") if cache_dir else None
     rows = _read_cached_rows(path) if path else None
     if rows is None:
+      batch = _pad_rows(batch, len(parallel.local_devices(mesh)))
       size = len(next(iter(batch.values())))
       mask = np.asarray(batch.get("mask", np.ones(size, bool)), bool)
       out = {k: _host(v) for k, v in eval_fn(state, parallel.shard_batch(batch, mesh)).items()}
@@ -267,6 +323,22 @@ def evaluate(family, state: TrainState, batches: Iterable[dict], mesh,
   return metrics, outputs
 
 
+def _pad_rows(batch: dict[str, Any], multiple: int) -> dict[str, Any]:
+  """`batch` with padding rows (mask False) up to a multiple of `multiple` rows, so that an
+  evaluation batch of any size shards over this process's devices."""
+  size = len(next(iter(batch.values())))
+  missing = -size % multiple
+  if not missing:
+    return batch
+  batch = dict(batch)
+  batch["mask"] = np.asarray(batch.get("mask", np.ones(size, bool)), bool)
+  for k, v in batch.items():
+    v = np.asarray(v)
+    if v.ndim and len(v) == size:
+      batch[k] = np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)])
+  return batch
+
+
 def _read_cached_rows(path: str) -> dict[str, np.ndarray] | None:
   """A finished batch of an interrupted evaluation, or None (absent or unreadable)."""
   if not os.path.exists(path):
@@ -287,80 +359,134 @@ def _figure_examples(data: DataSource) -> dict[str, np.ndarray]:
           if k != "mask" and np.ndim(v) and len(v) == size}
 
 
+def _lock_workdir(workdir: str, is_chief: bool) -> workdir_lib.WorkdirLock:
+  """The workdir's lock, held by process 0; every process raises WorkdirLockedError when
+  process 0 could not take it."""
+  lock = workdir_lib.WorkdirLock(workdir, enabled=is_chief)
+  error = None
+  try:
+    lock.acquire()
+  except workdir_lib.WorkdirLockedError as e:
+    error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    refused = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if int(refused) and error is None:
+      error = workdir_lib.WorkdirLockedError(
+          f"{workdir} is in use by another run (refused on process 0); use another --workdir")
+  if error is not None:
+    raise error
+  if lock.recovered:
+    print(f"Taking over {lock.path} from a run that ended without releasing it "
+          f"(process {lock.recovered.get('pid', '?')} on {lock.recovered.get('host', '?')}).",
+          flush=True)
+  return lock
+
+
 def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
-  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the final state."""
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the final state.
+
+  Everything that can be checked without training is checked before the first write (config
+  values, workdir path, devices and processes, the model's shapes): config_checks.ConfigError,
+  workdir.WorkdirError or ValueError then leave the workdir as it was.
+  """
   distributed.initialize_from_environment()  # Multi-host runs: before any device is touched.
+  config_checks.validate(config)
+  config_checks.check_process_layout(config, jax.process_count())
+  workdir_lib.check_path(workdir)
   workdir = os.path.abspath(workdir)
   is_chief = jax.process_index() == 0
-  _check_best_metric(config)
-  check_workdir_config(workdir, config)
-  writer = metric_logging.MetricWriter(workdir, enabled=is_chief)
-  figures_dir = os.path.join(workdir, "figures")
   tc = config.train
-
   mesh = parallel.make_mesh(config.parallel.num_devices)
   parallel.check_batch_size(tc.batch_size, mesh)
   parallel.check_backend(config.parallel.backend)
   family = steps.make_family(config)
   root_key = jax.random.key(config.seed)
+  abstract = parallel.abstract_state(family.init_state, root_key, mesh)  # The model builds.
+  lock = _lock_workdir(workdir, is_chief)
+  try:
+    return _train(config, workdir, data, mesh, family, root_key, abstract)
+  finally:
+    lock.release()
+
+
+def _train(config, workdir: str, data: DataSource, mesh, family, root_key,
+           abstract) -> TrainState:
+  """The loop of `train_and_evaluate`, in a checked and locked workdir."""
+  is_chief = jax.process_index() == 0
+  tc = config.train
+  figures_dir = os.path.join(workdir, "figures")
   # Independent streams: parameters (fold_in 0, inside init_state), training steps, figures.
   step_keys, figure_key = jax.random.fold_in(root_key, 1), jax.random.fold_in(root_key, 2)
-  init = jax.jit(family.init_state, out_shardings=parallel.replicated(mesh))
   best_metric = tc.get("best_metric", "")
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                            max_to_keep=tc.max_checkpoints,
-                                            best_metric=best_metric,
-                                            best_mode=tc.get("best_mode", "min"))
-  restored = checkpointer.restore_latest(
-      parallel.abstract_state(family.init_state, root_key, mesh))
-  if restored is None:
-    state, start_step = init(root_key), 0
-  else:
-    state, start_step = restored
-  writer.truncate_after(start_step)  # Lines beyond the restored step (or all, from scratch).
-  if is_chief:
-    _record_best(workdir, checkpointer)  # Repairs a record of a save that never completed.
-  if start_step:
-    print(f"Resuming {workdir} from step {start_step}.", flush=True)
-
-  compile_step = lambda name: parallel.compile_train_step(
-      lambda axis: getattr(steps.make_family(config, axis_name=axis), name), mesh,
-      config.parallel.backend)
-  train_step = compile_step("train_step")
-  warmup_step = (compile_step("warmup_train_step")
-                 if family.warmup_train_step is not None else None)
-  eval_fn = parallel.jit_eval_step(family.eval_step, mesh)
-  figure_examples = _figure_examples(data) if is_chief and tc.figure_every else None
-
-  def run_eval(step: int) -> dict[str, float]:
-    """The validation metrics of `step`, logged and returned under their val/ names."""
-    metrics, _ = evaluate(family, state, data.eval_batches(), mesh, eval_fn)
-    writer.write(step, metrics, prefix="val/")
-    metrics = {f"val/{k}": v for k, v in metrics.items()}
-    if best_metric and best_metric not in metrics:
-      raise ValueError(f"train.best_metric {best_metric!r} is not among the validation "
-                       f"metrics of this model ({', '.join(sorted(metrics))})")
-    return metrics
-
-  def save(step: int, evaluated: dict[str, float] | None, force: bool = False) -> None:
-    """Saves `step` with its validation metrics (None if not evaluated at this step)."""
-    before = checkpointer.best()
-    checkpointer.save(step, state, force=force, metrics=evaluated)
-    if is_chief and checkpointer.best() != before:
-      _record_best(workdir, checkpointer)
-
-  progress = None
-  if is_chief and tc.progress_bar and start_step < tc.num_steps:
-    from tqdm import auto as tqdm
-    progress = tqdm.tqdm(total=tc.num_steps, initial=start_step, desc=config.name or "train",
-                         dynamic_ncols=True)
-  batches = data.train_batches(start_step)
-  accumulated: dict[str, float] = {}
-  accumulated_steps = 0
-  interval_start = time.perf_counter()
-  step = start_step
-  evaluated = None  # Validation metrics of the current step, when it was evaluated.
+  checkpointer = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), max_to_keep=tc.max_checkpoints,
+      best_metric=best_metric, best_mode=tc.get("best_mode", "min"),
+      step_metadata={"config": json.loads(config.to_json_best_effort())})
+  writer, batches, progress = None, None, None
   try:
+    check_workdir_config(workdir, config, checkpointer)
+    writer = metric_logging.MetricWriter(workdir, enabled=is_chief)
+    restored = checkpointer.restore_latest(abstract)
+    if restored is None:
+      init = jax.jit(family.init_state, out_shardings=parallel.replicated(mesh))
+      state, start_step = init(root_key), 0
+    else:
+      state, start_step = restored
+    writer.truncate_after(start_step)  # Lines beyond the restored step (or all, from scratch).
+    if is_chief:
+      _record_best(workdir, checkpointer)  # Repairs a record of a save that never completed.
+    if start_step:
+      print(f"Resuming {workdir} from step {start_step}.", flush=True)
+    if start_step >= tc.num_steps:
+      print(f"{workdir} is at step {start_step} and train.num_steps is {tc.num_steps}: nothing "
+            "to train.", flush=True)
+
+    compile_step = lambda name: parallel.compile_train_step(
+        lambda axis: getattr(steps.make_family(config, axis_name=axis), name), mesh,
+        config.parallel.backend)
+    train_step = compile_step("train_step")
+    warmup_step = (compile_step("warmup_train_step")
+                   if family.warmup_train_step is not None else None)
+    eval_fn = parallel.jit_eval_step(family.eval_step, mesh)
+    figure_examples = _figure_examples(data) if is_chief and tc.figure_every else None
+
+    def run_eval(step: int) -> dict[str, float]:
+      """The validation metrics of `step`, logged and returned under their val/ names."""
+      metrics, _ = evaluate(family, state, data.eval_batches(), mesh, eval_fn)
+      writer.write(step, metrics, prefix="val/")
+      metrics = {f"val/{k}": v for k, v in metrics.items()}
+      if best_metric and best_metric not in metrics:
+        raise ValueError(f"train.best_metric {best_metric!r} is not among the validation "
+                         f"metrics of this model ({', '.join(sorted(metrics))})")
+      return metrics
+
+    def save(step: int, evaluated: dict[str, float] | None, force: bool = False) -> None:
+      """Saves `step` with its validation metrics (None if not evaluated at this step)."""
+      before = checkpointer.best()
+      checkpointer.save(step, state, force=force, metrics=evaluated)
+      if is_chief and checkpointer.best() != before:
+        _record_best(workdir, checkpointer)
+
+    # A restored evaluation step whose validation line is missing (a log cut short, a run
+    # killed between the save and the log): evaluated again, every process together.
+    if start_step and tc.eval_every and start_step % tc.eval_every == 0:
+      missing = is_chief and not writer.has_record(start_step, "val/")
+      if parallel.any_process(missing):
+        print(f"Evaluating step {start_step} again: its validation metrics are missing from "
+              f"{writer.path}.", flush=True)
+        run_eval(start_step)
+
+    if is_chief and tc.progress_bar and start_step < tc.num_steps:
+      from tqdm import auto as tqdm
+      progress = tqdm.tqdm(total=tc.num_steps, initial=start_step, desc=config.name or "train",
+                           dynamic_ncols=True)
+    batches = data.train_batches(start_step) if start_step < tc.num_steps else iter(())
+    accumulated: dict[str, float] = {}
+    accumulated_steps = 0
+    interval_start = time.perf_counter()
+    step = start_step
+    evaluated = None  # Validation metrics of the current step, when it was evaluated.
     with _SignalFlag() as flag:
       while step < tc.num_steps:
         batch = next(batches)
@@ -394,6 +520,7 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
         if ((tc.checkpoint_every and step % tc.checkpoint_every == 0)
             or checkpointer.improves(evaluated)):
           save(step, evaluated)
+        checkpointer.poll()  # Seals a save that finished in the background.
         if figure_examples is not None and (step % tc.figure_every == 0
                                             or step == tc.num_steps):
           os.makedirs(figures_dir, exist_ok=True)
@@ -416,7 +543,8 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
     if hasattr(batches, "close"):
       batches.close()
     checkpointer.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
     if progress is not None:
       progress.close()
   return state

@@ -17,13 +17,34 @@ import csv
 import hashlib
 import json
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow is first imported.
 
 import jax  # pylint: disable=g-import-not-at-top
 from absl import flags, logging
 
+from cardiac_jax import checkpointing, config_checks, metric_logging, training
+from cardiac_jax import workdir as workdir_lib
 from cardiac_jax.training import DataSource
+
+# Errors whose message says what is wrong and how to fix it: a command prints the message as
+# one line instead of a traceback (`start_command`).
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, config_checks.ConfigError,
+               checkpointing.CheckpointMismatchError, checkpointing.CorruptCheckpointError,
+               training.WorkdirConflictError, workdir_lib.WorkdirError,
+               workdir_lib.WorkdirLockedError, metric_logging.MetricsFileError)
+
+
+def _report_user_errors(previous_hook):
+  """A sys.excepthook printing USER_ERRORS as `error: <message>` (tracebacks with -v)."""
+  def hook(kind, value, traceback):
+    if issubclass(kind, USER_ERRORS) and not flags.FLAGS["verbosity"].present:
+      print(f"error: {value}", file=sys.stderr)
+    else:
+      previous_hook(kind, value, traceback)
+  hook.reports_user_errors = True
+  return hook
 
 
 def quiet_logs() -> None:
@@ -44,6 +65,8 @@ def start_command(argv, quiet: bool = True, **required) -> None:
       raise app.UsageError(f"--{name} is required")
   if quiet:
     quiet_logs()
+    if not getattr(sys.excepthook, "reports_user_errors", False):
+      sys.excepthook = _report_user_errors(sys.excepthook)
 
 
 def cache_root(config) -> str:
@@ -136,13 +159,19 @@ def make_data_source(config, eval_split: str = "val") -> DataSource:
 
 
 def load_run_config(workdir: str):
-  """The resolved config a run was trained with (workdir/config.json)."""
+  """The resolved config a run was trained with (workdir/config.json); ConfigError naming the
+  file when it is damaged."""
   import ml_collections
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: {workdir} is not a training run directory")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  try:
+    return ml_collections.ConfigDict(training.read_config_file(path))
+  except ValueError as e:
+    raise config_checks.ConfigError(
+        f"{path} is damaged: {e}. Delete it and rerun the run's training command (it "
+        "re-creates config.json from the config recorded with the checkpoints), or restore it "
+        "from a copy.") from None
 
 
 STEP_CHOICES = ("latest", "best")

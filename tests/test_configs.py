@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cardiac_jax import steps
+from cardiac_jax import config_checks, steps
 from experiments import configs
 
 
@@ -106,3 +106,63 @@ def test_two_train_steps_of_every_config(name):
   moved = [not np.array_equal(a, b) for a, b in
            zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params))]
   assert sum(moved) > len(moved) // 2
+
+
+# ----------------------------------------------------------------------------- validation
+
+def test_every_shipped_config_passes_validation():
+  for name in configs.available_configs():
+    for variant in ("", ":smoke", ":paper"):
+      config_checks.validate(configs.get_config(name + variant))
+
+
+@pytest.mark.parametrize("spec, key, value, message", [
+    ("vae:smoke", "train.max_checkpoints", 0, "must be an integer >= 1"),
+    ("vae:smoke", "train.num_steps", -5, "must be an integer >= 1"),
+    ("vae:smoke", "train.log_every", 0, "must be an integer >= 1"),
+    ("vae:smoke", "train.batch_size", 0, "must be an integer >= 1"),
+    ("vae:smoke", "train.eval_batch_size", 0, "must be an integer >= 1"),
+    ("vae:smoke", "optimizer.learning_rate", -2e-4, "must be > 0"),
+    ("vae:smoke", "optimizer.learning_rate", float("nan"), "must be a finite number"),
+    ("vae:smoke", "model.latent_dim", 0, "must be an integer >= 1"),
+    ("vae:smoke", "model.channels", (8.5, 16), "must be a tuple of integers >= 1"),
+    ("vae:smoke", "model.channels", ("(8,abc)",), "must be a tuple of integers >= 1"),
+    ("vae:smoke", "model.channels", (), "must hold at least 1 integer >= 1"),
+    ("vae:smoke", "data.channels", ("ed,es",), "distinct entries from 'ed', 'es'"),
+    ("vae:smoke", "loss.scale", "CHW", "must be one of 'chw', 'hw', 'none'"),
+    ("vae:smoke", "data.dataset", "prepared", "data.prepared_dir='': must name"),
+    ("diffae3d:smoke", "model.channel_mult", (1, 0), "must be a tuple of integers >= 1"),
+    ("diffae3d:smoke", "model.z_sem_dim", 0, "must be an integer >= 1"),
+    ("temporal_classifier:smoke", "model.frame_units", (8, -4), "integers >= 1"),
+    ("dcgan:smoke", "gan.real_label_low", 1.5, "must be <= 1"),
+])
+def test_bad_config_values_are_one_line_errors_naming_the_key(spec, key, value, message):
+  """Values that used to train uphill, report "Done" without training, divide by zero after
+  compiling, fail deep inside JAX or delete every checkpoint (a zero budget)."""
+  config = configs.get_config(spec)
+  section, _, name = key.rpartition(".")
+  node = config
+  for part in section.split("."):
+    node = node[part]
+  with config.ignore_type():
+    node[name] = value
+  with pytest.raises(config_checks.ConfigError) as excinfo:
+    config_checks.validate(config)
+  text = str(excinfo.value)
+  assert "\n" not in text and key in text and message in text, text
+
+
+def test_combinations_and_process_layout_are_checked():
+  config = configs.get_config("vae:smoke")
+  config.optimizer.schedule, config.optimizer.warmup_steps = "cosine", 10
+  with pytest.raises(config_checks.ConfigError, match="optimizer.decay_steps=0: must exceed"):
+    config_checks.validate(config)
+  config = configs.get_config("vae:smoke")
+  config.loss.regularized_dims = (0, 8)
+  with pytest.raises(config_checks.ConfigError, match="below model.latent_dim"):
+    config_checks.validate(config)
+  config = configs.get_config("vae:smoke")
+  config.train.eval_batch_size = 3
+  with pytest.raises(config_checks.ConfigError, match="train.eval_batch_size=3: must be "
+                                                      "divisible by the number of processes"):
+    config_checks.check_process_layout(config, 2)
