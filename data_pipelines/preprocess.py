@@ -186,26 +186,33 @@ def resample_in_plane(planes: np.ndarray, spacing_mm, target_spacing_mm: float,
   return _warp(planes, np.diag(scale), 0.5 * scale - 0.5, shape, order)
 
 
+def alignment(ed_slice_labels: np.ndarray, spacing_mm, config: PreprocessConfig,
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """(matrix, offset) of the map from output crop pixels to input pixels, input = matrix @
+  output + offset, defined by an (X, Y) ED label slice: its LV blood-pool centroid goes to the
+  crop centre and its LV->RV axis to CANONICAL_LV_TO_RV, at config.spacing_mm per pixel."""
+  lv = structure_centroid(ed_slice_labels, structures.LV_BLOOD_POOL)
+  rv = structure_centroid(ed_slice_labels, structures.RV_BLOOD_POOL)
+  in_plane_mm = np.asarray(spacing_mm[:2], float)
+  rotation = canonical_rotation(lv, rv, in_plane_mm)
+  # output pixel -> mm offset from the centre -> rotated -> input pixels.
+  matrix = np.diag(1.0 / in_plane_mm) @ rotation * config.spacing_mm
+  centre = np.full(2, (config.image_size - 1) / 2.0)
+  return matrix, np.asarray(lv) - matrix @ centre
+
+
 def align_slice(images: np.ndarray, labels: np.ndarray, spacing_mm, config: PreprocessConfig,
                 ) -> tuple[np.ndarray, np.ndarray]:
   """Resamples, LV-centres, rotates and crops (X, Y, C) images and labels in one warp.
 
-  The transform comes from channel 0 of `labels` (ED): its LV blood-pool centroid goes to the
-  image centre and its LV->RV axis to CANONICAL_LV_TO_RV.
+  The transform comes from channel 0 of `labels` (ED): `alignment`.
 
   Returns:
     ((S, S, C) float32 images, (S, S, C) uint8 labels), S = config.image_size, pixels of
     config.spacing_mm; areas outside the input field of view are 0.
   """
-  lv = structure_centroid(labels[:, :, 0], structures.LV_BLOOD_POOL)
-  rv = structure_centroid(labels[:, :, 0], structures.RV_BLOOD_POOL)
-  in_plane_mm = np.asarray(spacing_mm[:2], float)
-  rotation = canonical_rotation(lv, rv, in_plane_mm)
-  # output pixel -> mm offset from the centre -> rotated -> input pixels.
-  matrix = np.diag(1.0 / in_plane_mm) @ rotation * config.spacing_mm
+  matrix, offset = alignment(labels[:, :, 0], spacing_mm, config)
   size = config.image_size
-  centre = np.full(2, (size - 1) / 2.0)
-  offset = np.asarray(lv) - matrix @ centre
   out_images = _warp(images.astype(np.float32), matrix, offset, (size, size), order=1)
   out_labels = _warp(labels, matrix, offset, (size, size), order=0)
   return out_images.astype(np.float32), out_labels.astype(np.uint8)
@@ -230,22 +237,33 @@ def normalize_intensity(images: np.ndarray, low: float, high: float) -> np.ndarr
 # ----------------------------------------------------------------------------- one subject
 
 def check_crop(images: np.ndarray, slice_labels: np.ndarray, labels: np.ndarray,
-               slice_index: int, config: PreprocessConfig) -> None:
+               slice_index: int, spacing_mm, config: PreprocessConfig) -> None:
   """Raises InvalidInputError unless each channel (ED, ES) of an aligned (S, S, 2) crop keeps
   every heart structure that its (X, Y, 2) slice labels hold (at ED all three, by the slice
   choice; at ES the basal slice may lie above the ventricles) and an image that is not
-  constant: a structure cut off by the crop, or a crop outside the field of view, would
-  otherwise become a training example that contradicts its labels and attributes."""
+  constant: a structure cut off by the crop, lost to coarse output pixels, or a crop outside the
+  field of view would otherwise become a training example that contradicts its labels and
+  attributes. The reason says whether the structure lies outside the crop or is smaller than
+  its pixels."""
+  matrix, offset = alignment(slice_labels[:, :, 0], spacing_mm, config)
+  to_output = np.linalg.inv(matrix)
+  size = config.image_size
   for channel, phase in enumerate(PHASES):
-    where = (f"{phase} crop of slice {slice_index} ({config.image_size} px of "
-             f"{config.spacing_mm:g} mm)")
-    before = np.bincount(slice_labels[..., channel].ravel(), minlength=structures.NUM_LABELS)
+    where = (f"{phase} crop of slice {slice_index} ({size} px of {config.spacing_mm:g} mm)")
     after = np.bincount(labels[..., channel].ravel(), minlength=structures.NUM_LABELS)
-    missing = [STRUCTURE_NAMES[value] for value in _HEART_LABELS
-               if before[value] > 0 and after[value] == 0]
-    if missing:
-      raise InvalidInputError(f"the {where} cuts off the {' and the '.join(missing)} of that "
-                              "slice: it lies outside the crop")
+    for value in _HEART_LABELS:
+      pixels = np.argwhere(slice_labels[..., channel] == value)
+      if not pixels.size or after[value] > 0:
+        continue
+      position = (pixels - offset) @ to_output.T
+      inside = np.all((position >= -0.5) & (position <= size - 0.5), axis=1)
+      if not inside.any():
+        problem = "lies outside the crop"
+      else:
+        problem = (f"covers {len(pixels)} input pixels, too few for output pixels of "
+                   f"{config.spacing_mm:g} mm")
+      raise InvalidInputError(f"the {where} loses the {STRUCTURE_NAMES[value]} of that slice: "
+                              f"it {problem}")
     plausibility.check_not_constant(images[..., channel], where)
 
 
@@ -262,8 +280,8 @@ def preprocess_subject(ed_image: np.ndarray, ed_labels: np.ndarray, es_image: np
 
   Raises:
     InvalidInputError: no usable slice, a constant image on the slice or in a channel of the
-      crop, a heart structure of the slice cut off by the crop (`check_crop`; the message names
-      no file, the caller knows which subject it was).
+      crop, a heart structure of the slice lost in the crop (`check_crop`; the message names no
+      file, the caller knows which subject it was).
   """
   z = select_slice(ed_labels, config.slice_rule, config.min_label_pixels)
   images = np.stack([ed_image[:, :, z], es_image[:, :, z]], axis=-1)
@@ -272,7 +290,7 @@ def preprocess_subject(ed_image: np.ndarray, ed_labels: np.ndarray, es_image: np
     plausibility.check_not_constant(images[..., channel], f"{phase} image of slice {z}")
   low, high = intensity_window(images, config.intensity_percentiles)
   aligned_images, aligned_labels = align_slice(images, labels, spacing_mm, config)
-  check_crop(aligned_images, labels, aligned_labels, z, config)
+  check_crop(aligned_images, labels, aligned_labels, z, spacing_mm, config)
   normalized = normalize_intensity(aligned_images, low, high)
   if config.mask_outside_heart:
     normalized = np.where(aligned_labels != structures.BACKGROUND, normalized, 0.0)

@@ -141,7 +141,7 @@ IMPLAUSIBLE = {
                    r"patient005: implausible measurements: LV ESV 0\.0192 ml outside \[1, 700\] "
                    r"\(lv_esv_ml\); LV EF 99\.87 % outside \[2, 90\] \(lv_ef\)"),
     "patient006": (lambda d: _far_rv(d, "patient006"),
-                   r"the ED crop of slice 1 \(32 px of 2 mm\) cuts off the RV blood pool of "
+                   r"the ED crop of slice 1 \(32 px of 2 mm\) loses the RV blood pool of "
                    r"that slice: it lies outside the crop"),
     "patient007": (lambda d: rewrite_in_unit(d, 0, 1e-3),
                    r"voxel spacing \(0\.0015, 0\.0016, 0\.008\) mm is outside"),

@@ -28,6 +28,7 @@ from data_pipelines import tfds_builders
 from data_pipelines.errors import InvalidInputError
 from tests.test_acdc_reader import ED_RADII_MM
 from tests.test_acdc_reader import ES_SCALE
+from tests.test_acdc_reader import phantom_image
 from tests.test_acdc_reader import phantom_labels
 from tests.test_acdc_reader import save_header_nifti
 from tests.test_acdc_reader import save_nifti
@@ -119,6 +120,23 @@ def test_normalisation_shares_one_scale_for_ed_and_es():
   assert out.image[..., 0].max() == pytest.approx(1.0)
   # Normalised separately, the ES frame would also reach 1.
   assert out.image[..., 1].max() < 0.8
+
+
+def test_crop_check_says_why_a_structure_is_lost():
+  """A structure of the selected slice missing from a channel of the crop is refused, saying
+  whether it lies outside the crop or is thinner than the output pixels."""
+  ed_labels = phantom_labels(ED_RADII_MM)
+  es_labels = phantom_labels(tuple(r * ES_SCALE for r in ED_RADII_MM))
+  images = [phantom_image(ed_labels, 0), phantom_image(es_labels, 1)]
+  coarse = preprocess.PreprocessConfig(image_size=8, spacing_mm=12.0)
+  with pytest.raises(InvalidInputError, match=r"the ES crop of slice 1 \(8 px of 12 mm\) loses "
+                                              r"the LV myocardium of that slice: it covers 250 "
+                                              r"input pixels, too few for output pixels of 12 mm"):
+    preprocess.preprocess_subject(images[0], ed_labels, images[1], es_labels, SPACING, coarse)
+  narrow = preprocess.PreprocessConfig(image_size=8, spacing_mm=2.0)
+  with pytest.raises(InvalidInputError, match=r"the ED crop of slice 1 \(8 px of 2 mm\) loses the "
+                                              r"RV blood pool of that slice: it lies outside"):
+    preprocess.preprocess_subject(images[0], ed_labels, images[1], es_labels, SPACING, narrow)
 
 
 def test_preprocess_config_validates():
