@@ -52,7 +52,7 @@ the same guarantees, through the same driver (`prepare.run_preparation`): the pe
 outcomes are kept in O/.subjects/subjects/ as soon as computed, so an interrupted run resumes
 where it stopped; a rerun after the input files changed prepares only the changed and new
 subjects; a broken or implausible subject (blank frames, labels whose volumes or ejection
-fraction `CineConfig.bounds` refuse, a structure cut off by the crop) is "skipped" with its
+fraction `CineConfig.bounds` refuse, a structure lost in the crop) is "skipped" with its
 reason. Splits are subject-level, stratified by
 group (`tfds_builders.stratified_split`), fractions configurable. `held_out_cine_dir` generates
 and prepares, once, extra synthetic subjects of one group that a run never saw (the TCAV
@@ -606,14 +606,15 @@ def _subject_attributes(subject: CineSubject,
 
 def _check_short_axis_crop(example: dict[str, Any], subject: CineSubject) -> None:
   """Every heart structure in the middle short-axis slice at ED (the slices are chosen where
-  all three appear) is in its crop, not cut off (labelled subjects)."""
+  all three appear) is in its crop, not lost (labelled subjects)."""
   if subject.labels is None:
     return
   present = np.bincount(example["sa_label"][0, :, :, 1].ravel(), minlength=structures.NUM_LABELS)
   missing = [name for value, name in preprocess.STRUCTURE_NAMES.items() if present[value] == 0]
   if missing:
     raise InvalidInputError(f"the ED crop of the middle short-axis slice holds no "
-                            f"{' and no '.join(missing)}: cut off by the crop")
+                            f"{' and no '.join(missing)}: outside the crop or thinner than its "
+                            "pixels")
 
 
 def prepare_subject(directory: str, dataset: str,
