@@ -16,7 +16,23 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from cardiac_jax import config_checks as checks
+
 PyTree = Any
+
+# What `make_optimizer` reads, and what each value must be (a learning rate of 0 or below
+# trains nowhere or uphill; b1, b2 are moment decays).
+OPTIMIZER_RULES = {
+    "name": checks.choice("adam", "adamw"),
+    "learning_rate": checks.number(0.0, lo_open=True),
+    "b1": checks.number(0.0, 1.0, hi_open=True),
+    "b2": checks.number(0.0, 1.0, hi_open=True),
+    "weight_decay": checks.number(0.0),
+    "grad_clip_norm": checks.number(0.0),
+    "schedule": checks.choice("constant", "cosine"),
+    "warmup_steps": checks.integer(0),
+    "decay_steps": checks.integer(0),
+}
 
 
 @struct.dataclass
@@ -29,10 +45,28 @@ class TrainState:
   skipped_nonfinite: jax.Array  # int32 scalar: updates skipped by `skip_nonfinite`
 
 
-def make_optimizer(optimizer_config) -> optax.GradientTransformation:
+def check_optimizer_config(optimizer_config, section: str = "optimizer") -> None:
+  """Raises config_checks.ConfigError naming `section`.<field> for a value `make_optimizer`
+  cannot use (`OPTIMIZER_RULES`; the cosine schedule also needs decay_steps > warmup_steps)."""
+  for name, check in OPTIMIZER_RULES.items():
+    if name in optimizer_config:
+      problem = check(optimizer_config[name])
+      if problem:
+        raise checks.ConfigError(f"config {section}.{name}={optimizer_config[name]!r}: "
+                                 f"{problem}")
+  if optimizer_config.get("schedule", "constant") == "cosine":
+    warmup, decay = optimizer_config.get("warmup_steps", 0), optimizer_config.get("decay_steps", 0)
+    if decay <= warmup:
+      raise checks.ConfigError(f"config {section}.decay_steps={decay!r}: must exceed "
+                               f"{section}.warmup_steps ({warmup}) for the cosine schedule")
+
+
+def make_optimizer(optimizer_config, section: str = "optimizer") -> optax.GradientTransformation:
   """Optax optimizer from a config with fields name, learning_rate, b1, b2, weight_decay,
-  grad_clip_norm (0 = off), warmup_steps and schedule ("constant" or "cosine" with decay_steps).
+  grad_clip_norm (0 = off), warmup_steps and schedule ("constant" or "cosine" with decay_steps);
+  `check_optimizer_config` first (`section`: the config section named in its errors).
   """
+  check_optimizer_config(optimizer_config, section)
   lr = optimizer_config.learning_rate
   warmup = int(optimizer_config.get("warmup_steps", 0))
   schedule_name = optimizer_config.get("schedule", "constant")

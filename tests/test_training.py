@@ -406,6 +406,21 @@ def test_bad_training_values_are_refused_before_anything_is_written(uninterrupte
   assert not os.path.exists(tmp_path / "fresh")
 
 
+def test_a_workdir_without_checkpoints_takes_the_corrected_config(tmp_path):
+  """A start that failed before its first checkpoint (e.g. batch_size=0 before values were
+  checked) left a config.json that refused the corrected config forever; a workdir without
+  checkpoints holds no run to protect, so the corrected config replaces it."""
+  workdir = str(tmp_path / "run")
+  failed = smoke_config()
+  failed.train.batch_size = 0
+  training.check_workdir_config(workdir, failed)  # What the failed start left behind.
+  corrected = smoke_config()
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+    training.check_workdir_config(workdir, corrected, ckpt)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["train"]["batch_size"] == 4
+
+
 def test_negative_learning_rate_is_refused(tmp_path):
   config = smoke_config()
   config.optimizer.learning_rate = -2e-4
