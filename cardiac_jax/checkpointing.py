@@ -213,12 +213,13 @@ class Checkpointer:
     try:
       self._manager = ocp.CheckpointManager(self.directory, options=self._options)
     except Exception as e:  # pylint: disable=broad-except (orbax raises many types)
-      damaged = self._unreadable_steps() if jax.process_index() == 0 else []
-      if jax.process_count() > 1:
+      damaged = self._unreadable_steps()[:64] if jax.process_index() == 0 else []
+      if jax.process_count() > 1:  # Process 0's verdict, as a fixed-size list of steps.
         from jax.experimental import multihost_utils
-        damaged = [(int(s), "") for s in multihost_utils.broadcast_one_to_all(
+        found = {s: problem for s, problem in damaged}
+        steps = multihost_utils.broadcast_one_to_all(
             np.asarray([s for s, _ in damaged] + [-1] * (64 - len(damaged)), np.int64))
-                   if s >= 0]
+        damaged = [(int(s), found.get(int(s), "found by process 0")) for s in steps if s >= 0]
       if not damaged:
         raise CorruptCheckpointError(f"cannot open the checkpoints in {self.directory}: "
                                      f"{type(e).__name__}: {e}") from e

@@ -104,8 +104,10 @@ def _fraction() -> Check:
   return number(0.0, 1.0)
 
 
-# Rules by dotted key. What the loop, the optimizer and the model builders need of each value;
-# values whose meaning a family owns (architectures, activations) are checked by the family.
+# Rules by dotted key: what the loop and the model builders need of each value. Values that
+# name a family, network or layer are checked against the modules that define them
+# (`_named_choices`), the optimizer's by `train_state.check_optimizer_config`, and what else a
+# family requires by building it (`_check_family`).
 RULES: dict[str, Check] = {
     "name": text(),
     "seed": integer(0),

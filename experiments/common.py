@@ -27,13 +27,15 @@ from absl import flags, logging
 from cardiac_jax import checkpointing, config_checks, metric_logging, training
 from cardiac_jax import workdir as workdir_lib
 from cardiac_jax.training import DataSource
+from data_pipelines import errors as data_errors
 
 # Errors whose message says what is wrong and how to fix it: a command prints the message as
 # one line instead of a traceback (`start_command`).
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, config_checks.ConfigError,
                checkpointing.CheckpointMismatchError, checkpointing.CorruptCheckpointError,
                training.WorkdirConflictError, workdir_lib.WorkdirError,
-               workdir_lib.WorkdirLockedError, metric_logging.MetricsFileError)
+               workdir_lib.WorkdirLockedError, metric_logging.MetricsFileError,
+               data_errors.InvalidInputError, data_errors.InvalidArgumentError)
 
 
 def _report_user_errors(previous_hook):
