@@ -15,8 +15,9 @@ Besides the latest steps (exact resume), a run can keep its best step by a valid
 by the value saved with them in their step directory, so the best survives the rotation and a
 reopened directory knows it.
 
-Integrity: orbax 0.12.8 checksums only the index of its zarr3 shards, not the array data, so a
-flipped byte in a data file restores silently. Once a save has finished, `MANIFEST_FILE` in the
+Integrity: orbax 0.12.8 keeps no checksum of the array data (its zarr3 layout checksums only a
+shard index, and the layout written here has none), so a flipped byte in a data file restores
+silently. Once a save has finished, `MANIFEST_FILE` in the
 step directory records the size and SHA-256 of every file of the step; `restore` checks them
 first, and a step whose files differ (cut short, changed, missing, or an unreadable manifest) is
 damaged and moved aside like an incomplete one. A step without a manifest (written before
