@@ -343,7 +343,3 @@ def test_evaluate_diffae_reports_test_reconstruction_with_the_requested_ddim_ste
   # 333 steps have no integer stride of T = 1000: refused before any work, naming the setting.
   with pytest.raises(ValueError, match="decode_steps = 333 on the 'stride' DDIM grid"):
     evaluate.evaluate_diffae_run(run_copy, "test", inversion_steps=2, decode_steps=333)
-  even = evaluate.evaluate_diffae_run(run_copy, "test", inversion_steps=2, decode_steps=4,
-                                      ddim_grid="even")
-  assert even["ddim_timesteps"] == {"inversion": [0, 999], "decoding": [0, 333, 666, 999]}
-  assert even["reconstruction"] != rec
