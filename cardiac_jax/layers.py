@@ -21,6 +21,18 @@ an order of magnitude slower on XLA:CPU and cause checkerboard artefacts).
 The residual block follows the Soft-IntroVAE image model (Daniel & Tamar, CVPR 2021):
 skip = 1x1 conv (no bias) when the channel count changes; main = conv3x3 -> BN -> LeakyReLU(0.2)
 -> conv3x3 -> BN; out = LeakyReLU(0.2)(main + skip).
+
+Rematerialisation (`recompute_in_backward`, `apply_recomputed`): a block keeps only its inputs
+for the backward pass, which recomputes its activations. `jax.checkpoint` alone does not order
+that recomputation after the block's output cotangent: XLA:CPU removes the optimisation barrier
+that would (its `cse_barrier_expander` pass runs before scheduling), and its scheduler then
+recomputes every block during the forward pass, which holds all activations at once, as if
+nothing were rematerialised. Here the recomputation and the block's VJP run inside a
+`lax.cond` whose predicate reads the cotangent (is its first element finite): nothing in the
+branch can start before the cotangent exists, the compiler cannot merge the recomputation
+with the forward pass, and the input cotangents leave the branch as finished arrays (not as
+fused expressions of the block's large intermediates that a distant consumer, such as a
+UNet's skip connection, would keep alive).
 """
 
 from __future__ import annotations
@@ -129,3 +141,64 @@ class ResBlock(nn.Module):
     h = conv("conv2", 3)(h)
     h = norm("bn2")(h)
     return nn.leaky_relu(h + skip, 0.2)
+
+
+# ------------------------------------------------------------------------- rematerialisation
+def _is_float(leaf: Any) -> bool:
+  return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.floating)
+
+
+def recompute_in_backward(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """fn(params, *inputs) -> array, differentiated by recomputing fn in the backward pass.
+
+  The forward pass keeps `params` and `inputs` only. The backward pass recomputes fn and
+  applies its VJP inside a `lax.cond` on the first element of the output cotangent being
+  finite (module docstring); a non-finite one gives NaN gradients. Same values and
+  gradients as fn otherwise. Inputs that are not floating point (PRNG keys, None) get no
+  cotangent.
+  """
+
+  @jax.custom_vjp
+  def recomputed(params, *inputs):
+    return fn(params, *inputs)
+
+  def forward(params, *inputs):
+    return fn(params, *inputs), (params, inputs)
+
+  def backward(residuals, cotangent):
+    leaves, treedef = jax.tree.flatten(residuals)
+    is_float = [_is_float(leaf) for leaf in leaves]
+    floats = [leaf for leaf, f in zip(leaves, is_float) if f]
+
+    def of_floats(float_leaves):
+      it = iter(float_leaves)
+      params, inputs = treedef.unflatten([next(it) if f else leaf
+                                          for leaf, f in zip(leaves, is_float)])
+      return fn(params, *inputs)
+
+    def vjp(float_leaves, cotangent):
+      return jax.vjp(of_floats, float_leaves)[1](cotangent)[0]
+
+    def nans(float_leaves, cotangent):
+      del cotangent
+      return [jnp.full_like(leaf, jnp.nan) for leaf in float_leaves]
+
+    first = jnp.ravel(cotangent)[0]
+    grads = iter(jax.lax.cond(jnp.isfinite(first), vjp, nans, floats, cotangent))
+    params_grad, inputs_grad = treedef.unflatten([next(grads) if f else None
+                                                  for f in is_float])
+    return (params_grad, *inputs_grad)
+
+  recomputed.defvjp(forward, backward)
+  return recomputed
+
+
+def apply_recomputed(block: nn.Module, *inputs) -> jax.Array:
+  """Calls the bound submodule `block` (variables: "params" only) on `inputs`, its activations
+  recomputed in the backward pass (`recompute_in_backward`). The parameter tree is the one
+  `block(*inputs)` creates; during initialisation that is what runs."""
+  if block.is_initializing():
+    return block(*inputs)
+  definition = block.clone(parent=None)
+  apply = lambda params, *args: definition.apply({"params": params}, *args)
+  return recompute_in_backward(apply)(block.variables["params"], *inputs)

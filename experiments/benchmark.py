@@ -79,7 +79,8 @@ _PROFILE_DIR = flags.DEFINE_string(
     "op_profile (time per operation category, experiments/step_profile.py) to the line.")
 _REMAT = flags.DEFINE_enum(
     "remat", None, ["none", "blocks"],
-    "Rematerialisation of the model's residual blocks; default: config.model.remat (or none).")
+    "model.remat of the benchmarked step (blocks: residual and attention blocks recompute "
+    "their activations in the backward pass); default: config.model.remat (or none).")
 
 BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "benchmarks")
@@ -163,14 +164,32 @@ def count_parameters(params) -> int:
   return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
 
 
+def _remat_settings(module) -> set:
+  """The `remat` fields of a Flax module and of the modules among its fields."""
+  import dataclasses
+  from flax import linen as nn
+  found = {module.remat} if hasattr(module, "remat") else set()
+  for field in dataclasses.fields(module):
+    value = getattr(module, field.name, None)
+    if isinstance(value, nn.Module):
+      found |= _remat_settings(value)
+  return found
+
+
 def make_family(config, remat: str, axis_name: str | None = None):
-  """The config's model family, its residual VAE set to `remat` ("none" | "blocks")."""
+  """The config's model family built from config.model.remat = `remat` ("none" | "blocks"),
+  as training builds it (the families read the field themselves); a family whose model has no
+  rematerialisation option refuses "blocks"."""
   from cardiac_jax import steps
+  if remat != config.model.get("remat", "none"):
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.model.remat = remat
   family = steps.make_family(config, axis_name=axis_name)
-  if remat != "none":
-    if not hasattr(family.model, "remat"):
-      raise ValueError(f"model.family {config.model.family!r} has no rematerialisation option")
-    family.model = family.model.clone(remat=remat)
+  model = getattr(family, "model", None)
+  if remat != "none" and (model is None or remat not in _remat_settings(model)):
+    raise ValueError(f"model.family {config.model.family!r} has no rematerialisation option "
+                     f"(--remat / model.remat={remat!r})")
   return family
 
 

@@ -56,8 +56,9 @@ and in the middle blocks, E = 128, z_sem 128, one head, 50 x 128 x 128 input): 1
 and 4,276,032 encoder parameters, 20,837,473 in all (the "about 21M" of the reference).
 
 Convolutions (`conv_impl`): "xla" is one 3D `lax.conv_general_dilated`; "frames" computes the
-same function as the sum over the 3 temporal taps of a 2D convolution of the shifted frames
-(B * T frames batched per tap); "auto" takes "frames" on the CPU backend and "xla" elsewhere.
+same function as one 2D convolution of the B * T frames with the 3 temporally neighbouring
+frames stacked on the channel axis (`conv3d_same`); "auto" takes "frames" on the CPU backend
+and "xla" elsewhere.
 With jaxlib 0.10.2 on the 2-core CPU (idle, with the convolution flag that `import cardiac_jax`
 sets), value+grad of one 3x3x3 convolution of a (4, 16, 32, 32, C) volume to C channels took
 186 / 38 ms (xla / frames) at C = 8, 308 / 70 ms at C = 16, 518 / 154 ms at C = 32 and
@@ -68,8 +69,13 @@ distributions, but XLA:CPU compiles a rank-5 random draw about ten times slower.
 Precision: parameters are float32; with `dtype` = bfloat16 the convolutions, dense layers and
 attention matmuls compute in bfloat16 while GroupNorm statistics, the attention softmax and the
 returned eps_hat are float32. Rematerialisation (`remat` = "blocks"): every ResBlock and
-attention block is wrapped in `nn.remat`, so the backward pass recomputes its activations from
-its input; the parameter tree is the same either way.
+attention block keeps only its inputs for the backward pass, which recomputes its activations
+once the block's output cotangent exists (`layers.recompute_in_backward`; `nn.remat` alone
+saves nothing on XLA:CPU, see `cardiac_jax.layers`), and `DiffAE3D.encode` recomputes the
+whole semantic encoder the same way, since z_sem's cotangent is complete only after the UNet's
+backward pass. An up-path ResBlock concatenates the skip connection itself, so it keeps the
+two halves rather than a copy of both. The parameter tree is the same in every mode;
+docs/diffae3d_memory.md has the compiled memory of the reference size.
 """
 
 from __future__ import annotations
@@ -80,6 +86,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from cardiac_jax import layers
 
 Dtype = Any
 
@@ -208,10 +216,12 @@ def resolve_conv_impl(impl: str) -> str:
 def conv3d_same(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
   """Stride-1 'SAME' 3D convolution of (B, T, H, W, C_in) with a (k, k, k, C_in, C_out) kernel.
 
-  impl "xla": one `lax.conv_general_dilated` over (T, H, W); "frames": the sum over the k
-  temporal taps dt of a 2D convolution of the frames shifted by dt (zero frames outside the
-  sequence) with the kernel slice kernel[dt], the B * T frames batched into one 2D
-  convolution per tap. Both compute the same function with the same parameters.
+  impl "xla": one `lax.conv_general_dilated` over (T, H, W); "frames": one 2D convolution of
+  the B * T frames, each frame's channels the k frames dt = 0..k-1 around it (zero frames
+  outside the sequence) side by side, k * C_in in all, with the kernel's temporal taps
+  kernel[dt] stacked along its input-channel axis to match. Both compute the same function
+  with the same parameters. (One convolution rather than k summed per-tap ones: the compiler
+  keeps a lazily fused sum's k operands alive, k times the memory of the output.)
   """
   k = kernel.shape[0]
   if impl == "xla":
@@ -222,12 +232,10 @@ def conv3d_same(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
   b, t, h, w, c = x.shape
   pad = k // 2
   padded = jnp.pad(x, ((0, 0), (pad, pad), (0, 0), (0, 0), (0, 0)))
-  out = None
-  for dt in range(k):
-    frames = padded[:, dt:dt + t].reshape(b * t, h, w, c)
-    y = jax.lax.conv_general_dilated(frames, kernel[dt], (1, 1), "SAME",
+  frames = jnp.concatenate([padded[:, dt:dt + t] for dt in range(k)], axis=-1)
+  taps = jnp.concatenate([kernel[dt] for dt in range(k)], axis=2)   # (k, k, k * C_in, C_out)
+  out = jax.lax.conv_general_dilated(frames.reshape(b * t, h, w, k * c), taps, (1, 1), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    out = y if out is None else out + y
   return out.reshape(b, t, h, w, kernel.shape[-1])
 
 
@@ -281,7 +289,14 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array | None, cond: jax.Array | None,
-               train: bool) -> jax.Array:
+               dropout_key: jax.Array | None = None,
+               down_feature: jax.Array | None = None) -> jax.Array:
+    """`dropout_key`: the key of the dropout mask (training), None for no dropout.
+    `down_feature`: the UNet's skip connection, concatenated to x on the channel axis here
+    rather than by the caller, so that a rematerialised block keeps x and the down path's
+    feature map (kept anyway) instead of a copy of both."""
+    if down_feature is not None:
+      x = jnp.concatenate([x, down_feature.astype(x.dtype)], axis=-1)
     c_out = self.features
     h = nn.silu(GroupNorm32(self.group_limit, name="in_norm")(x))
     if self.resample == "down":
@@ -302,8 +317,8 @@ class ResBlock(nn.Module):
       h = GroupNorm32(self.group_limit, name="out_norm")(h).astype(jnp.float32)
       h = (1.0 + expand(cond_scale)) * ((1.0 + expand(time_scale)) * h + expand(time_shift))
       h = nn.silu(h).astype(self.dtype or x.dtype)
-      if train and self.dropout > 0.0:
-        h = dropout(h, self.dropout, self.make_rng("dropout"))
+      if dropout_key is not None and self.dropout > 0.0:
+        h = dropout(h, self.dropout, dropout_key)
       h = Conv3D(c_out, zero_init=True, dtype=self.dtype, impl=self.conv_impl,
                  name="out_conv")(h)
     skip = x if x.shape[-1] == c_out else Conv3D(c_out, 1, dtype=self.dtype, name="skip")(x)
@@ -337,14 +352,25 @@ class AttentionBlock(nn.Module):
 ENCODER_HEADS = ("pool", "flatten")
 
 
-def _block_classes(remat: str) -> tuple[type[nn.Module], type[nn.Module]]:
-  """(ResBlock, AttentionBlock), under nn.remat for remat="blocks" (ResBlock's `train`, index
-  4 after self, x, emb and cond, stays static)."""
+def check_remat(remat: str) -> None:
   if remat not in REMAT_MODES:
     raise ValueError(f"model.remat must be one of {REMAT_MODES}, got {remat!r}")
+
+
+def call_block(block: nn.Module, remat: str, *inputs) -> jax.Array:
+  """block(*inputs); with remat="blocks" only the inputs are kept for the backward pass, which
+  recomputes the block's activations (`layers.apply_recomputed`)."""
   if remat == "blocks":
-    return nn.remat(ResBlock, static_argnums=(4,)), nn.remat(AttentionBlock)
-  return ResBlock, AttentionBlock
+    return layers.apply_recomputed(block, *inputs)
+  return block(*inputs)
+
+
+def dropout_key(block: ResBlock, train: bool) -> jax.Array | None:
+  """The dropout key of a ResBlock, drawn from the block's own scope ("dropout" stream), or
+  None outside training or without dropout."""
+  if not train or block.dropout <= 0.0:
+    return None
+  return block.make_rng("dropout")
 
 
 def level_sizes(image_size: int, num_levels: int, what: str) -> list[int]:
@@ -384,7 +410,7 @@ class ConditionalUNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, z_sem: jax.Array,
                train: bool = False) -> jax.Array:
-    res_cls, attn_cls = _block_classes(self.remat)
+    check_remat(self.remat)
     sizes = level_sizes(self.image_size, len(self.channel_mult), "model.channel_mult")
     check_attention_resolutions(self.attention_resolutions, sizes,
                                 "model.attention_resolutions")
@@ -401,12 +427,16 @@ class ConditionalUNet(nn.Module):
     z = z_sem.astype(dtype)
 
     def res(features, name, resample="none"):
-      return res_cls(features, conditioned=True, resample=resample, dropout=self.dropout,
-                     group_limit=group_limit, dtype=dtype, conv_impl=self.conv_impl, name=name)
+      block = ResBlock(features, conditioned=True, resample=resample, dropout=self.dropout,
+                       group_limit=group_limit, dtype=dtype, conv_impl=self.conv_impl,
+                       name=name)
+      return lambda h, down_feature=None: call_block(
+          block, self.remat, h, emb, z, dropout_key(block, train), down_feature)
 
     def attn(name):
-      return attn_cls(self.num_heads, self.attention_block_size, group_limit, dtype,
-                      name=name)
+      block = AttentionBlock(self.num_heads, self.attention_block_size, group_limit, dtype,
+                             name=name)
+      return lambda h: call_block(block, self.remat, h)
 
     h = Conv3D(self.base_channels * self.channel_mult[0], dtype=dtype, impl=self.conv_impl,
                name="in_conv")(x)
@@ -414,25 +444,24 @@ class ConditionalUNet(nn.Module):
     last = len(self.channel_mult) - 1
     for level, mult in enumerate(self.channel_mult):
       for i in range(self.num_res_blocks):
-        h = res(self.base_channels * mult, f"down{level}_res{i}")(h, emb, z, train)
+        h = res(self.base_channels * mult, f"down{level}_res{i}")(h)
         if sizes[level] in self.attention_resolutions:
           h = attn(f"down{level}_attn{i}")(h)
         skips.append(h)
       if level != last:
-        h = res(h.shape[-1], f"down{level}_downsample", "down")(h, emb, z, train)
+        h = res(h.shape[-1], f"down{level}_downsample", "down")(h)
         skips.append(h)
-    h = res(h.shape[-1], "mid_res0")(h, emb, z, train)
+    h = res(h.shape[-1], "mid_res0")(h)
     h = attn("mid_attn")(h)
-    h = res(h.shape[-1], "mid_res1")(h, emb, z, train)
+    h = res(h.shape[-1], "mid_res1")(h)
     for level in reversed(range(len(self.channel_mult))):
       for i in range(self.num_res_blocks + 1):
-        h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
         h = res(self.base_channels * self.channel_mult[level], f"up{level}_res{i}")(
-            h, emb, z, train)
+            h, skips.pop())
         if sizes[level] in self.attention_resolutions:
           h = attn(f"up{level}_attn{i}")(h)
       if level:
-        h = res(h.shape[-1], f"up{level}_upsample", "up")(h, emb, z, train)
+        h = res(h.shape[-1], f"up{level}_upsample", "up")(h)
     h = nn.silu(GroupNorm32(group_limit, name="out_norm")(h))
     out = Conv3D(self.out_channels, zero_init=True, dtype=dtype, impl=self.conv_impl,
                  name="out_conv")(h)
@@ -458,7 +487,7 @@ class SemanticEncoder(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if self.head not in ENCODER_HEADS:
       raise ValueError(f"model.encoder_head must be one of {ENCODER_HEADS}, got {self.head!r}")
-    res_cls, attn_cls = _block_classes(self.remat)
+    check_remat(self.remat)
     sizes = level_sizes(self.image_size, len(self.channel_mult), "model.encoder_channel_mult")
     check_attention_resolutions(self.attention_resolutions, sizes,
                                 "model.encoder_attention_resolutions")
@@ -466,26 +495,28 @@ class SemanticEncoder(nn.Module):
     dtype = self.dtype or jnp.float32
 
     def res(features, name, resample="none"):
-      return res_cls(features, conditioned=False, resample=resample, group_limit=group_limit,
-                     dtype=dtype, conv_impl=self.conv_impl, name=name)
+      block = ResBlock(features, conditioned=False, resample=resample, group_limit=group_limit,
+                       dtype=dtype, conv_impl=self.conv_impl, name=name)
+      return lambda h: call_block(block, self.remat, h, None, None)
 
     def attn(name):
-      return attn_cls(self.num_heads, self.attention_block_size, group_limit, dtype,
-                      name=name)
+      block = AttentionBlock(self.num_heads, self.attention_block_size, group_limit, dtype,
+                             name=name)
+      return lambda h: call_block(block, self.remat, h)
 
     h = Conv3D(self.base_channels * self.channel_mult[0], dtype=dtype, impl=self.conv_impl,
                name="in_conv")(x)
     last = len(self.channel_mult) - 1
     for level, mult in enumerate(self.channel_mult):
       for i in range(self.num_res_blocks):
-        h = res(self.base_channels * mult, f"down{level}_res{i}")(h, None, None, train)
+        h = res(self.base_channels * mult, f"down{level}_res{i}")(h)
         if sizes[level] in self.attention_resolutions:
           h = attn(f"down{level}_attn{i}")(h)
       if level != last:
-        h = res(h.shape[-1], f"down{level}_downsample", "down")(h, None, None, train)
-    h = res(h.shape[-1], "mid_res0")(h, None, None, train)
+        h = res(h.shape[-1], f"down{level}_downsample", "down")(h)
+    h = res(h.shape[-1], "mid_res0")(h)
     h = attn("mid_attn")(h)
-    h = res(h.shape[-1], "mid_res1")(h, None, None, train)
+    h = res(h.shape[-1], "mid_res1")(h)
     h = nn.silu(GroupNorm32(group_limit, name="out_norm")(h)).astype(jnp.float32)
     if self.head == "pool":
       features = jnp.mean(h, axis=(1, 2, 3))
@@ -506,6 +537,11 @@ class DiffAE3D(nn.Module):
   encoder: SemanticEncoder
 
   def encode(self, x0: jax.Array, train: bool = False) -> jax.Array:
+    if self.encoder.remat == "blocks":
+      # z_sem's cotangent exists only after the UNet's whole backward pass: the encoder's
+      # activations are recomputed then instead of being kept through it.
+      # (The encoder has no dropout: `train` does not change it.)
+      return call_block(self.encoder, "blocks", x0)
     return self.encoder(x0, train)
 
   def eps(self, x_t: jax.Array, t: jax.Array, z_sem: jax.Array,
