@@ -247,10 +247,13 @@ def validate(config) -> None:
 
 def _check_family(config) -> None:
   """The model family accepts the config (its own checks: e.g. one regularised latent
-  dimension per attribute); building it creates no parameters and compiles nothing."""
+  dimension per attribute) and its modules accept their sizes (e.g. an image size that the
+  network's levels halve); the state is traced abstractly, nothing is allocated or compiled."""
+  import jax  # pylint: disable=g-import-not-at-top
   from cardiac_jax import steps  # pylint: disable=g-import-not-at-top
   try:
-    steps.make_family(config)
+    family = steps.make_family(config)
+    jax.eval_shape(family.init_state, jax.random.key(0))
   except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
     detail = " ".join(str(e).split())
     family = config.get("model", {}).get("family", "?")

@@ -166,3 +166,11 @@ def test_combinations_and_process_layout_are_checked():
   with pytest.raises(config_checks.ConfigError, match="train.eval_batch_size=3: must be "
                                                       "divisible by the number of processes"):
     config_checks.check_process_layout(config, 2)
+
+
+def test_sizes_the_network_refuses_are_a_config_error_not_a_traceback():
+  """Checks that live in the modules (run when the state is traced) are found before a run."""
+  config = configs.get_config("ar_sivae:smoke")
+  config.data.image_size = 33
+  with pytest.raises(config_checks.ConfigError, match="image_size 33 must be divisible"):
+    config_checks.validate(config)
