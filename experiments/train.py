@@ -38,8 +38,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> 
                        flag_values=flag_values)
 
 
-define_flags()
-
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]*)")
 
 
@@ -163,6 +161,9 @@ def main(argv):
 
 
 def run():
+  # Flags are defined only when the command runs, so importing this module beside another
+  # command's (tests, tools) defines no second --config.
+  define_flags()
   sys.argv = configs.resolve_config_argv(sys.argv)  # Where ml_collections reads overrides.
   app.run(main, flags_parser=_parse_flags_or_exit)
 
