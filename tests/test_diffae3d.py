@@ -155,6 +155,7 @@ def test_paper_variant_has_about_21m_parameters():
   assert tuple(config.model.channel_mult) == (1, 1, 2, 3, 4)
   assert tuple(config.model.encoder_channel_mult) == (1, 1, 2, 3, 4, 4)
   assert config.model.z_sem_dim == 128 and config.train.batch_size == 9
+  assert config.model.remat == "blocks"   # Fits in memory (docs/diffae3d_memory.md).
   assert config.optimizer.learning_rate == 1e-4 and config.model.ema_decay == 0.9999
   assert tuple(config.data.split) == (0.6, 0.1, 0.3) and config.data.augment.flip_prob == 0.5
 

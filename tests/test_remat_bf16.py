@@ -190,6 +190,9 @@ def test_recompute_in_backward_keeps_values_and_gradients():
   want = jax.jit(jax.grad(loss(block), (0, 1)))(params, x)
   got = jax.jit(jax.grad(loss(recomputed), (0, 1)))(params, x)
   assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
+  # A non-finite output cotangent gives NaN gradients (as the plain VJP would, mostly).
+  nan_grads = jax.grad(lambda p: jnp.nan * jnp.sum(recomputed(p, x, key)))(params)
+  assert all(np.isnan(np.asarray(g)).all() for g in jax.tree.leaves(nan_grads))
 
 
 def diffae_remat_config(remat: str):

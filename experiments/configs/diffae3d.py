@@ -45,7 +45,7 @@ Variants:
 - paper: the reference (50 frames of 128 x 128 px at 1.8 mm, base 32, multipliers
   (1, 1, 2, 3, 4), attention at 16 px (12,800 tokens) and in the middle, encoder multipliers
   (1, 1, 2, 3, 4, 4), z_sem 128, dropout 0.1, batch 9, EMA 0.9999): 20.84M parameters
-  (UNet 16.56M, encoder 4.28M).
+  (UNet 16.56M, encoder 4.28M); model.remat = "blocks", so that a step fits in memory.
 - smoke: 4 frames of 16 x 16 px, base 8, z_sem 8, 4 steps (tests).
 
 The model fields channels, latent_dim, output_activation and initializer of the base config
@@ -79,6 +79,9 @@ def paper(c):
   c.diffusion.p2_gamma = 0.0          # The reference's unweighted eps loss.
   c.model.dropout = 0.1
   c.model.ema_decay = 0.9999
+  # A step of this size needs rematerialisation to fit (docs/diffae3d_memory.md); bfloat16
+  # compute (the reference trains in mixed precision) lowers its memory further.
+  c.model.remat = "blocks"
   c.train.batch_size = 9
   c.train.eval_batch_size = 9
   c.optimizer.learning_rate = 1e-4
