@@ -27,12 +27,14 @@ for the backward pass, which recomputes its activations. `jax.checkpoint` alone 
 that recomputation after the block's output cotangent: XLA:CPU removes the optimisation barrier
 that would (its `cse_barrier_expander` pass runs before scheduling), and its scheduler then
 recomputes every block during the forward pass, which holds all activations at once, as if
-nothing were rematerialised. Here the recomputation and the block's VJP run inside a
-`lax.cond` whose predicate reads the cotangent (is its first element finite): nothing in the
-branch can start before the cotangent exists, the compiler cannot merge the recomputation
-with the forward pass, and the input cotangents leave the branch as finished arrays (not as
-fused expressions of the block's large intermediates that a distant consumer, such as a
-UNet's skip connection, would keep alive).
+nothing were rematerialised. Here the recomputed inputs carry a data dependency on the
+cotangent, x + (c - c) with c one element of the cotangent, which is x exactly for a finite c
+(a non-finite c gives non-finite gradients either way), so no backend can start the
+recomputation early. The input cotangents are returned as arrays of their own, not as fused
+elementwise expressions of the block's larger intermediates, which a distant consumer (a
+UNet's skip connection) would otherwise keep alive until its own backward pass. (Running the
+recomputation in a `lax.cond` on the cotangent does both too, but XLA:CPU runs such a branch
+of convolutions ten times slower.)
 """
 
 from __future__ import annotations
@@ -144,18 +146,47 @@ class ResBlock(nn.Module):
 
 
 # ------------------------------------------------------------------------- rematerialisation
-def _is_float(leaf: Any) -> bool:
-  return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.floating)
+def _after(tree: Any, anchor: jax.Array) -> Any:
+  """`tree` with every floating-point and PRNG-key leaf made data-dependent on `anchor`
+  (values unchanged for a finite anchor): leaf + (a - a), a the first element of `anchor`.
+  Keys too: random bits drawn from an untied key in the recomputation would be the same
+  computation as in the forward pass, which XLA merges, keeping the bits alive in between."""
+  first = jnp.ravel(anchor)[0]
+  zero = first - first
+
+  def tie(leaf):
+    if not isinstance(leaf, jax.Array):
+      return leaf
+    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      data = jax.random.key_data(leaf)
+      return jax.random.wrap_key_data(data + zero.astype(data.dtype),
+                                      impl=jax.random.key_impl(leaf))
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      return leaf + zero.astype(leaf.dtype)
+    return leaf
+
+  return jax.tree.map(tie, tree)
+
+
+def _materialised(x: jax.Array) -> jax.Array:
+  """x, computed as a product with the identity over its last axis (exact for finite x).
+
+  A matrix product is never fused into its consumers, so x becomes an array of its own when
+  its operands are ready, instead of an elementwise expression that a late consumer would
+  evaluate, keeping every (larger) operand of the expression alive until then."""
+  eye = jnp.eye(x.shape[-1], dtype=x.dtype)
+  return jnp.einsum("...c,cd->...d", x, eye, precision=jax.lax.Precision.HIGHEST)
 
 
 def recompute_in_backward(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
   """fn(params, *inputs) -> array, differentiated by recomputing fn in the backward pass.
 
-  The forward pass keeps `params` and `inputs` only. The backward pass recomputes fn and
-  applies its VJP inside a `lax.cond` on the first element of the output cotangent being
-  finite (module docstring); a non-finite one gives NaN gradients. Same values and
-  gradients as fn otherwise. Inputs that are not floating point (PRNG keys, None) get no
-  cotangent.
+  The forward pass keeps `params` and `inputs` only; the backward pass recomputes fn from
+  arguments tied to the output cotangent (module docstring), so the recomputation cannot run
+  before the cotangent exists, and returns the input cotangents as finished arrays
+  (`_materialised`). Same values and gradients as fn for a finite cotangent (a non-finite
+  one gives non-finite gradients). Inputs that are not floating point (PRNG keys, None) get
+  no cotangent.
   """
 
   @jax.custom_vjp
@@ -166,28 +197,18 @@ def recompute_in_backward(fn: Callable[..., jax.Array]) -> Callable[..., jax.Arr
     return fn(params, *inputs), (params, inputs)
 
   def backward(residuals, cotangent):
-    leaves, treedef = jax.tree.flatten(residuals)
-    is_float = [_is_float(leaf) for leaf in leaves]
-    floats = [leaf for leaf, f in zip(leaves, is_float) if f]
+    # Parameters too: what the block computes from them alone (GroupNorm scales broadcast to
+    # the activations' shape) would otherwise be shared with the forward pass and kept.
+    params, inputs = _after(residuals, cotangent)
+    _, vjp = jax.vjp(fn, params, *inputs)
+    params_grad, *inputs_grad = vjp(cotangent)
 
-    def of_floats(float_leaves):
-      it = iter(float_leaves)
-      params, inputs = treedef.unflatten([next(it) if f else leaf
-                                          for leaf, f in zip(leaves, is_float)])
-      return fn(params, *inputs)
+    def finished(grad):
+      if grad.dtype == jax.dtypes.float0:   # A PRNG key's.
+        return None
+      return _materialised(grad) if grad.ndim else grad
 
-    def vjp(float_leaves, cotangent):
-      return jax.vjp(of_floats, float_leaves)[1](cotangent)[0]
-
-    def nans(float_leaves, cotangent):
-      del cotangent
-      return [jnp.full_like(leaf, jnp.nan) for leaf in float_leaves]
-
-    first = jnp.ravel(cotangent)[0]
-    grads = iter(jax.lax.cond(jnp.isfinite(first), vjp, nans, floats, cotangent))
-    params_grad, inputs_grad = treedef.unflatten([next(grads) if f else None
-                                                  for f in is_float])
-    return (params_grad, *inputs_grad)
+    return (params_grad, *jax.tree.map(finished, inputs_grad))
 
   recomputed.defvjp(forward, backward)
   return recomputed
