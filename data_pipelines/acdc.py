@@ -144,7 +144,7 @@ def printable_path(path: str) -> str:
 
 # ----------------------------------------------------------------------------- cohort listing
 
-def _entry_problem(path: str) -> Optional[str]:
+def entry_problem(path: str) -> Optional[str]:
   """Why the folder entry `path` cannot be a subject folder, or None when it is a directory
   (directly or through a symbolic link)."""
   try:
@@ -207,7 +207,7 @@ def find_subjects(root: str) -> tuple[list[SubjectRef], list[RejectedEntry]]:
       path = os.path.join(folder, name)
       shown, shown_path = printable_path(name), printable_path(path)
       named_like_subject = shown.lower().startswith("patient")
-      problem = _entry_problem(path)
+      problem = entry_problem(path)
       if problem is not None:
         if named_like_subject:
           rejected.append(RejectedEntry(name=shown, directory=shown_path,

@@ -60,7 +60,7 @@ concept pool), acquired and prepared like the run's synthetic cohort.
 
 Batches (`make_data_source(config)`): the training batch at global step k is a pure function of
 (config.seed, k) as in data_pipelines/pipeline.py (same index schedule and augmentation draws:
-`pipeline.train_batch_indices`, `pipeline._augment_transforms`), process p of P keeps rows
+`pipeline.train_batch_indices`, `pipeline.augment_transforms`), process p of P keeps rows
 [p B/P, (p+1) B/P). Augmentation (training only, config.data.augment): integer in-plane shifts
 up to max_shift_px, optional zoom, horizontal flip with flip_prob; one map per sequence, applied
 to every frame and to every image field and the labels alike (nearest for labels). Fields are
@@ -372,7 +372,7 @@ def find_cine_subjects(root: str, dataset: str) -> tuple[list[tuple[str, str]],
       # root, is an entry that should have been one. Other files (lists, notes) are not.
       broken = os.path.islink(path) and not os.path.exists(path)
       if broken or name.endswith((".nii", ".nii.gz")):
-        problem = acdc._entry_problem(path)  # pylint: disable=protected-access
+        problem = acdc.entry_problem(path)
         if problem is None or not broken:
           problem = "is a NIfTI file at the cohort root; each subject is a folder"
         rejected.append((shown, shown_path, f"{shown_path}: {problem}"))
@@ -1028,7 +1028,7 @@ def held_out_cine_dir(config, num_subjects: int, group: str = HELD_OUT_GROUP, *,
   """
   data = config.data
   main = prepared_cine_dir(config, create=False)
-  report = prepare._report(main)  # pylint: disable=protected-access
+  report = prepare.read_report(main)
   recorded = report["config"]
   if recorded.get("dataset") != "synthetic":
     raise ValueError(f"{main} was prepared from a {recorded.get('dataset')!r} cohort, not a "
@@ -1195,16 +1195,15 @@ def train_batches(source, data_config, *, global_batch_size: int, seed: int,
   """Infinite augmented cine training batches of this process from global step `start_step`.
 
   Global batch k holds source indices `pipeline.train_batch_indices(N, B, seed, k)` with the
-  augmentation maps `pipeline._augment_transforms(seed, k)` of data.augment (shift, zoom,
+  augmentation maps `pipeline.augment_transforms(seed, k)` of data.augment (shift, zoom,
   flip; one map per sequence): a pure function of (seed, k). Process p of P gets rows
   [p B/P, (p+1) B/P). Fields: module docstring (sa_label int32, images float32); `fields`
   keeps only those array fields (and lv_volume_ml).
   """
-  # pylint: disable=protected-access
   layout = _read_layout(source, data_config, fields)
-  augment = pipeline._read_augment(data_config)
-  rows = pipeline._process_rows(global_batch_size, process_index, process_count,
-                                "global_batch_size")
+  augment = pipeline.read_augment(data_config)
+  rows = pipeline.process_rows(global_batch_size, process_index, process_count,
+                               "global_batch_size")
 
   def load(step: int) -> dict[str, np.ndarray]:
     indices = pipeline.train_batch_indices(layout.num_examples,
@@ -1212,7 +1211,7 @@ def train_batches(source, data_config, *, global_batch_size: int, seed: int,
                                            step=step)
     batch = _load_rows(source, layout, indices[rows])
     if not augment.is_identity:
-      batch["transforms"] = pipeline._augment_transforms(
+      batch["transforms"] = pipeline.augment_transforms(
           augment, seed=seed, step=step, global_batch_size=global_batch_size,
           image_size=layout.image_size)[rows]
     return batch
@@ -1229,9 +1228,8 @@ def eval_batches(source, data_config, *, batch_size: int, process_index: int = 0
                  fields: Optional[Sequence[str]] = None) -> Iterator[dict[str, np.ndarray]]:
   """One pass over the source in index order without augmentation; full-size batches whose
   rows past the end are zero padding with `mask` False, index -1 and subject ""."""
-  # pylint: disable=protected-access
   layout = _read_layout(source, data_config, fields)
-  rows = pipeline._process_rows(batch_size, process_index, process_count, "batch_size")
+  rows = pipeline.process_rows(batch_size, process_index, process_count, "batch_size")
   num_batches = -(-layout.num_examples // batch_size)
 
   def load(batch_number: int) -> dict[str, np.ndarray]:

@@ -118,7 +118,7 @@ class _Layout:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Augment:
+class Augment:
   """The validated `augment` section of the data config (training only)."""
   max_shift_px: int
   zoom_prob: float
@@ -210,12 +210,13 @@ def _read_layout(source: RandomAccessSource,
       mask_background=bool(_config_field(data_config, "mask_background")))
 
 
-def _read_augment(data_config: ml_collections.ConfigDict) -> _Augment:
+def read_augment(data_config: ml_collections.ConfigDict) -> Augment:
+  """The `augment` section of `data_config`, validated (ValueError naming the bad field)."""
   zoom_range = tuple(float(v) for v in _config_field(data_config, "augment.zoom_range"))
   if len(zoom_range) != 2 or not 0.0 < zoom_range[0] <= zoom_range[1]:
     raise ValueError(f"augment.zoom_range must be (low, high) with 0 < low <= high, got "
                      f"{zoom_range!r}")
-  return _Augment(
+  return Augment(
       max_shift_px=_non_negative_int(_config_field(data_config, "augment.max_shift_px"),
                                      "augment.max_shift_px"),
       zoom_prob=_probability(_config_field(data_config, "augment.zoom_prob"),
@@ -225,8 +226,8 @@ def _read_augment(data_config: ml_collections.ConfigDict) -> _Augment:
                              "augment.flip_prob"))
 
 
-def _process_rows(global_batch_size: int, process_index: int, process_count: int,
-                  what: str) -> slice:
+def process_rows(global_batch_size: int, process_index: int, process_count: int,
+                 what: str) -> slice:
   """Rows [p*B/P, (p+1)*B/P) of the global batch that process p receives."""
   if operator.index(global_batch_size) <= 0:
     raise ValueError(f"{what} must be positive, got {global_batch_size}")
@@ -276,8 +277,8 @@ def train_batch_indices(num_examples: int, *, global_batch_size: int, seed: int,
   return indices
 
 
-def _augment_transforms(augment: _Augment, *, seed: int, step: int, global_batch_size: int,
-                        image_size: int) -> np.ndarray:
+def augment_transforms(augment: Augment, *, seed: int, step: int, global_batch_size: int,
+                       image_size: int) -> np.ndarray:
   """Output-to-input affine maps of the whole global batch `step`: (B, 8) float32.
 
   Forward map of one example: flip x -> 2c - x (optional), zoom about the centre c by s,
@@ -456,8 +457,8 @@ def train_batches(source: RandomAccessSource, data_config: ml_collections.Config
     ValueError: empty source, bad config (unknown attribute, channel), B not divisible by P.
   """
   layout = _read_layout(source, data_config)
-  augment = _read_augment(data_config)
-  rows = _process_rows(global_batch_size, process_index, process_count, "global_batch_size")
+  augment = read_augment(data_config)
+  rows = process_rows(global_batch_size, process_index, process_count, "global_batch_size")
   seed = _non_negative_int(seed, "seed")
   start_step = _non_negative_int(start_step, "start_step")
 
@@ -466,7 +467,7 @@ def train_batches(source: RandomAccessSource, data_config: ml_collections.Config
                                   seed=seed, step=step)
     batch = _load_rows(source, layout, indices[rows])
     if not augment.is_identity:
-      batch["transforms"] = _augment_transforms(
+      batch["transforms"] = augment_transforms(
           augment, seed=seed, step=step, global_batch_size=global_batch_size,
           image_size=layout.image_size)[rows]
     return batch
@@ -488,7 +489,7 @@ def eval_batches(source: RandomAccessSource, data_config: ml_collections.ConfigD
   past the end are zero padding with `mask` False, index -1 and subject "".
   """
   layout = _read_layout(source, data_config)
-  rows = _process_rows(batch_size, process_index, process_count, "batch_size")
+  rows = process_rows(batch_size, process_index, process_count, "batch_size")
   num_batches = math.ceil(layout.num_examples / batch_size)
 
   def load(batch_number: int) -> dict[str, np.ndarray]:

@@ -604,7 +604,8 @@ def prepare_dataset(input_dir: str, output_dir: str,
 
 # ----------------------------------------------------------------------------- consumers
 
-def _report(output_dir: str) -> dict:
+def read_report(output_dir: str) -> dict:
+  """report.json of a complete prepared dataset; InvalidInputError when it is not one."""
   report = _read_json(os.path.join(output_dir, REPORT))
   if report is None or not _is_complete(output_dir, report):
     raise InvalidInputError(f"{output_dir}: not a complete prepared dataset (no valid "
@@ -614,7 +615,8 @@ def _report(output_dir: str) -> dict:
 
 def open_prepared(output_dir: str) -> tfds.core.DatasetBuilder:
   """The tfds builder of a prepared dataset (read-only; no builder class needed)."""
-  return tfds.builder_from_directory(os.path.join(output_dir, _report(output_dir)["tfds_dir"]))
+  tfds_dir = read_report(output_dir)["tfds_dir"]
+  return tfds.builder_from_directory(os.path.join(output_dir, tfds_dir))
 
 
 def load_split(output_dir: str, split: str):
@@ -628,7 +630,7 @@ def load_split(output_dir: str, split: str):
 
 def prepared_attributes(output_dir: str) -> dict[str, dict]:
   """attributes.csv as {subject: row}, numeric columns as float, frames as int."""
-  _report(output_dir)
+  read_report(output_dir)
   rows = {}
   with open(os.path.join(output_dir, ATTRIBUTES), newline="", encoding="utf-8") as f:
     for row in csv.DictReader(f):
