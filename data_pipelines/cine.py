@@ -89,6 +89,7 @@ import tensorflow_datasets as tfds
 from cardiac_jax import cardiac
 from cardiac_jax import structures
 from data_pipelines import acdc
+from data_pipelines import cache
 from data_pipelines import pipeline
 from data_pipelines import plausibility
 from data_pipelines import prepare
@@ -945,17 +946,16 @@ def cine_config_from(data_config) -> CineConfig:
       variance_fraction=float(data_field(data_config, "prepare.heart_variance_fraction")))
 
 
-def _cache_root(data_config) -> str:
-  return os.path.abspath(os.path.expanduser(
-      data_field(data_config, "cache_dir") or os.environ.get("CARDIAC_JAX_CACHE", "")
-      or "~/.cache/cardiac_jax"))
+def cache_root(data_config) -> str:
+  """<cache> of a data config (data.cache_dir; `cache.cache_root`)."""
+  return cache.cache_root(data_field(data_config, "cache_dir"))
 
 
 def synthetic_raw_dir(data_config) -> str:
   """<cache>/synthetic/n<N>_seed<S>/raw: the raw synthetic cohort, shared with the slice data."""
-  return os.path.join(_cache_root(data_config), "synthetic",
-                      f"n{int(data_field(data_config, 'synthetic.num_subjects'))}_seed"
-                      f"{int(data_field(data_config, 'synthetic.seed'))}", "raw")
+  return cache.synthetic_raw_dir(cache_root(data_config),
+                                 int(data_field(data_config, "synthetic.num_subjects")),
+                                 int(data_field(data_config, "synthetic.seed")))
 
 
 def prepared_cine_dir(config, *, create: bool = True, num_workers: Optional[int] = None) -> str:
@@ -984,13 +984,14 @@ def prepared_cine_dir(config, *, create: bool = True, num_workers: Optional[int]
   name = make_builder_config(dataset, cine_config, split_seed, fractions).name
   if dataset == "synthetic":
     raw = synthetic_raw_dir(data)
-    out = os.path.join(os.path.dirname(raw), "cine", name)
+    out = cache.synthetic_cine_dir(cache_root(data),
+                                   int(data_field(data, "synthetic.num_subjects")),
+                                   int(data_field(data, "synthetic.seed")), name)
   else:
     if not data_field(data, "source_dir"):
       raise ValueError("data.dataset='ukbb' needs data.source_dir=<folder of subject folders>")
     raw = os.path.abspath(data_field(data, "source_dir"))
-    digest = hashlib.sha1(raw.encode()).hexdigest()[:10]
-    out = os.path.join(_cache_root(data), "ukbb", digest, "cine", name)
+    out = cache.source_cine_dir(cache_root(data), "ukbb", raw, name)
   if data_field(data, "prepared_dir"):
     out = os.path.abspath(data_field(data, "prepared_dir"))
   if not create:
@@ -1041,9 +1042,7 @@ def held_out_cine_dir(config, num_subjects: int, group: str = HELD_OUT_GROUP, *,
     raise ValueError(f"{main}: no patient<digits> subject ids to number held-out subjects after")
   seed = int(data_field(data, "synthetic.seed"))
   cine_config = CineConfig(**recorded["cine"])
-  digest = hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:10]
-  root = os.path.join(_cache_root(data), "synthetic", "held_out",
-                      f"{digest}_{group.lower()}_n{int(num_subjects)}_seed{seed}")
+  root = cache.held_out_cohort_dir(cache_root(data), source, group, num_subjects, seed)
   fractions = (1.0, 0.0, 0.0)
   out = os.path.join(root, "cine", make_builder_config("synthetic", cine_config, 0,
                                                        fractions).name)

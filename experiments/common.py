@@ -14,7 +14,6 @@ once. <cache> is data.cache_dir, else $CARDIAC_JAX_CACHE, else ~/.cache/cardiac_
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import sys
@@ -72,15 +71,8 @@ def start_command(argv, quiet: bool = True, **required) -> None:
 
 
 def cache_root(config) -> str:
-  return os.path.abspath(os.path.expanduser(
-      config.data.cache_dir or os.environ.get("CARDIAC_JAX_CACHE", "")
-      or "~/.cache/cardiac_jax"))
-
-
-def _preparation_key(config) -> str:
-  p = config.data.prepare
-  return (f"s{p.image_size}_sp{p.spacing_mm:g}_{p.slice_rule}_{p.label_convention}"
-          f"_split{p.split_seed}")
+  from data_pipelines import cache
+  return cache.cache_root(config.data.cache_dir)
 
 
 def _preprocess_config(config):
@@ -91,32 +83,18 @@ def _preprocess_config(config):
 
 
 def prepared_dir(config, *, create: bool = True) -> str:
-  """The prepared dataset of `config`, generating and preparing it first if needed."""
+  """The prepared dataset of `config`, generating and preparing it first if needed (where:
+  `data_pipelines.cache.prepared_slice_dir`)."""
+  from data_pipelines import cache
+  out = cache.prepared_slice_dir(config.data)
   dataset = config.data.dataset
-  if dataset == "prepared":
-    if not config.data.prepared_dir:
-      raise ValueError("data.dataset='prepared' needs --config.data.prepared_dir=DIR")
-    return os.path.abspath(config.data.prepared_dir)
-  if config.data.prepared_dir:
-    out = os.path.abspath(config.data.prepared_dir)
-  elif dataset == "synthetic":
-    s = config.data.synthetic
-    out = os.path.join(cache_root(config), "synthetic", f"n{s.num_subjects}_seed{s.seed}",
-                       "prepared", _preparation_key(config))
-  elif dataset == "acdc":
-    if not config.data.source_dir:
-      raise ValueError("data.dataset='acdc' needs --config.data.source_dir=<ACDC root>")
-    digest = hashlib.sha1(os.path.abspath(config.data.source_dir).encode()).hexdigest()[:10]
-    out = os.path.join(cache_root(config), "acdc", digest, _preparation_key(config))
-  else:
-    raise ValueError(f"unknown data.dataset {dataset!r} (synthetic, acdc or prepared)")
-  if not create:
+  if dataset == "prepared" or not create:
     return out
   from data_pipelines import prepare
   if dataset == "synthetic":
     from data_pipelines import synthetic
     s = config.data.synthetic
-    raw = os.path.join(cache_root(config), "synthetic", f"n{s.num_subjects}_seed{s.seed}", "raw")
+    raw = cache.synthetic_raw_dir(cache_root(config), s.num_subjects, s.seed)
     synthetic.synthesize_cohort(raw, s.num_subjects, s.seed,
                                 num_workers=min(os.cpu_count() or 1, 8))
     source = raw

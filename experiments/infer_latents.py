@@ -268,7 +268,7 @@ def prepare_external_cohort(config, data_dir: str) -> str:
   source = os.path.abspath(data_dir)
   name = cine.make_builder_config(kind, cine_config, split_seed, fractions).name
   digest = hashlib.sha1(source.encode()).hexdigest()[:10]
-  root = cine._cache_root(data)  # pylint: disable=protected-access
+  root = cine.cache_root(data)
   out = os.path.join(root, kind, digest, "cine", name)
   _log(f"preparing the {kind} cohort {source} into {out} (resumable)")
   cine.prepare_cine_dataset(source, out, cine_config, dataset=kind, split_seed=split_seed,
