@@ -28,13 +28,14 @@ Methods", 2022):
    [-3, 3]). No sampling: closed form from the weights.
 
 `shift_grid` renders G(z + t v) for every direction v and shift t; `save_direction_grid` draws it.
-Scoring directions against ground-truth factors needs a segmenter of generated images and lives
-with the experiment (`experiments.directions`).
+`train_voynov_directions` trains the Voynov method and ranks its directions. Scoring directions
+against ground-truth factors is `cardiac_jax.direction_scoring`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -366,6 +367,49 @@ class DirectionSet:
 
   def scaled(self) -> np.ndarray:
     return self.vectors * self.scales[:, None]
+
+
+def save_direction_set(path: str, found: DirectionSet) -> None:
+  """Writes `found` to an .npz file (vectors, scales, values, method) atomically."""
+  with open(path + ".tmp", "wb") as f:
+    np.savez(f, vectors=found.vectors, scales=found.scales, values=found.values,
+             method=np.asarray(found.method))
+  os.replace(path + ".tmp", path)
+
+
+def load_direction_set(path: str) -> DirectionSet:
+  """The DirectionSet written by `save_direction_set`."""
+  with np.load(path) as data:
+    return DirectionSet(data["vectors"], data["scales"], data["values"], str(data["method"]))
+
+
+def train_voynov_directions(generator: Generator, latent_dim: int, config: VoynovConfig,
+                            key: jax.Array, num_steps: int,
+                            log: Callable[[str], None] | None = None
+                            ) -> tuple[DirectionSet, dict[str, Any]]:
+  """Trains a Voynov-Babenko deformator and reconstructor for `num_steps` (init, train and
+  evaluate keys folded in as 0, 1, 2); (DirectionSet ranked by the reconstructor's accuracy
+  per direction, {"reconstructor": evaluate(), "history": [...], "source_index": [...]}), the
+  source index being each ranked direction's column of the deformator."""
+  log = log or (lambda message: None)
+  discovery = VoynovDiscovery(generator, latent_dim, config)
+  state = discovery.init(jax.random.fold_in(key, 0))
+  every = max(1, num_steps // 10)
+  state, history = discovery.train(
+      state, jax.random.fold_in(key, 1), num_steps, log_every=every,
+      log=lambda step, row: log(f"voynov step {step}: loss {row['loss']:.4f}, accuracy "
+                                f"{row['train_accuracy']:.3f}"))
+  evaluation = discovery.evaluate(state, jax.random.fold_in(key, 2))
+  matrix = discovery.directions(state)                          # (K, d)
+  lengths = np.linalg.norm(matrix, axis=1)
+  accuracy = np.nan_to_num(np.asarray(evaluation["accuracy_per_direction"], np.float64), nan=0.0)
+  order = np.argsort(-accuracy, kind="stable")
+  found = DirectionSet(vectors=(matrix / np.maximum(lengths, 1e-12)[:, None])[order],
+                       scales=lengths[order], values=accuracy[order], method="voynov")
+  log(f"voynov reconstructor accuracy {evaluation['accuracy']:.3f} (chance "
+      f"{evaluation['chance']:.3f})")
+  return found, {"reconstructor": evaluation, "history": history,
+                 "source_index": order.tolist()}
 
 
 def _fix_signs(vectors: np.ndarray) -> np.ndarray:

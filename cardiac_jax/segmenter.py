@@ -28,7 +28,8 @@ of all images, and their mean over the three structures.
 
 Storage (`save_segmenter`, `load_segmenter`): DIR/params.npz (parameter leaves by their "/"-
 joined path) and DIR/segmenter.json (the SegmenterConfig and any metadata, e.g. the held-out
-Dice).
+Dice). `load_or_train` is the one way the analyses get a segmenter: the saved one when its
+metadata matches what they need, else a newly trained one, saved.
 """
 
 from __future__ import annotations
@@ -326,3 +327,43 @@ def load_segmenter(directory: str) -> tuple[Params, SegmenterConfig, dict[str, A
     params = traverse_util.unflatten_dict({k: jnp.asarray(data[k]) for k in data.files},
                                           sep="/")
   return params, config, meta
+
+
+@dataclasses.dataclass
+class TrainedSegmenter:
+  """A segmenter's parameters, SegmenterConfig and metadata (segmenter.json); `trained`: made
+  by this `load_or_train` call rather than loaded."""
+  params: Params
+  config: SegmenterConfig
+  meta: dict[str, Any]
+  trained: bool = False
+
+  def segment(self, images: np.ndarray) -> np.ndarray:
+    """(..., S, S) images in [0, 1] -> (..., S, S) uint8 canonical labels."""
+    images = np.asarray(images, np.float32)
+    flat = images.reshape((-1,) + images.shape[-2:])
+    return segment(self.params, flat, self.config).reshape(images.shape)
+
+
+def load_or_train(directory: str, train: Callable[[], TrainedSegmenter | None], *,
+                  wanted: dict[str, Any] | None = None, retrain: bool = False,
+                  check: Callable[[dict[str, Any]], None] | None = None,
+                  log: Callable[[str], None] | None = None) -> TrainedSegmenter | None:
+  """The segmenter saved in `directory` when both its files are there, `retrain` is off and its
+  metadata holds every item of `wanted`; else `train()`, saved to `directory` (None, and
+  nothing saved, when `train` returns None: nothing to train on). `check(meta)` may refuse a
+  saved segmenter by raising (e.g. one made for another image size)."""
+  saved = all(os.path.exists(os.path.join(directory, name)) for name in (PARAMS_FILE, META_FILE))
+  if saved and not retrain:
+    params, config, meta = load_segmenter(directory)
+    if check is not None:
+      check(meta)
+    if all(meta.get(k) == v for k, v in (wanted or {}).items()):
+      return TrainedSegmenter(params, config, meta)
+    if log is not None:
+      log(f"{directory} was trained for other data or settings: training again")
+  made = train()
+  if made is None:
+    return None
+  save_segmenter(directory, made.params, made.config, made.meta)
+  return dataclasses.replace(made, trained=True)

@@ -7,18 +7,16 @@
 The generator is the DCGAN generator of a `dcgan` run or the decoder of a `vae`-family run,
 both fed z ~ N(0, I) (`generator_from_workdir`).
 
-1. Segmenter (DIR/directions/segmenter/, reused when present). A small U-Net
-   (`cardiac_jax.segmenter`) trained on the run's prepared training split (image and label
-   channel 0, the run's augmentation) for --segmenter_steps steps. Written with it: its pooled
-   Dice on the val split, the agreement of every factor measured on its predictions with the
-   factor measured on the true labels of that split (Spearman, median absolute error), and the
-   spread of every factor over the cohort as the model saw it (true labels of augmented training
-   batches). The resolution of a factor is the larger of its cohort spread and the segmenter's
-   median absolute error: the prepared slices are aligned (LV centred, RV to the left) and
-   intensity-normalised, so rotation and intensity hardly vary in the cohort, and a change below
-   the measurement error is not resolved anyway. Also written, to DIR/directions/
-   cohort_factors.md: the Spearman correlation of every pair of factors over those labels
-   (factors that go together in the cohort are hard to separate with any direction).
+1. Segmenter (DIR/directions/segmenter/, `cardiac_jax.segmenter.load_or_train`): a small
+   U-Net trained on the run's prepared training split (image and label channel 0, the run's
+   augmentation) for --segmenter_steps steps, saved with its pooled Dice on the val split, the
+   agreement of every factor measured on its predictions with the factor on the true labels
+   (Spearman, median absolute error), and the spread of every factor over the cohort as the
+   model saw it (true labels of augmented training batches), which with the measurement error
+   gives each factor's resolution (`direction_scoring.factor_resolution`; the prepared slices
+   are aligned and intensity-normalised, so rotation and intensity hardly vary in the cohort).
+   DIR/directions/cohort_factors.md: the Spearman correlation of every pair of factors over
+   those labels (factors that go together in the cohort are hard to separate).
 2. Directions (DIR/directions/<method>/directions.npz, reused when the settings match):
    voynov: `VoynovDiscovery` trained for --voynov_steps steps; directions ranked by the
      reconstructor's accuracy on each (`evaluate`, also written: overall accuracy, chance,
@@ -31,29 +29,11 @@ both fed z ~ N(0, I) (`generator_from_workdir`).
      "from_latent" kernel).
    An edit of t moves z by t * scale_k * v_k (`DirectionSet`: t standard deviations for PCA and
    GANSpace, latent units for SeFa and Voynov).
-3. Scoring. For N base latents z_n ~ N(0, I) (numpy generator [seed, 2]) and S shifts t_s in
-   [-R, R], each direction k's images G(z_n + t_s scale_k v_k) are segmented, and every factor f
-   of `cardiac_jax.factors` (LV area, myocardial thickness, RV area, rotation, LV position x / y,
-   intensity) measured.
-     rho_{k,n,f} = Spearman(t, f(G(z_n + t scale_k v_k))) over the shifts (rotation unwrapped),
-     rho_{k,f} = mean_n rho_{k,n,f} (NaN-skipping), also mean_n |rho_{k,n,f}|,
-     finite_{k,f} = fraction of base latents with a finite rho,
-     range_{k,f} = mean_n (max_s f - min_s f) / resolution_f (step 1).
-   The main factor of k is, among the factors finite for at least --min_finite_fraction of the
-   base latents, the one with the largest |rho_{k,f}| (--main_factor_by=rho), or the largest
-   |rho_{k,f}| * min(1, range_{k,f}) (=effect: monotonic and at least one resolution). |mean
-   rho| rather than mean |rho| is ranked because a factor that only fluctuates (segmentation
-   noise) has a mean |rho| well above 0 but a mean rho near 0. Direction k controls its main
-   factor m when |rho_{k,m}| >= --rho_threshold and range_{k,m} >= --min_effect (it really
-   moves), while no other factor changes: every other f has |rho_{k,f}| < --other_threshold
-   (not monotonic) or range_{k,f} < --other_range_threshold (too little to matter; a tiny but
-   monotonic side effect such as a 1-degree drift of the LV -> RV axis while the RV grows does
-   not count). --min_effect=0 --other_range_threshold=0 leave only the conditions on rho.
-   The LV position is one factor of the cohort, a 2-D translation (--joint_position, default):
-   a direction whose main factor is position x may move position y as well (a diagonal
-   translation is as clean an edit as an axis-aligned one), and directions controlling either
-   count as the one factor "position" among the distinct factors controlled. With
-   --nojoint_position x and y are separate factors and each blocks the other.
+3. Scoring (`cardiac_jax.direction_scoring`, whose docstring has the formulas): for
+   --num_base_latents base latents and --num_shifts shifts in [-R, R], rho (Spearman of every
+   factor with the shift) and the range in resolutions; a direction controls its main factor
+   by --rho_threshold, --min_effect, --other_threshold, --other_range_threshold,
+   --main_factor_by, --min_finite_fraction and --joint_position.
 4. Outputs, DIR/directions/<method>/: scores.csv (every direction: ranking value, main and
    second factor with rho, the largest other |rho| and relative range, the other factors that
    change, and rho, mean |rho|, finite fraction and relative range of every factor),
@@ -77,13 +57,15 @@ from typing import Any, Callable, Sequence
 
 from absl import app, flags
 
+from cardiac_jax import direction_scoring as scoring
+from cardiac_jax.direction_scoring import Criteria
 from experiments import common
 
 METHODS = ("voynov", "pca", "sefa", "ganspace")
 CRITERIA_KEYS = ("rho_threshold", "other_threshold", "min_effect", "other_range_threshold",
                  "min_finite_fraction", "main_factor_by")
 GENERATOR_FAMILIES = ("dcgan", "vae")
-CHANNEL = 0  # Image and label channel that is segmented and measured.
+CHANNEL = scoring.CHANNEL  # Image and label channel that is segmented and measured.
 
 
 def define_flags() -> None:
@@ -180,22 +162,12 @@ class Settings:
     import numpy as np
     return np.linspace(-self.shift_range, self.shift_range, self.num_shifts)
 
-  def criteria(self) -> "Criteria":
-    return Criteria(rho_threshold=self.rho_threshold, other_threshold=self.other_threshold,
-                    min_effect=self.min_effect, other_range_threshold=self.other_range_threshold,
-                    min_finite_fraction=self.min_finite_fraction,
-                    main_factor_by=self.main_factor_by, joint_position=self.joint_position)
+  def criteria(self) -> Criteria:
+    return Criteria(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Criteria)})
 
 
 def _log(message: str) -> None:
   print(f"[directions {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _finite(value) -> float | None:
-  """A float for JSON (None for NaN)."""
-  import math
-  value = float(value)
-  return value if math.isfinite(value) else None
 
 
 # ------------------------------------------------------------------------------- generator
@@ -260,12 +232,8 @@ def _labelled_arrays(batches) -> tuple[Any, Any]:
 def cohort_factors(config, source, num_examples: int = 512, seed: int = 0,
                    ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
   """(spread, correlation) of the factors over the true labels of augmented training batches,
-  the cohort as the generative model saw it: spread (`factors.factor_spread`) of every factor,
-  and the Spearman correlation of every pair of factors over the images where both are finite.
-  Factors that go together in the cohort (a large LV cavity has a thin wall) are hard for any
-  latent direction to move apart."""
+  the cohort as the generative model saw it (`direction_scoring.cohort_factor_statistics`)."""
   import itertools
-  from cardiac_jax import factors
   from data_pipelines import pipeline
   batch_size = 32
   batches = pipeline.train_batches(source, config.data, global_batch_size=batch_size,
@@ -274,67 +242,15 @@ def cohort_factors(config, source, num_examples: int = 512, seed: int = 0,
     images, labels = _labelled_arrays(itertools.islice(batches, -(-num_examples // batch_size)))
   finally:
     batches.close()
-  measured = factors.measure_batch(labels, images[..., 0])
-  spread = {f: factors.factor_spread(measured[f], f) for f in factors.FACTORS}
-  correlation = {f: {g: _finite(factors.spearman(measured[f], measured[g]))
-                      for g in factors.FACTORS} for f in factors.FACTORS}
-  return spread, correlation
+  return scoring.cohort_factor_statistics(labels, images[..., 0])
 
 
-def cohort_correlation_table(correlation: dict[str, dict[str, float]]) -> str:
-  """Markdown table of the cohort's factor correlations (`cohort_factors`)."""
-  names = list(correlation)
-  lines = ["| factor | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-  for f in names:
-    lines.append(f"| {f} | " + " | ".join(_fmt(correlation[f].get(g)) for g in names) + " |")
-  return "\n".join(lines)
-
-
-def segmenter_quality(params, seg_config, images, labels) -> dict[str, Any]:
-  """Dice of the segmenter on (N, S, S, 1) images with true (N, S, S) labels, and per factor
-  the Spearman correlation and the median absolute difference of its measurement on predicted
-  and on true labels (with the share of images where both are finite)."""
-  import numpy as np
-  from cardiac_jax import factors, segmenter
-  predicted = segmenter.segment(params, images, seg_config)
-  dice = segmenter.dice_scores(predicted, labels)
-  on_predicted = factors.measure_batch(predicted, images[..., 0])
-  on_true = factors.measure_batch(labels, images[..., 0])
-  agreement = {}
-  for f in factors.FACTORS:
-    both = np.isfinite(on_predicted[f]) & np.isfinite(on_true[f])
-    agreement[f] = {"spearman": _finite(factors.spearman(on_true[f][both],
-                                                          on_predicted[f][both])),
-                    "median_abs_error": _finite(np.median(np.abs(on_predicted[f][both]
-                                                                 - on_true[f][both]))
-                                                if both.any() else float("nan")),
-                    "finite_fraction": float(both.mean()) if len(both) else 0.0}
-  return {"dice": dice, "factor_agreement": agreement, "num_examples": int(len(images))}
-
-
-def prepare_segmenter(config, out_dir: str, settings: Settings,
-                      log: Callable[[str], None] = _log):
-  """(params, SegmenterConfig, metadata) of the run's segmenter in `out_dir`: loaded when saved
-  there (and made for this image size), else trained on the training split and evaluated on
-  the val split (the test split when there is no val split)."""
+def train_segmenter(config, settings: Settings, log: Callable[[str], None] = _log):
+  """A segmenter trained on the run's training split and evaluated on the val split (the test
+  split when there is no val split), with the cohort's factor statistics in its metadata."""
   from cardiac_jax import segmenter
   from data_pipelines import pipeline
   image_size = int(config.data.image_size)
-  if not settings.retrain_segmenter and os.path.exists(
-      os.path.join(out_dir, segmenter.PARAMS_FILE)):
-    params, seg_config, meta = segmenter.load_segmenter(out_dir)
-    if int(meta.get("image_size", -1)) != image_size:
-      raise ValueError(f"{out_dir}: the saved segmenter is for {meta.get('image_size')} px "
-                       f"images, the run makes {image_size} px; use --retrain_segmenter")
-    quality = meta.get("quality", {})
-    if "cohort_correlation" not in meta:  # Saved before the correlations were recorded.
-      train = common.split_source(config, "train")
-      meta["cohort_correlation"] = cohort_factors(config, train, seed=int(meta.get(
-          "seed", settings.seed)))[1]
-      segmenter.save_segmenter(out_dir, params, seg_config, meta)
-    log(f"segmenter reused from {out_dir} ({quality.get('split')} Dice "
-        f"{_fmt(quality.get('dice', {}).get('mean'), '.3f')})")
-    return params, seg_config, meta
   seg_config = segmenter.SegmenterConfig(channels=tuple(settings.segmenter_channels),
                                          augment=settings.segmenter_augment)
   seg_config.check_image_size(image_size)
@@ -362,7 +278,7 @@ def prepare_segmenter(config, out_dir: str, settings: Settings,
     split, held_out = "train", train
   images, labels = _labelled_arrays(
       pipeline.eval_batches(held_out, config.data, batch_size=32))
-  quality = segmenter_quality(params, seg_config, images, labels)
+  quality = scoring.segmenter_quality(params, seg_config, images, labels)
   quality["split"] = split
   p = config.data.prepare
   spread, correlation = cohort_factors(config, train, seed=settings.seed)
@@ -370,12 +286,41 @@ def prepare_segmenter(config, out_dir: str, settings: Settings,
           "batch_size": settings.segmenter_batch_size, "seed": settings.seed,
           "train_examples": len(train), "train_seconds": round(seconds, 1), "quality": quality,
           "mm_per_pixel": float(p.spacing_mm) * int(p.image_size) / image_size,
-          "cohort_spread": {k: _finite(v) for k, v in spread.items()},
+          "cohort_spread": {k: scoring.finite_or_none(v) for k, v in spread.items()},
           "cohort_correlation": correlation,
           "cohort_spread_source": "true labels of augmented training batches"}
-  segmenter.save_segmenter(out_dir, params, seg_config, meta)
-  log(f"segmenter: {split} Dice {quality['dice']['mean']:.3f} (RV {quality['dice']['rv']:.3f}, "
-      f"MYO {quality['dice']['myo']:.3f}, LV {quality['dice']['lv']:.3f}); saved to {out_dir}")
+  return segmenter.TrainedSegmenter(params, seg_config, meta)
+
+
+def prepare_segmenter(config, out_dir: str, settings: Settings,
+                      log: Callable[[str], None] = _log):
+  """(params, SegmenterConfig, metadata) of the run's segmenter in `out_dir`
+  (`segmenter.load_or_train`): loaded when saved there (and made for this image size), else
+  trained (`train_segmenter`) and saved."""
+  from cardiac_jax import segmenter
+  image_size = int(config.data.image_size)
+
+  def check(meta):
+    if int(meta.get("image_size", -1)) != image_size:
+      raise ValueError(f"{out_dir}: the saved segmenter is for {meta.get('image_size')} px "
+                       f"images, the run makes {image_size} px; use --retrain_segmenter")
+
+  seg = segmenter.load_or_train(out_dir, lambda: train_segmenter(config, settings, log),
+                                retrain=settings.retrain_segmenter, check=check)
+  params, seg_config, meta = seg.params, seg.config, seg.meta
+  quality = meta.get("quality", {})
+  if seg.trained:
+    log(f"segmenter: {quality['split']} Dice {quality['dice']['mean']:.3f} (RV "
+        f"{quality['dice']['rv']:.3f}, MYO {quality['dice']['myo']:.3f}, LV "
+        f"{quality['dice']['lv']:.3f}); saved to {out_dir}")
+    return params, seg_config, meta
+  if "cohort_correlation" not in meta:  # Saved before the correlations were recorded.
+    train = common.split_source(config, "train")
+    meta["cohort_correlation"] = cohort_factors(config, train, seed=int(meta.get(
+        "seed", settings.seed)))[1]
+    segmenter.save_segmenter(out_dir, params, seg_config, meta)
+  log(f"segmenter reused from {out_dir} ({quality.get('split')} Dice "
+      f"{scoring.format_value(quality.get('dice', {}).get('mean'), '.3f')})")
   return params, seg_config, meta
 
 
@@ -424,33 +369,16 @@ def posterior_means(run: GeneratorRun, split: str = "train"):
 
 def voynov_directions(run: GeneratorRun, num_directions: int, settings: Settings, key,
                       log: Callable[[str], None] = _log):
-  """Trains a Voynov-Babenko deformator; (DirectionSet ranked by the reconstructor's accuracy
-  per direction, {"reconstructor": evaluate(), "history": [...], "source_index": [...]})."""
-  import jax
-  import numpy as np
+  """Trains a Voynov-Babenko deformator (`directions.train_voynov_directions`); (DirectionSet
+  ranked by the reconstructor's accuracy per direction, {"reconstructor": evaluate(),
+  "history": [...], "source_index": [...]})."""
   from cardiac_jax import directions as dl
   config = dl.VoynovConfig(num_directions=num_directions, deformator=settings.voynov_deformator,
                            reconstructor=settings.voynov_reconstructor,
                            batch_size=settings.voynov_batch_size,
                            learning_rate=settings.voynov_learning_rate)
-  discovery = dl.VoynovDiscovery(run.generator, run.latent_dim, config)
-  state = discovery.init(jax.random.fold_in(key, 0))
-  every = max(1, settings.voynov_steps // 10)
-  state, history = discovery.train(
-      state, jax.random.fold_in(key, 1), settings.voynov_steps, log_every=every,
-      log=lambda step, row: log(f"voynov step {step}: loss {row['loss']:.4f}, accuracy "
-                                f"{row['train_accuracy']:.3f}"))
-  evaluation = discovery.evaluate(state, jax.random.fold_in(key, 2))
-  matrix = discovery.directions(state)                          # (K, d)
-  lengths = np.linalg.norm(matrix, axis=1)
-  accuracy = np.nan_to_num(np.asarray(evaluation["accuracy_per_direction"], np.float64), nan=0.0)
-  order = np.argsort(-accuracy, kind="stable")
-  found = dl.DirectionSet(vectors=(matrix / np.maximum(lengths, 1e-12)[:, None])[order],
-                          scales=lengths[order], values=accuracy[order], method="voynov")
-  log(f"voynov reconstructor accuracy {evaluation['accuracy']:.3f} (chance "
-      f"{evaluation['chance']:.3f})")
-  return found, {"reconstructor": evaluation, "history": history,
-                 "source_index": order.tolist()}
+  return dl.train_voynov_directions(run.generator, run.latent_dim, config, key,
+                                    settings.voynov_steps, log)
 
 
 def find_directions(run: GeneratorRun, method: str, settings: Settings,
@@ -499,7 +427,6 @@ def cached_directions(run: GeneratorRun, method: str, settings: Settings, out_di
                       log: Callable[[str], None] = _log):
   """`find_directions`, saved to out_dir/directions.npz + directions.json and reused by a rerun
   with the same settings."""
-  import numpy as np
   from cardiac_jax import directions as dl
   fingerprint = _directions_fingerprint(run, method, settings, int(run.state.step))
   npz, meta_path = os.path.join(out_dir, "directions.npz"), os.path.join(out_dir,
@@ -508,289 +435,19 @@ def cached_directions(run: GeneratorRun, method: str, settings: Settings, out_di
     with open(meta_path, encoding="utf-8") as f:
       meta = json.load(f)
     if meta.get("fingerprint") == fingerprint:
-      with np.load(npz) as data:
-        found = dl.DirectionSet(data["vectors"], data["scales"], data["values"],
-                                str(data["method"]))
+      found = dl.load_direction_set(npz)
       log(f"{method}: {len(found.vectors)} directions reused from {npz}")
       return found, meta.get("extra", {})
   start = time.time()
   found, extra = find_directions(run, method, settings, log)
   extra = dict(extra, seconds=round(time.time() - start, 1))
   os.makedirs(out_dir, exist_ok=True)
-  with open(npz + ".tmp", "wb") as f:
-    np.savez(f, vectors=found.vectors, scales=found.scales, values=found.values,
-             method=np.asarray(found.method))
-  os.replace(npz + ".tmp", npz)
+  dl.save_direction_set(npz, found)
   common.write_json(meta_path, {"fingerprint": fingerprint, "extra": extra})
   return found, extra
 
 
-# --------------------------------------------------------------------------------- scoring
-def measure_shifts(generator: Callable, directions, segment_fn: Callable, shifts, base_latents,
-                   batch_size: int = 144, channel: int = CHANNEL):
-  """Factor values (K, N, S, F) of G(z_n + t_s d_k) for directions d_k (rows of (K, d), already
-  scaled), base latents z_n (N, d) and shifts t_s (S,); F follows `factors.FACTORS`.
-
-  segment_fn maps (M, H, W) images in [0, 1] to (M, H, W) canonical labels.
-  """
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from cardiac_jax import factors
-  directions = np.asarray(directions, np.float32)
-  base = np.asarray(base_latents, np.float32)
-  shifts = np.asarray(shifts, np.float32)
-  if directions.ndim != 2 or base.ndim != 2 or directions.shape[1] != base.shape[1]:
-    raise ValueError(f"directions {directions.shape} and base latents {base.shape} must be "
-                     "(K, d) and (N, d)")
-  fn = jax.jit(generator)
-  num, steps = len(base), len(shifts)
-  values = np.full((len(directions), num, steps, len(factors.FACTORS)), np.nan)
-  for k, direction in enumerate(directions):
-    latents = (base[None] + shifts[:, None, None] * direction[None, None]).reshape(-1,
-                                                                                   base.shape[1])
-    images = []
-    for i in range(0, len(latents), batch_size):
-      chunk = latents[i:i + batch_size]
-      padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), chunk.shape[1]),
-                                               np.float32)]) if len(chunk) < batch_size else chunk
-      images.append(np.asarray(fn(jnp.asarray(padded)))[:len(chunk), ..., channel])
-    images = np.concatenate(images)
-    labels = np.asarray(segment_fn(images))
-    measured = factors.measure_batch(labels, images)
-    values[k] = np.stack([measured[f] for f in factors.FACTORS], -1).reshape(
-        steps, num, -1).transpose(1, 0, 2)
-  return values
-
-
-def shift_correlations(values, shifts):
-  """Spearman rho (K, N, F) of every factor series over the shifts (rotation unwrapped)."""
-  import numpy as np
-  from cardiac_jax import factors
-  values = np.asarray(values, np.float64)
-  rho = np.full(values.shape[:2] + values.shape[3:], np.nan)
-  for f, name in enumerate(factors.FACTORS):
-    circular = name in factors.CIRCULAR_FACTORS
-    for k in range(values.shape[0]):
-      for n in range(values.shape[1]):
-        series = values[k, n, :, f]
-        if circular:
-          series = factors.unwrap_degrees(series)
-        rho[k, n, f] = factors.spearman(shifts, series)
-  return rho
-
-
-def _nanmean(x, axis):
-  import warnings
-  import numpy as np
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", category=RuntimeWarning)
-    return np.nanmean(x, axis=axis)
-
-
-def relative_ranges(values, spread: dict[str, float] | None):
-  """mean_n (max_s - min_s) / spread_f (K, F); the spread defaults to the factor's spread over
-  the unshifted images (the middle shift) when not given or not positive."""
-  import warnings
-  import numpy as np
-  from cardiac_jax import factors
-  values = np.asarray(values, np.float64)
-  out = np.full((values.shape[0], values.shape[3]), np.nan)
-  for f, name in enumerate(factors.FACTORS):
-    series = values[..., f]
-    if name in factors.CIRCULAR_FACTORS:
-      series = np.apply_along_axis(factors.unwrap_degrees, 2, series)
-    s = (spread or {}).get(name)
-    if s is None or not np.isfinite(s) or s <= 0:
-      s = factors.factor_spread(values[:, :, values.shape[2] // 2, f].ravel(), name)
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", category=RuntimeWarning)  # All-NaN series give NaN.
-      spans = np.nanmax(series, axis=2) - np.nanmin(series, axis=2)
-    spans[np.isfinite(series).sum(axis=2) < 2] = np.nan
-    if np.isfinite(s) and s > 0:
-      out[:, f] = _nanmean(spans / s, 1)
-  return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Criteria:
-  """When a direction controls a factor (module docstring, step 3); the flags of the same names.
-
-  main_factor_by: "rho" (largest |rho|) or "effect" (largest |rho| * min(1, range / resolution)).
-  A direction controls its main factor m when |rho_m| >= rho_threshold, range_m >= min_effect,
-  and every other factor f either has |rho_f| < other_threshold or range_f <
-  other_range_threshold. min_effect = other_range_threshold = 0 leave only the rho conditions.
-  joint_position: position_x and position_y are one factor, "position" (`factors.factor_group`):
-  neither counts as another factor of a direction whose main factor is the other, and the
-  distinct factors controlled are counted by that group.
-  """
-  rho_threshold: float = 0.8
-  other_threshold: float = 0.5
-  min_effect: float = 0.5
-  other_range_threshold: float = 0.5
-  min_finite_fraction: float = 0.5
-  main_factor_by: str = "rho"
-  joint_position: bool = True
-
-  def __post_init__(self):
-    if self.main_factor_by not in ("rho", "effect"):
-      raise ValueError(f"main_factor_by must be 'rho' or 'effect', got {self.main_factor_by!r}")
-
-
-def summarize_scores(rho, rel_range, values_ranking, criteria: Criteria = Criteria(),
-                     scales=None):
-  """Table rows (one per direction) and the summary of the scores (module docstring).
-
-  rho: (K, N, F) per-base-latent Spearman; rel_range: (K, F) mean range over the shifts in units
-  of each factor's spread; values_ranking: (K,) the method's ranking value.
-  """
-  import numpy as np
-  from cardiac_jax import factors
-  names = factors.FACTORS
-  c = criteria
-  rho = np.asarray(rho, np.float64)
-  rel_range = np.asarray(rel_range, np.float64)
-  mean_rho = _nanmean(rho, 1)                                  # (K, F)
-  mean_abs = _nanmean(np.abs(rho), 1)
-  finite = np.isfinite(rho).mean(axis=1)
-  effect = np.minimum(1.0, np.nan_to_num(rel_range, nan=0.0))
-  rows, controlling = [], []
-  for k in range(rho.shape[0]):
-    eligible = (finite[k] >= c.min_finite_fraction) & np.isfinite(mean_rho[k])
-    strength = np.abs(np.nan_to_num(mean_rho[k]))
-    if c.main_factor_by == "effect":
-      strength = strength * effect[k]
-    strength = np.where(eligible, strength, -1.0)
-    order = np.argsort(-strength, kind="stable")
-    main, second = int(order[0]), int(order[1])
-    has_main = bool(eligible[main])
-    group = factors.factor_group(names[main], c.joint_position)
-    # Factors other than the main one (and other than its partner axis of a joint position).
-    outside = [f for f in range(len(names))
-               if f != main and factors.factor_group(names[f], c.joint_position) != group]
-    others = [f for f in outside if np.isfinite(mean_rho[k, f])]
-    other = max(others, key=lambda f: abs(mean_rho[k, f])) if others else None
-    # Other factors that change: monotonically (|rho|) and by enough (range / resolution).
-    changed = [names[f] for f in others
-               if abs(mean_rho[k, f]) >= c.other_threshold
-               and not (np.isfinite(rel_range[k, f]) and rel_range[k, f] < c.other_range_threshold)]
-    main_range = float(rel_range[k, main])
-    controls = bool(has_main and abs(mean_rho[k, main]) >= c.rho_threshold
-                    and (c.min_effect <= 0 or (np.isfinite(main_range)
-                                               and main_range >= c.min_effect))
-                    and not changed)
-    if controls:
-      controlling.append(k)
-    row = {"direction": k, "value": float(values_ranking[k]),
-           "scale": float(scales[k]) if scales is not None else 1.0,
-           "main_factor": names[main] if has_main else "",
-           "main_rho": float(mean_rho[k, main]) if has_main else float("nan"),
-           "main_mean_abs_rho": float(mean_abs[k, main]) if has_main else float("nan"),
-           "main_finite_fraction": float(finite[k, main]),
-           "main_relative_range": main_range,
-           "second_factor": names[second] if eligible[second] else "",
-           "second_rho": float(mean_rho[k, second]) if eligible[second] else float("nan"),
-           "max_other_factor": names[other] if other is not None else "",
-           "max_other_abs_rho": float(abs(mean_rho[k, other])) if other is not None else 0.0,
-           "max_other_relative_range": float(max(
-               (rel_range[k, f] for f in outside if np.isfinite(rel_range[k, f])),
-               default=float("nan"))),
-           "changed_others": " ".join(changed),
-           "controls": controls}
-    for prefix, table in (("rho", mean_rho), ("mean_abs_rho", mean_abs), ("finite", finite),
-                          ("relative_range", rel_range)):
-      for f, name in enumerate(names):
-        row[f"{prefix}_{name}"] = float(table[k, f])
-    rows.append(row)
-  controlled: dict[str, list[int]] = {}
-  for k in controlling:
-    controlled.setdefault(factors.factor_group(rows[k]["main_factor"], c.joint_position),
-                          []).append(k)
-  best = {}
-  for f, name in enumerate(names):
-    eligible = [k for k in range(rho.shape[0])
-                if finite[k, f] >= c.min_finite_fraction and np.isfinite(mean_rho[k, f])]
-    if not eligible:
-      best[name] = None
-      continue
-    k = max(eligible, key=lambda j: abs(mean_rho[j, f]))
-    best[name] = {"direction": k, "rho": float(mean_rho[k, f]),
-                  "relative_range": float(rel_range[k, f]),
-                  "is_main_factor": rows[k]["main_factor"] == name,
-                  "controls": rows[k]["controls"] and rows[k]["main_factor"] == name,
-                  "max_other_abs_rho": float(max(
-                      (abs(mean_rho[k, g]) for g in range(len(names))
-                       if g != f and np.isfinite(mean_rho[k, g])), default=0.0))}
-  summary = {**dataclasses.asdict(c), "num_directions": int(rho.shape[0]),
-             "num_controlling_directions": len(controlling),
-             "num_distinct_factors_controlled": len(controlled),
-             "controlled_factors": controlled, "best_per_factor": best}
-  return rows, summary
-
-
-def score_directions(generator: Callable, directions, segment_fn: Callable, shifts,
-                     base_latents, *, values_ranking=None, scales=None, spread=None,
-                     criteria: Criteria = Criteria(), batch_size: int = 144):
-  """Measures, correlates and summarises (module docstring, step 3). spread: {factor: the unit
-  of its relative range} (default: its spread over the unshifted images).
-
-  Returns {"values": (K, N, S, F), "rho": (K, N, F), "relative_range": (K, F), "rows": [...],
-  "summary": {...}}.
-  """
-  import numpy as np
-  values = measure_shifts(generator, directions, segment_fn, shifts, base_latents, batch_size)
-  rho = shift_correlations(values, np.asarray(shifts, np.float64))
-  rel = relative_ranges(values, spread)
-  ranking = values_ranking if values_ranking is not None else np.zeros(len(values))
-  rows, summary = summarize_scores(rho, rel, ranking, criteria, scales=scales)
-  return {"values": values, "rho": rho, "relative_range": rel, "rows": rows,
-          "summary": summary}
-
-
 # --------------------------------------------------------------------------------- outputs
-def _fmt(value, spec: str = "+.2f") -> str:
-  import math
-  return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else \
-      format(value, spec)
-
-
-def markdown_table(rows: Sequence[dict], header: str) -> str:
-  lines = [header, "",
-           "| dir | value | main factor | rho | mean abs rho | finite | range / resolution "
-           "| second factor | rho | other factors that change | controls |",
-           "|---:|---:|---|---:|---:|---:|---:|---|---:|---|---|"]
-  for r in rows:
-    lines.append(
-        f"| {r['direction']} | {r['value']:.4g} | {r['main_factor'] or '-'} | "
-        f"{_fmt(r['main_rho'])} | {_fmt(r['main_mean_abs_rho'], '.2f')} | "
-        f"{_fmt(r['main_finite_fraction'], '.2f')} | {_fmt(r['main_relative_range'], '.2f')} | "
-        f"{r['second_factor'] or '-'} | {_fmt(r['second_rho'])} | "
-        f"{', '.join(r['changed_others'].split()) or '-'} | "
-        f"{'yes' if r['controls'] else 'no'} |")
-  return "\n".join(lines) + "\n"
-
-
-def criteria_sentence(c: dict) -> str:
-  """The control criterion of a summary (or Criteria as a dict), in words."""
-  text = (f"A direction controls its main factor (chosen by "
-          f"{'|rho|' if c['main_factor_by'] == 'rho' else '|rho| * min(1, range / resolution)'}) "
-          f"when |rho| >= {c['rho_threshold']:g}")
-  if c["min_effect"] > 0:
-    text += f" and its range / resolution >= {c['min_effect']:g}"
-  text += f", and every other factor has |rho| < {c['other_threshold']:g}"
-  if c["other_range_threshold"] > 0:
-    text += f" or range / resolution < {c['other_range_threshold']:g}"
-  return text
-
-
-def _grid_directions(rows: Sequence[dict], count: int, by: str) -> list[int]:
-  import math
-  if by == "rho":
-    key = lambda r: -abs(r["main_rho"]) if not math.isnan(r["main_rho"]) else 0.0
-    return [r["direction"] for r in sorted(rows, key=key)][:count]
-  return [r["direction"] for r in rows][:count]
-
-
 def write_method_outputs(out_dir: str, run: GeneratorRun, method: str, found, extra: dict,
                          scores: dict, settings: Settings, base_latents, seg_meta: dict,
                          log: Callable[[str], None] = _log) -> dict:
@@ -814,13 +471,13 @@ def write_method_outputs(out_dir: str, run: GeneratorRun, method: str, found, ex
       f"(value: {value_name}), {settings.num_base_latents} base latents z ~ N(0, I), "
       f"{settings.num_shifts} shifts in [-{settings.shift_range:g}, {settings.shift_range:g}] "
       f"edit units. rho: Spearman of the factor over the shift, mean over base latents; "
-      f"segmenter Dice {_fmt(dice.get('mean'), '.3f')}. Range / resolution: the factor's mean "
+      f"segmenter Dice {scoring.format_value(dice.get('mean'), '.3f')}. Range / resolution: the factor's mean "
       f"range over the shifts in units of the larger of its spread over the cohort and the "
-      f"segmenter's measurement error. {criteria_sentence(summary)}: "
+      f"segmenter's measurement error. {scoring.criteria_sentence(summary)}: "
       f"{summary['num_controlling_directions']} directions, "
       f"{summary['num_distinct_factors_controlled']} distinct factors "
       f"({', '.join(sorted(summary['controlled_factors'])) or 'none'}).")
-  common.write_text(os.path.join(out_dir, "scores.md"), markdown_table(rows, header))
+  common.write_text(os.path.join(out_dir, "scores.md"), scoring.markdown_table(rows, header))
   with open(os.path.join(out_dir, "factor_values.npz.tmp"), "wb") as f:
     np.savez(f, values=scores["values"], rho=scores["rho"],
              relative_range=scores["relative_range"], shifts=shifts, base_latents=base_latents,
@@ -828,9 +485,9 @@ def write_method_outputs(out_dir: str, run: GeneratorRun, method: str, found, ex
   os.replace(os.path.join(out_dir, "factor_values.npz.tmp"),
              os.path.join(out_dir, "factor_values.npz"))
 
-  shown = _grid_directions(rows, settings.grid_rows, settings.grid_by)
+  shown = scoring.grid_directions(rows, settings.grid_rows, settings.grid_by)
   images = dl.shift_grid(run.generator, base_latents[0], found.scaled()[shown], shifts)
-  labels = [f"#{k} {rows[k]['main_factor'] or '?'} {_fmt(rows[k]['main_rho'])}" for k in shown]
+  labels = [f"#{k} {rows[k]['main_factor'] or '?'} {scoring.format_value(rows[k]['main_rho'])}" for k in shown]
   dl.save_direction_grid(os.path.join(out_dir, "grid.png"), images, shifts, labels,
                          channel=CHANNEL,
                          title=f"{found.method} directions from the first base latent "
@@ -845,10 +502,8 @@ def write_method_outputs(out_dir: str, run: GeneratorRun, method: str, found, ex
                     "factor_agreement": seg_meta.get("quality", {}).get("factor_agreement"),
                     "mm_per_pixel": seg_meta.get("mm_per_pixel")},
       "cohort_spread": seg_meta.get("cohort_spread"),
-      "resolution": factor_resolution(seg_meta),
-      "factor_units": {"lv_area": "px", "rv_area": "px", "myo_thickness": "px",
-                       "rotation": "deg", "position_x": "px", "position_y": "px",
-                       "intensity": "image intensity"},
+      "resolution": scoring.factor_resolution(seg_meta),
+      "factor_units": dict(scoring.FACTOR_UNITS),
       **{k: v for k, v in extra.items() if k != "source_index"},
       **summary, "table": rows}
   common.write_json(os.path.join(out_dir, "results.json"), result)
@@ -857,12 +512,11 @@ def write_method_outputs(out_dir: str, run: GeneratorRun, method: str, found, ex
   return result
 
 
-# ------------------------------------------------------------------------------ comparison
 def compare(result_dirs: Sequence[str], out_dir: str | None = None) -> list[dict]:
-  """One row per method folder (its results.json): directions, controlling directions,
-  distinct factors controlled, and the best rho per factor with its direction. Writes
-  out_dir/comparison.{md,csv,json} (out_dir: the folders' common parent by default)."""
-  from cardiac_jax import factors
+  """One row per method folder (its results.json, `direction_scoring.comparison_row`): directions,
+  controlling directions, distinct factors controlled, and the best rho per factor with its
+  direction. Writes out_dir/comparison.{md,csv,json} (out_dir: the folders' common parent by
+  default)."""
   results = []
   for d in result_dirs:
     path = os.path.join(d, "results.json")
@@ -875,73 +529,18 @@ def compare(result_dirs: Sequence[str], out_dir: str | None = None) -> list[dict
   out_dir = out_dir or os.path.commonpath([os.path.abspath(d) for d in result_dirs])
   if len(result_dirs) == 1:
     out_dir = os.path.dirname(os.path.abspath(result_dirs[0]))
-  rows = []
-  for r in results:
-    row = {"run": os.path.basename(r["workdir"]), "kind": r["kind"], "method": r["method"],
-           "directions": r["num_directions"],
-           "controlling": r["num_controlling_directions"],
-           "distinct_factors": r["num_distinct_factors_controlled"],
-           "controlled": " ".join(sorted(r["controlled_factors"])),
-           "segmenter_dice": (r.get("segmenter", {}).get("dice") or {}).get("mean")}
-    if r["method"] == "voynov" and "reconstructor" in r:
-      row["reconstructor_accuracy"] = r["reconstructor"]["accuracy"]
-    else:
-      row["reconstructor_accuracy"] = None
-    for name in factors.FACTORS:
-      best = r["best_per_factor"].get(name)
-      row[f"best_rho_{name}"] = best["rho"] if best else None
-      row[f"best_dir_{name}"] = best["direction"] if best else None
-      row[f"best_controls_{name}"] = best["controls"] if best else None
-    rows.append(row)
+  rows = [scoring.comparison_row(r) for r in results]
   os.makedirs(out_dir, exist_ok=True)
   common.write_csv(os.path.join(out_dir, "comparison.csv"), rows)
   common.write_json(os.path.join(out_dir, "comparison.json"),
               {"folders": [os.path.abspath(d) for d in result_dirs], "rows": rows,
                "criteria": [{k: r.get(k) for k in CRITERIA_KEYS} for r in results]})
-  header = ("| run | method | directions | controlling | distinct factors | "
-            + " | ".join(factors.FACTORS) + " |")
-  criteria = {criteria_sentence(r) for r in results}
-  lines = ["Best rho per factor (direction; * = it controls the factor). "
-           + " / ".join(sorted(criteria)) + ".",
-           "", header, "|---|---|---:|---:|---:|" + "---:|" * len(factors.FACTORS)]
-  for row in rows:
-    cells = []
-    for name in factors.FACTORS:
-      rho = row[f"best_rho_{name}"]
-      cells.append("-" if rho is None else
-                   f"{rho:+.2f} (#{row[f'best_dir_{name}']}"
-                   f"{'*' if row[f'best_controls_{name}'] else ''})")
-    lines.append(f"| {row['run']} ({row['kind']}) | {row['method']} | {row['directions']} | "
-                 f"{row['controlling']} | {row['distinct_factors']} | " + " | ".join(cells)
-                 + " |")
-  common.write_text(os.path.join(out_dir, "comparison.md"), "\n".join(lines) + "\n")
+  common.write_text(os.path.join(out_dir, "comparison.md"),
+                    scoring.comparison_markdown(rows, results))
   return rows
 
 
 # ---------------------------------------------------------------------------------- driver
-def factor_resolution(seg_meta: dict[str, Any]) -> dict[str, float | None]:
-  """Unit of the relative ranges: per factor the larger of its cohort spread and the
-  segmenter's median absolute measurement error on the held-out real slices (a change below
-  the measurement error is not resolved). None where neither is known."""
-  import math
-  spread = seg_meta.get("cohort_spread") or {}
-  agreement = (seg_meta.get("quality") or {}).get("factor_agreement") or {}
-  out = {}
-  for name, value in spread.items():
-    error = (agreement.get(name) or {}).get("median_abs_error")
-    known = [v for v in (value, error) if v is not None and math.isfinite(v)]
-    out[name] = max(known) if known else None
-  return out
-
-
-def base_latents(latent_dim: int, settings: Settings):
-  """(N, d) base latents z ~ N(0, I) from numpy's generator [seed, 2]: the same for every method
-  of a seed."""
-  import numpy as np
-  rng = np.random.default_rng([settings.seed, 2])
-  return rng.standard_normal((settings.num_base_latents, latent_dim)).astype(np.float32)
-
-
 def run(workdir: str, methods: Sequence[str], settings: Settings = Settings(),
         step: int | None = None, log: Callable[[str], None] = _log) -> dict[str, dict]:
   """Segmenter, directions, scores and outputs of every method; with more than one method also
@@ -961,15 +560,16 @@ def run(workdir: str, methods: Sequence[str], settings: Settings = Settings(),
   common.write_text(os.path.join(root, "cohort_factors.md"),
                     "Spearman correlation of the factors over the true labels of augmented "
                     "training batches (the cohort as the model saw it).\n\n"
-                    + cohort_correlation_table(seg_meta["cohort_correlation"]) + "\n")
-  z = base_latents(generator_run.latent_dim, settings)
-  resolution = factor_resolution(seg_meta)
+                    + scoring.cohort_correlation_table(seg_meta["cohort_correlation"]) + "\n")
+  z = scoring.base_latents(generator_run.latent_dim, settings.num_base_latents,
+                           settings.seed)
+  resolution = scoring.factor_resolution(seg_meta)
   results = {}
   for method in methods:
     out_dir = os.path.join(root, method)
     found, extra = cached_directions(generator_run, method, settings, out_dir, log)
     log(f"{method}: scoring {len(found.vectors)} directions")
-    scores = score_directions(
+    scores = scoring.score_directions(
         generator_run.generator, found.scaled(), segment_fn, settings.shifts(), z,
         values_ranking=found.values, scales=found.scales,
         spread=resolution, criteria=settings.criteria(),

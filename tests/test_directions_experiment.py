@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cardiac_jax import direction_scoring as scoring
 from cardiac_jax import factors, structures
 from experiments import directions as experiment
 
@@ -50,8 +51,8 @@ def test_toy_generator_directions_score_their_known_factors():
   directions = np.concatenate([np.eye(4), [[1.0, 0.0, 1.0, 0.0]]]).astype(np.float32)
   base = np.random.default_rng(0).uniform(-1.5, 1.5, (6, 4)).astype(np.float32)
   shifts = np.linspace(-2.0, 2.0, 7)
-  scores = experiment.score_directions(toy_generator, directions, oracle_segmenter, shifts,
-                                       base, values_ranking=np.arange(5.0, 0.0, -1.0))
+  scores = scoring.score_directions(toy_generator, directions, oracle_segmenter, shifts,
+                                    base, values_ranking=np.arange(5.0, 0.0, -1.0))
   assert scores["values"].shape == (5, 6, 7, len(factors.FACTORS))
   assert scores["rho"].shape == (5, 6, len(factors.FACTORS))
   rows = {r["direction"]: r for r in scores["rows"]}
@@ -100,7 +101,7 @@ def test_summary_counts_distinct_factors_and_applies_the_thresholds():
   ranges[4, x] = 0.1
   ranges[5, rot] = 0.2
   ranges[5, x] = 3.0
-  rows, summary = experiment.summarize_scores(rho, ranges, np.arange(6.0))
+  rows, summary = scoring.summarize_scores(rho, ranges, np.arange(6.0))
   assert [r["main_factor"] for r in rows] == ["lv_area", "lv_area", "rv_area", "rv_area",
                                               "position_x", "rotation"]
   assert [r["controls"] for r in rows] == [True, True, False, False, False, False]
@@ -111,24 +112,24 @@ def test_summary_counts_distinct_factors_and_applies_the_thresholds():
   assert summary["controlled_factors"] == {"lv_area": [0, 1]}
   # Ranked by effect, direction 5's main factor is the one it moves a lot: position_x, and the
   # rotation drift (0.2 resolutions) does not count as a change.
-  rows, summary = experiment.summarize_scores(
-      rho, ranges, np.arange(6.0), experiment.Criteria(main_factor_by="effect"))
+  rows, summary = scoring.summarize_scores(
+      rho, ranges, np.arange(6.0), scoring.Criteria(main_factor_by="effect"))
   assert rows[5]["main_factor"] == "position_x" and rows[5]["changed_others"] == ""
   assert rows[5]["controls"] and not rows[4]["controls"]
   assert summary["controlled_factors"] == {"lv_area": [0, 1], "position": [5]}
   # Rho conditions only: direction 4 controls position_x, direction 5's drift blocks it.
-  rows, _ = experiment.summarize_scores(
+  rows, _ = scoring.summarize_scores(
       rho, ranges, np.arange(6.0),
-      experiment.Criteria(min_effect=0.0, other_range_threshold=0.0, main_factor_by="effect"))
+      scoring.Criteria(min_effect=0.0, other_range_threshold=0.0, main_factor_by="effect"))
   assert rows[4]["controls"] and not rows[5]["controls"]
-  _, lenient = experiment.summarize_scores(rho, ranges, np.arange(6.0),
-                                           experiment.Criteria(other_threshold=0.7))
+  _, lenient = scoring.summarize_scores(rho, ranges, np.arange(6.0),
+                                        scoring.Criteria(other_threshold=0.7))
   assert lenient["num_distinct_factors_controlled"] == 2
   assert lenient["best_per_factor"]["rv_area"] == {
       "direction": 2, "rho": pytest.approx(0.95), "relative_range": 1.0,
       "is_main_factor": True, "controls": True, "max_other_abs_rho": pytest.approx(0.6)}
   with pytest.raises(ValueError, match="main_factor_by"):
-    experiment.Criteria(main_factor_by="size")
+    scoring.Criteria(main_factor_by="size")
 
 
 def test_position_is_one_2d_factor_unless_asked_otherwise():
@@ -141,14 +142,14 @@ def test_position_is_one_2d_factor_unless_asked_otherwise():
   rho[1, :, x] = -0.9                         # Along x only.
   rho[2, :, y], rho[2, :, rot] = 0.9, 0.85   # Moves y and rotates: not a clean edit.
   ranges = np.full((3, f), 2.0)
-  rows, summary = experiment.summarize_scores(rho, ranges, np.arange(3.0))
+  rows, summary = scoring.summarize_scores(rho, ranges, np.arange(3.0))
   assert [r["main_factor"] for r in rows] == ["position_y", "position_x", "position_y"]
   assert [r["controls"] for r in rows] == [True, True, False]
   assert rows[0]["max_other_factor"] != "position_x" and rows[2]["changed_others"] == "rotation"
   assert summary["controlled_factors"] == {"position": [0, 1]}
   assert summary["num_distinct_factors_controlled"] == 1
-  rows, summary = experiment.summarize_scores(rho, ranges, np.arange(3.0),
-                                              experiment.Criteria(joint_position=False))
+  rows, summary = scoring.summarize_scores(rho, ranges, np.arange(3.0),
+                                           scoring.Criteria(joint_position=False))
   assert [r["controls"] for r in rows] == [False, True, False]
   assert rows[0]["changed_others"] == "position_x"
   assert summary["controlled_factors"] == {"position_x": [1]}
@@ -171,10 +172,10 @@ def _untrained_run(spec: str, workdir: str) -> str:
   generator, not a good one, and compiling the random initialisers of two models costs most of
   a minute on a loaded CPU."""
   import jax
-  from cardiac_jax import checkpointing, steps, training
+  from cardiac_jax import checkpointing, families, training
   from experiments.configs import get_config
   config = get_config(spec)
-  family = steps.make_family(config)
+  family = families.make_family(config)
   abstract = jax.eval_shape(family.init_state, jax.random.key(config.seed))
   rng = np.random.default_rng(0)
 
