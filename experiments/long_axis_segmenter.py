@@ -17,9 +17,8 @@ folders without 4-chamber segmentations) or no la_image.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -28,21 +27,6 @@ DEFAULT_STEPS = 1500
 DEFAULT_BATCH_SIZE = 32
 CHANNELS = (16, 32, 64)
 FIELDS = ("la_image", "la_label")
-
-
-@dataclasses.dataclass
-class LongAxisSegmenter:
-  """Trained parameters, their SegmenterConfig and metadata (segmenter.json)."""
-  params: Any
-  config: Any
-  meta: dict
-
-  def segment(self, cines: np.ndarray) -> np.ndarray:
-    """(..., S, S) frames on [0, 1] -> (..., S, S) uint8 labels."""
-    from cardiac_jax import segmenter  # pylint: disable=g-import-not-at-top
-    cines = np.asarray(cines, np.float32)
-    flat = cines.reshape((-1,) + cines.shape[-2:])
-    return segmenter.segment(self.params, flat, self.config).reshape(cines.shape)
 
 
 def split_frames(config, source) -> tuple[np.ndarray, np.ndarray]:
@@ -62,60 +46,55 @@ def split_frames(config, source) -> tuple[np.ndarray, np.ndarray]:
           labels.reshape((-1, size, size)).astype(np.int32))
 
 
-def _matches(meta: dict, wanted: dict) -> bool:
-  return all(meta.get(k) == v for k, v in wanted.items())
-
-
 def load_or_train(config, workdir: str, steps: int = DEFAULT_STEPS,
                   batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
-                  directory: Optional[str] = None) -> Optional[LongAxisSegmenter]:
-  """The 4-chamber segmenter of a run (module docstring); None without 4-chamber labels."""
+                  directory: Optional[str] = None):
+  """The 4-chamber segmenter of a run (module docstring; `segmenter.load_or_train`), a
+  `segmenter.TrainedSegmenter`; None without 4-chamber labels."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   from cardiac_jax import segmenter, structures  # pylint: disable=g-import-not-at-top
-  from data_pipelines import cine  # pylint: disable=g-import-not-at-top
+  from data_pipelines import cine, prepare  # pylint: disable=g-import-not-at-top
   directory = directory or cine.prepared_cine_dir(config, create=False)
-  out = os.path.join(workdir, SEGMENTER_DIR)
   wanted = {"prepared_dir": os.path.basename(os.path.normpath(directory)),
             "image_size": int(config.data.image_size), "num_steps": int(steps),
             "batch_size": int(batch_size), "seed": int(seed)}
-  if os.path.exists(os.path.join(out, segmenter.META_FILE)):
-    params, seg_config, meta = segmenter.load_segmenter(out)
-    if _matches(meta, wanted):
-      return LongAxisSegmenter(params, seg_config, meta)
-    logging.info("%s was trained for other data or settings: training again", out)
-  from data_pipelines import prepare  # pylint: disable=g-import-not-at-top
-  train = prepare.load_split(directory, "train")
-  if len(train) == 0 or not set(FIELDS) <= set(train[0]):
-    logging.warning("%s has no 4-chamber images or labels: no LV segmentation", directory)
-    return None
-  images, labels = split_frames(config, train)
-  if not np.any(labels == structures.LV_BLOOD_POOL):
-    logging.warning("%s: the 4-chamber labels are empty: no LV segmentation", directory)
-    return None
-  seg_config = segmenter.SegmenterConfig(channels=CHANNELS,
-                                         num_classes=structures.NUM_LONG_AXIS_LABELS)
-  rng = np.random.default_rng(seed)
 
-  def batches():
-    while True:
-      rows = rng.integers(0, len(images), batch_size)
-      yield {"image": images[rows, ..., None], "label": labels[rows, ..., None]}
+  def train():
+    train_split = prepare.load_split(directory, "train")
+    if len(train_split) == 0 or not set(FIELDS) <= set(train_split[0]):
+      logging.warning("%s has no 4-chamber images or labels: no LV segmentation", directory)
+      return None
+    images, labels = split_frames(config, train_split)
+    if not np.any(labels == structures.LV_BLOOD_POOL):
+      logging.warning("%s: the 4-chamber labels are empty: no LV segmentation", directory)
+      return None
+    seg_config = segmenter.SegmenterConfig(channels=CHANNELS,
+                                           num_classes=structures.NUM_LONG_AXIS_LABELS)
+    rng = np.random.default_rng(seed)
 
-  logging.info("training the 4-chamber segmenter on %d frames for %d steps", len(images), steps)
-  params = segmenter.train_segmenter(batches(), steps, int(rng.integers(2 ** 31)), seg_config)
-  trained = LongAxisSegmenter(params, seg_config, {**wanted,
-                                                   "num_train_frames": int(len(images))})
-  val_images, val_labels = split_frames(config, prepare.load_split(directory, "val"))
-  if len(val_images):
-    predicted = trained.segment(val_images)
-    true_area = np.sum(val_labels == structures.LV_BLOOD_POOL, axis=(1, 2))
-    found_area = np.sum(predicted == structures.LV_BLOOD_POOL, axis=(1, 2))
-    present = true_area > 0
-    trained.meta.update(
-        num_val_frames=int(len(val_images)),
-        val_dice=segmenter.dice_scores(predicted, val_labels),
-        val_lv_area_error_percent=(float(100.0 * np.mean(
-            np.abs(found_area[present] - true_area[present]) / true_area[present]))
-                                   if present.any() else None))
-  segmenter.save_segmenter(out, params, seg_config, trained.meta)
-  return trained
+    def batches():
+      while True:
+        rows = rng.integers(0, len(images), batch_size)
+        yield {"image": images[rows, ..., None], "label": labels[rows, ..., None]}
+
+    logging.info("training the 4-chamber segmenter on %d frames for %d steps", len(images),
+                 steps)
+    params = segmenter.train_segmenter(batches(), steps, int(rng.integers(2 ** 31)), seg_config)
+    trained = segmenter.TrainedSegmenter(params, seg_config,
+                                         {**wanted, "num_train_frames": int(len(images))})
+    val_images, val_labels = split_frames(config, prepare.load_split(directory, "val"))
+    if len(val_images):
+      predicted = trained.segment(val_images)
+      true_area = np.sum(val_labels == structures.LV_BLOOD_POOL, axis=(1, 2))
+      found_area = np.sum(predicted == structures.LV_BLOOD_POOL, axis=(1, 2))
+      present = true_area > 0
+      trained.meta.update(
+          num_val_frames=int(len(val_images)),
+          val_dice=segmenter.dice_scores(predicted, val_labels),
+          val_lv_area_error_percent=(float(100.0 * np.mean(
+              np.abs(found_area[present] - true_area[present]) / true_area[present]))
+                                     if present.any() else None))
+    return trained
+
+  return segmenter.load_or_train(os.path.join(workdir, SEGMENTER_DIR), train, wanted=wanted,
+                                 log=lambda message: logging.info("%s", message))
