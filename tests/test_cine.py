@@ -336,13 +336,13 @@ def test_resume_skips_finished_subjects(cohort, tmp_path, monkeypatch):
       raise KeyboardInterrupt
     return original(*args, **kwargs)
 
-  monkeypatch.setattr(cine, "prepare_subject", interrupted)
+  monkeypatch.setattr(cine.outcomes, "prepare_subject", interrupted)
   with pytest.raises(KeyboardInterrupt):
     cine.prepare_cine_dataset(root, out, CINE)
   assert not os.path.exists(os.path.join(out, prepare.REPORT))
   calls.clear()
-  monkeypatch.setattr(cine, "prepare_subject", lambda *a, **k: (calls.append(a[0]),
-                                                                original(*a, **k))[1])
+  monkeypatch.setattr(cine.outcomes, "prepare_subject", lambda *a, **k: (calls.append(a[0]),
+                                                                         original(*a, **k))[1])
   report = cine.prepare_cine_dataset(root, out, CINE)
   assert report["resumed_subjects"] == 3 and len(calls) == 3
   assert report["counts"]["prepared"] == 6
@@ -444,7 +444,7 @@ def test_ukbb_reader_and_preparation(cohort, tmp_path):
 def test_config_fields_and_cache_layout(tmp_path):
   data = cine_data.get_data_config(cache_dir=str(tmp_path), synthetic=dict(num_subjects=6))
   assert data.format == "cine" and data.synthetic.seed == 0 and data.synthetic.num_subjects == 6
-  for name, default in cine._OPTIONAL_FIELDS.items():  # pylint: disable=protected-access
+  for name, default in cine.config._OPTIONAL_FIELDS.items():  # pylint: disable=protected-access
     assert cine.data_field(data, name) == default, name
   with pytest.raises(KeyError, match="not a cine data field"):
     cine_data.get_data_config(max_shift=3)
