@@ -15,6 +15,7 @@ from data_pipelines.synthetic.layout import (PARAMETERS_CSV, PARTITION, long_axi
                                              read_parameters_csv)
 from data_pipelines.synthetic.parameters import SubjectParameters
 
+
 def lv_volume_curve_from_labels(labels: np.ndarray, spacing_mm) -> np.ndarray:
   """(T,) LV blood-pool volume in ml of a (X, Y, Z, T) label map."""
   voxel_ml = cardiac.voxel_volume_ml(spacing_mm)
