@@ -15,6 +15,7 @@ import pytest
 
 from cardiac_jax import structures
 from data_pipelines import acdc
+from data_pipelines import nifti
 from data_pipelines.errors import InvalidInputError
 
 SHAPE = (48, 44, 6)
@@ -315,7 +316,7 @@ def test_hostile_nifti_names_file_and_problem(tmp_path, make, message):
   path = str(tmp_path / "volume.nii.gz")
   make(path)
   with pytest.raises(InvalidInputError, match=message) as error:
-    acdc.load_nifti(path)
+    nifti.load_nifti(path)
   assert str(error.value).startswith(f"{path}: ")
 
 
@@ -324,7 +325,7 @@ def test_nifti_header_declaring_huge_volume_fails_fast(tmp_path):
   dims = np.array([4, 30000, 30000, 30000, 30000, 1, 1, 1], np.int16)
   save_header_nifti(path, np.ones((4, 5, 3), np.float32), dim=dims)
   with pytest.raises(InvalidInputError, match="more than the 536870912 accepted"):
-    acdc.load_nifti(path)
+    nifti.load_nifti(path)
   # Within the voxel limit, but 4 GiB of float64 (the float32 copy 2 GiB more): refused from
   # the header before anything is inflated, not found truncated after inflating what is there.
   save_header_nifti(path, np.ones((4, 5, 3), np.float64),
@@ -332,13 +333,13 @@ def test_nifti_header_declaring_huge_volume_fails_fast(tmp_path):
   with pytest.raises(InvalidInputError, match=r"header declares \(2048, 2048, 128\) voxels of "
                                               r"float64, 4294967296 bytes once decoded, more "
                                               r"than the 1073741824 bytes"):
-    acdc.read_nifti_header(path)
+    nifti.read_nifti_header(path)
   # Within both limits but far more than the file holds: truncation, found without allocating.
   save_header_nifti(path, np.ones((4, 5, 3), np.float32),
                     dim=np.array([3, 400, 400, 400, 1, 1, 1, 1], np.int16))
   with pytest.raises(InvalidInputError, match="the file is truncated: the header declares "
                                               "256000000 bytes"):
-    acdc.load_nifti(path)
+    nifti.load_nifti(path)
 
 
 def test_gzip_bomb_and_corrupt_stream(tmp_path):
@@ -350,7 +351,7 @@ def test_gzip_bomb_and_corrupt_stream(tmp_path):
   with gzip.open(path, "wb") as f:
     f.write(raw + bytes(64 * 1024 * 1024))       # 64 MiB of zeros past the declared voxels
   with pytest.raises(InvalidInputError, match="decompresses to more data than its header"):
-    acdc.load_nifti(path)
+    nifti.load_nifti(path)
   save_nifti(path, np.random.default_rng(0).normal(size=(20, 20, 10)).astype(np.float32))
   with open(path, "rb") as f:
     compressed = bytearray(f.read())
@@ -358,18 +359,18 @@ def test_gzip_bomb_and_corrupt_stream(tmp_path):
   with open(path, "wb") as f:
     f.write(bytes(compressed))
   with pytest.raises(InvalidInputError, match="cannot read NIfTI, the gzip stream is corrupt"):
-    acdc.load_nifti(path)
+    nifti.load_nifti(path)
   # Uncompressed NIfTI cut short.
   plain = str(tmp_path / "plain.nii")
   save_nifti(plain, np.ones((10, 10, 10), np.float32))
   with open(plain, "r+b") as f:
     f.truncate(352 + 100)
   with pytest.raises(InvalidInputError, match="the file is truncated: the header declares 4000"):
-    acdc.load_nifti(plain)
+    nifti.load_nifti(plain)
   fifo = str(tmp_path / "fifo.nii.gz")
   os.mkfifo(fifo)
   with pytest.raises(InvalidInputError, match="is not a regular file"):
-    acdc.load_nifti(fifo)
+    nifti.load_nifti(fifo)
 
 
 def test_nifti_multimember_gzip_and_nifti2_are_read(tmp_path):
@@ -381,12 +382,12 @@ def test_nifti_multimember_gzip_and_nifti2_are_read(tmp_path):
     raw = f.read()
   with open(path, "wb") as f:
     f.write(gzip.compress(raw[:500]) + gzip.compress(raw[500:]))
-  loaded, spacing = acdc.load_nifti(path)
+  loaded, spacing = nifti.load_nifti(path)
   np.testing.assert_array_equal(loaded, data)
   assert spacing == pytest.approx(SPACING)
   path2 = str(tmp_path / "two.nii")
   nib.save(nib.Nifti2Image(data.astype(np.float64), np.diag([*SPACING, 1.0])), path2)
-  np.testing.assert_array_equal(acdc.load_nifti(path2)[0], data)
+  np.testing.assert_array_equal(nifti.load_nifti(path2)[0], data)
 
 
 def test_grid_mismatches_say_which_and_how(tmp_path):

@@ -24,6 +24,7 @@ import pytest
 from cardiac_jax import structures
 from data_pipelines import acdc
 from data_pipelines import cine
+from data_pipelines import nifti
 from data_pipelines import plausibility
 from data_pipelines import prepare
 from data_pipelines import preprocess
@@ -74,7 +75,7 @@ def test_spatial_units_of_the_header_are_converted_to_mm(tmp_path):
   for unit, (code, per_mm) in UNITS.items():
     directory = write_subject(str(tmp_path / unit), "patient001", partition="")
     rewrite_in_unit(directory, code, per_mm)
-    volume = acdc.read_nifti(os.path.join(directory, "patient001_frame01.nii.gz"))
+    volume = nifti.read_nifti(os.path.join(directory, "patient001_frame01.nii.gz"))
     assert volume.spacing_mm == pytest.approx(SPACING, rel=1e-6), unit
     np.testing.assert_allclose(np.diag(volume.affine)[:3], SPACING, rtol=1e-6)
     outcome = tfds_builders.prepare_subject(_ref(directory), SMALL)

@@ -2,7 +2,7 @@
 
 Random bytes, random NIfTI files (shapes with empty axes, many voxel types, singular or NaN
 affines, zero/negative/NaN spacing, fuzzed header bytes, truncation, gzip or not) and random
-Info.cfg text go to `acdc.load_nifti`, `acdc.parse_info_cfg` and, assembled into subject
+Info.cfg text go to `nifti.load_nifti`, `acdc.parse_info_cfg` and, assembled into subject
 folders, to `acdc.load_subject` and `tfds_builders.prepare_subject`. Every failure must be an
 `InvalidInputError` naming the file (never another exception type, never a hang: each call runs
 under an alarm), and every accepted input must give sane output (finite spacing > 0, shapes and
@@ -34,6 +34,7 @@ import pytest
 
 from cardiac_jax import structures
 from data_pipelines import acdc
+from data_pipelines import nifti as nii
 from data_pipelines import preprocess
 from data_pipelines import tfds_builders
 from data_pipelines.errors import InvalidInputError
@@ -182,7 +183,7 @@ def test_load_nifti_random_headers_and_arrays(nifti, gzipped):
   content, array, pristine = nifti
   with tempfile.TemporaryDirectory() as directory:
     path = _write(directory, "volume", content, gzipped)
-    result = _call("load_nifti: random NIfTI headers/arrays", acdc.load_nifti, path, path=path)
+    result = _call("load_nifti: random NIfTI headers/arrays", nii.load_nifti, path, path=path)
   if result is None:
     return
   data, spacing = result
@@ -206,7 +207,7 @@ def test_load_nifti_random_bytes(content, gzipped, compress):
     path = os.path.join(directory, "volume.nii.gz" if gzipped else "volume.nii")
     with open(path, "wb") as f:
       f.write(gzip.compress(content) if compress else content)
-    result = _call("load_nifti: random bytes", acdc.load_nifti, path, path=path)
+    result = _call("load_nifti: random bytes", nii.load_nifti, path, path=path)
   if result is not None:
     _check_volume(*result, path)
 

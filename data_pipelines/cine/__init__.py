@@ -14,7 +14,7 @@ Raw layouts (`DATASETS`):
   seg_sa.nii.gz (X, Y, Z, T) optional labels of every frame in the UK Biobank convention
   (LV=1, Myo=2, RV=3; `label_convention`, remapped by `structures.remap_labels`). The series
   are ECG-triggered, so ED is frame 0 (without labels) or the frame of largest LV volume.
-Every file is read by `acdc.read_nifti` (defensive decoding); every problem of a subject raises
+Every file is read by `nifti.read_nifti` (defensive decoding); every problem of a subject raises
 `InvalidInputError` naming the file, which the preparation records as that subject's reason.
 
 Prepared example (one per subject; batch fields in /briefs/cine_format.md), T = num_frames,

@@ -1,6 +1,6 @@
 """Reading raw cine series: the synthetic ACDC layout and converted UK Biobank folders.
 
-Every file is read by `acdc.read_nifti` (defensive decoding); every problem of a subject raises
+Every file is read by `nifti.read_nifti` (defensive decoding); every problem of a subject raises
 `InvalidInputError` naming the file, which the preparation records as that subject's reason.
 """
 
@@ -14,6 +14,7 @@ import numpy as np
 
 from cardiac_jax import structures
 from data_pipelines import acdc
+from data_pipelines import nifti
 from data_pipelines import plausibility
 from data_pipelines import synthetic
 from data_pipelines.cine.config import DATASETS, UKBB_LONG_AXIS, UKBB_SEGMENTATION, UKBB_SHORT_AXIS
@@ -53,9 +54,9 @@ def _check_series_shape(shape, path: str, what: str) -> None:
                             "frames")
 
 
-def _read_cine_volume(path: str, what: str) -> acdc.NiftiVolume:
+def _read_cine_volume(path: str, what: str) -> nifti.NiftiVolume:
   """An image series (X, Y, Z, T) of at least 2 frames, none of them blank or constant."""
-  volume = acdc.read_nifti(path)
+  volume = nifti.read_nifti(path)
   _check_series_shape(volume.data.shape, path, what)
   try:
     plausibility.check_frames_not_constant(volume.data, what)
@@ -64,7 +65,7 @@ def _read_cine_volume(path: str, what: str) -> acdc.NiftiVolume:
   return volume
 
 
-def _read_long_axis(path: str) -> acdc.NiftiVolume:
+def _read_long_axis(path: str) -> nifti.NiftiVolume:
   volume = _read_cine_volume(path, "4-chamber cine")
   if volume.data.shape[2] != 1:
     raise InvalidInputError(f"{acdc.printable_path(path)}: expected one 4-chamber plane "
@@ -72,23 +73,23 @@ def _read_long_axis(path: str) -> acdc.NiftiVolume:
   return volume
 
 
-def _read_label_series(path: str, reference: acdc.NiftiVolume, reference_path: str,
-                       what: str, reference_what: str) -> acdc.NiftiVolume:
+def _read_label_series(path: str, reference: nifti.NiftiVolume, reference_path: str,
+                       what: str, reference_what: str) -> nifti.NiftiVolume:
   """A label series on the grid and with the frame count of the cine `reference`; shapes are
   compared from the header before any voxel is decoded."""
-  header = acdc.read_nifti_header(path)
+  header = nifti.read_nifti_header(path)
   _check_series_shape(header.shape, path, what)
-  acdc.check_same_shape(header.shape, path, reference.data.shape, reference_path, "label",
-                        reference_what)
+  nifti.check_same_shape(header.shape, path, reference.data.shape, reference_path, "label",
+                         reference_what)
   if header.shape[3] != reference.data.shape[3]:
     raise InvalidInputError(f"{acdc.printable_path(path)}: {header.shape[3]} label frames "
                             f"for {reference.data.shape[3]} cine frames")
-  volume = acdc.read_nifti(path)
-  acdc.check_same_grid(volume, path, reference, reference_path, "label", reference_what)
+  volume = nifti.read_nifti(path)
+  nifti.check_same_grid(volume, path, reference, reference_path, "label", reference_what)
   return volume
 
 
-def _read_labels(path: str, reference: acdc.NiftiVolume, reference_path: str,
+def _read_labels(path: str, reference: nifti.NiftiVolume, reference_path: str,
                  label_convention: str) -> np.ndarray:
   volume = _read_label_series(path, reference, reference_path, "label series", "cine")
   try:
@@ -97,7 +98,7 @@ def _read_labels(path: str, reference: acdc.NiftiVolume, reference_path: str,
     raise InvalidInputError(f"{acdc.printable_path(path)}: {e}") from None
 
 
-def _read_long_axis_labels(path: str, reference: acdc.NiftiVolume,
+def _read_long_axis_labels(path: str, reference: nifti.NiftiVolume,
                            reference_path: str) -> np.ndarray:
   """(X, Y, T) uint8 4-chamber labels on the grid of the 4-chamber cine `reference`."""
   volume = _read_label_series(path, reference, reference_path, "4-chamber label series",
