@@ -34,17 +34,17 @@ training job relies on (`run_preparation`, shared with the cine preparation of
   and processes only the remaining subjects. The work area records the configuration it belongs
   to and is deleted once report.json is in place; a run of another configuration takes it over
   (its subjects are reused where their preprocessing and inputs match) instead of refusing;
-- inputs followed: a rerun into a complete preparation of the same configuration fingerprints
-  the input folder again. Unchanged, it returns the report without redoing work; otherwise it
-  prepares the changed and new subjects, drops the removed ones, takes the unchanged ones from
-  the existing dataset, and says what changed. A different finished configuration in O is
-  refused, as is a non-empty O that is not a preparation; an O of an older format version of
-  the same configuration is prepared again;
-- concurrency: every process of a multi-process job may call `prepare_dataset` on the same O.
-  One takes an exclusive lock (flock on O/.prepare.lock) and prepares; the others wait for the
-  lock, then find the complete report and return it. The kernel releases the lock when its
-  holder dies, even by SIGKILL, so a crashed run never blocks the next one. Processes on
-  different hosts share the lock where the file system supports flock across clients (local
+- inputs followed (`reruns`): a rerun into a complete preparation of the same configuration
+  fingerprints the input folder again. Unchanged, it returns the report without redoing work;
+  otherwise it prepares the changed and new subjects, drops the removed ones, takes the
+  unchanged ones from the existing dataset, and says what changed. A different finished
+  configuration in O is refused, as is a non-empty O that is not a preparation; an O of an
+  older format version of the same configuration is prepared again;
+- concurrency (`locking`): every process of a multi-process job may call `prepare_dataset` on
+  the same O. One takes an exclusive lock (flock on O/.prepare.lock) and prepares; the others
+  wait for the lock, then find the complete report and return it. The kernel releases the lock
+  when its holder dies, even by SIGKILL, so a crashed run never blocks the next one. Processes
+  on different hosts share the lock where the file system supports flock across clients (local
   disks, NFS with lockd); elsewhere let one process per output directory prepare.
 """
 
@@ -53,14 +53,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
-import socket
 import time
 import uuid
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 from absl import app
 from absl import flags
@@ -68,19 +66,20 @@ import tensorflow_datasets as tfds
 
 from cardiac_jax import structures
 from data_pipelines import acdc
-from data_pipelines import fingerprints
+from data_pipelines import locking
 from data_pipelines import plausibility
 from data_pipelines import preprocess
+from data_pipelines import reruns
 from data_pipelines import tfds_builders
 from data_pipelines.errors import InvalidArgumentError
 from data_pipelines.errors import InvalidInputError
+from data_pipelines.locking import LOCK_FILE
 
 REPORT = "report.json"
 ATTRIBUTES = "attributes.csv"
 SPLITS = "splits.json"
 TFDS_DIR = "tfds"
 WORK_DIR = ".subjects"
-LOCK_FILE = ".prepare.lock"
 _WORK_CONFIG = "config.json"
 _STAGING_PREFIX = ".staging-"
 _OUTPUT_NAMES = (TFDS_DIR, ATTRIBUTES, SPLITS, REPORT)
@@ -178,48 +177,6 @@ def _finished_report(output_dir: str, requested: dict) -> Optional[dict]:
   return report if _is_complete(output_dir, report) else None
 
 
-@contextlib.contextmanager
-def _exclusive_lock(output_dir: str, verbose: bool) -> Iterator[None]:
-  """Holds an exclusive flock on output_dir/LOCK_FILE, waiting for another holder to finish.
-
-  The holder unlinks the file before releasing it, so a waiter may end up locking an unlinked
-  file: it checks that the path still names the file it locked, and starts over if not.
-  """
-  path = os.path.join(output_dir, LOCK_FILE)
-  told = False
-  while True:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except BlockingIOError:
-        if verbose and not told:
-          print(f"{output_dir}: another process is preparing it; waiting", flush=True)
-          told = True
-        fcntl.flock(fd, fcntl.LOCK_EX)
-      try:
-        locked = os.fstat(fd)
-        current = os.stat(path)
-        same = (locked.st_dev, locked.st_ino) == (current.st_dev, current.st_ino)
-      except FileNotFoundError:
-        same = False
-    except BaseException:
-      os.close(fd)
-      raise
-    if same:
-      break
-    os.close(fd)
-  try:
-    # For a person wondering who holds the lock.
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
-    yield
-  finally:
-    with contextlib.suppress(OSError):
-      os.unlink(path)
-    os.close(fd)
-
-
 def _write_attributes_csv(path: str, outcomes) -> None:
   with open(path, "w", newline="", encoding="utf-8") as f:
     writer = csv.DictWriter(f, fieldnames=structures.ATTRIBUTES_CSV_COLUMNS)
@@ -304,85 +261,6 @@ class Preparation:
   noun: str = "subjects"
 
 
-def _previous_preparation(output_dir: str, report: dict) -> tfds_builders.PreviousPreparation:
-  """The complete preparation in output_dir as a source of unchanged subjects."""
-  rows = {}
-  with open(os.path.join(output_dir, ATTRIBUTES), newline="", encoding="utf-8") as f:
-    for row in csv.DictReader(f):
-      rows[row["subject"]] = row
-  outcomes, split_of = {}, {}
-  for entry in report.get("subjects", []):
-    if not isinstance(entry.get("inputs"), dict):
-      continue                           # not a subject folder: judged again every run
-    outcome = tfds_builders.SubjectOutcome(
-        subject=entry["subject"], directory=entry["directory"], status=entry["status"],
-        reason=entry.get("reason"), group=entry.get("group"), inputs=entry["inputs"],
-        unexpected=bool(entry.get("unexpected", False)))
-    row = rows.get(entry["subject"])
-    if entry["status"] == "prepared":
-      split_of[entry["subject"]] = entry["split"]
-      if row is not None:
-        outcome.ed_frame, outcome.es_frame = int(row["ed_frame"]), int(row["es_frame"])
-        outcome.attributes = {name: float(row[name]) for name in structures.ATTRIBUTE_NAMES}
-    outcomes[entry["subject"]] = outcome
-  return tfds_builders.PreviousPreparation(os.path.join(output_dir, report["tfds_dir"]),
-                                           outcomes, split_of)
-
-
-def _input_changes(report: dict, subjects, skipped, known: dict[str, dict],
-                   rehash: bool) -> tuple[dict, dict[str, dict]]:
-  """What differs between the inputs a report was prepared from and the input folder now.
-
-  Returns ({"unchanged": n, "changed": {subject: what}, "added": [...], "removed": [...],
-  "other_entries": bool}, {directory: current fingerprint}). `known`: fingerprints computed
-  earlier in this run, by directory (their hashes are reused for unchanged files).
-  """
-  recorded = {e["subject"]: e for e in report.get("subjects", [])
-              if isinstance(e.get("inputs"), dict)}
-  changes = {"unchanged": 0, "changed": {}, "added": [], "removed": [], "other_entries": False}
-  inputs = {}
-  for subject, directory in subjects:
-    entry = recorded.pop(subject, None)
-    same_folder = entry is not None and entry["directory"] == acdc.printable_path(directory)
-    previous = known.get(directory) or (entry["inputs"] if same_folder else None)
-    inputs[directory] = fingerprints.subject_inputs(directory, previous, rehash=rehash)
-    if entry is None:
-      changes["added"].append(subject)
-    elif not same_folder:
-      changes["changed"][subject] = f"moved from {entry['directory']}"
-    elif not fingerprints.same_content(entry["inputs"], inputs[directory]):
-      changes["changed"][subject] = fingerprints.describe_difference(entry["inputs"],
-                                                                     inputs[directory])
-    else:
-      changes["unchanged"] += 1
-  changes["removed"] = sorted(recorded)
-  before = sorted((e["subject"], e.get("reason") or "") for e in report.get("subjects", [])
-                  if not isinstance(e.get("inputs"), dict))
-  now = sorted((o.subject, o.reason or "") for o in skipped)
-  changes["other_entries"] = before != now
-  return changes, inputs
-
-
-def _has_changes(changes: dict) -> bool:
-  return bool(changes["changed"] or changes["added"] or changes["removed"]
-              or changes["other_entries"])
-
-
-def _describe_changes(changes: dict) -> str:
-  parts = []
-  if changes["changed"]:
-    shown = "; ".join(f"{s}: {what}" for s, what in list(changes["changed"].items())[:5])
-    more = ", ..." if len(changes["changed"]) > 5 else ""
-    parts.append(f"{len(changes['changed'])} changed ({shown}{more})")
-  for key in ("removed", "added"):
-    if changes[key]:
-      more = ", ..." if len(changes[key]) > 5 else ""
-      parts.append(f"{len(changes[key])} {key} ({', '.join(changes[key][:5])}{more})")
-  if changes["other_entries"]:
-    parts.append("the folder entries that are not subjects differ")
-  return ", ".join(parts)
-
-
 def run_preparation(job: Preparation, *, verbose: bool = True, rehash: bool = False) -> dict:
   """Prepares `job` into job.output_dir (module docstring), or returns the report of a
   complete preparation whose inputs are unchanged; returns report.json's contents."""
@@ -394,8 +272,8 @@ def run_preparation(job: Preparation, *, verbose: bool = True, rehash: bool = Fa
   report = _finished_report(output_dir, job.requested)
   known: dict[str, dict] = {}
   if report is not None:
-    changes, known = _input_changes(report, subjects, skipped, known, rehash)
-    if not _has_changes(changes):
+    changes, known = reruns.input_changes(report, subjects, skipped, known, rehash)
+    if not reruns.has_changes(changes):
       if verbose:
         print(f"{output_dir}: already prepared ({report['counts']['prepared']} {job.noun}, "
               "inputs unchanged), nothing to do")
@@ -405,23 +283,24 @@ def run_preparation(job: Preparation, *, verbose: bool = True, rehash: bool = Fa
   created = not os.path.isdir(output_dir)
   try:
     os.makedirs(output_dir, exist_ok=True)
-    with _exclusive_lock(output_dir, verbose):
+    with locking.exclusive_lock(output_dir, verbose):
       # Another process may have finished, or started something else, while this one waited.
       report = _finished_report(output_dir, job.requested)
       changes = None
       if report is not None:
-        changes, known = _input_changes(report, subjects, skipped, known, rehash)
-        if not _has_changes(changes):
+        changes, known = reruns.input_changes(report, subjects, skipped, known, rehash)
+        if not reruns.has_changes(changes):
           if verbose:
             print(f"{output_dir}: already prepared ({report['counts']['prepared']} "
                   f"{job.noun}, inputs unchanged), nothing to do")
           return report
         if verbose:
           print(f"{output_dir}: the input changed since it was prepared: "
-                f"{_describe_changes(changes)}; preparing again, "
+                f"{reruns.describe_changes(changes)}; preparing again, "
                 f"{changes['unchanged']} unchanged {job.noun} taken from it", flush=True)
       _refuse_foreign(output_dir)
-      previous = _previous_preparation(output_dir, report) if report is not None else None
+      previous = (reruns.previous_preparation(output_dir, report, ATTRIBUTES)
+                  if report is not None else None)
       report = _prepare_locked(job, previous, known, changes, start, verbose)
   except OSError as e:
     if created:
