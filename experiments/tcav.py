@@ -62,10 +62,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import zlib
 from typing import Any, Iterable, Sequence
 
 from absl import app, flags
+
+from cardiac_jax.interpret import tcav
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "temporal_classifier run directory.")
 _STEP = flags.DEFINE_string("step", None, "Checkpoint: a step, best (the best validation "
@@ -99,78 +100,7 @@ _SIGMAS = flags.DEFINE_list("sigmas", ["-2", "-1", "0", "1", "2"],
                             "Interpolation targets in standard deviations of the projection.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the CAV splits and random sets.")
 
-QC_FAILED = "qc_failed"
-
-
-@dataclasses.dataclass(frozen=True)
-class Concept:
-  """A TCAV concept: the `direction` ("low"/"high") end of biomarker `key`."""
-  name: str
-  key: str
-  direction: str
-  description: str
-  control: bool = False      # Built to be irrelevant to the label.
-
-
-CONCEPTS = (
-    Concept("low_ef", "lv_ef", "low", "low LV ejection fraction"),
-    Concept("low_per", "peak_ejection_rate_ml_s", "low", "low peak ejection rate"),
-    Concept("low_pfr", "peak_filling_rate_ml_s", "low", "low peak filling rate"),
-    Concept("low_apfr", "atrial_peak_filling_rate_ml_s", "low", "low atrial peak filling rate"),
-    Concept("high_edv", "lv_edv_ml", "high", "high LV end-diastolic volume"),
-    Concept("high_esv", "lv_esv_ml", "high", "high LV end-systolic volume"),
-    Concept("high_wtv", "wall_thickening_variance", "high",
-            "high variance of LV wall thickening over 6 segments"),
-    Concept("random", "random_attribute", "high",
-            "control: a random number per subject", control=True),
-    Concept("label_proxy", "label_proxy", "high",
-            "control: the class label plus a random number (nothing beyond the class)",
-            control=True),
-    Concept("high_intensity", "intensity_scale", "high",
-            "control: scanner intensity scale (synthetic)", control=True),
-    Concept("high_noise", "noise_level", "high",
-            "control: image noise level (synthetic)", control=True),
-)
-BIOMARKER_KEYS = ("lv_edv_ml", "lv_esv_ml", "lv_ef", "peak_ejection_rate_ml_s",
-                  "peak_filling_rate_ml_s", "atrial_peak_filling_rate_ml_s",
-                  "wall_thickening_variance")
-
-
 # ------------------------------------------------------------------------------ biomarkers
-def random_attribute(subject: str, salt: str = "") -> float:
-  """A uniform number in [0, 1) that depends only on the subject id and `salt` (controls)."""
-  import numpy as np
-  return float(np.random.default_rng(zlib.crc32((salt + subject).encode("utf-8"))).random())
-
-
-def label_proxy(subject: str, label: int) -> float:
-  """The class label plus a uniform number in [0, 1) of the subject: orders every positive
-  above every negative and carries nothing else (a control concept)."""
-  return float(label) + random_attribute(subject, salt="label_proxy:")
-
-
-def subject_biomarkers(labels, volumes_ml, pixel_spacing_mm: float, slice_thickness_mm: float,
-                       frame_interval_s: float, window_length: int, polyorder: int
-                       ) -> dict[str, Any]:
-  """Biomarkers of one subject (T, S, S, 3) label sequence; NaN values and the reason when the
-  volume-curve QC fails or a measurement is impossible."""
-  import numpy as np
-  from cardiac_jax import cardiac
-  spacing = (float(pixel_spacing_mm), float(pixel_spacing_mm), float(slice_thickness_mm))
-  try:
-    values = cardiac.biomarkers(np.asarray(labels), spacing, frame_interval_s, window_length,
-                                polyorder, volumes_ml=np.asarray(volumes_ml, np.float64))
-  except ValueError as e:
-    return {**{k: float("nan") for k in BIOMARKER_KEYS}, QC_FAILED: f"not measurable: {e}"}
-  out = {k: float(values[k]) for k in BIOMARKER_KEYS}
-  if not values["qc_passed"]:
-    out = {k: float("nan") for k in BIOMARKER_KEYS}
-    out[QC_FAILED] = values["qc_reason"]
-  else:
-    out[QC_FAILED] = ""
-  return out
-
-
 def synthetic_parameters(prepared_dir: str) -> dict[str, dict[str, float]]:
   """{subject: {intensity_scale, noise_level}} of the synthetic cohort a prepared dataset was
   made from (its report.json); {} for other data or when the cohort's parameters.csv is gone."""
@@ -186,28 +116,6 @@ def synthetic_parameters(prepared_dir: str) -> dict[str, dict[str, float]]:
   return {p.subject: {"intensity_scale": p.intensity_scale, "noise_level": p.noise_level}
           for p in synthetic.read_parameters_csv(path)}
 
-
-def biomarker_rows(examples: Iterable[dict], frame_interval_s: float, window_length: int,
-                   polyorder: int, parameters: dict[str, dict[str, float]],
-                   positive_groups: Sequence[int]) -> list[dict]:
-  """One row per stored cine example: subject, group, class label (group in the group indices
-  `positive_groups`), biomarkers, control attributes."""
-  rows = []
-  for example in examples:
-    subject = example["subject"]
-    subject = subject.decode("utf-8") if isinstance(subject, bytes) else str(subject)
-    group = int(example["group"])
-    row = {"subject": subject, "group": group, "label": int(group in positive_groups)}
-    row.update(subject_biomarkers(example["sa_label"], example["lv_volume_ml"],
-                                  example["pixel_spacing_mm"], example["slice_thickness_mm"],
-                                  frame_interval_s, window_length, polyorder))
-    row["random_attribute"] = random_attribute(subject)
-    row["label_proxy"] = label_proxy(subject, row["label"])
-    extra = parameters.get(subject, {})
-    row["intensity_scale"] = float(extra.get("intensity_scale", float("nan")))
-    row["noise_level"] = float(extra.get("noise_level", float("nan")))
-    rows.append(row)
-  return rows
 
 
 # ------------------------------------------------------------------------------ activations
@@ -228,56 +136,6 @@ def model_outputs(family, state, mesh, batches: Iterable[dict], cache_dir: str |
                                    for s in outputs["subject"]])
   return outputs
 
-
-def concept_values(rows: Sequence[dict], subjects: Sequence[str], key: str):
-  """(N,) values of `key` for `subjects` in order (NaN when missing or failing QC)."""
-  import numpy as np
-  by_subject = {r["subject"]: r for r in rows}
-  missing = [s for s in subjects if s not in by_subject]
-  if missing:
-    raise ValueError(f"{len(missing)} subjects have no biomarker row, e.g. {missing[:3]}")
-  return np.asarray([by_subject[s][key] for s in subjects], np.float64)
-
-
-# ------------------------------------------------------------------------------ analysis
-def analyse(family, state, pool: dict, explained: dict, rows: Sequence[dict], *,
-            fraction: float, num_random_sets: int, alpha: float, seed: int = 0,
-            concepts: Sequence[Concept] = CONCEPTS) -> dict[str, Any]:
-  """TCAV of every measurable concept.
-
-  Args:
-    pool: `model_outputs` of the concept pool; explained: of the explained split.
-    rows: `biomarker_rows` of every subject in `pool`.
-  Returns:
-    {"results": {name: ConceptResult}, "skipped": {name: reason}, "gradients": (N, K),
-     "concepts": the Concept objects used, "auc": AUC of the explained split, "set_size": the
-     size of the random sets, "concept_set_sizes": {name: [concept, negative] set sizes}}.
-  """
-  from cardiac_jax.interpret import tcav
-  from cardiac_jax.temporal_steps import roc_auc
-  classifier_params = state.params["classifier"]
-
-  def logit_fn(a):
-    return family.head(classifier_params, a[None])[0]
-
-  gradients = tcav.logit_gradients(logit_fn, explained["concepts"])
-  sets, used, skipped = {}, [], {}
-  for concept in concepts:
-    values = concept_values(rows, pool["subject"], concept.key)
-    try:
-      sets[concept.name] = tcav.concept_sets(values, pool["concepts"], fraction,
-                                             concept.direction)
-      used.append(concept)
-    except ValueError as e:
-      skipped[concept.name] = str(e)
-  if not sets:
-    raise ValueError(f"no concept could be measured: {skipped}")
-  size = min(min(len(c), len(n)) for c, n in sets.values())
-  randoms = tcav.random_sets(pool["concepts"], num_random_sets, size, seed=seed)
-  results = tcav.run_tcav(gradients, sets, randoms, alpha=alpha, seed=seed)
-  return {"results": results, "skipped": skipped, "gradients": gradients, "concepts": used,
-          "auc": roc_auc(explained["logit"], explained["label"]), "set_size": size,
-          "concept_set_sizes": {name: [len(c), len(n)] for name, (c, n) in sets.items()}}
 
 
 def table_rows(analysis: dict) -> list[dict]:
@@ -303,57 +161,6 @@ def markdown_table(rows: Sequence[dict], header: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------------------ interpolation
-def interpolate_along_cav(family, state, mu, cav_vector, sigma: float,
-                          targets: Sequence[float], substeps: int = 4):
-  """Latents of one subject moved so that its concept activation's projection on the unit CAV
-  changes by targets[k] * sigma (module docstring).
-
-  Args:
-    mu: (T, D) posterior means of the subject.
-    cav_vector: (K,) CAV in the concept layer.
-    sigma: standard deviation of the projection over the concept pool.
-    targets: offsets in units of sigma (0 = the subject itself).
-  Returns:
-    (len(targets), T, D) latents and (len(targets),) achieved projection offsets / sigma.
-  """
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  unit = jnp.asarray(cav_vector / np.linalg.norm(cav_vector), jnp.float32)
-
-  def projection(m):
-    return jnp.dot(family.concepts(state, m[None])[0], unit)
-
-  value_and_grad = jax.jit(jax.value_and_grad(projection))
-
-  @jax.jit
-  def walk(m, delta):
-    def body(m, _):
-      _, g = jax.value_and_grad(projection)(m)
-      return m + delta * g / jnp.maximum(jnp.sum(g * g), 1e-12), None
-    return jax.lax.scan(body, m, None, length=substeps)[0]
-
-  start = jnp.asarray(mu, jnp.float32)
-  base = float(value_and_grad(start)[0])
-  latents, achieved = [], []
-  for target in targets:
-    m = start
-    # Walk in unit-sigma legs so a far target is approached step by step.
-    legs = max(1, int(np.ceil(abs(target))))
-    for _ in range(legs):
-      m = walk(m, jnp.float32(target * sigma / (legs * substeps)))
-    latents.append(np.asarray(m))
-    achieved.append((float(value_and_grad(m)[0]) - base) / sigma)
-  return np.stack(latents), np.asarray(achieved)
-
-
-def decoded_lv_voxels(labels):
-  """(N, T, S, S, 3) decoded label sequences -> (N, T) LV blood-pool voxels of the 3 slices
-  (EF = (max - min) / max of this curve needs no spacing)."""
-  import numpy as np
-  from cardiac_jax import structures
-  return np.sum(np.asarray(labels) == structures.LV_BLOOD_POOL, axis=(2, 3, 4)).astype(float)
 
 
 def label_colours(labels):
@@ -585,7 +392,7 @@ def run(workdir: str, step: int | str | None = None,
 
   def read_rows(source):
     examples = load_split_examples(source.directory, source.split)
-    rows = biomarker_rows((examples[i] for i in range(len(examples))), frame_interval,
+    rows = tcav.biomarker_rows((examples[i] for i in range(len(examples))), frame_interval,
                           int(tc.savgol_window), int(tc.savgol_order),
                           synthetic_parameters(source.directory), family.positive_groups)
     return examples, rows
@@ -609,9 +416,9 @@ def run(workdir: str, step: int | str | None = None,
   common.write_csv(os.path.join(out_dir, "biomarkers.csv"),
                    [dict(r, split=split_of[r["subject"]]) for r in rows]
                    + [dict(r, split=explain_split) for r in explained_rows])
-  excluded = {r["subject"]: r[QC_FAILED] for r in rows if r[QC_FAILED]}
+  excluded = {r["subject"]: r[tcav.QC_FAILED] for r in rows if r[tcav.QC_FAILED]}
 
-  analysis = analyse(family, state, pool, explained, rows, fraction=fraction,
+  analysis = tcav.analyse(family, state, pool, explained, rows, fraction=fraction,
                      num_random_sets=num_random, alpha=float(tc.alpha), seed=seed)
   table = table_rows(analysis)
   pool_text = pool_description(concept_pool, sources, len(rows), overlap, allow_overlap)
@@ -631,7 +438,7 @@ def run(workdir: str, step: int | str | None = None,
                     "label": r["label"],
                     "group": (structures.GROUPS[r["group"]]
                               if 0 <= r["group"] < len(structures.GROUPS) else "unknown"),
-                    "excluded_by_qc": r[QC_FAILED]} for r in rows],
+                    "excluded_by_qc": r[tcav.QC_FAILED]} for r in rows],
   }
   common.write_json(os.path.join(out_dir, "protocol.json"), protocol)
   header = (f"TCAV of the concept layer, {config.name} step {int(state.step)}: "
@@ -663,11 +470,11 @@ def run(workdir: str, step: int | str | None = None,
   unit = cav / np.linalg.norm(cav)
   sigma = float(np.std(pool["concepts"] @ unit)) or 1.0
   targets = [float(s) for s in sigmas]
-  latents, achieved = interpolate_along_cav(family, state, explained["mu"][index], cav, sigma,
-                                            targets)
+  latents, achieved = tcav.interpolate_along_cav(family, state, explained["mu"][index], cav,
+                                                 sigma, targets)
   decoded = np.asarray(jax.jit(family.decode_labels)(state, jnp.asarray(latents)))
   logits = np.asarray(jax.jit(family.logits)(state, jnp.asarray(latents)))
-  volumes = decoded_lv_voxels(decoded)
+  volumes = tcav.decoded_lv_voxels(decoded)
   efs = [100.0 * (v.max() - v.min()) / max(v.max(), 1e-9) for v in volumes]
   save_interpolation(out_dir, interpolate, decoded, targets, efs, logits, subjects[index])
   interpolation = {"concept": interpolate, "subject": subjects[index], "sigma": sigma,

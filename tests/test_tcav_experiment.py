@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cardiac_jax import training
+from cardiac_jax.interpret import tcav
 from data_pipelines import cine, synthetic
 from tests.conftest import CINE_COHORT_SUBJECTS, in_memory_source
 from experiments import common
@@ -54,27 +55,27 @@ def _read(path):
 def test_subject_biomarkers_of_a_toy_cycle_and_the_qc_exclusion():
   batch = toy_cine_batch(12, TOY_FRAMES, SIZE, seed=3)
   normal, pathological = np.flatnonzero(batch["group"] == 0)[0], np.flatnonzero(batch["group"])[0]
-  rows = [tcav_experiment.subject_biomarkers(
+  rows = [tcav.subject_biomarkers(
       batch["sa_label"][i], batch["lv_volume_ml"][i], 2.6, 8.0, 1.0 / TOY_FRAMES, 5, 3)
       for i in (normal, pathological)]
   # Group 0 contracts with a radius amplitude of 25 %, the others with 8 %: EF differs.
   assert rows[0]["lv_ef"] > rows[1]["lv_ef"] + 15
-  assert rows[0][tcav_experiment.QC_FAILED] == ""
+  assert rows[0][tcav.QC_FAILED] == ""
   broken = batch["lv_volume_ml"][normal].copy()
   broken[-1] = 0.5 * broken[0]        # The cycle does not close: excluded with the reason.
-  row = tcav_experiment.subject_biomarkers(batch["sa_label"][normal], broken, 2.6, 8.0,
-                                           1.0 / TOY_FRAMES, 5, 3)
-  assert np.isnan(row["lv_ef"]) and "differ by" in row[tcav_experiment.QC_FAILED]
+  row = tcav.subject_biomarkers(batch["sa_label"][normal], broken, 2.6, 8.0,
+                                1.0 / TOY_FRAMES, 5, 3)
+  assert np.isnan(row["lv_ef"]) and "differ by" in row[tcav.QC_FAILED]
 
 
 def test_random_control_attribute_depends_only_on_the_subject():
-  a = tcav_experiment.random_attribute("patient001")
-  assert a == tcav_experiment.random_attribute("patient001")
-  assert a != tcav_experiment.random_attribute("patient002") and 0 <= a < 1
+  a = tcav.random_attribute("patient001")
+  assert a == tcav.random_attribute("patient001")
+  assert a != tcav.random_attribute("patient002") and 0 <= a < 1
   # The label proxy: every positive above every negative, and another number than `random`.
-  negative = tcav_experiment.label_proxy("patient001", 0)
-  assert 0 <= negative < 1 <= tcav_experiment.label_proxy("patient001", 1) - 0 < 2
-  assert tcav_experiment.label_proxy("patient001", 1) == negative + 1 and negative != a
+  negative = tcav.label_proxy("patient001", 0)
+  assert 0 <= negative < 1 <= tcav.label_proxy("patient001", 1) - 0 < 2
+  assert tcav.label_proxy("patient001", 1) == negative + 1 and negative != a
 
 
 def test_default_pool_is_held_out_negatives_the_classifier_never_saw(trained_run,
@@ -148,7 +149,7 @@ def test_tcav_run_writes_table_figures_and_interpolation(trained_run, default_re
   result = default_result
   out = os.path.join(trained_run, "tcav")
   names = [r["concept"] for r in result["table"]]
-  assert names == [c.name for c in tcav_experiment.CONCEPTS
+  assert names == [c.name for c in tcav.CONCEPTS
                    if c.name not in result["skipped_concepts"]]
   # The synthetic controls come from the held-out cohort's generating parameters.
   assert {"high_intensity", "high_noise", "label_proxy", "random"} <= set(names)

@@ -27,13 +27,23 @@ VAE-classifier (`cardiac_jax.models.temporal_classifier`):
 Everything is numpy except the gradients (JAX). The logistic regression is solved by Newton's
 method (the problem is small and strictly convex with the L2 term), so a CAV is deterministic
 given the seed that draws the truncation and the held-out split.
+
+The concepts of Clough et al. (`CONCEPTS`) are ends of cardiac function biomarkers of a
+subject's segmentation sequence (`subject_biomarkers`, `biomarker_rows`), with control concepts
+built to be irrelevant; `analyse` runs TCAV for all of them on a classifier family.
+
+Moving latents along a CAV (`interpolate_along_cav`): the CAV lives in the concept layer, the
+decoder reads the per-frame latents M. The walk takes small minimal-norm steps,
+M <- M + d g / |g|^2 with g = grad_M (a(M) . v / |v|), each moving the projection of the concept
+activation on the unit CAV by d to first order (re-linearised at every step).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Callable, Mapping, Sequence
+import zlib
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -248,3 +258,194 @@ def run_tcav(gradients, concepts: Mapping[str, tuple[np.ndarray, np.ndarray]],
         random_baseline_scores=baseline, spread=float(np.std(runs)), p_value=p_value,
         significant=bool(p_value < alpha / max(len(concepts), 1)))
   return results
+
+
+# ------------------------------------------------------------------------------ concepts
+QC_FAILED = "qc_failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class Concept:
+  """A TCAV concept: the `direction` ("low"/"high") end of biomarker `key`."""
+  name: str
+  key: str
+  direction: str
+  description: str
+  control: bool = False      # Built to be irrelevant to the label.
+
+
+CONCEPTS = (
+    Concept("low_ef", "lv_ef", "low", "low LV ejection fraction"),
+    Concept("low_per", "peak_ejection_rate_ml_s", "low", "low peak ejection rate"),
+    Concept("low_pfr", "peak_filling_rate_ml_s", "low", "low peak filling rate"),
+    Concept("low_apfr", "atrial_peak_filling_rate_ml_s", "low", "low atrial peak filling rate"),
+    Concept("high_edv", "lv_edv_ml", "high", "high LV end-diastolic volume"),
+    Concept("high_esv", "lv_esv_ml", "high", "high LV end-systolic volume"),
+    Concept("high_wtv", "wall_thickening_variance", "high",
+            "high variance of LV wall thickening over 6 segments"),
+    Concept("random", "random_attribute", "high",
+            "control: a random number per subject", control=True),
+    Concept("label_proxy", "label_proxy", "high",
+            "control: the class label plus a random number (nothing beyond the class)",
+            control=True),
+    Concept("high_intensity", "intensity_scale", "high",
+            "control: scanner intensity scale (synthetic)", control=True),
+    Concept("high_noise", "noise_level", "high",
+            "control: image noise level (synthetic)", control=True),
+)
+BIOMARKER_KEYS = ("lv_edv_ml", "lv_esv_ml", "lv_ef", "peak_ejection_rate_ml_s",
+                  "peak_filling_rate_ml_s", "atrial_peak_filling_rate_ml_s",
+                  "wall_thickening_variance")
+
+
+
+def random_attribute(subject: str, salt: str = "") -> float:
+  """A uniform number in [0, 1) that depends only on the subject id and `salt` (controls)."""
+  return float(np.random.default_rng(zlib.crc32((salt + subject).encode("utf-8"))).random())
+
+
+def label_proxy(subject: str, label: int) -> float:
+  """The class label plus a uniform number in [0, 1) of the subject: orders every positive
+  above every negative and carries nothing else (a control concept)."""
+  return float(label) + random_attribute(subject, salt="label_proxy:")
+
+
+def subject_biomarkers(labels, volumes_ml, pixel_spacing_mm: float, slice_thickness_mm: float,
+                       frame_interval_s: float, window_length: int, polyorder: int
+                       ) -> dict[str, Any]:
+  """Biomarkers of one subject (T, S, S, 3) label sequence; NaN values and the reason when the
+  volume-curve QC fails or a measurement is impossible."""
+  from cardiac_jax import cardiac
+  spacing = (float(pixel_spacing_mm), float(pixel_spacing_mm), float(slice_thickness_mm))
+  try:
+    values = cardiac.biomarkers(np.asarray(labels), spacing, frame_interval_s, window_length,
+                                polyorder, volumes_ml=np.asarray(volumes_ml, np.float64))
+  except ValueError as e:
+    return {**{k: float("nan") for k in BIOMARKER_KEYS}, QC_FAILED: f"not measurable: {e}"}
+  out = {k: float(values[k]) for k in BIOMARKER_KEYS}
+  if not values["qc_passed"]:
+    out = {k: float("nan") for k in BIOMARKER_KEYS}
+    out[QC_FAILED] = values["qc_reason"]
+  else:
+    out[QC_FAILED] = ""
+  return out
+
+
+
+def biomarker_rows(examples: Iterable[dict], frame_interval_s: float, window_length: int,
+                   polyorder: int, parameters: dict[str, dict[str, float]],
+                   positive_groups: Sequence[int]) -> list[dict]:
+  """One row per stored cine example: subject, group, class label (group in the group indices
+  `positive_groups`), biomarkers, control attributes."""
+  rows = []
+  for example in examples:
+    subject = example["subject"]
+    subject = subject.decode("utf-8") if isinstance(subject, bytes) else str(subject)
+    group = int(example["group"])
+    row = {"subject": subject, "group": group, "label": int(group in positive_groups)}
+    row.update(subject_biomarkers(example["sa_label"], example["lv_volume_ml"],
+                                  example["pixel_spacing_mm"], example["slice_thickness_mm"],
+                                  frame_interval_s, window_length, polyorder))
+    row["random_attribute"] = random_attribute(subject)
+    row["label_proxy"] = label_proxy(subject, row["label"])
+    extra = parameters.get(subject, {})
+    row["intensity_scale"] = float(extra.get("intensity_scale", float("nan")))
+    row["noise_level"] = float(extra.get("noise_level", float("nan")))
+    rows.append(row)
+  return rows
+
+
+def concept_values(rows: Sequence[dict], subjects: Sequence[str], key: str):
+  """(N,) values of `key` for `subjects` in order (NaN when missing or failing QC)."""
+  by_subject = {r["subject"]: r for r in rows}
+  missing = [s for s in subjects if s not in by_subject]
+  if missing:
+    raise ValueError(f"{len(missing)} subjects have no biomarker row, e.g. {missing[:3]}")
+  return np.asarray([by_subject[s][key] for s in subjects], np.float64)
+
+
+def analyse(family, state, pool: dict, explained: dict, rows: Sequence[dict], *,
+            fraction: float, num_random_sets: int, alpha: float, seed: int = 0,
+            concepts: Sequence[Concept] = CONCEPTS) -> dict[str, Any]:
+  """TCAV of every measurable concept.
+
+  Args:
+    pool: `model_outputs` of the concept pool; explained: of the explained split.
+    rows: `biomarker_rows` of every subject in `pool`.
+  Returns:
+    {"results": {name: ConceptResult}, "skipped": {name: reason}, "gradients": (N, K),
+     "concepts": the Concept objects used, "auc": AUC of the explained split, "set_size": the
+     size of the random sets, "concept_set_sizes": {name: [concept, negative] set sizes}}.
+  """
+  from cardiac_jax.temporal_steps import roc_auc
+  classifier_params = state.params["classifier"]
+
+  def logit_fn(a):
+    return family.head(classifier_params, a[None])[0]
+
+  gradients = logit_gradients(logit_fn, explained["concepts"])
+  sets, used, skipped = {}, [], {}
+  for concept in concepts:
+    values = concept_values(rows, pool["subject"], concept.key)
+    try:
+      sets[concept.name] = concept_sets(values, pool["concepts"], fraction,
+                                             concept.direction)
+      used.append(concept)
+    except ValueError as e:
+      skipped[concept.name] = str(e)
+  if not sets:
+    raise ValueError(f"no concept could be measured: {skipped}")
+  size = min(min(len(c), len(n)) for c, n in sets.values())
+  randoms = random_sets(pool["concepts"], num_random_sets, size, seed=seed)
+  results = run_tcav(gradients, sets, randoms, alpha=alpha, seed=seed)
+  return {"results": results, "skipped": skipped, "gradients": gradients, "concepts": used,
+          "auc": roc_auc(explained["logit"], explained["label"]), "set_size": size,
+          "concept_set_sizes": {name: [len(c), len(n)] for name, (c, n) in sets.items()}}
+
+
+def interpolate_along_cav(family, state, mu, cav_vector, sigma: float,
+                          targets: Sequence[float], substeps: int = 4):
+  """Latents of one subject moved so that its concept activation's projection on the unit CAV
+  changes by targets[k] * sigma (module docstring, "Moving latents along a CAV").
+
+  Args:
+    mu: (T, D) posterior means of the subject.
+    cav_vector: (K,) CAV in the concept layer.
+    sigma: standard deviation of the projection over the concept pool.
+    targets: offsets in units of sigma (0 = the subject itself).
+  Returns:
+    (len(targets), T, D) latents and (len(targets),) achieved projection offsets / sigma.
+  """
+  unit = jnp.asarray(cav_vector / np.linalg.norm(cav_vector), jnp.float32)
+
+  def projection(m):
+    return jnp.dot(family.concepts(state, m[None])[0], unit)
+
+  value_and_grad = jax.jit(jax.value_and_grad(projection))
+
+  @jax.jit
+  def walk(m, delta):
+    def body(m, _):
+      _, g = jax.value_and_grad(projection)(m)
+      return m + delta * g / jnp.maximum(jnp.sum(g * g), 1e-12), None
+    return jax.lax.scan(body, m, None, length=substeps)[0]
+
+  start = jnp.asarray(mu, jnp.float32)
+  base = float(value_and_grad(start)[0])
+  latents, achieved = [], []
+  for target in targets:
+    m = start
+    # Walk in unit-sigma legs so a far target is approached step by step.
+    legs = max(1, int(np.ceil(abs(target))))
+    for _ in range(legs):
+      m = walk(m, jnp.float32(target * sigma / (legs * substeps)))
+    latents.append(np.asarray(m))
+    achieved.append((float(value_and_grad(m)[0]) - base) / sigma)
+  return np.stack(latents), np.asarray(achieved)
+
+
+def decoded_lv_voxels(labels):
+  """(N, T, S, S, 3) decoded label sequences -> (N, T) LV blood-pool voxels of the 3 slices
+  (EF = (max - min) / max of this curve needs no spacing)."""
+  from cardiac_jax import structures
+  return np.sum(np.asarray(labels) == structures.LV_BLOOD_POOL, axis=(2, 3, 4)).astype(float)
