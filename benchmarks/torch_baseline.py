@@ -2,7 +2,7 @@
 
 The same residual image model as `cardiac_jax.models.vae` (the Soft-IntroVAE image model used by
 AR-SIVAE, Di Folco et al., MICCAI 2024) and the same per-batch update as
-`cardiac_jax.steps.VAEFamily.soft_intro_train_step` (Soft-IntroVAE, Daniel & Tamar, CVPR 2021,
+`cardiac_jax.families.vae.VAEFamily.soft_intro_train_step` (Soft-IntroVAE, Daniel & Tamar, CVPR 2021,
 with the AR-VAE attribute regularisation of Pati & Lerch 2021 in the encoder loss), written in
 PyTorch eager mode the way the reference code trains it: the encoder update with the decoder's
 parameters frozen, then the decoder update with the encoder's parameters frozen, each with its

@@ -195,11 +195,12 @@ RULES: dict[str, Check] = {
 def _named_choices() -> dict[str, Check]:
   """Rules for values that name a family, network, loss or layer implementation, from the
   modules that define them (imported on first use: they import JAX and Flax)."""
-  from cardiac_jax import layers, steps  # pylint: disable=g-import-not-at-top
+  from cardiac_jax import families, layers  # pylint: disable=g-import-not-at-top
+  from cardiac_jax.families import vae as vae_family  # pylint: disable=g-import-not-at-top
   from cardiac_jax.models import dcgan, diffae3d, vae  # pylint: disable=g-import-not-at-top
   return {
-      "model.family": choice(*steps.FAMILIES),
-      "model.architecture": choice(*steps.ARCHITECTURES),
+      "model.family": choice(*families.FAMILIES),
+      "model.architecture": choice(*vae_family.ARCHITECTURES),
       "model.conv_impl": choice(*dict.fromkeys(layers.CONV_IMPLS + diffae3d.CONV_IMPLS)),
       "model.initializer": choice(*vae.INITIALIZERS),
       "model.output_activation": choice(*dict.fromkeys(("none", "sigmoid")
@@ -250,9 +251,9 @@ def _check_family(config) -> None:
   dimension per attribute) and its modules accept their sizes (e.g. an image size that the
   network's levels halve); the state is traced abstractly, nothing is allocated or compiled."""
   import jax  # pylint: disable=g-import-not-at-top
-  from cardiac_jax import steps  # pylint: disable=g-import-not-at-top
+  from cardiac_jax import families  # pylint: disable=g-import-not-at-top
   try:
-    family = steps.make_family(config)
+    family = families.make_family(config)
     jax.eval_shape(family.init_state, jax.random.key(0))
   except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
     detail = " ".join(str(e).split())

@@ -9,6 +9,7 @@
   summed over the regularised (dimension, attribute) pairs.
 - `soft_intro_exp_elbo`: the expELBO of Soft-IntroVAE (Daniel & Tamar 2021),
   mean_i exp(-2 * s * e_i) for per-sample energies e_i.
+- `binary_cross_entropy_with_logits`: the classifier and GAN losses.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def kl_per_sample(mu: jax.Array, logvar: jax.Array) -> jax.Array:
@@ -70,3 +72,9 @@ def attribute_regularization(z: jax.Array, attributes: jax.Array, dims: Sequence
 def soft_intro_exp_elbo(energy: jax.Array, scale: float) -> jax.Array:
   """mean_i exp(-2 * scale * energy_i) for per-sample energies (B,)."""
   return jnp.mean(jnp.exp(-2.0 * scale * energy))
+
+
+def binary_cross_entropy_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Elementwise -[y log sigmoid(l) + (1 - y) log(1 - sigmoid(l))] for targets y in [0, 1],
+  stable for any logit (optax's log-sigmoid form)."""
+  return optax.losses.sigmoid_binary_cross_entropy(logits, jnp.asarray(targets, jnp.float32))

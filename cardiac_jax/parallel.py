@@ -7,7 +7,7 @@ Two backends (config.parallel.backend), one training run:
   inserts the gradient all-reduce and BatchNorm statistics are those of the global batch.
 - "pmap": the step runs per replica under `jax.pmap` with the replica axis named "data"; the
   model family is built with `axis_name="data"` so the step itself averages gradients and
-  metrics (`lax.pmean`) and uses global BatchNorm statistics (see `cardiac_jax.steps`). The
+  metrics (`lax.pmean`) and uses global BatchNorm statistics (see `cardiac_jax.families.vae`). The
   state enters with `in_axes=None`: it is broadcast to the replicas inside the compiled call and
   comes back with `out_axes=None` (all replicas hold the same values), so between steps the state
   is the same replicated array as under jit and checkpoints do not depend on the backend. The
@@ -167,7 +167,7 @@ def compile_train_step(step_factory: Callable[[str | None], Callable], mesh: Mes
 
   step_factory(axis_name) returns the pure step `(state, batch, key) -> (state, metrics)`: with
   axis_name None a step over the whole batch (jit), with DATA_AXIS a per-replica step that
-  averages over that axis (pmap), e.g. `lambda a: steps.make_family(config, axis_name=a)
+  averages over that axis (pmap), e.g. `lambda a: families.make_family(config, axis_name=a)
   .train_step`.
   """
   check_backend(backend)

@@ -35,19 +35,9 @@ no flags, so tests run it directly. The loop
   its step at once, and workdir/best_checkpoint.json names it (`BEST_FILE`); a resumed run
   continues from the best recorded in its checkpoints.
 
-A model family (`steps.FAMILIES`, chosen by config.model.family) is an object built as
-`Family(config, axis_name=None)` with
-- `skip_nonfinite: bool` and `init_state(key) -> TrainState`;
-- `train_step`: pure `(state, batch, key) -> (state, metrics)`, scalar metrics including "loss",
-  "finite" and "skipped_nonfinite"; with `axis_name` set (pmap backend) it averages gradients
-  and metrics over that axis so the update equals the jit one;
-- `warmup_train_step` (or None) and `uses_warmup(step)`: a first training stage;
-- `eval_step(state, batch) -> {key: (B, ...) array}`, pure; `eval_metric_keys` (averaged over
-  real examples and logged as val/<key>), `eval_keep_keys` and `finalize_eval(outputs)` for
-  metrics of a whole split (e.g. AUC);
-- `save_figures(state, examples, figures_dir, step, key)`;
-- cine families also `batch_fields`: the array fields of a cine batch they read, so that the
-  pipeline copies and augments only those (`data_pipelines.cine`).
+The model family (`cardiac_jax.families`, chosen by config.model.family) supplies the state,
+the pure steps, the evaluation outputs and the figures; its contract is
+`cardiac_jax.families.base.ModelFamily`.
 """
 
 from __future__ import annotations
@@ -62,8 +52,8 @@ from typing import Any, Callable, Iterable, Iterator
 import jax
 import numpy as np
 
-from cardiac_jax import (checkpointing, config_checks, distributed, metric_logging, parallel,
-                         steps)
+from cardiac_jax import (checkpointing, config_checks, distributed, families, metric_logging,
+                         parallel)
 from cardiac_jax import workdir as workdir_lib
 from cardiac_jax.train_state import TrainState
 
@@ -400,7 +390,7 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
   mesh = parallel.make_mesh(config.parallel.num_devices)
   parallel.check_batch_size(tc.batch_size, mesh)
   parallel.check_backend(config.parallel.backend)
-  family = steps.make_family(config)
+  family = families.make_family(config)
   root_key = jax.random.key(config.seed)
   abstract = parallel.abstract_state(family.init_state, root_key, mesh)  # The model builds.
   lock = _lock_workdir(workdir, is_chief)
@@ -443,7 +433,7 @@ def _train(config, workdir: str, data: DataSource, mesh, family, root_key,
             "to train.", flush=True)
 
     compile_step = lambda name: parallel.compile_train_step(
-        lambda axis: getattr(steps.make_family(config, axis_name=axis), name), mesh,
+        lambda axis: getattr(families.make_family(config, axis_name=axis), name), mesh,
         config.parallel.backend)
     train_step = compile_step("train_step")
     warmup_step = (compile_step("warmup_train_step")

@@ -180,12 +180,12 @@ def make_family(config, remat: str, axis_name: str | None = None):
   """The config's model family built from config.model.remat = `remat` ("none" | "blocks"),
   as training builds it (the families read the field themselves); a family whose model has no
   rematerialisation option refuses "blocks"."""
-  from cardiac_jax import steps
+  from cardiac_jax import families
   if remat != config.model.get("remat", "none"):
     config = config.copy_and_resolve_references()
     with config.unlocked():
       config.model.remat = remat
-  family = steps.make_family(config, axis_name=axis_name)
+  family = families.make_family(config, axis_name=axis_name)
   model = getattr(family, "model", None)
   if remat != "none" and (model is None or remat not in _remat_settings(model)):
     raise ValueError(f"model.family {config.model.family!r} has no rematerialisation option "

@@ -117,10 +117,10 @@ def make_data_source(config, eval_split: str = "val") -> DataSource:
   """Training and evaluation iterators of this process for the training loop (cine configs,
   data.format == "cine", are served by data_pipelines.cine)."""
   if config.data.get("format", "slices") == "cine":
-    from cardiac_jax import steps
+    from cardiac_jax import families
     from data_pipelines import cine
     # Only the cine fields the model reads are copied and augmented.
-    return cine.make_data_source(config, fields=steps.make_family(config).batch_fields)
+    return cine.make_data_source(config, fields=families.make_family(config).batch_fields)
   from data_pipelines import pipeline
   directory = prepared_dir(config)
   train = split_source(config, "train", directory)
@@ -136,6 +136,22 @@ def make_data_source(config, eval_split: str = "val") -> DataSource:
                                  **process)
 
   return DataSource(train_batches=train_batches, eval_batches=eval_batches)
+
+
+def split_batches(config, family, split: str):
+  """(batch_size or None for train.eval_batch_size) -> evaluation batches of one split of the
+  config's prepared data, every example once (`base.SplitBatches`), for slice or cine data."""
+  from data_pipelines import prepare
+  if config.data.get("format", "slices") == "cine":
+    from data_pipelines import cine
+    source = prepare.load_split(cine.prepared_cine_dir(config, create=False), split)
+    return lambda batch_size=None: cine.eval_batches(
+        source, config.data, batch_size=batch_size or config.train.eval_batch_size,
+        fields=family.batch_fields)
+  from data_pipelines import pipeline
+  source = split_source(config, split)
+  return lambda batch_size=None: pipeline.eval_batches(
+      source, config.data, batch_size=batch_size or config.train.eval_batch_size)
 
 
 def load_run_config(workdir: str):
@@ -208,12 +224,12 @@ def restore_run(workdir: str, step=None):
   """(config, family, state, mesh) of a run's checkpoint, for evaluation and analyses; `step`
   as `parse_step` reads it (default: the latest). The restored step is int(state.step)."""
   import jax
-  from cardiac_jax import checkpointing, parallel, steps
+  from cardiac_jax import checkpointing, families, parallel
   config = load_run_config(workdir)
   step = parse_step(step, workdir)
   if step == "best":
     step = best_step(workdir, config)
-  family = steps.make_family(config)
+  family = families.make_family(config)
   mesh = parallel.make_mesh(config.parallel.num_devices)
   abstract = parallel.abstract_state(family.init_state, jax.random.key(config.seed), mesh)
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))

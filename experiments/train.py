@@ -142,13 +142,13 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   import jax
-  from cardiac_jax import steps
+  from cardiac_jax import families
   distributed.initialize_from_environment(FLAGS.coordinator_address, FLAGS.num_processes,
                                           FLAGS.process_id)  # Before any device is touched.
   from experiments import common
   common.quiet_logs()
   if jax.process_index() == 0:
-    print(steps.parameter_summary(config), flush=True)
+    print(families.parameter_summary(config), flush=True)
   try:
     training.train_and_evaluate(config, workdir, common.make_data_source(config))
   except training.Preempted as e:

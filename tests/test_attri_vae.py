@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cardiac_jax import steps
+from cardiac_jax import families
+from cardiac_jax.families import vae as vae_family
 from cardiac_jax.models import attri_vae
 from experiments import configs
 
@@ -24,9 +25,9 @@ def test_paper_network_has_the_parameter_count_of_the_reference():
              + 4 * (32 * 32 * 4 * 4 + 32)   # four transposed convs 32 -> 32, 4 -> 64
              + 32 * 1 * 4 * 4 + 1)          # transposed conv 32 -> 1, 64 -> 128
   assert (encoder, decoder) == (263_328, 230_305)
-  family = steps.make_family(configs.get_config("attri_vae:paper"))
-  assert steps.parameter_counts(family) == {"encoder": encoder, "decoder": decoder}
-  assert "493,633 parameters" in steps.parameter_summary(configs.get_config("attri_vae:paper"))
+  family = families.make_family(configs.get_config("attri_vae:paper"))
+  assert families.parameter_counts(family) == {"encoder": encoder, "decoder": decoder}
+  assert "493,633 parameters" in families.parameter_summary(configs.get_config("attri_vae:paper"))
 
 
 def test_transposed_convolution_is_the_scatter_definition():
@@ -59,11 +60,11 @@ def test_image_size_must_reach_four_pixels():
   config = configs.get_config("attri_vae:smoke")
   config.data.image_size = 64
   with pytest.raises(ValueError, match=r"data.image_size = 4 \* 2\*\*len\(model.channels\)"):
-    steps.make_family(config)
+    families.make_family(config)
   config = configs.get_config("attri_vae:smoke")
   config.model.remat = "blocks"
   with pytest.raises(ValueError, match="model.remat"):
-    steps.make_family(config)
+    families.make_family(config)
 
 
 def _toy_config():
@@ -83,7 +84,7 @@ def _batch(seed: int = 0, size: int = 8):
 
 def test_loss_adds_the_l1_norm_of_every_parameter_with_zero_gradient_at_zero():
   config = _toy_config()
-  family = steps.make_family(config)
+  family = families.make_family(config)
   state = family.init_state(jax.random.key(0))
   _, m = jax.jit(family.train_step)(state, _batch(), jax.random.key(1))
   norm = sum(np.abs(np.asarray(p)).sum() for p in jax.tree.leaves(state.params))
@@ -92,7 +93,7 @@ def test_loss_adds_the_l1_norm_of_every_parameter_with_zero_gradient_at_zero():
   expected = (float(m["reconstruction_loss"]) + 2.0 * float(m["kl"])
               + 100.0 * float(m["ar_loss"]) + 5e-4 * norm)
   assert float(m["loss"]) == pytest.approx(expected, rel=1e-5)
-  grads = jax.grad(steps.l1_norm)(state.params)
+  grads = jax.grad(vae_family.l1_norm)(state.params)
   bias = grads["decoder"]["to_image"]["bias"]  # Initialised to 0: no push from the penalty.
   np.testing.assert_array_equal(np.asarray(bias), 0.0)
   kernel = state.params["encoder"]["down0"]["kernel"]
@@ -103,7 +104,7 @@ def test_loss_adds_the_l1_norm_of_every_parameter_with_zero_gradient_at_zero():
 def test_smoke_training_lowers_the_loss_and_the_analyses_run():
   config = _toy_config()
   config.optimizer.learning_rate = 2e-3  # Toy size: a few steps must show progress.
-  family = steps.make_family(config)
+  family = families.make_family(config)
   state = family.init_state(jax.random.key(0))
   step = jax.jit(family.train_step)
   batch = _batch()

@@ -9,7 +9,7 @@ import math
 import jax
 import numpy as np
 
-from cardiac_jax import diffae_steps
+from cardiac_jax.families import diffae3d as diffae3d_family
 from experiments import benchmark
 from tests.conftest import diffae_smoke_config
 
@@ -26,7 +26,7 @@ def test_cine_family_step_is_measured():
   assert result["flops_per_step"] > 0 and result["steps_per_sec"] > 0
   assert len(result["jax_step_seconds"]) == 1
   # The model's parameters (what a PyTorch baseline's count is checked against), not the EMA.
-  state = jax.eval_shape(diffae_steps.DiffAEFamily(config).init_state, jax.random.key(0))
+  state = jax.eval_shape(diffae3d_family.DiffAEFamily(config).init_state, jax.random.key(0))
   assert result["jax_params"] == sum(
       math.prod(leaf.shape) for part in ("encoder", "unet")
       for leaf in jax.tree.leaves(state.params[part]))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cardiac_jax import config_checks, steps
+from cardiac_jax import config_checks, families
 from experiments import configs
 
 
@@ -23,7 +23,7 @@ def test_every_config_has_smoke_and_paper_variants():
     assert smoke.name == paper.name == name
     assert smoke.train.num_steps <= 10 and smoke.data.image_size <= 32
     assert smoke.model.family == paper.model.family
-    steps.make_family(smoke)  # Each config names a registered family that accepts it.
+    families.make_family(smoke)  # Each config names a registered family that accepts it.
 
 
 @pytest.mark.parametrize("name", VAE_FAMILY)
@@ -90,7 +90,7 @@ def test_resolve_config_argv_maps_names_to_files():
 def test_two_train_steps_of_every_config(name):
   config = configs.get_config(f"{name}:smoke")
   config.data.image_size, config.model.channels = 16, (4, 8)  # Shared toy size: fast compile.
-  family = steps.make_family(config)
+  family = families.make_family(config)
   state = family.init_state(jax.random.key(0))
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.uniform(size=(4, 16, 16, 1)), jnp.float32),

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cardiac_jax import gan_steps
+from cardiac_jax.families import dcgan as dcgan_family
 from experiments.configs import get_config
 
 SIZE, BATCH = 16, 4
@@ -35,7 +35,7 @@ def disc_images(seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def family_and_state():
-  family = gan_steps.DCGANFamily(tiny_config())
+  family = dcgan_family.DCGANFamily(tiny_config())
   return family, jax.jit(family.init_state)(jax.random.key(0))
 
 
@@ -51,7 +51,7 @@ def test_init_follows_dcgan_and_generates_images_in_range(family_and_state):
   assert images.shape == (BATCH, SIZE, SIZE, 1)
   assert images.min() >= 0.0 and images.max() <= 1.0
   # The same parameters under a tanh output are mapped back to [0, 1] too.
-  tanh_family = gan_steps.DCGANFamily(tiny_config("tanh"))
+  tanh_family = dcgan_family.DCGANFamily(tiny_config("tanh"))
   tanh_images = np.asarray(jax.jit(tanh_family.generate)(state, z))
   assert tanh_images.min() >= 0.0 and tanh_images.max() <= 1.0
   logits = np.asarray(jax.jit(family.discriminate)(state, jnp.asarray(images)))
@@ -74,18 +74,18 @@ def test_first_block_features_are_the_first_linear_map_after_bn_and_relu(family_
 
 def test_loss_formulas():
   zeros = jnp.zeros(5)
-  np.testing.assert_allclose(gan_steps.discriminator_loss(zeros, zeros, jnp.ones(5)),
+  np.testing.assert_allclose(dcgan_family.discriminator_loss(zeros, zeros, jnp.ones(5)),
                              2 * np.log(2.0), rtol=1e-6)
-  np.testing.assert_allclose(gan_steps.generator_loss(jnp.array([0.0, 2.0])),
+  np.testing.assert_allclose(dcgan_family.generator_loss(jnp.array([0.0, 2.0])),
                              np.mean(np.log1p(np.exp(-np.array([0.0, 2.0])))), rtol=1e-6)
   # A confident, correct discriminator has a small loss; a fooled one a large loss.
-  assert float(gan_steps.discriminator_loss(jnp.full(5, 8.0), jnp.full(5, -8.0),
+  assert float(dcgan_family.discriminator_loss(jnp.full(5, 8.0), jnp.full(5, -8.0),
                                             jnp.ones(5))) < 1e-3
-  assert float(gan_steps.discriminator_loss(jnp.full(5, -8.0), jnp.full(5, 8.0),
+  assert float(dcgan_family.discriminator_loss(jnp.full(5, -8.0), jnp.full(5, 8.0),
                                             jnp.ones(5))) > 15.0
   rng = np.random.default_rng(0)
-  same = gan_steps.gaussian_mmd2(rng.normal(size=(200, 3)), rng.normal(size=(200, 3)))
-  shifted = gan_steps.gaussian_mmd2(rng.normal(size=(200, 3)), rng.normal(2.0, 1.0, (200, 3)))
+  same = dcgan_family.gaussian_mmd2(rng.normal(size=(200, 3)), rng.normal(size=(200, 3)))
+  shifted = dcgan_family.gaussian_mmd2(rng.normal(size=(200, 3)), rng.normal(2.0, 1.0, (200, 3)))
   assert abs(same) < 0.02 and shifted > 0.3
 
 

@@ -1,4 +1,4 @@
-"""3D diffusion autoencoder (models.diffae3d, diffae_steps) on toy volumes, no dataset."""
+"""3D diffusion autoencoder (models.diffae3d, families.diffae3d) on toy volumes, no dataset."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cardiac_jax import diffae_steps
+from cardiac_jax.families import diffae3d as diffae3d_family
 from cardiac_jax import diffusion
-from cardiac_jax import steps
+from cardiac_jax import families
 from cardiac_jax.models import diffae3d
 from experiments.configs import get_config
 
@@ -69,7 +69,7 @@ def trained():
   fixed key (same timesteps and noise every step) and the eval outputs of the first and last
   state."""
   config = tiny_config()
-  family = steps.make_family(config)
+  family = families.make_family(config)
   key = jax.random.key(0)
   state = compiled(family.init_state, key)(key)
   batch = {"la_image": jnp.asarray(toy_volumes(4, 3, 8))}
@@ -103,7 +103,7 @@ def test_encoder_head_reads_pooled_or_all_features(head):
   """pool: Dense over the C channels averaged over (T, h, w) (reference); flatten: Dense over
   all T h w C features of the last level."""
   config = tiny_config(encoder_head=head)
-  family = steps.make_family(config)
+  family = families.make_family(config)
   state = jax.eval_shape(family.init_state, jax.random.key(0))
   kernel = state.params["encoder"]["out"]["kernel"]
   channels = config.model.base_channels * config.model.encoder_channel_mult[-1]
@@ -145,7 +145,7 @@ def test_paper_variant_has_about_21m_parameters():
   16,561,441 + encoder 4,276,032 = 20,837,473. The tolerance of +-0.5M around 21M is the
   rounding of the reference's "about 21M" to two significant digits."""
   config = get_config("diffae3d:paper")
-  family = steps.make_family(config)
+  family = families.make_family(config)
   shapes = jax.eval_shape(family.init_state, jax.random.key(0))
   unet, encoder = count(shapes.params["unet"]), count(shapes.params["encoder"])
   assert (unet, encoder) == (16_561_441, 4_276_032)
@@ -220,7 +220,7 @@ def test_remat_and_bfloat16_keep_the_parameter_tree():
   dtype; the bfloat16 network still returns float32 eps_hat."""
   trees = {}
   for remat, dtype in (("none", "float32"), ("blocks", "float32"), ("blocks", "bfloat16")):
-    family = steps.make_family(tiny_config(remat=remat, compute_dtype=dtype))
+    family = families.make_family(tiny_config(remat=remat, compute_dtype=dtype))
     x = jnp.zeros((2, 3, 8, 8, 1))
     eps, variables = jax.eval_shape(lambda: family.model.init_with_output(
         jax.random.key(0), x, x, jnp.zeros((2,), jnp.int32)))
@@ -305,7 +305,7 @@ def test_eval_step_metrics_and_finalize(trained):
 
 def test_volume_metrics_of_a_perfect_and_a_noisy_reconstruction():
   x = (toy_volumes(2, 4, 16) + 1.0) / 2.0
-  metrics_fn = jax.jit(diffae_steps.volume_metrics)
+  metrics_fn = jax.jit(diffae3d_family.volume_metrics)
   perfect = metrics_fn(jnp.asarray(x), jnp.asarray(x))
   np.testing.assert_allclose(perfect["ssim"], 1.0, atol=1e-5)
   np.testing.assert_allclose(perfect["nrmse"], 0.0, atol=1e-6)
@@ -316,7 +316,7 @@ def test_volume_metrics_of_a_perfect_and_a_noisy_reconstruction():
   mse = ((x - noisy) ** 2).mean((1, 2, 3, 4))
   np.testing.assert_allclose(metrics["psnr"], 10 * np.log10(1 / mse), rtol=1e-4)
   assert np.all(np.asarray(metrics["ssim"]) < 0.9)
-  assert diffae_steps.ssim_window(4) == 3 and diffae_steps.ssim_window(50) == 11
+  assert diffae3d_family.ssim_window(4) == 3 and diffae3d_family.ssim_window(50) == 11
 
 
 # ------------------------------------------------------------------------------ config errors
@@ -336,7 +336,7 @@ def test_bad_config_values_are_clear_errors(section, field, value, message):
   config = tiny_config()
   config[section][field] = value
   with pytest.raises(ValueError, match=message.replace(".", r"\.")):
-    family = steps.make_family(config)
+    family = families.make_family(config)
     jax.eval_shape(family.init_state, jax.random.key(0))
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from cardiac_jax import checkpointing
 from cardiac_jax import parallel
-from cardiac_jax import steps
+from cardiac_jax import families
 from cardiac_jax import training
 from tests.conftest import in_memory_source
 from tests.test_diffae3d import tiny_config, toy_volumes
@@ -40,7 +40,7 @@ def test_tiny_config_trains_evaluates_draws_and_checkpoints_the_ema(tmp_path):
   assert os.path.exists(os.path.join(tmp_path, "figures", "reconstructions_0000002.png"))
 
   # The checkpoint holds the EMA and the flat optimizer state: a restore gives the state back.
-  family = steps.make_family(config)
+  family = families.make_family(config)
   target = parallel.abstract_state(family.init_state, jax.random.key(config.seed),
                                    parallel.make_mesh(0))
   with checkpointing.Checkpointer(os.path.join(tmp_path, "checkpoints")) as checkpointer:
@@ -63,7 +63,7 @@ def test_data_source_serves_only_the_view_the_model_reads(cine_cohort):
   batches = common.make_data_source(config).train_batches(0)
   batch = next(batches)
   batches.close()
-  assert steps.make_family(config).batch_fields == ("la_image",)
+  assert families.make_family(config).batch_fields == ("la_image",)
   assert {"la_image", "lv_volume_ml", "group", "subject"} <= set(batch)
   assert not {"sa_image", "sa_label", "sa_mid_image"} & set(batch)
   assert batch["la_image"].dtype == np.float32

@@ -181,15 +181,15 @@ def test_inversion_then_decoding_is_near_identity_for_gaussian_data():
 
 
 def test_diffae_runs_use_the_reference_grid_and_old_runs_keep_theirs():
-  from cardiac_jax import steps
+  from cardiac_jax import families
   from experiments.configs import diffae3d
   for variant in ("paper", "smoke", None):
-    assert steps.make_family(diffae3d.get_config(variant)).ddim_grid == "stride"
+    assert families.make_family(diffae3d.get_config(variant)).ddim_grid == "stride"
   # A run saved before eval.ddim_grid existed was evaluated on the "even" grid.
   old = diffae3d.get_config("smoke")
   del old.eval["ddim_grid"]
-  assert steps.make_family(old).ddim_grid == "even"
+  assert families.make_family(old).ddim_grid == "even"
   bad = diffae3d.get_config("smoke")
   bad.eval.decode_steps = 333
   with pytest.raises(ValueError, match="eval.decode_steps = 333 on the 'stride' DDIM grid"):
-    steps.make_family(bad)
+    families.make_family(bad)

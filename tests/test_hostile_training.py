@@ -14,7 +14,7 @@ import random
 import pytest
 from absl import flags
 
-from cardiac_jax import config_checks, metric_logging, steps, training
+from cardiac_jax import config_checks, families, metric_logging, training
 from experiments import train
 from experiments.configs import get_config
 
@@ -121,7 +121,7 @@ def test_random_config_overrides_end_in_one_line_errors_or_checked_configs():
       continue
     config = values["config"].value
     try:
-      steps.make_family(config)  # What the loop builds first from an accepted config.
+      families.make_family(config)  # What the loop builds first from an accepted config.
     except Exception as e:  # pylint: disable=broad-except
       failures.append((args, f"accepted, but the family refuses it: {type(e).__name__}: {e}"))
     changed = {k for k, v in _flat(config).items() if base.get(k, object()) != v}

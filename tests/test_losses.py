@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from cardiac_jax import losses, steps
+from cardiac_jax import families, losses
+from cardiac_jax.families import vae as vae_family
 from experiments.configs import get_config
 
 RNG = np.random.default_rng(1234)
@@ -80,7 +81,7 @@ def sivae():
   config.loss.beta_rec, config.loss.beta_kl, config.loss.beta_neg = 0.8, 1.0, 64.0
   config.loss.gamma_r = 1e-3  # Large enough to be visible in the check.
   config.loss.gamma, config.loss.delta, config.loss.regularized_dims = 0.1, 1.0, (0, 1, 2)
-  family = steps.make_family(config)
+  family = families.make_family(config)
   state = family.init_state(jax.random.key(0))
   x = jnp.asarray(RNG.uniform(size=(4, 16, 16, 2)).astype(np.float32))
   attributes = jnp.asarray(RNG.normal(size=(4, 3)).astype(np.float32))
@@ -155,7 +156,7 @@ def test_each_update_leaves_the_other_part_unchanged(sivae, frozen):
     new, metrics = jax.jit(family.train_step)(state0, {"image": x, "attributes": attributes},
                                               jax.random.key(3))
   finally:
-    family.tx = {part: steps.make_optimizer(config.optimizer) for part in steps.PARTS}
+    family.tx = {part: vae_family.make_optimizer(config.optimizer) for part in vae_family.PARTS}
   other = "decoder" if frozen == "encoder" else "encoder"
   same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), new.params[frozen],
                       state0.params[frozen])

@@ -321,8 +321,10 @@ def test_manipulate_m0_is_the_plain_reconstruction(manipulated, restored):
 
 
 def test_evaluate_diffae_reports_test_reconstruction_with_the_requested_ddim_steps(run_copy):
+  from cardiac_jax.families import EvalOptions
   from experiments import evaluate
-  result = evaluate.evaluate_diffae_run(run_copy, "test", inversion_steps=2, decode_steps=4)
+  result = evaluate.evaluate(run_copy, "test",
+                             options=EvalOptions(inversion_steps=2, decode_steps=4))
   with open(os.path.join(run_copy, "eval", "metrics.json")) as f:
     written = json.load(f)
   assert written == json.loads(json.dumps(result))
@@ -339,7 +341,7 @@ def test_evaluate_diffae_reports_test_reconstruction_with_the_requested_ddim_ste
   assert not [n for n in os.listdir(eval_dir) if n.startswith("partial_")]
   assert os.path.exists(os.path.join(eval_dir, f"reconstructions_{written['step']:07d}.png"))
   with pytest.raises(ValueError, match="--decode_steps"):
-    evaluate.evaluate_diffae_run(run_copy, "test", decode_steps=0)
+    evaluate.evaluate(run_copy, "test", options=EvalOptions(decode_steps=0))
   # 333 steps have no integer stride of T = 1000: refused before any work, naming the setting.
   with pytest.raises(ValueError, match="decode_steps = 333 on the 'stride' DDIM grid"):
-    evaluate.evaluate_diffae_run(run_copy, "test", inversion_steps=2, decode_steps=333)
+    evaluate.evaluate(run_copy, "test", options=EvalOptions(inversion_steps=2, decode_steps=333))

@@ -41,7 +41,7 @@ if num_processes > 1:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   distributed.initialize_from_environment(coordinator_address=f"127.0.0.1:{port}",
                                           num_processes=num_processes, process_id=process_id)
-from cardiac_jax import checkpointing, parallel, steps, training
+from cardiac_jax import checkpointing, families, parallel, training
 from data_pipelines import pipeline
 from experiments.configs import get_config
 from tests.conftest import make_disc_example
@@ -94,11 +94,11 @@ params = {"jit/" + jax.tree_util.keystr(p): np.asarray(v)
 
 # The same run again, per replica (pmap), with the loss of every step on this process.
 mesh = parallel.make_mesh()
-family = steps.make_family(config)
+family = families.make_family(config)
 root = jax.random.key(config.seed)
 state = jax.jit(family.init_state, out_shardings=parallel.replicated(mesh))(root)
 step_fn = parallel.compile_train_step(
-    lambda axis: steps.make_family(config, axis_name=axis).train_step, mesh, "pmap")
+    lambda axis: families.make_family(config, axis_name=axis).train_step, mesh, "pmap")
 losses = []
 batches = train_batches(0)
 step_keys = jax.random.fold_in(root, 1)  # As in train_and_evaluate.

@@ -28,7 +28,7 @@ CHECK = r"""
 import json, sys
 import jax
 import numpy as np
-from cardiac_jax import checkpointing, parallel, steps
+from cardiac_jax import checkpointing, families, parallel
 from experiments.configs import get_config
 
 objective, checkpoint_dir = sys.argv[1], sys.argv[2]
@@ -46,13 +46,13 @@ batches = [{"image": rng.random((8, 16, 16, 1), dtype=np.float32),
             "attributes": rng.normal(size=(8, 3)).astype(np.float32),
             "subject": np.array([f"s{i}" for i in range(8)])} for _ in range(3)]
 root = jax.random.key(0)
-init_state = jax.jit(steps.make_family(config).init_state)  # Compiled once, run per backend.
+init_state = jax.jit(families.make_family(config).init_state)  # Compiled once, run per backend.
 
 def run(num_devices, backend):
   mesh = parallel.make_mesh(num_devices)
   state = parallel.replicate(init_state(root), mesh)
   step = parallel.compile_train_step(
-      lambda axis: steps.make_family(config, axis_name=axis).train_step, mesh, backend)
+      lambda axis: families.make_family(config, axis_name=axis).train_step, mesh, backend)
   losses = []
   for i, batch in enumerate(batches):
     state, metrics = step(state, batch, jax.random.fold_in(root, i))
@@ -77,7 +77,7 @@ for name, num_devices, backend in (("jit1", 1, "jit"), ("jit8", 8, "jit"), ("pma
     mesh = parallel.make_mesh(1)
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated(mesh)),
-        jax.eval_shape(steps.make_family(config).init_state, root))
+        jax.eval_shape(families.make_family(config).init_state, root))
     with checkpointing.Checkpointer(checkpoint_dir) as checkpointer:
       restored = checkpointer.restore(abstract, 3)
     out["restored"] = {"arrays": arrays(restored),

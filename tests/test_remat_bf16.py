@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from cardiac_jax import layers
-from cardiac_jax import steps
+from cardiac_jax import families
 from cardiac_jax.models import vae as vae_lib
 from experiments import benchmark
 from experiments.configs import get_config
@@ -43,7 +43,7 @@ def toy_config(name: str, compute_dtype: str = "float32", learning_rate: float =
 def family_with_remat(config, remat: str):
   """The config's VAE family with its model's `remat` field set (the field the family would
   read from config.model.remat)."""
-  family = steps.make_family(config)
+  family = families.make_family(config)
   family.model = family.model.clone(remat=remat)
   return family
 
@@ -134,7 +134,7 @@ def test_remat_wraps_every_residual_block_and_nothing_else():
 
 # ----------------------------------------------------------------------------------- bfloat16
 def _train(config, batch, num_steps: int):
-  family = steps.make_family(config)
+  family = families.make_family(config)
   state = jax.jit(family.init_state)(jax.random.key(0))
   train_step = jax.jit(family.train_step)
   reconstruction = []
@@ -214,7 +214,7 @@ def diffae_remat_pair():
   x = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 2, 16, 16, 1)), jnp.float32)
   out = {}
   for remat in ("none", "blocks"):
-    family = steps.make_family(diffae_remat_config(remat))
+    family = families.make_family(diffae_remat_config(remat))
     # Random parameters of the right shapes (no zero layers); no initialisation to compile.
     shapes = family.trainable(jax.eval_shape(family.init_state, jax.random.key(0)).params)
     rng = np.random.default_rng(0)
@@ -274,7 +274,7 @@ def test_diffae_bfloat16_train_step_keeps_float32_parameters():
   config.data.image_size = 8
   config.model.update(compute_dtype="bfloat16", channel_mult=(1,), encoder_channel_mult=(1,),
                       attention_resolutions=(), encoder_attention_resolutions=())
-  family = steps.make_family(config)
+  family = families.make_family(config)
   state = jax.jit(family.init_state)(jax.random.key(0))
   batch = {"la_image": jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (2, 2, 8, 8, 1)),
                                    jnp.float32)}

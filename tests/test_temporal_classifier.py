@@ -1,4 +1,4 @@
-"""Temporal VAE-classifier family (cardiac_jax.temporal_steps) on toy cine batches."""
+"""Temporal VAE-classifier family (cardiac_jax.families.temporal_classifier) on toy cine batches."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from cardiac_jax import structures
-from cardiac_jax import temporal_steps
+from cardiac_jax.families import temporal_classifier as temporal_family
+from cardiac_jax.metrics import classification
 from experiments.configs import get_config
 
 LV, MYO, RV = structures.LV_BLOOD_POOL, structures.LV_MYOCARDIUM, structures.RV_BLOOD_POOL
@@ -56,7 +57,7 @@ def toy_cine_batch(batch_size: int, frames: int, size: int, seed: int = 0) -> di
 @pytest.fixture(scope="module")
 def setup():
   config = tiny_config()
-  family = temporal_steps.TemporalClassifierFamily(config)
+  family = temporal_family.TemporalClassifierFamily(config)
   state = jax.jit(family.init_state)(jax.random.key(0))
   batch = toy_cine_batch(config.train.batch_size, config.data.num_frames,
                          config.data.image_size)
@@ -66,7 +67,7 @@ def setup():
 def test_shapes_and_parts(setup):
   config, family, state, batch = setup
   b, t, s = config.train.batch_size, config.data.num_frames, config.data.image_size
-  assert set(state.params) == set(temporal_steps.PARTS)
+  assert set(state.params) == set(temporal_family.PARTS)
   assert set(state.batch_stats["encoder"]) and state.batch_stats["classifier"] == {}
   x = family.model_input(jnp.asarray(batch["sa_label"]))
   assert x.shape == (b, t, s, s, 3 * structures.NUM_LABELS)
@@ -110,7 +111,7 @@ def test_loss_terms_match_numpy(setup):
   assert np.allclose(terms["bce"], bce, rtol=1e-4)
   total = float(family.total_loss(terms, 0.7))
   assert total == pytest.approx(np.mean(ce + 0.2 * kl) + 0.7 * np.mean(bce), rel=1e-5)
-  assert set(stats) == set(temporal_steps.PARTS)
+  assert set(stats) == set(temporal_family.PARTS)
 
 
 def test_roc_auc_matches_pair_count():
@@ -119,11 +120,11 @@ def test_roc_auc_matches_pair_count():
   labels = rng.integers(0, 2, 60)
   pos, neg = scores[labels == 1], scores[labels == 0]
   brute = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
-  assert temporal_steps.roc_auc(scores, labels) == pytest.approx(brute)
-  assert temporal_steps.roc_auc([0.1, 0.9], [0, 1]) == 1.0
-  assert temporal_steps.roc_auc([0.9, 0.1], [0, 1]) == 0.0
-  assert np.isnan(temporal_steps.roc_auc([0.1, 0.2], [1, 1]))
-  family_metrics = temporal_steps.TemporalClassifierFamily.finalize_eval(
+  assert classification.roc_auc(scores, labels) == pytest.approx(brute)
+  assert classification.roc_auc([0.1, 0.9], [0, 1]) == 1.0
+  assert classification.roc_auc([0.9, 0.1], [0, 1]) == 0.0
+  assert np.isnan(classification.roc_auc([0.1, 0.2], [1, 1]))
+  family_metrics = temporal_family.TemporalClassifierFamily.finalize_eval(
       None, {"logit": scores, "label": labels})
   assert family_metrics == {"auc": pytest.approx(brute)}
 
@@ -133,7 +134,7 @@ def test_dice():
   labels[0, :, 2:6, 2:6, :] = LV                      # 2 x 16 x 3 = 96 LV voxels.
   predicted = labels.copy()
   predicted[0, :, 2:4, 2:6, :] = 0                    # Half of them missed.
-  dice = np.asarray(temporal_steps.dice_per_structure(jnp.asarray(labels),
+  dice = np.asarray(temporal_family.dice_per_structure(jnp.asarray(labels),
                                                       jnp.asarray(predicted)))
   assert dice.shape == (1, 3)
   assert dice[0, 2] == pytest.approx(2 * 48 / (96 + 48))

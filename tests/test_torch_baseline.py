@@ -120,8 +120,8 @@ def diffae_config(spec: str, num_frames: int | None = None, image_size: int | No
 def diffae_parameter_leaves(config) -> list[tuple[str, tuple[int, ...]]]:
   """(path, shape) of every trained DiffAE parameter in creation order (encoder, then UNet;
   the order in which the PyTorch modules register theirs), from an abstract init."""
-  from cardiac_jax import diffae_steps
-  family = diffae_steps.DiffAEFamily(config)
+  from cardiac_jax.families import diffae3d as diffae3d_family
+  family = diffae3d_family.DiffAEFamily(config)
   shape = (1, config.data.num_frames, config.data.image_size, config.data.image_size, 1)
   leaves = []
 
@@ -229,8 +229,8 @@ def test_imlatent_network_computes_the_jax_function(tmp_path):
   x_t = rng.normal(size=x0.shape).astype(np.float32)
   t = np.array([17, 640], np.int32)
 
-  from cardiac_jax import diffae_steps
-  model = diffae_steps.DiffAEFamily(config).model
+  from cardiac_jax.families import diffae3d as diffae3d_family
+  model = diffae3d_family.DiffAEFamily(config).model
 
   @jax.jit
   def forward(params, x0, x_t, t):

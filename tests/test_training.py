@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cardiac_jax import (checkpointing, config_checks, metric_logging, parallel, steps,
+from cardiac_jax import (checkpointing, config_checks, families, metric_logging, parallel,
                          training)
 from cardiac_jax import workdir as workdir_lib
 from data_pipelines import pipeline
@@ -100,7 +100,7 @@ def test_checkpoint_of_another_model_is_refused_with_field_names(uninterrupted, 
   _, workdir, _ = uninterrupted
   other = smoke_config()
   other.model.latent_dim = 4
-  family = steps.make_family(other)
+  family = families.make_family(other)
   abstract = jax.eval_shape(family.init_state, jax.random.key(0))
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
   with pytest.raises(checkpointing.CheckpointMismatchError, match="to_latent"):
@@ -138,7 +138,7 @@ def test_nonfinite_loss_stops_and_names_step_and_subjects(tmp_path, disc_example
   assert "nonfinite_step0000004.json" in str(excinfo.value)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
   assert ckpt.latest_step() == 3  # The last good state, not the poisoned one.
-  restored = ckpt.restore(jax.eval_shape(steps.make_family(config).init_state,
+  restored = ckpt.restore(jax.eval_shape(families.make_family(config).init_state,
                                          jax.random.key(0)))
   ckpt.close()
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(restored.params)))
@@ -214,7 +214,7 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_restored(
 def test_interrupted_evaluation_resumes_from_its_finished_batches(uninterrupted, tmp_path,
                                                                   disc_examples):
   config, _, state = uninterrupted
-  family = steps.make_family(config)
+  family = families.make_family(config)
   mesh = parallel.make_mesh(1)
   batches = lambda: pipeline.eval_batches(disc_examples[:10], config.data, batch_size=4)
   keep = ("mu", "subject")
@@ -551,10 +551,10 @@ def test_mismatch_describer_reports_real_mismatches_only(uninterrupted):
   checkpoint shape (2,) != model shape ()"), so a damaged step was refused as another model's
   instead of being moved aside."""
   config, workdir, _ = uninterrupted
-  abstract = jax.eval_shape(steps.make_family(config).init_state, jax.random.key(0))
+  abstract = jax.eval_shape(families.make_family(config).init_state, jax.random.key(0))
   other = smoke_config()
   other.model.latent_dim = 4
-  other_abstract = jax.eval_shape(steps.make_family(other).init_state, jax.random.key(0))
+  other_abstract = jax.eval_shape(families.make_family(other).init_state, jax.random.key(0))
   with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
     ckpt.restore(abstract, 6)  # What restore() reads after a failure: orbax's metadata.
     saved = ckpt._manager.item_metadata(6)  # pylint: disable=protected-access
@@ -595,10 +595,10 @@ def continuation(uninterrupted, disc_examples):
   finish(state) applies the loop's compiled step to the batches and keys of steps 4 to 6."""
   config, _, _ = uninterrupted
   mesh = parallel.make_mesh(config.parallel.num_devices)
-  family = steps.make_family(config)
+  family = families.make_family(config)
   root = jax.random.key(config.seed)
   train_step = parallel.compile_train_step(
-      lambda axis: steps.make_family(config, axis_name=axis).train_step, mesh,
+      lambda axis: families.make_family(config, axis_name=axis).train_step, mesh,
       config.parallel.backend)
   batches = data_source(config, disc_examples).train_batches(3)
   batches = [next(batches) for _ in range(3)]

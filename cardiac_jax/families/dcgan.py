@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cardiac_jax import losses
+from cardiac_jax.families.base import FamilyBase
 from cardiac_jax.models import dcgan as dcgan_lib
 from cardiac_jax.train_state import (TrainState, finish_step, make_optimizer, optimizer_step,
                                      replica_rows)
@@ -52,16 +54,12 @@ Metrics = dict[str, jax.Array]
 
 
 # --------------------------------------------------------------------------------- losses
-def binary_cross_entropy_with_logits(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Elementwise -[y log sigmoid(l) + (1 - y) log(1 - sigmoid(l))], stable for any logit."""
-  return jax.nn.softplus(logits) - labels * logits
-
-
 def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array,
                        real_labels: jax.Array) -> jax.Array:
   """L_D = mean BCE(real_logits, real_labels) + mean BCE(fake_logits, 0); logits (B,)."""
-  return (jnp.mean(binary_cross_entropy_with_logits(real_logits, real_labels))
-          + jnp.mean(binary_cross_entropy_with_logits(fake_logits, jnp.zeros_like(fake_logits))))
+  bce = losses.binary_cross_entropy_with_logits
+  return (jnp.mean(bce(real_logits, real_labels))
+          + jnp.mean(bce(fake_logits, jnp.zeros_like(fake_logits))))
 
 
 def generator_loss(fake_logits: jax.Array) -> jax.Array:
@@ -109,12 +107,9 @@ def _thumbnail(x: jax.Array, size: int) -> jax.Array:
   return x.reshape(b, size, f, size, f, c).mean(axis=(2, 4)).reshape(b, -1)
 
 
-class DCGANFamily:
-  """The DCGAN family for one config: model, optimizers and pure steps.
-
-  Implements the family protocol of `cardiac_jax.training` plus `generate` (z -> images in
-  [0, 1]), `first_block_features` and `first_linear_kernel` for direction discovery.
-  """
+class DCGANFamily(FamilyBase):
+  """The DCGAN family for one config: model, optimizers and pure steps (`base.ModelFamily`),
+  plus `generate` (z -> images in [0, 1]) and the generator hooks of direction discovery."""
 
   eval_metric_keys = ("d_real", "d_fake")
   eval_keep_keys = ("real_moments", "fake_moments", "real_thumbnail", "fake_thumbnail")
@@ -185,6 +180,9 @@ class DCGANFamily:
     """(B, latent_dim) -> (B, S, S, C) images in [0, 1], BatchNorm in inference mode."""
     out = self._apply("generator", state.params, state.batch_stats, z, train=False)
     return self.to_data_range(out)
+
+  def generator(self, state: TrainState):
+    return lambda z: self.generate(state, z)
 
   def discriminate(self, state: TrainState, images: jax.Array) -> jax.Array:
     """(B, S, S, C) images in [0, 1] -> (B,) logits, BatchNorm in inference mode."""
@@ -334,8 +332,3 @@ class DCGANFamily:
     return finish_step(state, after_g, grads, metrics, skip_nonfinite=self.skip_nonfinite,
                        axis_name=self.axis_name)
 
-  warmup_train_step = None
-
-  def uses_warmup(self, step: int) -> bool:
-    del step
-    return False
