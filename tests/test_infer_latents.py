@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cardiac_jax import phenotypes
+from cardiac_jax import latent_store, phenotypes
 from experiments import associate, infer_latents, probe, reproducibility
 from tests.conftest import CINE_COHORT_SUBJECTS, copy_run, train_diffae_smoke
 
@@ -69,10 +69,10 @@ class _Interrupt(Exception):
 
 
 def _counting_encoder(monkeypatch, fail_at: int | None = None) -> list:
-  """Replaces infer_latents._encode_rows by a wrapper that counts its calls (the batches
+  """Replaces latent_store.encode_rows by a wrapper that counts its calls (the batches
   computed) and raises on call number `fail_at` (1-based)."""
   calls = []
-  real = infer_latents._encode_rows
+  real = latent_store.encode_rows
 
   def wrapper(encoder, x):
     calls.append(len(x))
@@ -80,7 +80,7 @@ def _counting_encoder(monkeypatch, fail_at: int | None = None) -> list:
       raise _Interrupt(f"killed at batch call {fail_at}")
     return real(encoder, x)
 
-  monkeypatch.setattr(infer_latents, "_encode_rows", wrapper)
+  monkeypatch.setattr(latent_store, "encode_rows", wrapper)
   return calls
 
 
@@ -102,11 +102,11 @@ def test_csv_has_every_subject_with_the_encoder_codes(csv_output, expected):
                              rtol=1e-5, atol=1e-6)
   assert table.z.std(axis=0).min() > 0          # Codes differ between subjects.
   # No partial store left, and the meta file names the run and the output's bytes.
-  assert not os.path.exists(csv_output + infer_latents.PARTIAL_SUFFIX)
-  with open(csv_output + infer_latents.META_SUFFIX) as f:
+  assert not os.path.exists(csv_output + latent_store.PARTIAL_SUFFIX)
+  with open(csv_output + latent_store.META_SUFFIX) as f:
     meta = json.load(f)
   assert meta["num_subjects"] == CINE_COHORT_SUBJECTS and meta["z_dim"] == DIM
-  assert meta["sha256"] == infer_latents._sha256_file(csv_output)
+  assert meta["sha256"] == latent_store.sha256_file(csv_output)
   assert meta["run"]["step"] == 3 and len(meta["run"]["encoder_sha256"]) == 64
 
 
@@ -162,7 +162,7 @@ def test_command_line_writes_a_plink_file_of_chosen_splits(diffae_run, tmp_path)
   assert len(table.subjects) == 6                 # 4 test + 2 val subjects.
   np.testing.assert_allclose(np.sort(table.z[:, 0]),
                              stats.norm.ppf((np.arange(1, 7) - 0.375) / 6.25), atol=1e-7)
-  with open(output + infer_latents.META_SUFFIX) as f:
+  with open(output + latent_store.META_SUFFIX) as f:
     meta = json.load(f)
   assert meta["data"]["splits"] == ["test", "val"]
   assert meta["options"] == {"format": "plink", "inverse_normal": True}
@@ -176,7 +176,7 @@ def test_command_line_writes_a_plink_file_of_chosen_splits(diffae_run, tmp_path)
 def test_interrupted_run_resumes_at_the_missing_batches(diffae_run, csv_output, tmp_path,
                                                         monkeypatch):
   output = str(tmp_path / "latents.csv")
-  store = output + infer_latents.PARTIAL_SUFFIX
+  store = output + latent_store.PARTIAL_SUFFIX
   calls = _counting_encoder(monkeypatch, fail_at=2)
   with pytest.raises(_Interrupt):
     infer_latents.run(diffae_run, output, batch_size=BATCH, progress=False)
@@ -185,7 +185,7 @@ def test_interrupted_run_resumes_at_the_missing_batches(diffae_run, csv_output, 
   assert not os.path.exists(output)
   assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
   assert sorted(n for n in os.listdir(store) if n.endswith(".npz")) == ["batch_000000.npz"]
-  with open(os.path.join(store, infer_latents.MANIFEST)) as f:
+  with open(os.path.join(store, latent_store.MANIFEST)) as f:
     manifest = json.load(f)
   assert manifest["run"]["workdir"] == os.path.realpath(diffae_run)
   assert manifest["batch_size"] == BATCH
@@ -211,17 +211,17 @@ def test_store_or_output_of_another_run_is_refused(diffae_run, second_run, csv_o
   with pytest.raises(FileExistsError, match="unfinished latents of another run"):
     infer_latents.run(second_run, output, batch_size=BATCH, progress=False)
   # The store of the first run is untouched and still finishes.
-  assert os.path.exists(os.path.join(output + infer_latents.PARTIAL_SUFFIX,
+  assert os.path.exists(os.path.join(output + latent_store.PARTIAL_SUFFIX,
                                      "batch_000000.npz"))
   with pytest.raises(FileExistsError, match="other settings.*batch_size"):
     infer_latents.run(diffae_run, output, batch_size=2, progress=False)
 
   finished = str(tmp_path / "finished.csv")
-  for suffix in ("", infer_latents.META_SUFFIX):
+  for suffix in ("", latent_store.META_SUFFIX):
     shutil.copy(csv_output + suffix, finished + suffix)
   with pytest.raises(FileExistsError, match="another run"):
     infer_latents.run(second_run, finished, batch_size=BATCH, progress=False)
-  os.remove(finished + infer_latents.META_SUFFIX)   # Unknown origin: refused too.
+  os.remove(finished + latent_store.META_SUFFIX)   # Unknown origin: refused too.
   with pytest.raises(FileExistsError, match="unknown origin"):
     infer_latents.run(diffae_run, finished, batch_size=BATCH, progress=False)
   meta = infer_latents.run(second_run, finished, batch_size=BATCH, progress=False,

@@ -1,0 +1,379 @@
+"""The latents store of a DiffAE run: the EMA encoder's z_sem of many subjects, computed batch by
+batch into a resumable partial store, then written as one latents file with its metadata.
+
+Partial store (OUTPUT.partial/): each finished batch is written at once to batch_<k>.npz
+(subjects, splits, z), so memory holds one batch of images and a killed pass, run again with the
+same settings, computes only the missing batches (files absent or unreadable). manifest.json
+names what the store belongs to: the run (workdir, checkpoint step, SHA-256 of the EMA encoder
+parameters, `encoder_digest`), the data, the batch size and z_dim. A store whose run or data
+differ is refused (FileExistsError naming both), never mixed in.
+
+Same run or not (`same_run`): two run identities are one run when their checkpoint step and
+encoder digest agree (a retrained workdir at the same path is another run; a copied one is the
+same). An existing output is ours when OUTPUT.meta.json matches its bytes (SHA-256) and names
+the same run (`write_latents`: up to date with the same data and options, else recomputed;
+another run's output is refused unless `overwrite`, except while this run's partial store
+exists).
+
+The data side is given: a `Plan` (random-access sources of the splits, the data identity) and
+`make_batches(source, batch_size)`, the evaluation batches of a source (the data pipeline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+
+from cardiac_jax import parallel, phenotypes
+
+PARTIAL_SUFFIX = ".partial"
+META_SUFFIX = ".meta.json"
+MANIFEST = "manifest.json"
+STORE_KIND = "infer_latents partial store"
+STORE_VERSION = 1
+FORMATS = ("csv", "plink")
+
+
+def _no_log(message: str) -> None:
+  del message
+
+
+def read_json(path: str) -> dict | None:
+  """The JSON object in `path`, or None when it is absent, unreadable or not an object."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return value if isinstance(value, dict) else None
+
+
+def _json_default(value):
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _write_json(path: str, data) -> None:
+  """Indented JSON written atomically (a reader sees the old file or the new one)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=2, default=_json_default)
+  os.replace(path + ".tmp", path)
+
+
+def sha256_file(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+@dataclasses.dataclass
+class EncoderRun:
+  """The EMA encoder of a restored DiffAE run, ready to encode (B, T, S, S, 1) cines.
+
+  identity: {"workdir", "step", "encoder_sha256"}, what tells this run's outputs from another's.
+  encode_fn(params, x) -> (B, D) is jitted over the run's mesh (batch rows on "data").
+  """
+  workdir: str
+  config: Any
+  family: Any
+  mesh: Any
+  params: Any
+  step: int
+  identity: dict
+  encode_fn: Callable
+
+
+def encoder_digest(params) -> str:
+  """SHA-256 of a parameter tree: every leaf's path, dtype, shape and bytes, in tree order."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    array = np.ascontiguousarray(jax.device_get(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+
+def encoder_run(workdir: str, config, family, state, mesh, step_selection: str) -> EncoderRun:
+  """The EMA encoder of a restored DiffAE run (`family.inference_params(state, ema=True)`),
+  jitted over `mesh` (batch rows on "data"), with its identity."""
+  params = family.inference_params(state, ema=True)["encoder"]
+  restored_step = int(jax.device_get(state.step))
+
+  def encode(encoder_params, x):
+    return family.apply_encoder(encoder_params, family.model_input({family.field: x}))
+
+  encode_fn = jax.jit(encode, in_shardings=(parallel.replicated(mesh),
+                                            parallel.data_sharded(mesh)),
+                      out_shardings=parallel.data_sharded(mesh))
+  return EncoderRun(workdir=os.path.abspath(workdir), config=config, family=family, mesh=mesh,
+                    params=params, step=restored_step,
+                    identity={"workdir": os.path.realpath(workdir), "step": restored_step,
+                              "step_selection": step_selection,
+                              "encoder_sha256": encoder_digest(params)},
+                    encode_fn=encode_fn)
+
+
+def encode_rows(encoder: EncoderRun, x) -> Any:
+  """(B, D) float32 codes of one (B, T, S, S, 1) host batch (B divisible by the devices)."""
+  array = jax.make_array_from_process_local_data(parallel.data_sharded(encoder.mesh),
+                                                 np.asarray(x, np.float32))
+  return np.asarray(jax.device_get(encoder.encode_fn(encoder.params, array)), np.float32)
+
+
+def same_run(a: Optional[dict], b: dict) -> bool:
+  """Whether two run identities are the same run: same checkpoint step and encoder weights."""
+  return bool(a) and all(a.get(k) == b[k] for k in ("step", "encoder_sha256"))
+
+
+def describe_run(identity: dict) -> str:
+  return (f"{identity.get('workdir')} at step {identity.get('step')} (encoder "
+          f"{str(identity.get('encoder_sha256'))[:12]})")
+
+
+class SourceRows:
+  """Random-access view of rows [(split, index)] of several split sources, as one source."""
+
+  def __init__(self, sources: dict, rows: Sequence[tuple[str, int]]):
+    self._sources, self._rows = sources, list(rows)
+
+  def __len__(self) -> int:
+    return len(self._rows)
+
+  def __getitem__(self, i: int):
+    split, index = self._rows[int(i)]
+    return self._sources[split][index]
+
+  def __getitems__(self, indices: Sequence[int]) -> list:
+    wanted = [self._rows[int(i)] for i in indices]
+    out: list = [None] * len(wanted)
+    for split, source in self._sources.items():
+      positions = [p for p, (s, _) in enumerate(wanted) if s == split]
+      if not positions:
+        continue
+      keys = [wanted[p][1] for p in positions]
+      fetch = getattr(source, "__getitems__", None)
+      examples = fetch(keys) if fetch is not None else [source[k] for k in keys]
+      for p, example in zip(positions, examples):
+        out[p] = example
+    return out
+
+
+def batch_path(store: str, k: int) -> str:
+  return os.path.join(store, f"batch_{k:06d}.npz")
+
+
+def read_batch(path: str, rows: int, dim: int):
+  """(subjects, splits, z) of a finished batch, or None when absent, unreadable or not of the
+  expected shape (then it is computed again)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      subjects, splits, z = data["subjects"], data["splits"], data["z"]
+  except (OSError, ValueError, KeyError, EOFError):
+    return None
+  if z.shape != (rows, dim) or len(subjects) != rows or len(splits) != rows:
+    return None
+  return [str(s) for s in subjects], [str(s) for s in splits], z.astype(np.float32)
+
+
+def write_batch(path: str, subjects, splits, z) -> None:
+  temporary = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+  with open(temporary, "wb") as f:
+    np.savez(f, subjects=np.asarray(subjects, dtype=str), splits=np.asarray(splits, dtype=str),
+             z=np.asarray(z, np.float32))
+  os.replace(temporary, path)
+
+
+def open_store(store: str, manifest: dict) -> None:
+  """Creates the partial store with its manifest (staged, then renamed, so a store always has
+  one), or checks that an existing one belongs to the same run and data."""
+  path = os.path.join(store, MANIFEST)
+  if os.path.isdir(store):
+    existing = read_json(path)
+    if existing is None or existing.get("kind") != STORE_KIND:
+      raise FileExistsError(f"{store} exists but has no readable {MANIFEST}: not a partial "
+                            "store of infer_latents; move it away or choose another --output")
+    if not same_run(existing.get("run"), manifest["run"]):
+      raise FileExistsError(
+          f"{store} holds the unfinished latents of another run, "
+          f"{describe_run(existing.get('run') or {})}, not of "
+          f"{describe_run(manifest['run'])}; delete it or choose another --output")
+    different = [k for k in ("data", "batch_size", "z_dim", "version")
+                 if existing.get(k) != manifest[k]]
+    if different:
+      detail = "; ".join(f"{k}: stored {existing.get(k)!r}, now {manifest[k]!r}"
+                         for k in different)
+      raise FileExistsError(f"{store} holds unfinished latents of this run computed with other "
+                            f"settings ({detail}); rerun with those settings to finish it, or "
+                            "delete it")
+    return
+  if os.path.exists(store):
+    raise FileExistsError(f"{store} exists and is not a directory")
+  staging = f"{store}.{uuid.uuid4().hex[:8]}.tmp"
+  os.makedirs(staging)
+  try:
+    with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as f:
+      json.dump(manifest, f, indent=2)
+    os.rename(staging, store)
+  finally:
+    if os.path.exists(staging):
+      shutil.rmtree(staging, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class Plan:
+  """One encoding pass: the prepared directory, the splits, their sources and sizes."""
+  directory: str
+  splits: list[str]
+  sources: dict
+  sizes: dict
+  data: dict
+
+  @property
+  def rows(self) -> list[tuple[str, int]]:
+    return [(split, i) for split in self.splits for i in range(self.sizes[split])]
+
+
+def encode_plan(encoder: EncoderRun, plan: Plan, batch_size: int,
+                store: Optional[str] = None, progress: bool = False,
+                log: Callable[[str], None] = _no_log, *,
+                make_batches: Callable[[Any, int], Any]) -> tuple[list[str], list[str], Any]:
+  """(subjects, splits, z (N, D) float32) of every row of `plan`, in order. With `store` (a
+  partial-store directory, opened by the caller) each batch is written there as soon as it
+  is computed and batches already there are not computed again. make_batches(source,
+  batch_size): the evaluation batches of a random-access source (with "mask", "subject" and
+  the encoder's input field)."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  parallel.check_batch_size(batch_size, encoder.mesh)
+  rows = plan.rows
+  total, dim = len(rows), encoder.family.z_sem_dim
+  num_batches = -(-total // batch_size)
+  sizes = [min(batch_size, total - k * batch_size) for k in range(num_batches)]
+  done: dict[int, tuple] = {}
+  if store is not None:
+    for k in range(num_batches):
+      finished = read_batch(batch_path(store, k), sizes[k], dim)
+      if finished is not None:
+        done[k] = finished
+  missing = [k for k in range(num_batches) if k not in done]
+  if done:
+    log(f"resuming: {len(done)} of {num_batches} batches were finished, computing "
+        f"{len(missing)}")
+  bar = None
+  if progress:
+    from tqdm import auto as tqdm
+    bar = tqdm.tqdm(total=num_batches, initial=len(done), desc="latents", unit="batch",
+                    dynamic_ncols=True)
+  batches = None
+  try:
+    if missing:
+      # Only the rows of missing batches are loaded; every missing batch but the last of the
+      # pass is full, so the view's batches are exactly the missing ones.
+      subset = SourceRows(plan.sources, [rows[i] for k in missing
+                                         for i in range(k * batch_size,
+                                                        k * batch_size + sizes[k])])
+      batches = make_batches(subset, batch_size)
+      for k, batch in zip(missing, batches):
+        mask = np.asarray(batch["mask"], bool)
+        z = encode_rows(encoder, batch[encoder.family.field])[mask]
+        subjects = [str(s) for s in np.asarray(batch["subject"])[mask]]
+        splits = [rows[i][0] for i in range(k * batch_size, k * batch_size + sizes[k])]
+        if len(subjects) != sizes[k]:
+          raise RuntimeError(f"batch {k} has {len(subjects)} subjects, expected {sizes[k]}")
+        if store is not None:
+          write_batch(batch_path(store, k), subjects, splits, z)
+        done[k] = (subjects, splits, z)
+        if bar is not None:
+          bar.update(1)
+  finally:
+    # Stop the input pipeline's threads now (an interrupted pass leaves the generator open).
+    if batches is not None:
+      batches.close()
+    if bar is not None:
+      bar.close()
+  subjects = [s for k in range(num_batches) for s in done[k][0]]
+  splits = [s for k in range(num_batches) for s in done[k][1]]
+  z = (np.concatenate([done[k][2] for k in range(num_batches)]) if num_batches
+       else np.zeros((0, dim), np.float32))
+  if len(set(subjects)) != len(subjects):
+    raise RuntimeError(f"duplicate subjects in the computed latents"
+                       f"{f' (partial store {store})' if store else ''}; delete the store and "
+                       "rerun")
+  return subjects, splits, z
+
+
+def output_is_ours(output: str, identity: dict) -> tuple[bool, Optional[dict]]:
+  """(same run, meta) of an existing output: its meta file must match its bytes."""
+  meta = read_json(output + META_SUFFIX)
+  if meta is None or meta.get("sha256") != sha256_file(output):
+    return False, None
+  return same_run(meta.get("run"), identity), meta
+
+
+def write_latents(encoder: EncoderRun, plan: Plan, output: str, *,
+                  make_batches: Callable[[Any, int], Any], fmt: str = "csv",
+                  inverse_normal: bool = False, batch_size: Optional[int] = None,
+                  overwrite: bool = False, progress: bool = True,
+                  log: Callable[[str], None] = _no_log) -> dict:
+  """Computes (resumably, in output + PARTIAL_SUFFIX) and writes the latents file `output`
+  (`phenotypes.write_latents_csv`, or the PLINK phenotype file for fmt="plink", of the
+  inverse-normal transformed codes with `inverse_normal`) and its meta; returns the meta."""
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown format {fmt!r} (one of {FORMATS})")
+  store = output + PARTIAL_SUFFIX
+  batch_size = batch_size or int(encoder.config.train.eval_batch_size)
+  options = {"format": fmt, "inverse_normal": bool(inverse_normal)}
+  manifest = {"kind": STORE_KIND, "version": STORE_VERSION, "run": encoder.identity,
+              "data": plan.data, "batch_size": int(batch_size),
+              "z_dim": encoder.family.z_sem_dim, "output": output}
+  if os.path.exists(output):
+    ours, meta = output_is_ours(output, encoder.identity)
+    if ours and meta.get("data") == plan.data and meta.get("options") == options:
+      log(f"{output} is up to date (same run, data and options)")
+      return meta
+    store_manifest = read_json(os.path.join(store, MANIFEST))
+    resuming = store_manifest is not None and same_run(store_manifest.get("run"),
+                                                       encoder.identity)
+    if not (ours or resuming or overwrite):
+      origin = (f"another run, {describe_run(meta['run'])}" if meta else
+                f"an unknown origin (no {os.path.basename(output)}{META_SUFFIX} matching it)")
+      raise FileExistsError(f"{output} exists and holds the latents of {origin}, not of "
+                            f"{describe_run(encoder.identity)}; pass --overwrite or choose "
+                            "another --output")
+  os.makedirs(os.path.dirname(output), exist_ok=True)
+  open_store(store, manifest)
+  log(f"encoding {sum(plan.sizes.values())} subjects ({', '.join(plan.splits)}) of "
+      f"{plan.directory} with {describe_run(encoder.identity)}")
+  subjects, row_splits, z = encode_plan(encoder, plan, batch_size, store, progress, log,
+                                        make_batches=make_batches)
+  values = phenotypes.inverse_normal_transform(z) if inverse_normal else z
+  if fmt == "csv":
+    phenotypes.write_latents_csv(output, subjects, row_splits, values)
+  else:
+    phenotypes.write_plink_phenotypes(output, subjects, values)
+  meta = {"run": encoder.identity, "data": plan.data, "options": options,
+          "num_subjects": len(subjects), "z_dim": int(np.shape(z)[1]),
+          "batch_size": int(batch_size), "sha256": sha256_file(output),
+          "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+  _write_json(output + META_SUFFIX, meta)
+  shutil.rmtree(store, ignore_errors=True)
+  log(f"wrote {len(subjects)} subjects x {meta['z_dim']} latents to {output}")
+  return meta
