@@ -13,11 +13,9 @@ subject, from the EMA encoder):
   betas beta_start..beta_end), u_t = sqrt(abar_t) u + sqrt(1 - abar_t) eps. With beta_start =
   beta_end = 0.008 it is the constant schedule of the original latent DDIM ("const0.008" of
   the DiffAE latent templates; abar_{T-1} = 3.3e-4, against 4.0e-5 for the image model's
-  1e-4..0.02): the configs' choice. At the top of the grid a DDIM step multiplies the error of
-  eps_hat by sqrt((1 - abar_t) / abar_t) in x0_hat, 55 there against 157, and on 240 toy codes
-  of size 128 (a noisy 6-d two-cluster manifold) a 6 x 256 network trained for 1,500 steps
-  (Adam 1e-3) sampled codes with a per-dimension std of 1.00 (training: 1) under the constant
-  schedule, 1.62 under the linear one (1.13 after 3,000 steps).
+  1e-4..0.02): the configs' choice, because at the top of the grid a DDIM step multiplies the
+  error of eps_hat in x0_hat by sqrt((1 - abar_t) / abar_t), 55 there against 157, and short
+  runs then sample codes with the training codes' spread (docs/configs.md, diffae3d).
 - Loss of one step over a batch of B codes drawn uniformly with replacement from the N codes,
   t_b ~ U{0..T-1}, eps_b ~ N(0, I_D), with eps_theta = `models.latent_ddim.MLPSkipNet`:
     L = mean_{b,d} |eps_{b,d} - eps_theta(u_t, t)_{b,d}|      ("l1", the reference)
@@ -29,9 +27,8 @@ subject, from the EMA encoder):
 - Sampling: u_T ~ N(0, I_D), eta = 0 DDIM decoding (`diffusion.ddim_decode`) over the
   `sample_steps`-step grid, without clipping x0_hat (the codes are not bounded; the
   reference's `latent_clip_sample = False`), then z = m + s u. Deterministic DDIM
-  under-disperses with few steps even with the exact eps: a unit Gaussian comes out with std
-  0.92 (linear schedule) or 0.81 (constant) after 20 steps (the reference's `latent_T_eval`),
-  0.97 or 0.92 after 50, 0.99 or 0.96 after 100.
+  under-disperses with few steps even with the exact eps, less the more steps it takes
+  (docs/configs.md, diffae3d).
 
 State: the project's `TrainState` with params {"net", "ema"}, opt_state {"net"}, rng = the
 training key; the minibatch, timesteps and noise of step k come from fold_in(rng, k), so a run

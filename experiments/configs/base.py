@@ -36,10 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.prepare.image_size = 128  # Stored crop size in pixels.
   c.data.prepare.spacing_mm = 1.3  # In-plane resampling.
   # "mid": the middle of the slices showing RV, myocardium and LV. The paper variants use the
-  # reference's "acdc_basal" rule. On the default synthetic cohort the label areas of the basal
-  # slice predict the whole-heart volumes poorly (cross-validated Spearman 0.88 / 0.78 / 0.68
-  # for LV EDV / myocardium / RV EDV) and those of the mid slice well (0.98 / 0.97 / 0.95), so a
-  # 2D code of the basal slice cannot rank subjects by these attributes (README, Results).
+  # reference's "acdc_basal" rule; on the synthetic cohort the basal slice's label areas predict
+  # the whole-heart volumes poorly, the mid slice's well (docs/configs.md, section base).
   c.data.prepare.slice_rule = "mid"
   c.data.prepare.label_convention = "acdc"
   c.data.prepare.split_seed = 0

@@ -6,7 +6,7 @@ from experiments.configs import base, vae
 def get_config(arg=None):
   c = base.base_config()
   c.name = "beta_vae"
-  # About 30 minutes on a 2-core CPU (1000 steps: 12 min, 3000: 30 min, measured).
+  # About 30 minutes on a 2-core CPU (docs/configs.md).
   c.train.num_steps = 3000
   c.loss.beta_kl = 2.0
   return base.finalize(c, arg, vae.paper)

@@ -16,30 +16,16 @@ Variants:
   the way up), attention at 8 px (512 tokens) and in the middle blocks, encoder multipliers
   (1, 2, 4, 4) (down to 4 px), z_sem 128: 1.22M parameters (UNet 0.55M, encoder 0.67M, of
   which 0.52M in the flattened head).
-  Batch 4, 1,500 steps at 1.4-1.5 s each on the idle 2-core CPU (compilation about 2
-  minutes): about 40 minutes; the one validation at the end (10 + 10 DDIM steps over the 40
-  validation subjects) adds a few minutes. A 3D UNet is expensive on a CPU: with 16 frames and
-  multipliers (1, 2, 2) a step took 5 s, at base 16 and batch 8 over 20 s. Four departures
-  from the reference make so short a run useful, each measured on this cohort:
-  * Adam at 1e-3 with 50 warm-up steps instead of 1e-4: after 300 steps the eps loss at
-    t = 500 was 0.024 (raw parameters), lower than 0.043 after 1,000 steps at 1e-4 (EMA).
+  Batch 4, 1,500 steps: about 40 minutes on a 2-core CPU. Four departures from the reference
+  make so short a run useful (measurements: docs/configs.md, section diffae3d):
+  * Adam at 1e-3 with 50 warm-up steps instead of 1e-4: a lower eps loss in a third of the steps.
   * model.encoder_head = "flatten": z_sem = Dense(all T x 4 x 4 x 32 features of the encoder's
-    last level) instead of Dense(their average over (T, h, w)) ("pool", the reference, kept
-    by the paper variant). After GroupNorm and SiLU the average of a feature map hardly
-    depends on the image, so the pooled head starts (and after 1,000 steps at 1e-4 still
-    was) nearly constant across subjects: across-subject SD 0.004 at an RMS of 0.87, and
-    the UNet's eps loss was the same with another subject's z_sem; the UNet cannot learn to
-    use a code that does not vary. With the flattened head the SD was 0.25 at an RMS of 5
-    after 200 steps and the encoder's gradient norm three times larger.
-  * P2 loss weights (Choi et al. 2022; diffusion.p2_gamma = 1, p2_k = 1; the paper variant
-    keeps the plain eps loss): lambda_t = 1 / (1 + SNR_t). With the plain loss the trained
-    model's eps loss on validation cines was 0.16 at t = 50 (mostly the images' own noise,
-    which nothing can predict) but 0.002-0.005 at t >= 600, where the coarse content, the
-    part z_sem could supply, is decided: those steps carried almost no gradient, and another
-    subject's z_sem raised the loss by only 0.3-2 % at any t. The weights scale t = 50 by
-    0.03 and leave t >= 600 at 0.97-1. With them (1,500 steps, seed 0) another subject's code
-    raises the test eps loss by 3.5 % (0.8 % before), the test SSIM (20 + 20 DDIM steps) is
-    0.958 (0.920), and an edit of z_sem along LV EDV dilates the decoded LV (README).
+    last level) instead of Dense(their average over (T, h, w)) ("pool", the reference, kept by
+    the paper variant): the average of a group-normalised feature map hardly depends on the
+    image, so the pooled code stays nearly constant across subjects and the UNet ignores it.
+  * P2 loss weights lambda_t = 1 / (1 + SNR_t) (Choi et al. 2022; diffusion.p2_gamma = 1,
+    p2_k = 1; the paper variant keeps the plain eps loss): the plain loss puts almost no
+    gradient on the high-noise steps where z_sem decides the coarse content.
   * EMA decay 0.995 (a time constant of 200 steps) instead of 0.9999, which would leave the
     EMA near its initialisation over such a short run; no dropout in so small a model.
 - paper: the reference (50 frames of 128 x 128 px at 1.8 mm, base 32, multipliers
@@ -64,7 +50,7 @@ _UNUSED_MODEL_FIELDS = ("channels", "latent_dim", "output_activation", "initiali
 
 
 def paper(c):
-  """Reference 3D DiffAE (Ometto et al.; spec /specs/diffae3d.md)."""
+  """Reference 3D DiffAE (Ometto et al. 2024; DiffAE of Preechakul et al. 2022 in 3D)."""
   c.data.num_frames = 50
   c.data.prepare.image_size = 128
   c.data.image_size = 128
@@ -141,7 +127,7 @@ def get_config(arg=None):
   c = base.base_config()
   c.name = "diffae3d"
 
-  # Cine batches (data_pipelines/cine.py): the field of data.view, "la_image" for "la_4ch",
+  # Cine batches (data_pipelines.cine): the field of data.view, "la_image" for "la_4ch",
   # (B, T, S, S, 1) in [-1, 1] (min-max per volume, then (x - 0.5) / 0.5).
   c.data = cine_data.get_data_config(
       view="la_4ch",                  # "la_4ch" (reference) | "sa_mid" (mid short-axis cine).
@@ -185,9 +171,8 @@ def get_config(arg=None):
 
   # Latent DDIM over the z-normalised z_sem of the training split (cardiac_jax.latent_diffusion,
   # network cardiac_jax.models.latent_ddim), fitted and sampled by experiments.sample. Default:
-  # 1.2M parameters; 1,500 steps on 240 codes of size 128 took 69 s (compilation included) on
-  # the 2-core CPU under a load average of 7-8. Why the constant schedule and Adam at 1e-3:
-  # the docstring of cardiac_jax.latent_diffusion.
+  # 1.2M parameters, about a minute on a 2-core CPU. Why the constant schedule, Adam at 1e-3
+  # and 50 sampling steps: docs/configs.md (diffae3d, latent DDIM).
   c.latent = ml_collections.ConfigDict()
   c.latent.num_layers = 10            # L Dense layers of the MLP with skips (reference: 10).
   c.latent.hidden_units = 256         # H, hidden width (reference: 2048).

@@ -4,8 +4,9 @@ Per-frame VAE on the 3 central short-axis slices (one-hot labels, cross-entropy
 reconstruction; data.input="sa_image" for images with a squared error), a classifier over the
 means of all T frames with a 64-unit concept layer, loss mean_t[rec + beta KL] + gamma BCE
 with beta 0.2, two stages (VAE alone for train.stage1_steps, then joint), random shifts of up
-to 5 px (done by the cine input pipeline). The disease target is group in data.positive_groups (pathological vs normal by
-default). loss.reconstruction is not used: the reconstruction term follows data.input.
+to 5 px (done by the cine input pipeline). The disease target is group in data.positive_groups
+(pathological vs normal by default). loss.reconstruction is not used: the reconstruction term
+follows data.input.
 """
 
 import ml_collections
@@ -47,7 +48,7 @@ def get_config(arg=None):
   c = base.base_config()
   c.name = "temporal_classifier"
 
-  # Cine batches (data_pipelines/cine.py, fields in experiments/configs/cine_data.py):
+  # Cine batches (data_pipelines.cine, fields in experiments/configs/cine_data.py):
   # "sa_label"/"sa_image" (B, T, S, S, 3), "group" (B,), "lv_volume_ml" (B, T), ...
   # Stored crops: 80 px at 1.8 mm (shared with the other cine experiments), resized to S.
   c.data = cine_data.get_data_config(
