@@ -7,12 +7,10 @@ compute the same function two ways:
 - "im2col": the kh*kw shifted views of the padded input concatenated on the channel axis and one
             matmul with the reshaped kernel; its gradient is only matmuls and slices, which helps
             on backends whose convolution backward pass is slow.
-- "auto":   the implementation measured fastest on the backend: "xla" everywhere. With jaxlib
-            0.10.2 on the 2-core CPU and the convolution flag that `import cardiac_jax` sets
-            (package docstring), the forward pass, input gradient and kernel gradient of a 3x3
-            conv (32x64x64x32 -> 64) took 90, 61 and 98 ms with "xla"; "im2col" writes and reads
-            a 9x larger patch tensor and lost the forward pass at every size above 4x4
-            (benchmarks/README.md).
+- "auto":   the implementation measured fastest on the backend: "xla" everywhere, also on the
+            CPU with the convolution flag that `import cardiac_jax` sets, where "im2col" writes
+            and reads a 9x larger patch tensor (timings: docs/implementation_notes.md and
+            benchmarks/README.md).
 
 Both share the parameter layout, so a checkpoint trained with one runs with the other.
 Upsampling is nearest-neighbour + convolution: transposed convolutions are never used (they are

@@ -58,13 +58,10 @@ and 4,276,032 encoder parameters, 20,837,473 in all (the "about 21M" of the refe
 Convolutions (`conv_impl`): "xla" is one 3D `lax.conv_general_dilated`; "frames" computes the
 same function as one 2D convolution of the B * T frames with the 3 temporally neighbouring
 frames stacked on the channel axis (`conv3d_same`); "auto" takes "frames" on the CPU backend
-and "xla" elsewhere.
-With jaxlib 0.10.2 on the 2-core CPU (idle, with the convolution flag that `import cardiac_jax`
-sets), value+grad of one 3x3x3 convolution of a (4, 16, 32, 32, C) volume to C channels took
-186 / 38 ms (xla / frames) at C = 8, 308 / 70 ms at C = 16, 518 / 154 ms at C = 32 and
-1337 / 443 ms at C = 64: XLA:CPU's 3D convolution is 3 to 5 times slower than its 2D one.
-Parameter initialisers draw flat vectors and reshape them (`flat_normal`): the same
-distributions, but XLA:CPU compiles a rank-5 random draw about ten times slower.
+and "xla" elsewhere, because XLA:CPU's 3D convolution is 3 to 5 times slower than its 2D one
+(timings: docs/implementation_notes.md). Parameter initialisers draw flat vectors and reshape
+them (`flat_normal`): the same distributions, but XLA:CPU compiles a rank-5 random draw about
+ten times slower.
 
 Precision: parameters are float32; with `dtype` = bfloat16 the convolutions, dense layers and
 attention matmuls compute in bfloat16 while GroupNorm statistics, the attention softmax and the
@@ -169,8 +166,8 @@ def flat_normal(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.
   """N(0, 1) of `shape` drawn as one flat vector and reshaped.
 
   The same distribution as `jax.random.normal(key, shape)` (other numbers); XLA:CPU compiles a
-  random draw of a rank-5 shape more than ten times slower than a flat one (3.5 s vs 0.3 s
-  for a (3, 3, 3, 1, 8) draw with jaxlib 0.10.2), and a model has dozens of them.
+  random draw of a rank-5 shape more than ten times slower than a flat one, and a model has
+  dozens of them (docs/implementation_notes.md).
   """
   return jax.random.normal(key, (math.prod(shape),), dtype).reshape(tuple(shape))
 
