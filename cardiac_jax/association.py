@@ -1,6 +1,6 @@
 """Association tests of latent phenotypes with traits, and sparse trait directions in latent
-space (the analyses of the UK Biobank DiffAE latent-phenotype study; spec
-/specs/diffae3d.md "Outputs and interpretation"). numpy / scipy / scikit-learn only.
+space (the analyses of the UK Biobank DiffAE latent-phenotype study, Ometto et al. 2024).
+numpy / scipy / scikit-learn only.
 
 Per-latent tests (one latent x, one trait y, n subjects, covariates C (n, c)):
 - `ols_association` (continuous trait): y = b0 + b x + C g + e by least squares with the

@@ -6,8 +6,9 @@ collective (every process calls `save`; orbax coordinates multi-host writes). A 
 only visible to `latest_step` once orbax has finalised it, so an interrupted save never replaces
 the last good checkpoint; a step directory that is damaged anyway (a filesystem without atomic
 rename, a truncated file, a deleted part) is moved aside to <step>.corrupt-<n> by
-`restore_latest`, which then restores the newest older step. Restoring needs an abstract target (`jax.eval_shape` of the state
-constructor) so arrays come back with the right shapes, dtypes and shardings.
+`restore_latest`, which then restores the newest older step. Restoring needs an abstract target
+(`jax.eval_shape` of the state constructor) so arrays come back with the right shapes, dtypes
+and shardings.
 
 Besides the latest steps (exact resume), a run can keep its best step by a validation metric
 (the reference keeps the checkpoint of the best validation reconstruction loss): orbax keeps
@@ -17,13 +18,13 @@ reopened directory knows it.
 
 Integrity: orbax 0.12.8 keeps no checksum of the array data (its zarr3 layout checksums only a
 shard index, and the layout written here has none), so a flipped byte in a data file restores
-silently. Once a save has finished, `MANIFEST_FILE` in the
-step directory records the size and SHA-256 of every file of the step; `restore` checks them
-first, and a step whose files differ (cut short, changed, missing, or an unreadable manifest) is
-damaged and moved aside like an incomplete one. A step without a manifest (written before
-manifests existed, or by a run killed between the end of a save and its manifest) is restored
-as it is. Each step also carries `step_metadata` (the run's config) in orbax's step metadata,
-so a run directory that lost its config.json still knows which config wrote its checkpoints.
+silently. Once a save has finished, `MANIFEST_FILE` in the step directory records the size
+and SHA-256 of every file of the step; `restore` checks them first, and a step whose files
+differ (cut short, changed, missing, or an unreadable manifest) is damaged and moved aside like
+an incomplete one. A step without a manifest (written before manifests existed, or by a run
+killed between the end of a save and its manifest) is restored as it is. Each step also carries
+`step_metadata` (the run's config) in orbax's step metadata, so a run directory that lost its
+config.json still knows which config wrote its checkpoints.
 """
 
 from __future__ import annotations

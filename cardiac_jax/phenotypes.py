@@ -10,8 +10,9 @@ non-missing values x_1..x_n with ranks r_i (ties get the average of their ranks)
 so the transformed column is the expected normal order statistics of n draws; a missing (NaN)
 value stays NaN and is not counted in n.
 
-Matching latents across seeds (`match_latents`, spec /specs/diffae3d.md "Reproducibility across
-seeds"): for two code matrices A (N, D_a) and B (N, D_b) of the same N subjects,
+Matching latents across seeds (`match_latents`, the reproducibility analysis of the UK Biobank
+DiffAE latent-phenotype study, Ometto et al. 2024): for two code matrices A (N, D_a) and
+B (N, D_b) of the same N subjects,
   r_ij   = Pearson correlation of column i of A and column j of B across the subjects,
   cos_ij = a_i . b_j / (|a_i| |b_j|) (uncentred),
 and for every latent i of A its best match in B: max_j |r_ij| with its argmax j, and
