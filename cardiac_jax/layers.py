@@ -8,8 +8,8 @@ compute the same function two ways:
             matmul with the reshaped kernel; its gradient is only matmuls and slices, which helps
             on backends whose convolution backward pass is slow.
 - "auto":   the implementation measured fastest on the backend: "xla" everywhere, also on the
-            CPU with the convolution flag that `import cardiac_jax` sets, where "im2col" writes
-            and reads a 9x larger patch tensor (timings: docs/implementation_notes.md and
+            CPU with the convolution flag every command sets (`cardiac_jax.runtime`), where
+            "im2col" writes and reads a 9x larger patch tensor (timings: docs/implementation_notes.md and
             benchmarks/README.md).
 
 Both share the parameter layout, so a checkpoint trained with one runs with the other.

@@ -428,14 +428,9 @@ def _config_spec(argv: list[str]) -> str:
 
 
 def main(argv, spec: str = ""):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  if config is None:
-    raise app.UsageError(f"--config is required; available: "
-                         f"{', '.join(configs.available_configs())}")
   from experiments import common  # Heavy imports after flag parsing.
-  common.quiet_logs()
+  common.start_command(argv, config=config)
   try:
     result = run_benchmark(config, spec, _STEPS.value, _INPUT_BATCHES.value,
                            _PEAK_MATMUL_SIZE.value, _PEAK_REPEATS.value, _TORCH_PYTHON.value,

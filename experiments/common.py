@@ -55,15 +55,22 @@ def quiet_logs() -> None:
 
 
 def start_command(argv, quiet: bool = True, **required) -> None:
-  """The start of a command's main(): no positional arguments, every flag named in `required`
-  (name=value) set, and quiet logs (`quiet_logs`; off for in-process calls with their own flag
-  values). Raises absl's UsageError otherwise."""
+  """The start of every command's main(): the XLA:CPU setting applied before JAX computes
+  anything (`cardiac_jax.runtime.configure_xla_cpu`), no positional arguments, every flag named
+  in `required` (name=value) set, and quiet logs (`quiet_logs`; off for in-process calls with
+  their own flag values). Raises absl's UsageError otherwise."""
   from absl import app  # pylint: disable=g-import-not-at-top
+  from cardiac_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.configure_xla_cpu()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   for name, value in required.items():
-    if not value:
-      raise app.UsageError(f"--{name} is required")
+    if value is None or isinstance(value, str) and not value:
+      available = ""
+      if name == "config":
+        from experiments import configs  # pylint: disable=g-import-not-at-top
+        available = f"; available: {', '.join(configs.available_configs())}"
+      raise app.UsageError(f"--{name} is required{available}")
   if quiet:
     quiet_logs()
     if not getattr(sys.excepthook, "reports_user_errors", False):
@@ -302,3 +309,48 @@ def read_table(path: str) -> dict[str, dict[str, str]]:
         raise ValueError(f"{path}: subject {row['subject']} has more than one row")
       table[row["subject"]] = row
   return table
+
+
+# The flags every analysis command shares, defined in one place: the name, default and kind of
+# each are fixed here; the help says what the flag means for the command that defines it.
+STEP_HELP = "Checkpoint: a step, best (the best validation checkpoint) or latest (default)."
+
+
+def define_workdir_flag(help_text: str, flag_values: flags.FlagValues = flags.FLAGS):
+  """--workdir, the run directory a command reads (no default)."""
+  return flags.DEFINE_string("workdir", None, help_text, flag_values=flag_values)
+
+
+def define_step_flag(help_text: str = STEP_HELP, flag_values: flags.FlagValues = flags.FLAGS):
+  """--step, the checkpoint of the run (`parse_step`; default: the latest)."""
+  return flags.DEFINE_string("step", None, help_text, flag_values=flag_values)
+
+
+def define_seed_flag(help_text: str, flag_values: flags.FlagValues = flags.FLAGS):
+  """--seed (default 0)."""
+  return flags.DEFINE_integer("seed", 0, help_text, flag_values=flag_values)
+
+
+def define_splits_flag(help_text: str, default=None,
+                       flag_values: flags.FlagValues = flags.FLAGS):
+  """--splits, a comma-separated list of splits (train, val, test)."""
+  return flags.DEFINE_list("splits", default, help_text, flag_values=flag_values)
+
+
+def define_output_dir_flag(help_text: str, flag_values: flags.FlagValues = flags.FLAGS):
+  """--output_dir, the folder of a command's outputs (default: one inside the run directory,
+  which the help names)."""
+  return flags.DEFINE_string("output_dir", None, help_text, flag_values=flag_values)
+
+
+def start_command_with_arguments(argv, usage: str, min_count: int = 1, quiet: bool = True,
+                                 **required) -> list[str]:
+  """`start_command` for a command whose positional arguments are run directories (compare,
+  reproducibility): at least `min_count` of them (absl's UsageError(usage) otherwise).
+  Returns them."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  arguments = list(argv[1:])
+  if len(arguments) < min_count:
+    raise app.UsageError(usage)
+  start_command(argv[:1], quiet=quiet, **required)
+  return arguments

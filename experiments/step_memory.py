@@ -104,14 +104,9 @@ def fit_batch_memory(batch_sizes: list[int], buffers_mb: list[float],
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = flags.FLAGS.config
-  if config is None:
-    raise app.UsageError(f"--config is required; available: "
-                         f"{', '.join(configs.available_configs())}")
   from experiments import common  # Heavy imports after flag parsing.
-  common.quiet_logs()
+  common.start_command(argv, config=config)
   try:
     batch_sizes = _positive_ints(_BATCH_SIZES.value, "batch_sizes")
     capacities = [float(c) for c in _CAPACITIES_GB.value]

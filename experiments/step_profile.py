@@ -17,10 +17,10 @@ the events of one traced step are summed per category:
 Times are thread-seconds: on a multi-threaded CPU backend two operations can run at once, so
 the categories can add up to more than the step's wall time (`wall_ms`, measured around the
 traced call). An operation that XLA:CPU hands to its intra-op thread pool asynchronously (the
-Eigen convolutions, when convolutions are kept out of YNNPACK as `import cardiac_jax` does)
-records only its dispatch, so its category undercounts; library fusions (ynn_fusion) and loop
-fusions are timed in full. The summary is a list of {"category", "ms", "count", "share"},
-largest first, plus the slowest instructions.
+Eigen convolutions, when convolutions are kept out of YNNPACK as every command does:
+`cardiac_jax.runtime`) records only its dispatch, so its category undercounts; library fusions
+(ynn_fusion) and loop fusions are timed in full. The summary is a list of {"category", "ms",
+"count", "share"}, largest first, plus the slowest instructions.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%(\S+) = (\w+)\[([\d,]*)\]\S* .*?op_nam
 
 def enable_traceme(environ=None) -> None:
   """Adds TRACEME_FLAG to XLA_FLAGS (before JAX starts its backend)."""
-  import cardiac_jax
-  cardiac_jax.add_xla_flags([TRACEME_FLAG], "xla_cpu_enable_xprof_traceme", environ)
+  from cardiac_jax import runtime
+  runtime.add_xla_flags([TRACEME_FLAG], "xla_cpu_enable_xprof_traceme", environ)
 
 
 def instruction_table(hlo_text: str) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -128,13 +128,12 @@ def default_workdir(config) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS
   config = FLAGS.config
-  if config is None:
-    raise app.UsageError(f"--config is required; available: {', '.join(configs.available_configs())}")
-  from cardiac_jax import distributed, training, workdir as workdir_lib  # Heavy imports.
+  from experiments import common  # Heavy imports.
+  from cardiac_jax import distributed, training, workdir as workdir_lib
+  # Logs are quieted once the processes are set up.
+  common.start_command(argv, quiet=False, config=config)
   workdir = FLAGS.workdir or default_workdir(config)
   try:
     workdir_lib.check_path(workdir)  # Before the data are prepared for a run that cannot start.
@@ -145,7 +144,6 @@ def main(argv):
   from cardiac_jax import families
   distributed.initialize_from_environment(FLAGS.coordinator_address, FLAGS.num_processes,
                                           FLAGS.process_id)  # Before any device is touched.
-  from experiments import common
   common.quiet_logs()
   if jax.process_index() == 0:
     print(families.parameter_summary(config), flush=True)

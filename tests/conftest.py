@@ -9,8 +9,7 @@ import os
 import numpy as np
 import pytest
 
-import cardiac_jax
-from cardiac_jax import structures
+from cardiac_jax import runtime, structures
 
 # Cheaper XLA:CPU code generation for the whole session and for the command-line runs the
 # tests start (they inherit the environment): compilation dominates the toy-sized programs of
@@ -20,7 +19,8 @@ from cardiac_jax import structures
 # Set before JAX creates its CPU backend, which reads XLA_FLAGS once.
 _FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
                        "--xla_llvm_disable_expensive_passes=true")
-cardiac_jax.add_xla_flags(_FAST_COMPILE_FLAGS, "xla_backend_optimization_level")
+runtime.add_xla_flags(_FAST_COMPILE_FLAGS, "xla_backend_optimization_level")
+runtime.configure_xla_cpu()  # What every command does first.
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.augment.flip_prob = 0.0
 
   c.model = ml_collections.ConfigDict()
-  c.model.family = "vae"           # Model family in cardiac_jax.steps.make_family.
+  c.model.family = "vae"           # Model family: a name in cardiac_jax.families.FAMILIES.
   c.model.channels = (32, 64, 128, 256)  # One halving per entry (stem included).
   c.model.latent_dim = 64
   c.model.output_activation = "sigmoid"

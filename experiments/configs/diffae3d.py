@@ -7,8 +7,8 @@ x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps given (t, z_sem); the encoder is t
 through the eps loss. Adam 1e-4, gradient clipping at norm 1, EMA of the parameters for
 inference, horizontal flips (p = 0.5) as the only augmentation, subject split 60/10/30.
 Validation: eps loss at fixed timesteps and SSIM / NRMSE / PSNR of the EMA reconstruction
-(DDIM inversion then decoding) on [0, 1]. Networks: cardiac_jax.models.diffae3d; steps:
-cardiac_jax.diffae_steps.
+(DDIM inversion then decoding) on [0, 1]. Networks: cardiac_jax.models.diffae3d; family:
+cardiac_jax.families.diffae3d.
 
 Variants:
 - default: 8 frames of 32 x 32 px (the 80 px / 1.8 mm crop, area-resized), base 8, UNet
