@@ -370,9 +370,10 @@ def associate(workdir: str, latents_path: Optional[str] = None,
 
 def define_flags() -> None:
   """The command-line flags; defined only when run as a program."""
-  flags.DEFINE_string("workdir", None, "diffae3d run directory.")
-  flags.DEFINE_string("step", None, "Checkpoint of computed latents: a step, best (the best "
-                      "validation checkpoint) or latest (default).")
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  common.define_workdir_flag("diffae3d run directory.")
+  common.define_step_flag("Checkpoint of computed latents: a step, best (the best validation "
+                          "checkpoint) or latest (default).")
   flags.DEFINE_string("latents", None, "Latents CSV (default: DIR/latents/latents.csv, "
                       "computed when missing).")
   flags.DEFINE_list("traits", None, "Continuous attributes.csv columns (default: every "
@@ -385,9 +386,9 @@ def define_flags() -> None:
                       "synthetic cohort's parameters.csv).")
   flags.DEFINE_bool("inverse_normal", False, "Rank-based inverse normal transform of each "
                     "latent before testing.")
-  flags.DEFINE_list("splits", list(SPLITS), "Splits whose subjects are tested.")
+  common.define_splits_flag("Splits whose subjects are tested.", list(SPLITS))
   flags.DEFINE_float("alpha", 0.05, "Benjamini-Hochberg level.")
-  flags.DEFINE_string("output_dir", None, "Output folder (default: DIR/associate).")
+  common.define_output_dir_flag("Output folder (default: DIR/associate).")
 
 
 def main(argv):

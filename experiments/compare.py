@@ -353,10 +353,10 @@ def define_flags() -> None:
 
 
 def main(argv):
-  workdirs = argv[1:]
-  if not workdirs:
-    raise app.UsageError("give the run directories to compare: "
-                         "python -m experiments.compare DIR1 DIR2 ...")
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  workdirs = common.start_command_with_arguments(
+      argv, "give the run directories to compare: python -m experiments.compare DIR1 DIR2 ...",
+      quiet=False)
   output = flags.FLAGS.output
   try:
     markdown, _ = write_comparison(workdirs, output, flags.FLAGS.group_by_config,

@@ -82,11 +82,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command-line flags; defined only when run as a program (a test passes its own
   FlagValues)."""
   fv = {"flag_values": flag_values}
-  flags.DEFINE_string("workdir", None, "diffae3d run directory.", **fv)
+  common.define_workdir_flag("diffae3d run directory.", flag_values)
   flags.DEFINE_string("data_dir", None, "Another cohort: a prepared cine dataset (has "
                       "splits.json) or a raw folder of the run's dataset kind (default: the "
                       "run's own prepared dataset).", **fv)
-  flags.DEFINE_list("splits", None, "Splits to encode (default: every non-empty split).", **fv)
+  common.define_splits_flag("Splits to encode (default: every non-empty split).",
+                            flag_values=flag_values)
   flags.DEFINE_string("output", None, "Output file (default: DIR/latents/latents[_int].csv, "
                       "or .pheno for --format=plink).", **fv)
   flags.DEFINE_enum("format", "csv", list(FORMATS), "csv: subject,split,z0..; plink: "
@@ -95,8 +96,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     "latent (Blom) before writing.", **fv)
   flags.DEFINE_integer("batch_size", None, "Subjects per batch (default: the run's "
                        "train.eval_batch_size).", **fv)
-  flags.DEFINE_string("step", None, "Checkpoint: a step, best (the best validation "
-                      "checkpoint) or latest (default).", **fv)
+  common.define_step_flag(flag_values=flag_values)
   flags.DEFINE_bool("overwrite", False, "Replace an existing output of another run.", **fv)
   flags.DEFINE_bool("progress", True, "Show a progress bar.", **fv)
 

@@ -397,9 +397,9 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
 
 def define_flags() -> None:
   """The command-line flags; defined only when run as a program."""
-  flags.DEFINE_string("workdir", None, "diffae3d run directory.")
-  flags.DEFINE_string("step", None, "Checkpoint: a step, best (the best validation "
-                      "checkpoint) or latest (default).")
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  common.define_workdir_flag("diffae3d run directory.")
+  common.define_step_flag()
   flags.DEFINE_string("trait", "lv_edv_ml", "attributes.csv column, or column:value for a "
                       "binary trait (e.g. group:DCM).")
   flags.DEFINE_enum("kind", None, ["linear", "logistic"], "Direction model (default: logistic "
@@ -416,10 +416,10 @@ def define_flags() -> None:
                        "config.eval.decode_steps).")
   flags.DEFINE_string("latents", None, "Latents CSV (default: DIR/latents/latents.csv, "
                       "computed when missing).")
-  flags.DEFINE_string("output_dir", None, "Output folder (default: DIR/manipulate/<trait>).")
+  common.define_output_dir_flag("Output folder (default: DIR/manipulate/<trait>).")
   flags.DEFINE_float("blood_threshold", DEFAULT_BLOOD_THRESHOLD, "Threshold on [0, 1] of the "
                      "blood-pool area proxy.")
-  flags.DEFINE_integer("seed", 0, "Seed of the cross-validation folds.")
+  common.define_seed_flag("Seed of the cross-validation folds.")
   flags.DEFINE_bool("segment", True, "Segment the LV blood pool of the 4-chamber cines (trains "
                     "DIR/segmenter_la_4ch once).")
   flags.DEFINE_integer("segmenter_steps", long_axis_segmenter.DEFAULT_STEPS,

@@ -43,15 +43,15 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command-line flags; defined only when run as a program (a test passes its own
   FlagValues)."""
   fv = {"flag_values": flag_values}
-  flags.DEFINE_string("workdir", None, "diffae3d run directory.", **fv)
+  common.define_workdir_flag("diffae3d run directory.", flag_values)
   flags.DEFINE_string("latents", None, "Latents file (default: DIR/latents/latents.csv, "
                       "computed when absent).", **fv)
   flags.DEFINE_list("traits", list(DEFAULT_TRAITS), "attributes.csv columns to probe.", **fv)
   flags.DEFINE_string("train_split", "train", "Split the probe is fitted on.", **fv)
   flags.DEFINE_string("test_split", "test", "Split the probe is scored on.", **fv)
-  flags.DEFINE_string("output_dir", None, "Output folder (default: DIR/probe).", **fv)
-  flags.DEFINE_string("step", None, "Checkpoint of computed latents: a step, best (the best "
-                      "validation checkpoint) or latest (default).", **fv)
+  common.define_output_dir_flag("Output folder (default: DIR/probe).", flag_values)
+  common.define_step_flag("Checkpoint of computed latents: a step, best (the best validation "
+                          "checkpoint) or latest (default).", flag_values)
 
 
 def _log(message: str) -> None:

@@ -47,13 +47,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   fv = {"flag_values": flag_values}
   flags.DEFINE_float("threshold", 0.5, "A latent is reproduced when its best |r| (|cos|) in "
                      "the other run is above this.", **fv)
-  flags.DEFINE_list("splits", None, "Subjects of these splits only (default: all).", **fv)
-  flags.DEFINE_string("output_dir", None, "Output folder (default: the first workdir's "
-                      "reproducibility/).", **fv)
+  common.define_splits_flag("Subjects of these splits only (default: all).",
+                            flag_values=flag_values)
+  common.define_output_dir_flag("Output folder (default: the first workdir's "
+                                "reproducibility/).", flag_values)
   flags.DEFINE_integer("batch_size", None, "Batch size of latents that must be computed.",
                        **fv)
-  flags.DEFINE_string("step", None, "Checkpoint of every run: a step, best (the best "
-                      "validation checkpoint) or latest (default).", **fv)
+  common.define_step_flag("Checkpoint of every run: a step, best (the best validation "
+                          "checkpoint) or latest (default).", flag_values)
 
 
 def _log(message: str) -> None:
@@ -212,13 +213,10 @@ def run(workdirs: Sequence[str], threshold: float = 0.5,
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
-  workdirs = argv[1:]
-  if len(workdirs) < 2:
-    raise app.UsageError("give at least two run directories: python -m "
-                         "experiments.reproducibility DIR_seed1 DIR_seed2 ...")
   f = flag_values
-  if f is flags.FLAGS:
-    common.quiet_logs()
+  workdirs = common.start_command_with_arguments(
+      argv, "give at least two run directories: python -m experiments.reproducibility "
+      "DIR_seed1 DIR_seed2 ...", min_count=2, quiet=f is flags.FLAGS)
   result = run(workdirs, f.threshold, f.splits, f.output_dir, f.batch_size, step=f.step)
   print(markdown_table(result))
 

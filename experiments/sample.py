@@ -64,16 +64,15 @@ FAR_RATIO, NEAR_RATIO = 2.0, 0.25
 def define_flags() -> None:
   """The command-line flags; defined only when run as a program, so that importing this module
   (tests, other entry points) never collides with another entry point's flags."""
-  flags.DEFINE_string("workdir", None, "diffae3d run directory.")
+  common.define_workdir_flag("diffae3d run directory.")
   flags.DEFINE_integer("num", 8, "Number of synthetic cines.")
-  flags.DEFINE_integer("seed", 0, "Seed of the sampled codes and of x_T.")
+  common.define_seed_flag("Seed of the sampled codes and of x_T.")
   flags.DEFINE_string("output", None, "Output folder (default: WORKDIR/samples).")
   flags.DEFINE_integer("decode_steps", None, "DDIM steps of the cine decoding (default: the "
                        "run's latent.image_decode_steps).")
   flags.DEFINE_integer("latent_steps", None, "DDIM steps of the z_sem sampling (default: the "
                        "run's latent.sample_steps).")
-  flags.DEFINE_string("step", None, "Checkpoint: a step, best (the best validation "
-                      "checkpoint) or latest (default).")
+  common.define_step_flag()
   flags.DEFINE_integer("batch_size", None, "Cines encoded / decoded per call (default: the "
                        "run's train.eval_batch_size).")
   flags.DEFINE_string("latent_dir", None, "Latent DDIM folder (default: WORKDIR/latent_ddim).")

@@ -73,10 +73,8 @@ def markdown(num_subjects: int, result: dict) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _DATA_DIR.value:
-    raise app.UsageError("--data_dir is required")
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  common.start_command(argv, quiet=False, data_dir=_DATA_DIR.value)
   text = markdown(*slice_information(_DATA_DIR.value))
   print(text)
   if _OUTPUT.value:

@@ -517,8 +517,8 @@ def define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  common.start_command(argv, quiet=False)
   f = flags.FLAGS
   if not f.config:
     raise app.UsageError(f"--config is required; available: "

@@ -67,10 +67,10 @@ from typing import Any, Iterable, Sequence
 from absl import app, flags
 
 from cardiac_jax.interpret import tcav
+from experiments import common
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "temporal_classifier run directory.")
-_STEP = flags.DEFINE_string("step", None, "Checkpoint: a step, best (the best validation "
-                            "checkpoint) or latest (default).")
+_WORKDIR = common.define_workdir_flag("temporal_classifier run directory.")
+_STEP = common.define_step_flag()
 HELD_OUT_NEGATIVES, POOLED_TRAIN_VAL = "held_out_negatives", "pooled_train_val"
 _CONCEPT_POOL = flags.DEFINE_enum(
     "concept_pool", HELD_OUT_NEGATIVES, [HELD_OUT_NEGATIVES, POOLED_TRAIN_VAL],
@@ -98,7 +98,7 @@ _SUBJECT = flags.DEFINE_string("subject", None,
                                "subject of the explained split).")
 _SIGMAS = flags.DEFINE_list("sigmas", ["-2", "-1", "0", "1", "2"],
                             "Interpolation targets in standard deviations of the projection.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the CAV splits and random sets.")
+_SEED = common.define_seed_flag("Seed of the CAV splits and random sets.")
 
 # ------------------------------------------------------------------------------ biomarkers
 def synthetic_parameters(prepared_dir: str) -> dict[str, dict[str, float]]:
