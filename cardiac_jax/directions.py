@@ -35,7 +35,6 @@ against ground-truth factors is `cardiac_jax.direction_scoring`.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -45,7 +44,7 @@ import optax
 from flax import linen as nn
 from flax import struct
 
-from cardiac_jax import layers
+from cardiac_jax import io, layers
 
 Generator = Callable[[jax.Array], jax.Array]
 Metrics = dict[str, jax.Array]
@@ -371,10 +370,8 @@ class DirectionSet:
 
 def save_direction_set(path: str, found: DirectionSet) -> None:
   """Writes `found` to an .npz file (vectors, scales, values, method) atomically."""
-  with open(path + ".tmp", "wb") as f:
-    np.savez(f, vectors=found.vectors, scales=found.scales, values=found.values,
-             method=np.asarray(found.method))
-  os.replace(path + ".tmp", path)
+  io.write_npz(path, vectors=found.vectors, scales=found.scales, values=found.values,
+               method=np.asarray(found.method))
 
 
 def load_direction_set(path: str) -> DirectionSet:

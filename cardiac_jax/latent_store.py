@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from cardiac_jax import parallel, phenotypes
+from cardiac_jax import io, parallel, phenotypes
 
 PARTIAL_SUFFIX = ".partial"
 META_SUFFIX = ".meta.json"
@@ -45,32 +45,6 @@ FORMATS = ("csv", "plink")
 
 def _no_log(message: str) -> None:
   del message
-
-
-def read_json(path: str) -> dict | None:
-  """The JSON object in `path`, or None when it is absent, unreadable or not an object."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      value = json.load(f)
-  except (OSError, ValueError):
-    return None
-  return value if isinstance(value, dict) else None
-
-
-def _json_default(value):
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _write_json(path: str, data) -> None:
-  """Indented JSON written atomically (a reader sees the old file or the new one)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(data, f, indent=2, default=_json_default)
-  os.replace(path + ".tmp", path)
 
 
 def sha256_file(path: str) -> str:
@@ -206,7 +180,7 @@ def open_store(store: str, manifest: dict) -> None:
   one), or checks that an existing one belongs to the same run and data."""
   path = os.path.join(store, MANIFEST)
   if os.path.isdir(store):
-    existing = read_json(path)
+    existing = io.read_json(path)
     if existing is None or existing.get("kind") != STORE_KIND:
       raise FileExistsError(f"{store} exists but has no readable {MANIFEST}: not a partial "
                             "store of infer_latents; move it away or choose another --output")
@@ -322,7 +296,7 @@ def encode_plan(encoder: EncoderRun, plan: Plan, batch_size: int,
 
 def output_is_ours(output: str, identity: dict) -> tuple[bool, Optional[dict]]:
   """(same run, meta) of an existing output: its meta file must match its bytes."""
-  meta = read_json(output + META_SUFFIX)
+  meta = io.read_json(output + META_SUFFIX)
   if meta is None or meta.get("sha256") != sha256_file(output):
     return False, None
   return same_run(meta.get("run"), identity), meta
@@ -349,7 +323,7 @@ def write_latents(encoder: EncoderRun, plan: Plan, output: str, *,
     if ours and meta.get("data") == plan.data and meta.get("options") == options:
       log(f"{output} is up to date (same run, data and options)")
       return meta
-    store_manifest = read_json(os.path.join(store, MANIFEST))
+    store_manifest = io.read_json(os.path.join(store, MANIFEST))
     resuming = store_manifest is not None and same_run(store_manifest.get("run"),
                                                        encoder.identity)
     if not (ours or resuming or overwrite):
@@ -373,7 +347,7 @@ def write_latents(encoder: EncoderRun, plan: Plan, output: str, *,
           "num_subjects": len(subjects), "z_dim": int(np.shape(z)[1]),
           "batch_size": int(batch_size), "sha256": sha256_file(output),
           "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
-  _write_json(output + META_SUFFIX, meta)
+  io.write_json(output + META_SUFFIX, meta)
   shutil.rmtree(store, ignore_errors=True)
   log(f"wrote {len(subjects)} subjects x {meta['z_dim']} latents to {output}")
   return meta

@@ -377,7 +377,7 @@ def analyse(family, state, pool: dict, explained: dict, rows: Sequence[dict], *,
      "concepts": the Concept objects used, "auc": AUC of the explained split, "set_size": the
      size of the random sets, "concept_set_sizes": {name: [concept, negative] set sizes}}.
   """
-  from cardiac_jax.temporal_steps import roc_auc
+  from cardiac_jax.metrics.classification import roc_auc
   classifier_params = state.params["classifier"]
 
   def logit_fn(a):
