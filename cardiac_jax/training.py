@@ -472,8 +472,7 @@ def _train(config, workdir: str, data: DataSource, mesh, family, root_key,
       progress = tqdm.tqdm(total=tc.num_steps, initial=start_step, desc=config.name or "train",
                            dynamic_ncols=True)
     batches = data.train_batches(start_step) if start_step < tc.num_steps else iter(())
-    accumulated: dict[str, float] = {}
-    accumulated_steps = 0
+    late = _LateMetrics(workdir, family.skip_nonfinite, is_chief, progress)
     interval_start = time.perf_counter()
     step = start_step
     evaluated = None  # Validation metrics of the current step, when it was evaluated.
@@ -483,25 +482,18 @@ def _train(config, workdir: str, data: DataSource, mesh, family, root_key,
         key = jax.random.fold_in(step_keys, step)
         fn = warmup_step if family.uses_warmup(step) else train_step
         state, metrics = fn(state, batch, key)
-        metrics = jax.device_get(metrics)
         step += 1
-        if not metrics["finite"] and not family.skip_nonfinite:
-          _report_nonfinite(workdir, step, metrics, batch, is_chief)
-        for k, v in metrics.items():
-          accumulated[k] = accumulated.get(k, 0.0) + float(v)
-        accumulated_steps += 1
-        if progress is not None:
-          progress.update(1)
-        if step % tc.log_every == 0 or step == tc.num_steps:
-          elapsed = time.perf_counter() - interval_start
-          means = {k: v / accumulated_steps for k, v in accumulated.items()}
-          means["skipped_nonfinite"] = float(metrics["skipped_nonfinite"])
-          means["steps_per_sec"] = accumulated_steps / max(elapsed, 1e-9)
+        # The previous step's metrics are read while this one runs.
+        late.push(step, metrics, batch.get("subject"))
+        log_now = step % tc.log_every == 0 or step == tc.num_steps
+        if log_now or _uses_state(tc, step, figure_examples is not None):
+          late.flush()  # Nothing reads or saves a state whose step has not been checked.
+        if log_now:
+          means = late.take_means(time.perf_counter() - interval_start)
           writer.write(step, means, prefix="train/")
           if progress is not None:
             progress.set_postfix(loss=f"{means['loss']:.4g}",
                                  steps_s=f"{means['steps_per_sec']:.2f}")
-          accumulated, accumulated_steps = {}, 0
           interval_start = time.perf_counter()
         evaluated = None
         if tc.eval_every and (step % tc.eval_every == 0 or step == tc.num_steps):
@@ -517,6 +509,7 @@ def _train(config, workdir: str, data: DataSource, mesh, family, root_key,
           family.save_figures(state, figure_examples, figures_dir, step, figure_key)
         # Every process stops after the same step, or the collective save would hang.
         if parallel.any_process(flag.received is not None):
+          late.flush()
           checkpointer.wait()
           if checkpointer.latest_step() != step:  # The periodic save may have just run.
             save(step, evaluated, force=True)
@@ -525,6 +518,7 @@ def _train(config, workdir: str, data: DataSource, mesh, family, root_key,
                    else "another process received a signal")
           raise Preempted(f"{cause} at step {step}: checkpoint saved in "
                           f"{checkpointer.directory}; rerun the same command to resume.")
+      late.flush()
       if checkpointer.latest_step() != step:
         save(step, evaluated, force=True)
   finally:
@@ -540,10 +534,62 @@ def _train(config, workdir: str, data: DataSource, mesh, family, root_key,
   return state
 
 
-def _report_nonfinite(workdir: str, step: int, metrics: dict, batch: dict,
+def _uses_state(tc, step: int, figures: bool) -> bool:
+  """Whether the loop evaluates, saves or draws the state after `step`."""
+  return bool((tc.eval_every and (step % tc.eval_every == 0 or step == tc.num_steps))
+              or (tc.checkpoint_every and step % tc.checkpoint_every == 0)
+              or (figures and (step % tc.figure_every == 0 or step == tc.num_steps)))
+
+
+class _LateMetrics:
+  """Train metrics read one step late: step N's metrics are fetched after step N + 1 has been
+  dispatched, so the host never makes the device wait (nanodo). `flush()` reads the pending
+  step at once; the loop calls it before anything that uses the state (logging, evaluation,
+  checkpoints, figures, stopping), so a non-finite step is still named and never saved."""
+
+  def __init__(self, workdir: str, skip_nonfinite: bool, is_chief: bool, progress):
+    self.workdir, self.skip_nonfinite, self.is_chief = workdir, skip_nonfinite, is_chief
+    self.progress = progress
+    self.pending = None
+    self.sums: dict[str, float] = {}
+    self.count = 0
+    self.last: dict[str, Any] = {}
+
+  def push(self, step: int, metrics, subjects) -> None:
+    previous, self.pending = self.pending, (step, metrics, subjects)
+    if previous is not None:
+      self._read(*previous)
+
+  def flush(self) -> None:
+    if self.pending is not None:
+      pending, self.pending = self.pending, None
+      self._read(*pending)
+
+  def _read(self, step: int, metrics, subjects) -> None:
+    metrics = jax.device_get(metrics)
+    if not metrics["finite"] and not self.skip_nonfinite:
+      _report_nonfinite(self.workdir, step, metrics, subjects, self.is_chief)
+    for k, v in metrics.items():
+      self.sums[k] = self.sums.get(k, 0.0) + float(v)
+    self.count += 1
+    self.last = metrics
+    if self.progress is not None:
+      self.progress.update(1)
+
+  def take_means(self, elapsed: float) -> dict[str, float]:
+    """Means of the steps read since the last call, the skipped-update count of the last step
+    and the steps per second over `elapsed` seconds; starts a new interval."""
+    means = {k: v / self.count for k, v in self.sums.items()}
+    means["skipped_nonfinite"] = float(self.last["skipped_nonfinite"])
+    means["steps_per_sec"] = self.count / max(elapsed, 1e-9)
+    self.sums, self.count = {}, 0
+    return means
+
+
+def _report_nonfinite(workdir: str, step: int, metrics: dict, subjects,
                       is_chief: bool) -> None:
   bad = sorted(k for k, v in metrics.items() if not np.all(np.isfinite(v)))
-  subjects = [str(s) for s in np.asarray(batch.get("subject", []))]
+  subjects = [str(s) for s in np.asarray(subjects if subjects is not None else [])]
   path = os.path.join(workdir, f"nonfinite_step{step:07d}.json")
   if is_chief:
     with open(path, "w") as f:

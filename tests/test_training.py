@@ -144,6 +144,25 @@ def test_nonfinite_loss_stops_and_names_step_and_subjects(tmp_path, disc_example
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(restored.params)))
 
 
+def test_nonfinite_step_read_one_step_late_is_still_named_and_never_saved(tmp_path,
+                                                                          disc_examples):
+  """Metrics are read one step late between logging, evaluation and checkpoint steps: a
+  non-finite step 5 is found after step 6 was dispatched, and the error still names step 5
+  and its subjects, and the last good checkpoint (4) is the latest one."""
+  config = smoke_config(num_steps=8, checkpoint_every=4, eval_every=0, log_every=100)
+  workdir = str(tmp_path / "late")
+  source = _poisoned(data_source(config, disc_examples), at_index=4)
+  with pytest.raises(training.NonFiniteError, match=r"at step 5 in .*loss"):
+    training.train_and_evaluate(config, workdir, source)
+  with open(os.path.join(workdir, "nonfinite_step0000005.json")) as f:
+    report = json.load(f)
+  assert report["subjects"] == list(next(pipeline.train_batches(
+      disc_examples, config.data, global_batch_size=4, seed=0, start_step=4))["subject"])
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  assert ckpt.all_steps() == [4]
+  ckpt.close()
+
+
 def test_skip_nonfinite_counts_and_keeps_parameters_finite(tmp_path, disc_examples):
   config = smoke_config(num_steps=5, eval_every=0, skip_nonfinite=True)
   workdir = str(tmp_path / "skip")
