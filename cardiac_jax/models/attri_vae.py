@@ -32,6 +32,7 @@ import numpy as np
 from flax import linen as nn
 
 from cardiac_jax import layers
+from cardiac_jax.models import vae
 from cardiac_jax.models.vae import INITIALIZERS
 
 KERNEL_SIZE = 4
@@ -164,22 +165,13 @@ class Decoder(nn.Module):
       h = layer(c, "up", f"up{i}" if i < len(targets) - 1 else "to_image")(h)
       if i < len(targets) - 1:
         h = nn.relu(h)
-    y = h.astype(jnp.float32)
-    if self.output_activation == "sigmoid":
-      return nn.sigmoid(y)
-    if self.output_activation == "none":
-      return y
-    raise ValueError(f"unknown output_activation {self.output_activation!r}")
+    return vae.apply_output_activation(h.astype(jnp.float32), self.output_activation)
 
 
-class AttriVAE(nn.Module):
-  """Encoder + decoder; `__call__` is only used to create both parameter sets at init."""
-  channels: Sequence[int]
-  latent_dim: int
-  image_size: int
-  image_channels: int
-  bottleneck_features: int = 256
+class AttriVAE(vae.ImageVAE):
+  """The convolutional encoder and decoder above (`vae.ImageVAE`'s interface)."""
   output_activation: str = "none"
+  bottleneck_features: int = 256
   conv_impl: str = "auto"
   dtype: Any = None
   initializer: str = "he_normal"
@@ -190,13 +182,3 @@ class AttriVAE(nn.Module):
     self.encoder = Encoder(latent_dim=self.latent_dim, **common)
     self.decoder = Decoder(image_size=self.image_size, out_channels=self.image_channels,
                            output_activation=self.output_activation, **common)
-
-  def encode(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-    return self.encoder(x, train)
-
-  def decode(self, z: jax.Array, train: bool) -> jax.Array:
-    return self.decoder(z, train)
-
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    mu, _ = self.encoder(x, train)
-    return self.decoder(mu, train)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cardiac_jax import layers
+from cardiac_jax.models import vae
 
 OUTPUT_ACTIVATIONS = ("sigmoid", "tanh")
 
@@ -41,29 +42,21 @@ def _bn_scale_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
   return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
 
 
+def _batch_norm(train: bool, dtype: Any, axis_name: str | None, name: str) -> nn.BatchNorm:
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                      axis_name=axis_name, scale_init=_bn_scale_init, name=name)
+
+
 def bottleneck_size(image_size: int, num_levels: int) -> int:
   """Side of the generator's first feature map: image_size / 2**num_levels."""
-  size, remainder = divmod(image_size, 2 ** num_levels)
-  if remainder or size < 1:
-    raise ValueError(f"image_size {image_size} must be divisible by 2**{num_levels} "
-                     f"(one doubling per entry of model.channels)")
-  return size
+  return vae.bottleneck_size(image_size, num_levels, "doubling")
 
 
-class Generator(nn.Module):
-  """(B, latent_dim) codes -> (B, image_size, image_size, out_channels) images."""
-  channels: Sequence[int]
-  image_size: int
-  out_channels: int
-  output_activation: str = "sigmoid"
-  conv_impl: str = "auto"
-  dtype: Any = None
-  bn_axis_name: str | None = None
+class Generator(vae.ImageDecoder):
+  """The DCGAN generator of the module docstring, (B, latent_dim) -> (B, S, S, out_channels)."""
 
   def _norm(self, train: bool, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        dtype=self.dtype, axis_name=self.bn_axis_name,
-                        scale_init=_bn_scale_init, name=name)
+    return _batch_norm(train, self.dtype, self.bn_axis_name, name)
 
   @nn.compact
   def __call__(self, z: jax.Array, train: bool) -> jax.Array:
@@ -100,21 +93,14 @@ class Discriminator(nn.Module):
       h = nn.Conv(c, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=i == 0,
                   kernel_init=_weight_init, dtype=self.dtype, name=f"down{i}")(h)
       if i:
-        h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         dtype=self.dtype, axis_name=self.bn_axis_name,
-                         scale_init=_bn_scale_init, name=f"down{i}_bn")(h)
+        h = _batch_norm(train, self.dtype, self.bn_axis_name, f"down{i}_bn")(h)
       h = nn.leaky_relu(h, 0.2)
     h = h.reshape(h.shape[0], -1).astype(jnp.float32)
     return nn.Dense(1, kernel_init=_weight_init, name="to_logit")(h)[:, 0]
 
 
-class DCGAN(nn.Module):
+class DCGAN(vae.LatentImageModel):
   """Generator + discriminator; `__call__` only creates both parameter sets at init."""
-  channels: Sequence[int]
-  latent_dim: int
-  image_size: int
-  image_channels: int
-  output_activation: str = "sigmoid"
   conv_impl: str = "auto"
   dtype: Any = None
   bn_axis_name: str | None = None

@@ -78,7 +78,7 @@ docs/diffae3d_memory.md has the compiled memory of the reference size.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -387,22 +387,66 @@ def check_attention_resolutions(resolutions: Sequence[int], sizes: Sequence[int]
                      f"{tuple(sizes)})")
 
 
-# ------------------------------------------------------------------------------ networks
-class ConditionalUNet(nn.Module):
-  """eps_theta(x_t, t, z_sem): (B, T, S, S, C_in), (B,), (B, Z) -> (B, T, S, S, C_out) float32."""
+class LevelNetwork(nn.Module):
+  """The settings the UNet and the semantic encoder share: level l has base_channels *
+  channel_mult[l] channels at image_size / 2**l px and num_res_blocks ResBlocks, with attention
+  at the in-plane sizes of attention_resolutions and in the middle blocks."""
   image_size: int
   base_channels: int = 32
   channel_mult: Sequence[int] = (1, 1, 2, 3, 4)
   num_res_blocks: int = 2
   attention_resolutions: Sequence[int] = (16,)
-  out_channels: int = 1
-  time_embed_dim: int = 0          # 0 = 4 * base_channels.
-  dropout: float = 0.1
   num_heads: int = 1
   attention_block_size: int = 1024
   dtype: Dtype | None = None
   remat: str = "none"
   conv_impl: str = "auto"
+
+
+def _attention(network: LevelNetwork, group_limit: int, dtype: Dtype) -> Callable:
+  """name -> the AttentionBlock `name` of `network` (its num_heads, attention_block_size and
+  remat) as a function of h."""
+
+  def attn(name: str):
+    block = AttentionBlock(network.num_heads, network.attention_block_size, group_limit, dtype,
+                           name=name)
+    return lambda h: call_block(block, network.remat, h)
+
+  return attn
+
+
+def _down_path_and_middle(network: LevelNetwork, x: jax.Array, res: Callable, attn: Callable,
+                          sizes: Sequence[int], dtype: Dtype,
+                          skips: list[jax.Array] | None = None) -> jax.Array:
+  """The trunk the UNet and the semantic encoder share (module docstring): in_conv, the levels
+  down and the middle blocks, with `network`'s channels and attention resolutions. `res(features,
+  name, resample)` builds a ResBlock; `skips`, when given, receives in_conv's output and every
+  down-path output (the UNet's skip connections)."""
+  keep = skips.append if skips is not None else (lambda h: None)
+  h = Conv3D(network.base_channels * network.channel_mult[0], dtype=dtype,
+             impl=network.conv_impl, name="in_conv")(x)
+  keep(h)
+  last = len(network.channel_mult) - 1
+  for level, mult in enumerate(network.channel_mult):
+    for i in range(network.num_res_blocks):
+      h = res(network.base_channels * mult, f"down{level}_res{i}")(h)
+      if sizes[level] in network.attention_resolutions:
+        h = attn(f"down{level}_attn{i}")(h)
+      keep(h)
+    if level != last:
+      h = res(h.shape[-1], f"down{level}_downsample", "down")(h)
+      keep(h)
+  h = res(h.shape[-1], "mid_res0")(h)
+  h = attn("mid_attn")(h)
+  return res(h.shape[-1], "mid_res1")(h)
+
+
+# ------------------------------------------------------------------------------ networks
+class ConditionalUNet(LevelNetwork):
+  """eps_theta(x_t, t, z_sem): (B, T, S, S, C_in), (B,), (B, Z) -> (B, T, S, S, C_out) float32."""
+  out_channels: int = 1
+  time_embed_dim: int = 0          # 0 = 4 * base_channels.
+  dropout: float = 0.1
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, z_sem: jax.Array,
@@ -430,27 +474,9 @@ class ConditionalUNet(nn.Module):
       return lambda h, down_feature=None: call_block(
           block, self.remat, h, emb, z, dropout_key(block, train), down_feature)
 
-    def attn(name):
-      block = AttentionBlock(self.num_heads, self.attention_block_size, group_limit, dtype,
-                             name=name)
-      return lambda h: call_block(block, self.remat, h)
-
-    h = Conv3D(self.base_channels * self.channel_mult[0], dtype=dtype, impl=self.conv_impl,
-               name="in_conv")(x)
-    skips = [h]
-    last = len(self.channel_mult) - 1
-    for level, mult in enumerate(self.channel_mult):
-      for i in range(self.num_res_blocks):
-        h = res(self.base_channels * mult, f"down{level}_res{i}")(h)
-        if sizes[level] in self.attention_resolutions:
-          h = attn(f"down{level}_attn{i}")(h)
-        skips.append(h)
-      if level != last:
-        h = res(h.shape[-1], f"down{level}_downsample", "down")(h)
-        skips.append(h)
-    h = res(h.shape[-1], "mid_res0")(h)
-    h = attn("mid_attn")(h)
-    h = res(h.shape[-1], "mid_res1")(h)
+    attn = _attention(self, group_limit, dtype)
+    skips = []
+    h = _down_path_and_middle(self, x, res, attn, sizes, dtype, skips)
     for level in reversed(range(len(self.channel_mult))):
       for i in range(self.num_res_blocks + 1):
         h = res(self.base_channels * self.channel_mult[level], f"up{level}_res{i}")(
@@ -465,19 +491,10 @@ class ConditionalUNet(nn.Module):
     return out.astype(jnp.float32)
 
 
-class SemanticEncoder(nn.Module):
+class SemanticEncoder(LevelNetwork):
   """z_sem = Enc(x_0): (B, T, S, S, C_in) -> (B, z_sem_dim) float32 (module docstring)."""
-  image_size: int
-  base_channels: int = 32
   channel_mult: Sequence[int] = (1, 1, 2, 3, 4, 4)
-  num_res_blocks: int = 2
-  attention_resolutions: Sequence[int] = (16,)
   z_sem_dim: int = 128
-  num_heads: int = 1
-  attention_block_size: int = 1024
-  dtype: Dtype | None = None
-  remat: str = "none"
-  conv_impl: str = "auto"
   head: str = "pool"
 
   @nn.compact
@@ -496,24 +513,7 @@ class SemanticEncoder(nn.Module):
                        dtype=dtype, conv_impl=self.conv_impl, name=name)
       return lambda h: call_block(block, self.remat, h, None, None)
 
-    def attn(name):
-      block = AttentionBlock(self.num_heads, self.attention_block_size, group_limit, dtype,
-                             name=name)
-      return lambda h: call_block(block, self.remat, h)
-
-    h = Conv3D(self.base_channels * self.channel_mult[0], dtype=dtype, impl=self.conv_impl,
-               name="in_conv")(x)
-    last = len(self.channel_mult) - 1
-    for level, mult in enumerate(self.channel_mult):
-      for i in range(self.num_res_blocks):
-        h = res(self.base_channels * mult, f"down{level}_res{i}")(h)
-        if sizes[level] in self.attention_resolutions:
-          h = attn(f"down{level}_attn{i}")(h)
-      if level != last:
-        h = res(h.shape[-1], f"down{level}_downsample", "down")(h)
-    h = res(h.shape[-1], "mid_res0")(h)
-    h = attn("mid_attn")(h)
-    h = res(h.shape[-1], "mid_res1")(h)
+    h = _down_path_and_middle(self, x, res, _attention(self, group_limit, dtype), sizes, dtype)
     h = nn.silu(GroupNorm32(group_limit, name="out_norm")(h)).astype(jnp.float32)
     if self.head == "pool":
       features = jnp.mean(h, axis=(1, 2, 3))

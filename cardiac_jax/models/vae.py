@@ -51,12 +51,61 @@ def _block_class(remat: str) -> type[nn.Module]:
   return layers.ResBlock
 
 
-def _bottleneck_size(image_size: int, num_levels: int) -> int:
+def bottleneck_size(image_size: int, num_levels: int, resampling: str = "halving") -> int:
+  """Side of the smallest feature map of `num_levels` x2 levels: image_size / 2**num_levels.
+  `resampling` ("halving", "doubling") names a level in the error message."""
   size, remainder = divmod(image_size, 2 ** num_levels)
   if remainder or size < 1:
     raise ValueError(f"image_size {image_size} must be divisible by 2**{num_levels} "
-                     f"(one halving per entry of model.channels)")
+                     f"(one {resampling} per entry of model.channels)")
   return size
+
+
+def apply_output_activation(y: jax.Array, output_activation: str) -> jax.Array:
+  """"sigmoid" (images in [0, 1]) or "none" (linear output) on the decoder's last layer."""
+  if output_activation == "sigmoid":
+    return nn.sigmoid(y)
+  if output_activation == "none":
+    return y
+  raise ValueError(f"unknown output_activation {output_activation!r}")
+
+
+class ImageDecoder(nn.Module):
+  """(B, latent_dim) codes -> (B, image_size, image_size, out_channels) images: the settings
+  of a decoder (this module's, the DCGAN generator's); subclasses add the network."""
+  channels: Sequence[int]
+  image_size: int
+  out_channels: int
+  output_activation: str = "sigmoid"
+  conv_impl: str = "auto"
+  dtype: Any = None
+  bn_axis_name: str | None = None
+
+
+class LatentImageModel(nn.Module):
+  """The settings of a model between (B, latent_dim) codes and (B, image_size, image_size,
+  image_channels) images (the VAEs here, the DCGAN); subclasses add the networks."""
+  channels: Sequence[int]
+  latent_dim: int
+  image_size: int
+  image_channels: int
+  output_activation: str = "sigmoid"
+
+
+class ImageVAE(LatentImageModel):
+  """An encoder ((B, H, W, C) -> mu, logvar) and a decoder ((B, latent_dim) -> images) as the
+  submodules "encoder" and "decoder", created by the subclass's `setup`; `__call__` is only
+  used to create both parameter sets at init."""
+
+  def encode(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+    return self.encoder(x, train)
+
+  def decode(self, z: jax.Array, train: bool) -> jax.Array:
+    return self.decoder(z, train)
+
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    mu, _ = self.encoder(x, train)
+    return self.decoder(mu, train)
 
 
 class Encoder(nn.Module):
@@ -71,7 +120,7 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-    _bottleneck_size(x.shape[1], len(self.channels))
+    bottleneck_size(x.shape[1], len(self.channels))
     kernel_init = INITIALIZERS[self.initializer]
     h = layers.Conv(self.channels[0], 5, use_bias=False, impl=self.conv_impl, dtype=self.dtype,
                     kernel_init=kernel_init, name="stem")(x.astype(self.dtype or x.dtype))
@@ -91,21 +140,14 @@ class Encoder(nn.Module):
     return mu, logvar
 
 
-class Decoder(nn.Module):
-  """(B, latent_dim) codes -> (B, image_size, image_size, out_channels) images."""
-  channels: Sequence[int]
-  image_size: int
-  out_channels: int
-  output_activation: str = "sigmoid"
-  conv_impl: str = "auto"
-  dtype: Any = None
-  bn_axis_name: str | None = None
+class Decoder(ImageDecoder):
+  """The residual decoder of the module docstring, (B, latent_dim) -> (B, S, S, out_channels)."""
   initializer: str = "lecun_normal"
   remat: str = "none"
 
   @nn.compact
   def __call__(self, z: jax.Array, train: bool) -> jax.Array:
-    size = _bottleneck_size(self.image_size, len(self.channels))
+    size = bottleneck_size(self.image_size, len(self.channels))
     kernel_init = INITIALIZERS[self.initializer]
     h = nn.Dense(self.channels[-1] * size * size, kernel_init=kernel_init, name="from_latent")(z)
     h = nn.relu(h).reshape(z.shape[0], size, size, self.channels[-1])
@@ -119,20 +161,11 @@ class Decoder(nn.Module):
     h = block(self.channels[0], "head_block")(h, train)
     y = layers.Conv(self.out_channels, 5, impl=self.conv_impl, dtype=self.dtype,
                     kernel_init=kernel_init, name="to_image")(h).astype(jnp.float32)
-    if self.output_activation == "sigmoid":
-      return nn.sigmoid(y)
-    if self.output_activation == "none":
-      return y
-    raise ValueError(f"unknown output_activation {self.output_activation!r}")
+    return apply_output_activation(y, self.output_activation)
 
 
-class VAE(nn.Module):
-  """Encoder + decoder; `__call__` is only used to create both parameter sets at init."""
-  channels: Sequence[int]
-  latent_dim: int
-  image_size: int
-  image_channels: int
-  output_activation: str = "sigmoid"
+class VAE(ImageVAE):
+  """The residual encoder and decoder above (`ImageVAE`'s interface)."""
   conv_impl: str = "auto"
   dtype: Any = None
   bn_axis_name: str | None = None
@@ -146,16 +179,6 @@ class VAE(nn.Module):
     self.encoder = Encoder(latent_dim=self.latent_dim, **common)
     self.decoder = Decoder(image_size=self.image_size, out_channels=self.image_channels,
                            output_activation=self.output_activation, **common)
-
-  def encode(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-    return self.encoder(x, train)
-
-  def decode(self, z: jax.Array, train: bool) -> jax.Array:
-    return self.decoder(z, train)
-
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    mu, _ = self.encoder(x, train)
-    return self.decoder(mu, train)
 
 
 def reparameterize(key: jax.Array, mu: jax.Array, logvar: jax.Array) -> jax.Array:
