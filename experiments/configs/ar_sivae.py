@@ -10,15 +10,12 @@ def paper(c):
   """ACDC setting of the reference code: gamma 0.1, delta 1, beta_rec 0.8, beta_kl 1,
   beta_neg 1024, zdim 256, batch 16, 128 px ED slices."""
   sivae.paper(c)
-  c.loss.gamma = 0.1
-  c.loss.delta = 1.0
+  base.attribute_regularisation(c, gamma=0.1)
 
 
 def get_config(arg=None):
   c = base.base_config()
   c.name = "ar_sivae"
   sivae.soft_intro(c, sivae.DEFAULT_BETA_NEG)
-  c.loss.gamma = 0.1
-  c.loss.delta = 1.0
-  c.loss.regularized_dims = tuple(range(len(c.data.attributes)))
+  base.attribute_regularisation(c, gamma=0.1)
   return base.finalize(c, arg, paper)

@@ -14,15 +14,12 @@ def paper(c):
   """The ACDC setting of the AR-SIVAE reference (128 px ED slices, zdim 256, batch 16, AR delta
   1) with the VAE objective."""
   vae.paper(c)
-  c.loss.gamma = 30.0
-  c.loss.delta = 1.0
+  base.attribute_regularisation(c, gamma=30.0)
 
 
 def get_config(arg=None):
   c = base.base_config()
   c.name = "ar_vae"
   c.loss.beta_kl = 2.0
-  c.loss.gamma = 30.0
-  c.loss.delta = 1.0
-  c.loss.regularized_dims = tuple(range(len(c.data.attributes)))
+  base.attribute_regularisation(c, gamma=30.0)
   return base.finalize(c, arg, paper)

@@ -36,10 +36,8 @@ def attri_vae_conv(c, num_levels: int) -> None:
   c.loss.objective = "vae"
   c.loss.reconstruction = "mse"       # Summed squared error per image, batch mean.
   c.loss.beta_kl = 2.0
-  c.loss.gamma = 100.0
-  c.loss.delta = 100.0
+  base.attribute_regularisation(c, gamma=100.0, delta=100.0)
   c.loss.weight_l1 = 5e-4
-  c.loss.regularized_dims = tuple(range(len(c.data.attributes)))
   c.optimizer.name = "adam"
   c.optimizer.learning_rate = 5e-5
   c.optimizer.weight_decay = 0.0
@@ -54,6 +52,12 @@ def paper(c):
   c.train.num_steps = 1500 * 6
 
 
+def smoke(c):
+  """On top of base.apply_smoke: 32 px, three levels down to 4 x 4."""
+  c.model.channels = (8, 8, 8)
+  c.model.bottleneck_features = 16
+
+
 def get_config(arg=None):
   c = base.base_config()
   c.name = "attri_vae"
@@ -61,8 +65,4 @@ def get_config(arg=None):
   # The reference's 5e-5 is tuned for about 9000 updates; within the 1000 of the default budget
   # it leaves the network underfit, so the default uses the 2e-4 of the other default configs.
   c.optimizer.learning_rate = 2e-4
-  c = base.finalize(c, arg, paper)
-  if arg == "smoke":
-    c.model.channels = (8, 8, 8)  # 32 px: three levels down to 4 x 4.
-    c.model.bottleneck_features = 16
-  return c
+  return base.finalize(c, arg, paper, smoke)

@@ -125,13 +125,25 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
   c.train.progress_bar = False
 
 
-def finalize(c: ml_collections.ConfigDict, variant: str | None,
-             paper=None) -> ml_collections.ConfigDict:
-  """Applies a variant (None, "smoke", "paper") to an experiment's config."""
+def attribute_regularisation(c: ml_collections.ConfigDict, gamma: float,
+                             delta: float = 1.0) -> None:
+  """Attribute regularisation (Pati & Lerch 2021) of latent dims 0, 1, ... by data.attributes,
+  weight gamma and tanh sharpness delta."""
+  c.loss.gamma = gamma
+  c.loss.delta = delta
+  c.loss.regularized_dims = tuple(range(len(c.data.attributes)))
+
+
+def finalize(c: ml_collections.ConfigDict, variant: str | None, paper=None,
+             smoke=None) -> ml_collections.ConfigDict:
+  """Applies a variant (None, "smoke", "paper") to an experiment's config; `smoke`, an
+  experiment's own smoke changes, runs after `apply_smoke`."""
   if variant in (None, "", "default"):
     pass
   elif variant == "smoke":
     apply_smoke(c)
+    if smoke is not None:
+      smoke(c)
   elif variant == "paper":
     if paper is None:
       raise ValueError(f"config {c.name!r} has no paper variant")

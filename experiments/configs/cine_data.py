@@ -30,6 +30,8 @@ from typing import Any
 
 import ml_collections
 
+from experiments.configs import base
+
 
 def get_data_config(**overrides: Any) -> ml_collections.ConfigDict:
   """The cine data section; keyword overrides replace fields (nested sections take dicts).
@@ -65,6 +67,23 @@ def get_data_config(**overrides: Any) -> ml_collections.ConfigDict:
   c.augment.flip_prob = 0.0
   _update(c, overrides, "data")
   return c
+
+
+def cine_config(name: str, **data_overrides: Any) -> ml_collections.ConfigDict:
+  """base.base_config() of experiment `name` with the cine data section
+  (`get_data_config(**data_overrides)`)."""
+  c = base.base_config()
+  c.name = name
+  c.data = get_data_config(**data_overrides)
+  return c
+
+
+def apply_smoke(c: ml_collections.ConfigDict) -> None:
+  """The cine sizes of the smoke variants, on top of base.apply_smoke: 4 frames of 16 px
+  resized from 32 px crops."""
+  c.data.num_frames = 4
+  c.data.image_size = 16
+  c.data.prepare.image_size = 32
 
 
 def _update(section: ml_collections.ConfigDict, overrides: dict, where: str) -> None:

@@ -26,6 +26,12 @@ def paper(c):
   c.train.batch_size = 128
 
 
+def smoke(c):
+  """On top of base.apply_smoke: 8 px thumbnails, an 8-dimensional code."""
+  c.gan.eval_thumbnail_size = 8
+  c.model.latent_dim = 8
+
+
 def get_config(arg=None):
   c = base.base_config()
   c.name = "dcgan"
@@ -47,8 +53,4 @@ def get_config(arg=None):
   c.train.checkpoint_every = 500
   c.train.figure_every = 250
   c.train.best_metric = "val/mmd2_thumbnail"  # Real vs generated sets (D's outputs rank none).
-  base.finalize(c, arg, paper)
-  if arg == "smoke":
-    c.gan.eval_thumbnail_size = 8
-    c.model.latent_dim = 8
-  return c
+  return base.finalize(c, arg, paper, smoke)

@@ -92,9 +92,7 @@ def paper(c):
 
 def smoke(c):
   """On top of base.apply_smoke: 4 frames of 16 px, base 8 (tests)."""
-  c.data.num_frames = 4
-  c.data.image_size = 16
-  c.data.prepare.image_size = 32
+  cine_data.apply_smoke(c)
   c.model.base_channels = 8
   c.model.channel_mult = (1, 2)
   c.model.num_res_blocks = 1
@@ -124,12 +122,10 @@ def smoke(c):
 
 
 def get_config(arg=None):
-  c = base.base_config()
-  c.name = "diffae3d"
-
   # Cine batches (data_pipelines.cine): the field of data.view, "la_image" for "la_4ch",
   # (B, T, S, S, 1) in [-1, 1] (min-max per volume, then (x - 0.5) / 0.5).
-  c.data = cine_data.get_data_config(
+  c = cine_data.cine_config(
+      "diffae3d",
       view="la_4ch",                  # "la_4ch" (reference) | "sa_mid" (mid short-axis cine).
       num_frames=8,                   # T: frames per cycle, resampled from ED.
       image_size=32,                  # S: model input size (resized from prepare.image_size).
@@ -205,9 +201,7 @@ def get_config(arg=None):
   c.train.checkpoint_every = 200
   c.train.figure_every = 250
   c.train.best_metric = "val/eps_loss"
-  c = base.finalize(c, arg, paper)
-  if arg == "smoke":
-    smoke(c)
+  c = base.finalize(c, arg, paper, smoke)
   for name in _UNUSED_MODEL_FIELDS:  # base.apply_smoke sets some of them again.
     if name in c.model:
       del c.model[name]

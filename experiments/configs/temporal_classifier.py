@@ -30,28 +30,24 @@ def paper(c):
 
 def smoke(c):
   """On top of base.apply_smoke: 4 frames of 16 px (tests)."""
-  c.data.num_frames = 4
-  c.data.image_size = 16
+  cine_data.apply_smoke(c)
   c.model.channels = (8, 16)
   c.model.latent_dim = 8
   c.model.frame_units = (8, 4)
   c.model.sequence_units = (16,)
   c.model.concept_units = 8
   c.model.head_units = (8,)
-  c.data.prepare.image_size = 32
   c.data.augment.max_shift_px = 2
   c.train.stage1_steps = 2
   c.tcav.num_random_sets = 3
 
 
 def get_config(arg=None):
-  c = base.base_config()
-  c.name = "temporal_classifier"
-
   # Cine batches (data_pipelines.cine, fields in experiments/configs/cine_data.py):
   # "sa_label"/"sa_image" (B, T, S, S, 3), "group" (B,), "lv_volume_ml" (B, T), ...
   # Stored crops: 80 px at 1.8 mm (shared with the other cine experiments), resized to S.
-  c.data = cine_data.get_data_config(
+  c = cine_data.cine_config(
+      "temporal_classifier",
       num_frames=20,                  # T: frames per cycle after temporal resampling from ED.
       image_size=32)                  # S: model input size in pixels.
   c.data.input = "sa_label"           # "sa_label" (one-hot, cross-entropy) | "sa_image" (MSE).
@@ -87,7 +83,4 @@ def get_config(arg=None):
   c.tcav.cycle_duration_s = 1.0       # Cycle length for rates in ml/s when none is recorded.
   c.tcav.savgol_window = 5            # Savitzky-Golay window (frames, odd) and order.
   c.tcav.savgol_order = 3
-  c = base.finalize(c, arg, paper)
-  if arg == "smoke":
-    smoke(c)
-  return c
+  return base.finalize(c, arg, paper, smoke)
