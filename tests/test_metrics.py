@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from scipy import ndimage, stats
 
+from cardiac_jax.metrics import disentanglement
 from cardiac_jax.metrics import interpretability as interp
+from cardiac_jax.metrics import mutual_information as mutual_info
 from cardiac_jax.metrics import reconstruction as rec
 
 
@@ -192,13 +194,13 @@ def test_ksg_estimator_matches_gaussian_mi_and_sklearn():
   x = rng.standard_normal(2000)
   for rho in (0.0, 0.6, 0.9):
     y = rho * x + np.sqrt(1 - rho ** 2) * rng.standard_normal(2000)
-    ours = interp.ksg_mutual_information(x, y)
+    ours = mutual_info.ksg_mutual_information(x, y)
     exact = -0.5 * np.log(1 - rho ** 2)
     assert ours == pytest.approx(exact, abs=0.05)
     sklearn_value = mutual_info_regression(x[:, None], y, n_neighbors=3, random_state=0)[0]
     assert ours == pytest.approx(sklearn_value, abs=2e-3)
   # Deterministic given the seed.
-  assert interp.ksg_mutual_information(x, y) == interp.ksg_mutual_information(x, y)
+  assert mutual_info.ksg_mutual_information(x, y) == mutual_info.ksg_mutual_information(x, y)
 
 
 def test_monotone_code_gives_scc_one_and_is_picked(structured_cohort):
@@ -252,16 +254,16 @@ def test_sap_of_linear_code_is_one_minus_second_best():
   a = rng.standard_normal(500)
   second = a + rng.standard_normal(500)
   latents = np.stack([3.0 * a + 2.0, second, rng.standard_normal(500)], axis=1)
-  scores = interp.squared_correlation_matrix(latents, a[:, None])
+  scores = mutual_info.squared_correlation_matrix(latents, a[:, None])
   expected = 1.0 - np.corrcoef(second, a)[0, 1] ** 2
-  assert interp.sap_from_scores(scores)[0] == pytest.approx(expected, abs=1e-10)
+  assert disentanglement.sap_from_scores(scores)[0] == pytest.approx(expected, abs=1e-10)
 
 
 def test_sap_ignores_collapsed_codes():
   rng = np.random.default_rng(14)
   a = rng.standard_normal(100)
   latents = np.stack([a, np.full(100, 0.3), 0.5 * a + rng.standard_normal(100)], axis=1)
-  scores = interp.squared_correlation_matrix(latents, a[:, None])
+  scores = mutual_info.squared_correlation_matrix(latents, a[:, None])
   assert scores[1, 0] == 0.0
   assert scores[0, 0] == pytest.approx(1.0)
 
@@ -271,16 +273,16 @@ def test_sap_and_modularity_hand_computed():
                      [0.4, 0.7],
                      [0.2, 0.6]])
   # attribute 0: 0.9 - 0.4; attribute 1: 0.7 - 0.6
-  np.testing.assert_allclose(interp.sap_from_scores(scores), [0.5, 0.1], atol=1e-12)
+  np.testing.assert_allclose(disentanglement.sap_from_scores(scores), [0.5, 0.1], atol=1e-12)
   mi = np.array([[1.0, 0.0, 0.0],
                  [0.5, 0.5, 0.0],
                  [0.0, 0.0, 0.0],
                  [2.0, 1.0, 0.0]])
   # code 0: delta 0 -> 1; code 1: theta .25, delta (.5-.25)/(.25*2) = .5 -> .5;
   # code 2: uninformative -> 0; code 3: theta 4, delta (5-4)/(4*2) = .125 -> .875.
-  assert interp.modularity_from_mutual_information(mi) == pytest.approx(
+  assert disentanglement.modularity_from_mutual_information(mi) == pytest.approx(
       (1.0 + 0.5 + 0.0 + 0.875) / 4)
-  mig = interp.mig_from_mutual_information(mi, np.array([4.0, 2.0, 1.0]))
+  mig = disentanglement.mig_from_mutual_information(mi, np.array([4.0, 2.0, 1.0]))
   np.testing.assert_allclose(mig, [(2.0 - 1.0) / 4.0, (1.0 - 0.5) / 2.0, 0.0])
 
 
@@ -290,20 +292,20 @@ def test_modularity_is_one_when_codes_depend_on_one_attribute_each():
   attributes = rng.standard_normal((n, 3))
   latents = np.stack([np.tanh(attributes[:, 0]), attributes[:, 1] ** 3,
                       -attributes[:, 2], np.exp(attributes[:, 0])], axis=1)
-  mi = interp.mutual_information_matrix(latents, attributes)
-  assert interp.modularity_from_mutual_information(mi) > 0.995
+  mi = mutual_info.mutual_information_matrix(latents, attributes)
+  assert disentanglement.modularity_from_mutual_information(mi) > 0.995
   # Mixing two attributes into one code lowers it.
   mixed = latents.copy()
   mixed[:, 0] = attributes[:, 0] + attributes[:, 1]
-  mixed_mi = interp.mutual_information_matrix(mixed, attributes)
-  assert interp.modularity_from_mutual_information(mixed_mi) < 0.9
+  mixed_mi = mutual_info.mutual_information_matrix(mixed, attributes)
+  assert disentanglement.modularity_from_mutual_information(mixed_mi) < 0.9
 
 
 def test_spearman_matrix_matches_scipy():
   rng = np.random.default_rng(16)
   latents = rng.standard_normal((50, 3))
   attributes = np.round(latents[:, :2] + rng.standard_normal((50, 2)), 1)  # with ties
-  rho, p = interp.spearman_matrix(latents, attributes)
+  rho, p = mutual_info.spearman_matrix(latents, attributes)
   for d in range(3):
     for a in range(2):
       expected = stats.spearmanr(latents[:, d], attributes[:, a])
@@ -425,11 +427,11 @@ def test_binned_mig_matches_mutual_info_score_by_hand():
   expected_entropy = np.array([stats.entropy(np.bincount(bins(attributes[:, a])))
                                for a in range(2)])
   ordered = np.sort(expected_mi, axis=0)
-  mig, mi, entropy = interp.binned_mig(latents, attributes)
+  mig, mi, entropy = disentanglement.binned_mig(latents, attributes)
   np.testing.assert_allclose(mi, expected_mi, rtol=1e-12)
   np.testing.assert_allclose(entropy, expected_entropy, rtol=1e-12)
   np.testing.assert_allclose(mig, (ordered[-1] - ordered[-2]) / expected_entropy, rtol=1e-12)
-  assert interp.histogram_discretize(latents).max() == 19
+  assert disentanglement.histogram_discretize(latents).max() == 19
 
 
 def test_binned_mig_of_a_disentangled_code_is_near_one_and_mixing_lowers_it():
@@ -438,14 +440,14 @@ def test_binned_mig_of_a_disentangled_code_is_near_one_and_mixing_lowers_it():
   attributes = rng.uniform(size=(n, 3)) * [100.0, 50.0, 120.0] + [80.0, 60.0, 90.0]
   latents = np.stack([0.1 * attributes[:, 2] - 3.0, 2.0 * attributes[:, 0], -attributes[:, 1],
                       rng.standard_normal(n)], axis=1)
-  mig = interp.binned_mig(latents, attributes)[0]
+  mig = disentanglement.binned_mig(latents, attributes)[0]
   assert mig.min() > 0.9
-  np.testing.assert_allclose(interp.binned_mig(latents[:, [3, 1, 0, 2]], attributes)[0], mig,
-                             rtol=1e-12)
+  np.testing.assert_allclose(disentanglement.binned_mig(latents[:, [3, 1, 0, 2]], attributes)[0],
+                             mig, rtol=1e-12)
   mixed = latents.copy()
   mixed[:, 1] = attributes[:, 0] / 100.0 + attributes[:, 1] / 50.0
   mixed[:, 2] = attributes[:, 0] / 100.0 - attributes[:, 1] / 50.0
-  mixed_mig = interp.binned_mig(mixed, attributes)[0]
+  mixed_mig = disentanglement.binned_mig(mixed, attributes)[0]
   assert mixed_mig[0] < 0.3 and mixed_mig[1] < 0.3 and mixed_mig[2] > 0.9
 
 
@@ -455,14 +457,14 @@ def test_dci_of_a_disentangled_code_is_one_and_mixing_lowers_it():
   attributes = rng.uniform(size=(n, 3))
   latents = np.stack([np.exp(attributes[:, 1]), 2.0 * attributes[:, 0] - 1.0,
                       -attributes[:, 2], rng.standard_normal(n)], axis=1)
-  out = interp.dci_scores(latents, attributes, NAMES)
+  out = disentanglement.dci_scores(latents, attributes, NAMES)
   assert out["disentanglement"] > 0.99 and out["completeness"] > 0.99
   assert out["informativeness"]["mean"] > 0.95
   assert out["num_train"] == 160 and out["num_held_out"] == 80
   importance = np.array([out["importance"][name] for name in NAMES]).T
   assert list(importance.argmax(axis=0)) == [1, 0, 2]
   # Permuting the codes permutes the importance rows and leaves the scores unchanged.
-  permuted = interp.dci_scores(latents[:, [3, 2, 0, 1]], attributes, NAMES)
+  permuted = disentanglement.dci_scores(latents[:, [3, 2, 0, 1]], attributes, NAMES)
   for key in ("disentanglement", "completeness"):
     assert permuted[key] == pytest.approx(out[key], abs=1e-5)
   assert permuted["informativeness"]["mean"] == pytest.approx(out["informativeness"]["mean"],
@@ -470,19 +472,19 @@ def test_dci_of_a_disentangled_code_is_one_and_mixing_lowers_it():
   mixed = latents.copy()
   mixed[:, 0] = attributes[:, 0] + attributes[:, 1]
   mixed[:, 1] = attributes[:, 0] - attributes[:, 1]
-  mixed_out = interp.dci_scores(mixed, attributes, NAMES)
+  mixed_out = disentanglement.dci_scores(mixed, attributes, NAMES)
   assert mixed_out["disentanglement"] < 0.8 and mixed_out["completeness"] < 0.8
 
 
 def test_dci_scores_of_hand_computed_importances():
   # Code 0 serves factor 0 only, code 1 both equally: D = 0.5 * 1 + 0.5 * 0 = 0.5.
   importance = np.array([[1.0, 0.0], [0.5, 0.5]])
-  assert interp.dci_disentanglement(importance) == pytest.approx(0.5, abs=1e-9)
+  assert disentanglement.dci_disentanglement(importance) == pytest.approx(0.5, abs=1e-9)
   # Factor 0 spread 2/3 : 1/3 over the codes (weight 0.75), factor 1 on code 1 only (0.25).
   spread = -(2 / 3 * np.log2(2 / 3) + 1 / 3 * np.log2(1 / 3))
-  assert interp.dci_completeness(importance) == pytest.approx(0.75 * (1 - spread) + 0.25,
-                                                              abs=1e-9)
-  assert interp.dci_disentanglement(np.eye(3)) == pytest.approx(1.0, abs=1e-9)
-  assert interp.dci_completeness(np.ones((4, 2))) == pytest.approx(0.0, abs=1e-9)
+  assert disentanglement.dci_completeness(importance) == pytest.approx(
+      0.75 * (1 - spread) + 0.25, abs=1e-9)
+  assert disentanglement.dci_disentanglement(np.eye(3)) == pytest.approx(1.0, abs=1e-9)
+  assert disentanglement.dci_completeness(np.ones((4, 2))) == pytest.approx(0.0, abs=1e-9)
   with pytest.raises(ValueError, match="2 training and 2 held-out"):
-    interp.dci_split(4)
+    disentanglement.dci_split(4)
