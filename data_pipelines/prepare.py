@@ -64,6 +64,7 @@ from absl import app
 from absl import flags
 import tensorflow_datasets as tfds
 
+from cardiac_jax import io
 from cardiac_jax import structures
 from data_pipelines import acdc
 from data_pipelines import locking
@@ -97,15 +98,6 @@ def _requested_config(dataset: str, input_dir: str, builder_config: tfds_builder
             "input_dir": os.path.abspath(input_dir), **builder_config.to_dict()}
   # Through JSON and back, so it compares equal to the copy read from report.json.
   return json.loads(json.dumps(config))
-
-
-def _read_json(path: str) -> Optional[dict]:
-  try:
-    with open(path, encoding="utf-8") as f:
-      value = json.load(f)
-  except (OSError, ValueError):
-    return None
-  return value if isinstance(value, dict) else None
 
 
 def _is_complete(output_dir: str, report: dict) -> bool:
@@ -165,7 +157,7 @@ def _finished_report(output_dir: str, requested: dict) -> Optional[dict]:
   """
   if not os.path.isdir(output_dir):
     return None
-  report = _read_json(os.path.join(output_dir, REPORT))
+  report = io.read_json(os.path.join(output_dir, REPORT))
   if report is None or _is_outdated(report.get("config"), requested):
     return None
   if report.get("config") != requested:
@@ -325,7 +317,7 @@ def _prepare_locked(job: Preparation, previous: Optional[tfds_builders.PreviousP
   work = os.path.join(output_dir, WORK_DIR)
   os.makedirs(work, exist_ok=True)
   work_config = os.path.join(work, _WORK_CONFIG)
-  unfinished = _read_json(work_config)
+  unfinished = io.read_json(work_config)
   if unfinished is not None and unfinished != job.requested and verbose:
     print(f"{output_dir}: an unfinished preparation of another configuration is replaced "
           "(its subjects are reused where their preprocessing and inputs match)")
@@ -485,7 +477,7 @@ def prepare_dataset(input_dir: str, output_dir: str,
 
 def read_report(output_dir: str) -> dict:
   """report.json of a complete prepared dataset; InvalidInputError when it is not one."""
-  report = _read_json(os.path.join(output_dir, REPORT))
+  report = io.read_json(os.path.join(output_dir, REPORT))
   if report is None or not _is_complete(output_dir, report):
     raise InvalidInputError(f"{output_dir}: not a complete prepared dataset (no valid "
                             f"{REPORT}); run `python -m data_pipelines.prepare` first")
