@@ -22,6 +22,33 @@ def lv_volume_curve_from_labels(labels: np.ndarray, spacing_mm) -> np.ndarray:
   return np.count_nonzero(labels == structures.LV_BLOOD_POOL, axis=(0, 1, 2)) * voxel_ml
 
 
+def _pyplot():
+  """matplotlib's pyplot on the file-only Agg backend (previews are written, never shown)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+  return plt
+
+
+def _one_subject_per_group(output_dir: str, subjects: Optional[Sequence[SubjectParameters]],
+                           ) -> list[SubjectParameters]:
+  """The first subject of each group, in order; `subjects` None: the cohort's parameters CSV."""
+  if subjects is None:
+    subjects = read_parameters_csv(os.path.join(output_dir, PARAMETERS_CSV))
+  shown, seen = [], set()
+  for params in subjects:
+    if params.group not in seen:
+      shown.append(params)
+      seen.add(params.group)
+  return shown
+
+
+def _save(figure, png_path: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+  figure.savefig(png_path, bbox_inches="tight")
+  _pyplot().close(figure)
+
+
 def save_cohort_preview(output_dir: str, png_path: str,
                         subjects: Optional[Sequence[SubjectParameters]] = None,
                         num_slices_shown: int = 6) -> None:
@@ -30,18 +57,10 @@ def save_cohort_preview(output_dir: str, png_path: str,
   Per subject: ED and ES mid-ventricular slices, the same with label overlays, ED slices from
   base to apex, and the LV volume curve measured from the labels of every frame (ED, ES marked).
   """
-  import matplotlib
-  matplotlib.use("Agg")
+  plt = _pyplot()
   from matplotlib import colors
-  from matplotlib import pyplot as plt
 
-  if subjects is None:
-    subjects = read_parameters_csv(os.path.join(output_dir, PARAMETERS_CSV))
-  shown, seen = [], set()
-  for params in subjects:
-    if params.group not in seen:
-      shown.append(params)
-      seen.add(params.group)
+  shown = _one_subject_per_group(output_dir, subjects)
   columns = 4 + num_slices_shown + 1
   figure = plt.figure(figsize=(1.6 * columns + 1.2, 1.75 * len(shown)), dpi=110)
   grid = figure.add_gridspec(len(shown), columns, width_ratios=[1] * (columns - 1) + [1.9],
@@ -106,9 +125,7 @@ def save_cohort_preview(output_dir: str, png_path: str,
       axes.legend(fontsize=5, loc="upper right", frameon=False)
     if row == len(shown) - 1:
       axes.set_xlabel("frame", fontsize=7)
-  os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-  figure.savefig(png_path, bbox_inches="tight")
-  plt.close(figure)
+  _save(figure, png_path)
 
 
 def save_long_axis_preview(output_dir: str, png_path: str,
@@ -119,18 +136,10 @@ def save_long_axis_preview(output_dir: str, png_path: str,
   Per subject: `num_frames_shown` frames evenly spaced from ED to ES (valve plane drawn as a
   line through the ED and current mitral-annulus level), then the ED and ES labels.
   """
-  import matplotlib
-  matplotlib.use("Agg")
+  plt = _pyplot()
   from matplotlib import colors
-  from matplotlib import pyplot as plt
 
-  if subjects is None:
-    subjects = read_parameters_csv(os.path.join(output_dir, PARAMETERS_CSV))
-  shown, seen = [], set()
-  for params in subjects:
-    if params.group not in seen:
-      shown.append(params)
-      seen.add(params.group)
+  shown = _one_subject_per_group(output_dir, subjects)
   columns = num_frames_shown + 2
   figure, axes = plt.subplots(len(shown), columns, figsize=(1.7 * columns, 1.8 * len(shown)),
                               dpi=110, squeeze=False)
@@ -171,6 +180,4 @@ def save_long_axis_preview(output_dir: str, png_path: str,
   figure.suptitle("Synthetic 4-chamber cine, ED -> ES (labels: RV blue, LV myo green, LV red, "
                   "LA orange, RA magenta)", fontsize=8, y=0.995)
   figure.tight_layout(pad=0.3, rect=(0.0, 0.0, 1.0, 0.975))
-  os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-  figure.savefig(png_path, bbox_inches="tight")
-  plt.close(figure)
+  _save(figure, png_path)
