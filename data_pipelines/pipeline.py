@@ -490,18 +490,35 @@ def eval_batches(source: RandomAccessSource, data_config: ml_collections.ConfigD
   """
   layout = _read_layout(source, data_config)
   rows = process_rows(batch_size, process_index, process_count, "batch_size")
-  num_batches = math.ceil(layout.num_examples / batch_size)
+  return padded_batches(
+      layout.num_examples, batch_size, rows, lambda indices: _load_rows(source, layout, indices),
+      _signature(layout, rows.stop - rows.start),
+      lambda keys, load, signature: _batches(keys, load, signature, layout))
+
+
+def padded_batches(num_examples: int, batch_size: int, rows: slice,
+                   load_rows: Callable[[np.ndarray], dict[str, np.ndarray]],
+                   signature: Mapping[str, tuple[tf.DType, tuple[int, ...]]],
+                   batches: Callable[..., Iterator[dict[str, np.ndarray]]],
+                   ) -> Iterator[dict[str, np.ndarray]]:
+  """The evaluation pass of the slice and the cine pipelines: ceil(N / B) global batches of
+  indices [j*B, (j+1)*B), this process's `rows` of each, indices past the end -1 (padding).
+
+  `load_rows(indices)` returns the rows' fields (`signature`, with "index"); a "mask" field
+  (index >= 0) is added. `batches(keys, load, signature)` runs the pipeline over the batch
+  numbers.
+  """
+  num_batches = math.ceil(num_examples / batch_size)
 
   def load(batch_number: int) -> dict[str, np.ndarray]:
     indices = batch_number * batch_size + np.arange(batch_size, dtype=np.int64)
-    indices[indices >= layout.num_examples] = -1
-    batch = _load_rows(source, layout, indices[rows])
+    indices[indices >= num_examples] = -1
+    batch = load_rows(indices[rows])
     batch["mask"] = batch["index"] >= 0
     return batch
 
-  signature = _signature(layout, rows.stop - rows.start)
-  signature["mask"] = (tf.bool, (rows.stop - rows.start,))
-  return _batches(tf.data.Dataset.range(num_batches), load, signature, layout)
+  signature = {**signature, "mask": (tf.bool, (rows.stop - rows.start,))}
+  return batches(tf.data.Dataset.range(num_batches), load, signature)
 
 
 def measure_throughput(source: RandomAccessSource, data_config: ml_collections.ConfigDict, *,

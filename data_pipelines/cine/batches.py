@@ -189,18 +189,10 @@ def eval_batches(source, data_config, *, batch_size: int, process_index: int = 0
   rows past the end are zero padding with `mask` False, index -1 and subject ""."""
   layout = _read_layout(source, data_config, fields)
   rows = pipeline.process_rows(batch_size, process_index, process_count, "batch_size")
-  num_batches = -(-layout.num_examples // batch_size)
-
-  def load(batch_number: int) -> dict[str, np.ndarray]:
-    indices = batch_number * batch_size + np.arange(batch_size, dtype=np.int64)
-    indices[indices >= layout.num_examples] = -1
-    batch = _load_rows(source, layout, indices[rows])
-    batch["mask"] = batch["index"] >= 0
-    return batch
-
-  signature = _signature(layout, rows.stop - rows.start)
-  signature["mask"] = (tf.bool, (rows.stop - rows.start,))
-  return _batches(tf.data.Dataset.range(num_batches), load, signature, layout)
+  return pipeline.padded_batches(
+      layout.num_examples, batch_size, rows, lambda indices: _load_rows(source, layout, indices),
+      _signature(layout, rows.stop - rows.start),
+      lambda keys, load, signature: _batches(keys, load, signature, layout))
 
 
 def make_data_source(config, *, process_index: Optional[int] = None,
