@@ -71,6 +71,7 @@ from data_pipelines import locking
 from data_pipelines import plausibility
 from data_pipelines import preprocess
 from data_pipelines import reruns
+from data_pipelines import subject_splits
 from data_pipelines import tfds_builders
 from data_pipelines.errors import InvalidArgumentError
 from data_pipelines.errors import InvalidInputError
@@ -335,7 +336,7 @@ def _prepare_locked(job: Preparation, previous: Optional[tfds_builders.PreviousP
     _write_attributes_csv(os.path.join(staging, ATTRIBUTES), outcomes)
     _write_json(os.path.join(staging, SPLITS), {
         "seed": job.split_seed, "fractions": list(job.split_fractions),
-        **{split: builder.split_assignment.get(split, []) for split in tfds_builders.SPLITS}})
+        **{split: builder.split_assignment.get(split, []) for split in subject_splits.SPLITS}})
     split_of = {s: split for split, subjects in builder.split_assignment.items()
                 for s in subjects}
     num_prepared = sum(o.status == "prepared" for o in outcomes)
@@ -347,7 +348,7 @@ def _prepare_locked(job: Preparation, previous: Optional[tfds_builders.PreviousP
         "counts": {"found": len(outcomes), "prepared": num_prepared,
                    "skipped": len(outcomes) - num_prepared,
                    **{split: len(builder.split_assignment.get(split, []))
-                      for split in tfds_builders.SPLITS}},
+                      for split in subject_splits.SPLITS}},
         "subjects": [_report_entry(o, split_of) for o in outcomes],
         "resumed_subjects": builder.num_reused,
         "unchanged_subjects": builder.num_unchanged,
@@ -406,7 +407,7 @@ def _print_summary(output_dir: str, report: dict, verbose: bool, noun: str = "su
 def prepare_dataset(input_dir: str, output_dir: str,
                     preprocess_config: Optional[preprocess.PreprocessConfig] = None, *,
                     dataset: str = "acdc", label_convention: str = "acdc", split_seed: int = 0,
-                    split_fractions=tfds_builders.DEFAULT_SPLIT_FRACTIONS,
+                    split_fractions=subject_splits.DEFAULT_SPLIT_FRACTIONS,
                     bounds: Optional[plausibility.PlausibilityBounds] = None,
                     rehash: bool = False, verbose: bool = True) -> dict:
   """Prepares the cohort in `input_dir` into `output_dir` (see the module docstring).

@@ -47,6 +47,16 @@ STRUCTURE_NAMES = {structures.RV_BLOOD_POOL: "RV blood pool",
 PHASES = ("ED", "ES")
 
 
+def checked_percentiles(percentiles) -> tuple[float, float]:
+  """(low, high) intensity percentiles as a tuple of floats (so configs read back from JSON
+  compare equal); a ValueError unless 0 <= low < high <= 100."""
+  low, high = percentiles
+  if not 0 <= low < high <= 100:
+    raise ValueError(f"intensity_percentiles must satisfy 0 <= low < high <= 100, got "
+                     f"{percentiles}")
+  return float(low), float(high)
+
+
 @dataclasses.dataclass(frozen=True)
 class PreprocessConfig:
   """Everything that decides how a subject becomes a prepared example.
@@ -79,12 +89,8 @@ class PreprocessConfig:
       raise ValueError(f"unknown slice_rule {self.slice_rule!r}; known: {SLICE_RULES}")
     if self.min_label_pixels < 0:
       raise ValueError(f"min_label_pixels must be >= 0, got {self.min_label_pixels}")
-    low, high = self.intensity_percentiles
-    if not 0 <= low < high <= 100:
-      raise ValueError(f"intensity_percentiles must satisfy 0 <= low < high <= 100, got "
-                       f"{self.intensity_percentiles}")
-    # Tuples, not lists, so configs read back from JSON compare equal.
-    object.__setattr__(self, "intensity_percentiles", (float(low), float(high)))
+    object.__setattr__(self, "intensity_percentiles",
+                       checked_percentiles(self.intensity_percentiles))
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)

@@ -59,15 +59,14 @@ from data_pipelines import features
 from data_pipelines import fingerprints
 from data_pipelines import plausibility
 from data_pipelines import preprocess
+from data_pipelines import subject_splits
 from data_pipelines.errors import InvalidInputError
 
-SPLITS = ("train", "val", "test")
 # Bumped when a cached subject outcome would differ for the same inputs and configuration.
 # 2: plausibility checks, input fingerprints with content hashes, MemoryError cached.
 SUBJECT_CACHE_VERSION = 2
 _CACHE_SUFFIX = ".npz"
 _CACHE_TEMP_SUFFIX = ".tmp"
-DEFAULT_SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 
 
 # ----------------------------------------------------------------------------- one subject
@@ -404,130 +403,11 @@ class SubjectLoop:
     return load(self.cache_dir, subject)
 
 
-# ----------------------------------------------------------------------------- splits
-
-def stratified_split(groups: dict[str, str], fractions=DEFAULT_SPLIT_FRACTIONS,
-                     seed: int = 0) -> dict[str, list[str]]:
-  """Assigns subjects to "train"/"val"/"test", stratified by group, deterministic in `seed`.
-
-  Each group's subjects are shuffled (seeded) and given evenly spaced ranks in (0, 1); all
-  subjects are then ordered by rank and cut at the cumulative fractions. Every group thus
-  spreads over the splits in the given proportions, and the split sizes are exact overall.
-  With 3 or more subjects every split gets at least one.
-
-  Args:
-    groups: subject id -> group name.
-    fractions: (train, val, test), summing to 1.
-    seed: the split seed.
-
-  Returns:
-    split name -> sorted subject ids.
-  """
-  fractions = tuple(float(f) for f in fractions)
-  if len(fractions) != 3 or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
-    raise ValueError(f"split fractions must be three non-negative numbers summing to 1, "
-                     f"got {fractions}")
-  rng = np.random.default_rng(seed)
-  ranked = []
-  for group in sorted(set(groups.values())):
-    members = sorted(s for s, g in groups.items() if g == group)
-    order = rng.permutation(len(members))
-    # A random tie-breaker keeps groups of equal size from always landing in the same order.
-    ties = rng.random(len(members))
-    for rank, index in enumerate(order):
-      ranked.append(((rank + 0.5) / len(members), ties[rank], members[index]))
-  ranked.sort()
-  total = len(ranked)
-  counts = [int(round(total * f)) for f in fractions[1:]]
-  if total >= 3:
-    counts = [max(1, c) if f > 0 else 0 for c, f in zip(counts, fractions[1:])]
-  num_val, num_test = counts
-  num_train = max(0, total - num_val - num_test)
-  subjects = [s for _, _, s in ranked]
-  return {
-      "train": sorted(subjects[:num_train]),
-      "val": sorted(subjects[num_train:num_train + num_val]),
-      "test": sorted(subjects[num_train + num_val:]),
-  }
-
-
 # ----------------------------------------------------------------------------- builder
 
-@dataclasses.dataclass(eq=False)
-class AcdcConfig(tfds.core.BuilderConfig):
-  """A prepared-dataset configuration: preprocessing, label convention, split and the
-  plausibility bounds subjects must meet."""
-  preprocess: preprocess.PreprocessConfig = preprocess.PreprocessConfig()
-  label_convention: str = "acdc"
-  split_seed: int = 0
-  split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS
-  bounds: plausibility.PlausibilityBounds = plausibility.PlausibilityBounds()
-
-  def to_dict(self) -> dict:
-    return {"preprocess": self.preprocess.to_dict(), "label_convention": self.label_convention,
-            "split_seed": self.split_seed, "split_fractions": list(self.split_fractions),
-            "plausibility": self.bounds.to_dict()}
-
-
-def check_split_arguments(split_seed, split_fractions) -> tuple[int, tuple[float, ...]]:
-  """(seed, fractions) checked: a seed numpy accepts (an integer >= 0) and three finite,
-  non-negative fractions summing to 1 with some training subjects. Raises ValueError naming
-  the argument, before anything is read or written."""
-  if isinstance(split_seed, bool) or not isinstance(split_seed, (int, np.integer)) or not (
-      0 <= int(split_seed) < 2**63):
-    raise ValueError(f"split_seed must be an integer >= 0, got {split_seed!r}")
-  try:
-    fractions = tuple(float(f) for f in split_fractions)
-  except (TypeError, ValueError):
-    raise ValueError(f"split fractions must be three numbers, got {split_fractions!r}") from None
-  if (len(fractions) != 3 or not all(np.isfinite(fractions)) or min(fractions) < 0
-      or not np.isclose(sum(fractions), 1.0) or not fractions[0] > 0):
-    raise ValueError(f"split fractions must be three non-negative numbers (train, val, test) "
-                     f"summing to 1 with train > 0, got {fractions}")
-  return int(split_seed), fractions
-
-
-def make_config(preprocess_config: preprocess.PreprocessConfig = preprocess.PreprocessConfig(),
-                label_convention: str = "acdc", split_seed: int = 0,
-                split_fractions=DEFAULT_SPLIT_FRACTIONS,
-                bounds: Optional[plausibility.PlausibilityBounds] = None) -> AcdcConfig:
-  """An AcdcConfig named after its values (tfds keeps one directory per config name).
-
-  Raises ValueError for an unknown label convention or split arguments that
-  `check_split_arguments` refuses.
-  """
-  if label_convention not in structures.LABEL_CONVENTIONS:
-    raise ValueError(f"unknown label convention {label_convention!r}; known: "
-                     f"{sorted(structures.LABEL_CONVENTIONS)}")
-  split_seed, split_fractions = check_split_arguments(split_seed, split_fractions)
-  if bounds is not None and not isinstance(bounds, plausibility.PlausibilityBounds):
-    raise ValueError(f"bounds must be PlausibilityBounds, got {type(bounds).__name__} "
-                     f"{bounds!r}")
-  config = AcdcConfig(name="pending", preprocess=preprocess_config,
-                      label_convention=label_convention, split_seed=split_seed,
-                      split_fractions=split_fractions,
-                      bounds=bounds or plausibility.PlausibilityBounds())
-  text = json.dumps(config.to_dict(), sort_keys=True)
-  digest = hashlib.sha256(text.encode()).hexdigest()[:8]
-  config.name = (f"s{preprocess_config.image_size}_{preprocess_config.spacing_mm:g}mm_"
-                 f"{preprocess_config.slice_rule}_{label_convention}_{digest}")
-  config.description = text
-  return config
-
-
-class Acdc(tfds.core.GeneratorBasedBuilder):
-  """ACDC-layout cohort -> one prepared 2-channel (ED, ES) slice per subject."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "ED/ES slice, LV-centred and rotated, attributes per subject."}
-  BUILDER_CONFIGS = [make_config()]
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """
-  Register at https://www.creatis.insa-lyon.fr/Challenge/acdc/ and download the ACDC data set,
-  then pass its root folder (the one holding `training/` and `testing/`, each with
-  `patientXXX/` subject folders) as manual_dir, e.g.
-  `tfds.download.DownloadConfig(manual_dir="/data/ACDC/database")`. A synthetic cohort written
-  by `python -m data_pipelines.synthesize` has the same layout and works the same way.
-  """
+class SubjectBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A builder that prepares every subject in `_split_generators` through a `SubjectLoop`
+  (`Acdc` here, the cine builder of `data_pipelines.cine`); module docstring."""
 
   def __init__(self, *, subject_cache_dir: Optional[str] = None,
                previous: Optional[PreviousPreparation] = None,
@@ -545,6 +425,93 @@ class Acdc(tfds.core.GeneratorBasedBuilder):
     self.num_reused = 0
     self.num_unchanged = 0
 
+  def _prepare_subjects(self, dl_manager: tfds.download.DownloadManager, key: str, run, save,
+                        found: list[tuple[str, str]], rejected: Iterable[SubjectOutcome],
+                        group_of) -> dict:
+    """Prepares the `found` (subject, directory) pairs (`SubjectLoop` with `key`, `run`,
+    `save`), adds the `rejected` outcomes and splits the prepared subjects stratified by
+    `group_of(outcome)`; returns the split generators. InvalidInputError when none was
+    prepared."""
+    config = self.builder_config
+    manual_dir = str(dl_manager.manual_dir)
+    cache_dir = self.subject_cache_dir or os.path.join(str(dl_manager.download_dir), "subjects")
+    self._loop = SubjectLoop(cache_dir, key, run, save, self.previous, self.inputs)
+    subjects, duplicates = unique_subjects(found)
+    self.outcomes = [self._loop.outcome(s, d) for s, d in subjects] + duplicates
+    self.num_reused = self._loop.num_reused
+    self.num_unchanged = len(self._loop.from_previous)
+    self.outcomes.extend(rejected)
+    prepared = {o.subject: o for o in self.outcomes if o.status == "prepared"}
+    if not prepared:
+      reasons = "\n  ".join(f"{o.subject}: {o.reason}" for o in self.outcomes[:10])
+      raise InvalidInputError(
+          f"{acdc.printable_path(manual_dir)}: none of the {len(self.outcomes)} subjects could "
+          f"be prepared. First reasons:\n  {reasons}")
+    self.split_assignment = subject_splits.stratified_split(
+        {s: group_of(o) for s, o in prepared.items()}, config.split_fractions,
+        config.split_seed)
+    return {split: self._generate_examples(subjects)
+            for split, subjects in self.split_assignment.items() if subjects}
+
+
+@dataclasses.dataclass(eq=False)
+class AcdcConfig(tfds.core.BuilderConfig):
+  """A prepared-dataset configuration: preprocessing, label convention, split and the
+  plausibility bounds subjects must meet."""
+  preprocess: preprocess.PreprocessConfig = preprocess.PreprocessConfig()
+  label_convention: str = "acdc"
+  split_seed: int = 0
+  split_fractions: tuple[float, float, float] = subject_splits.DEFAULT_SPLIT_FRACTIONS
+  bounds: plausibility.PlausibilityBounds = plausibility.PlausibilityBounds()
+
+  def to_dict(self) -> dict:
+    return {"preprocess": self.preprocess.to_dict(), "label_convention": self.label_convention,
+            "split_seed": self.split_seed, "split_fractions": list(self.split_fractions),
+            "plausibility": self.bounds.to_dict()}
+
+
+def make_config(preprocess_config: preprocess.PreprocessConfig = preprocess.PreprocessConfig(),
+                label_convention: str = "acdc", split_seed: int = 0,
+                split_fractions=subject_splits.DEFAULT_SPLIT_FRACTIONS,
+                bounds: Optional[plausibility.PlausibilityBounds] = None) -> AcdcConfig:
+  """An AcdcConfig named after its values (tfds keeps one directory per config name).
+
+  Raises ValueError for an unknown label convention or split arguments that
+  `subject_splits.check_split_arguments` refuses.
+  """
+  if label_convention not in structures.LABEL_CONVENTIONS:
+    raise ValueError(f"unknown label convention {label_convention!r}; known: "
+                     f"{sorted(structures.LABEL_CONVENTIONS)}")
+  split_seed, split_fractions = subject_splits.check_split_arguments(split_seed, split_fractions)
+  if bounds is not None and not isinstance(bounds, plausibility.PlausibilityBounds):
+    raise ValueError(f"bounds must be PlausibilityBounds, got {type(bounds).__name__} "
+                     f"{bounds!r}")
+  config = AcdcConfig(name="pending", preprocess=preprocess_config,
+                      label_convention=label_convention, split_seed=split_seed,
+                      split_fractions=split_fractions,
+                      bounds=bounds or plausibility.PlausibilityBounds())
+  text = json.dumps(config.to_dict(), sort_keys=True)
+  digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+  config.name = (f"s{preprocess_config.image_size}_{preprocess_config.spacing_mm:g}mm_"
+                 f"{preprocess_config.slice_rule}_{label_convention}_{digest}")
+  config.description = text
+  return config
+
+
+class Acdc(SubjectBuilder):
+  """ACDC-layout cohort -> one prepared 2-channel (ED, ES) slice per subject."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "ED/ES slice, LV-centred and rotated, attributes per subject."}
+  BUILDER_CONFIGS = [make_config()]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Register at https://www.creatis.insa-lyon.fr/Challenge/acdc/ and download the ACDC data set,
+  then pass its root folder (the one holding `training/` and `testing/`, each with
+  `patientXXX/` subject folders) as manual_dir, e.g.
+  `tfds.download.DownloadConfig(manual_dir="/data/ACDC/database")`. A synthetic cohort written
+  by `python -m data_pipelines.synthesize` has the same layout and works the same way.
+  """
+
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
@@ -561,7 +528,6 @@ class Acdc(tfds.core.GeneratorBasedBuilder):
     refs, rejected = acdc.find_subjects(manual_dir)
     if not refs:
       acdc.list_subjects(manual_dir)     # raises, explaining what was expected
-    cache_dir = self.subject_cache_dir or os.path.join(str(dl_manager.download_dir), "subjects")
     by_directory = {r.directory: r for r in refs}
 
     def run(subject: str, directory: str) -> SubjectOutcome:
@@ -570,24 +536,11 @@ class Acdc(tfds.core.GeneratorBasedBuilder):
                          config.bounds)
 
     key = subject_cache_key(config.preprocess, config.label_convention, config.bounds)
-    self._loop = SubjectLoop(cache_dir, key, run, save_outcome, self.previous, self.inputs)
-    subjects, duplicates = unique_subjects([(r.subject, r.directory) for r in refs])
-    self.outcomes = [self._loop.outcome(s, d) for s, d in subjects] + duplicates
-    self.num_reused = self._loop.num_reused
-    self.num_unchanged = len(self._loop.from_previous)
-    self.outcomes.extend(
-        SubjectOutcome(subject=r.name, directory=r.directory, status="skipped", reason=r.reason)
-        for r in rejected)
-    prepared = {o.subject: o for o in self.outcomes if o.status == "prepared"}
-    if not prepared:
-      reasons = "\n  ".join(f"{o.subject}: {o.reason}" for o in self.outcomes[:10])
-      raise InvalidInputError(
-          f"{acdc.printable_path(manual_dir)}: none of the {len(self.outcomes)} subjects could "
-          f"be prepared. First reasons:\n  {reasons}")
-    self.split_assignment = stratified_split(
-        {s: o.group for s, o in prepared.items()}, config.split_fractions, config.split_seed)
-    return {split: self._generate_examples(subjects)
-            for split, subjects in self.split_assignment.items() if subjects}
+    return self._prepare_subjects(
+        dl_manager, key, run, save_outcome, [(r.subject, r.directory) for r in refs],
+        [SubjectOutcome(subject=r.name, directory=r.directory, status="skipped",
+                        reason=r.reason) for r in rejected],
+        lambda outcome: outcome.group)
 
   def _generate_examples(self, subjects: Iterable[str]):
     """Streams the prepared examples of `subjects` (work area or previous dataset), keyed by

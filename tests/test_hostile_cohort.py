@@ -28,6 +28,7 @@ from data_pipelines import nifti
 from data_pipelines import plausibility
 from data_pipelines import prepare
 from data_pipelines import preprocess
+from data_pipelines import subject_splits
 from data_pipelines import tfds_builders
 from data_pipelines.errors import InvalidArgumentError
 from data_pipelines.errors import InvalidInputError
@@ -198,7 +199,7 @@ def _cohort(root: str, subjects=("patient001", "patient002", "patient003", "pati
 
 
 def _dataset(output: str) -> dict:
-  return {e["subject"]: e for split in tfds_builders.SPLITS
+  return {e["subject"]: e for split in subject_splits.SPLITS
           for e in prepare.load_split(output, split)}
 
 

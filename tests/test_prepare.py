@@ -24,6 +24,7 @@ from cardiac_jax import structures
 from data_pipelines import acdc
 from data_pipelines import prepare
 from data_pipelines import preprocess
+from data_pipelines import subject_splits
 from data_pipelines import tfds_builders
 from data_pipelines.errors import InvalidInputError
 from tests.test_acdc_reader import ED_RADII_MM
@@ -150,15 +151,15 @@ def test_preprocess_config_validates():
 
 def test_stratified_split_is_stratified_and_deterministic():
   groups = {f"patient{i:03d}": structures.GROUPS[i % 5] for i in range(100)}
-  split = tfds_builders.stratified_split(groups, (0.7, 0.1, 0.2), seed=3)
+  split = subject_splits.stratified_split(groups, (0.7, 0.1, 0.2), seed=3)
   assert [len(split[s]) for s in ("train", "val", "test")] == [70, 10, 20]
   assert sorted(sum(split.values(), [])) == sorted(groups)
   for group in structures.GROUPS:
     counts = [sum(groups[s] == group for s in split[name]) for name in ("train", "val", "test")]
     assert counts == [14, 2, 4], (group, counts)
-  assert split == tfds_builders.stratified_split(groups, (0.7, 0.1, 0.2), seed=3)
-  assert split != tfds_builders.stratified_split(groups, (0.7, 0.1, 0.2), seed=4)
-  tiny = tfds_builders.stratified_split({"a": "NOR", "b": "NOR", "c": "DCM"}, seed=0)
+  assert split == subject_splits.stratified_split(groups, (0.7, 0.1, 0.2), seed=3)
+  assert split != subject_splits.stratified_split(groups, (0.7, 0.1, 0.2), seed=4)
+  tiny = subject_splits.stratified_split({"a": "NOR", "b": "NOR", "c": "DCM"}, seed=0)
   assert all(len(v) == 1 for v in tiny.values())
 
 
@@ -332,12 +333,12 @@ def test_splits_are_stratified_and_saved(prepared):
   _, output, report, _ = prepared
   with open(os.path.join(output, prepare.SPLITS)) as f:
     splits = json.load(f)
-  members = [s for name in tfds_builders.SPLITS for s in splits[name]]
+  members = [s for name in subject_splits.SPLITS for s in splits[name]]
   assert sorted(members) == sorted(VALID)                  # disjoint and complete
   groups = {s: g for s, (g, _) in VALID.items()}
-  assert {name: splits[name] for name in tfds_builders.SPLITS} == (
-      tfds_builders.stratified_split(groups, (0.7, 0.1, 0.2), seed=0))
-  assert [len(splits[n]) for n in tfds_builders.SPLITS] == [7, 1, 2]
+  assert {name: splits[name] for name in subject_splits.SPLITS} == (
+      subject_splits.stratified_split(groups, (0.7, 0.1, 0.2), seed=0))
+  assert [len(splits[n]) for n in subject_splits.SPLITS] == [7, 1, 2]
   assert (report["counts"]["train"], report["counts"]["val"], report["counts"]["test"]) == (
       7, 1, 2)
 

@@ -22,6 +22,7 @@ import pytest
 from data_pipelines import fingerprints
 from data_pipelines import prepare
 from data_pipelines import preprocess
+from data_pipelines import subject_splits
 from data_pipelines import tfds_builders
 from tests.test_acdc_reader import write_subject
 
@@ -96,7 +97,7 @@ def _assert_same_dataset(output: str, reference_output: str) -> None:
       for record in entry.get("inputs", {}).values():
         record.pop("mtime_ns", None)
   assert report == expected
-  for split in tfds_builders.SPLITS:
+  for split in subject_splits.SPLITS:
     ours = {e["subject"]: e for e in prepare.load_split(output, split)}
     theirs = {e["subject"]: e for e in prepare.load_split(reference_output, split)}
     assert ours.keys() == theirs.keys() and ours

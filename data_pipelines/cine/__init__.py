@@ -54,7 +54,7 @@ where it stopped; a rerun after the input files changed prepares only the change
 subjects; a broken or implausible subject (blank frames, labels whose volumes or ejection
 fraction `CineConfig.bounds` refuse, a structure lost in the crop) is "skipped" with its
 reason. Splits are subject-level, stratified by
-group (`tfds_builders.stratified_split`), fractions configurable. `held_out_cine_dir` generates
+group (`subject_splits.stratified_split`), fractions configurable. `held_out_cine_dir` generates
 and prepares, once, extra synthetic subjects of one group that a run never saw (the TCAV
 concept pool), acquired and prepared like the run's synthetic cohort.
 

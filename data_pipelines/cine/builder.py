@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import acdc
 from data_pipelines import prepare
+from data_pipelines import subject_splits
 from data_pipelines import tfds_builders
 from data_pipelines.cine.config import (CineConfig, DATASETS, FORMAT_VERSION, IMAGE_FIELDS,
                                         NUM_SHORT_AXIS_SLICES, STORED_IMAGE_DTYPE)
@@ -32,7 +33,7 @@ class CineBuilderConfig(tfds.core.BuilderConfig):
   dataset: str = "synthetic"
   cine: CineConfig = CineConfig()
   split_seed: int = 0
-  split_fractions: tuple[float, float, float] = tfds_builders.DEFAULT_SPLIT_FRACTIONS
+  split_fractions: tuple[float, float, float] = subject_splits.DEFAULT_SPLIT_FRACTIONS
 
   def to_dict(self) -> dict:
     return {"dataset": self.dataset, "cine": self.cine.to_dict(), "split_seed": self.split_seed,
@@ -40,7 +41,7 @@ class CineBuilderConfig(tfds.core.BuilderConfig):
 
 
 def make_builder_config(dataset: str, cine_config: CineConfig, split_seed: int = 0,
-                        split_fractions=tfds_builders.DEFAULT_SPLIT_FRACTIONS,
+                        split_fractions=subject_splits.DEFAULT_SPLIT_FRACTIONS,
                         ) -> CineBuilderConfig:
   """A CineBuilderConfig named after its values (tfds keeps one directory per name)."""
   if dataset not in DATASETS:
@@ -85,7 +86,13 @@ def cine_features(config: CineConfig) -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict(features)
 
 
-class CardiacCine(tfds.core.GeneratorBasedBuilder):
+def _skipped(rejected: list[tuple[str, str, str]]) -> list[tfds_builders.SubjectOutcome]:
+  """The outcomes of the (name, directory, reason) folders `find_cine_subjects` rejected."""
+  return [tfds_builders.SubjectOutcome(subject=name, directory=directory, status="skipped",
+                                       reason=reason) for name, directory, reason in rejected]
+
+
+class CardiacCine(tfds_builders.SubjectBuilder):
   """Raw cine cohort (synthetic ACDC layout or converted UK Biobank) -> one cine per subject.
 
   manual_dir is the raw cohort root. Subjects are prepared in `_split_generators` (the split is
@@ -106,18 +113,6 @@ class CardiacCine(tfds.core.GeneratorBasedBuilder):
   converted UK Biobank subjects (<id>/sa.nii.gz, la_4ch.nii.gz, seg_sa.nii.gz).
   """
 
-  def __init__(self, *, subject_cache_dir: Optional[str] = None,
-               previous: Optional[tfds_builders.PreviousPreparation] = None,
-               inputs: Optional[dict[str, dict]] = None, **kwargs):
-    super().__init__(**kwargs)
-    self.subject_cache_dir = subject_cache_dir
-    self.previous = previous
-    self.inputs = inputs
-    self.outcomes: list[tfds_builders.SubjectOutcome] = []
-    self.split_assignment: dict[str, list[str]] = {}
-    self.num_reused = 0
-    self.num_unchanged = 0
-
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
@@ -133,8 +128,6 @@ class CardiacCine(tfds.core.GeneratorBasedBuilder):
     if not found:
       raise InvalidInputError(f"{acdc.printable_path(manual_dir)}: no subject folders found "
                               f"for the {config.dataset!r} layout")
-    cache_dir = self.subject_cache_dir or os.path.join(str(dl_manager.download_dir),
-                                                       "subjects")
     key = hashlib.sha256(config.description.encode()).hexdigest()[:16]
 
     def run(subject: str, directory: str) -> tfds_builders.SubjectOutcome:
@@ -143,26 +136,8 @@ class CardiacCine(tfds.core.GeneratorBasedBuilder):
     def save(cache_dir: str, outcome, key: str) -> None:
       save_outcome(cache_dir, outcome, config.cine, key)
 
-    self._loop = tfds_builders.SubjectLoop(cache_dir, key, run, save, self.previous,
-                                           self.inputs)
-    subjects, duplicates = tfds_builders.unique_subjects(found)
-    self.outcomes = [self._loop.outcome(s, d) for s, d in subjects] + duplicates
-    self.num_reused = self._loop.num_reused
-    self.num_unchanged = len(self._loop.from_previous)
-    self.outcomes.extend(tfds_builders.SubjectOutcome(
-        subject=name, directory=directory, status="skipped", reason=reason)
-        for name, directory, reason in rejected)
-    prepared = {o.subject: o for o in self.outcomes if o.status == "prepared"}
-    if not prepared:
-      reasons = "\n  ".join(f"{o.subject}: {o.reason}" for o in self.outcomes[:10])
-      raise InvalidInputError(
-          f"{acdc.printable_path(manual_dir)}: none of the {len(self.outcomes)} subjects could "
-          f"be prepared. First reasons:\n  {reasons}")
-    self.split_assignment = tfds_builders.stratified_split(
-        {s: o.group or "unknown" for s, o in prepared.items()}, config.split_fractions,
-        config.split_seed)
-    return {split: self._generate_examples(subjects)
-            for split, subjects in self.split_assignment.items() if subjects}
+    return self._prepare_subjects(dl_manager, key, run, save, found, _skipped(rejected),
+                                  lambda outcome: outcome.group or "unknown")
 
   def _generate_examples(self, subjects):
     config: CineBuilderConfig = self.builder_config
@@ -185,7 +160,7 @@ def _requested_config(input_dir: str, builder_config: CineBuilderConfig) -> dict
 
 def prepare_cine_dataset(input_dir: str, output_dir: str, config: Optional[CineConfig] = None,
                          *, dataset: str = "synthetic", split_seed: int = 0,
-                         split_fractions=tfds_builders.DEFAULT_SPLIT_FRACTIONS,
+                         split_fractions=subject_splits.DEFAULT_SPLIT_FRACTIONS,
                          rehash: bool = False, verbose: bool = False) -> dict:
   """Prepares the raw cine cohort in `input_dir` into `output_dir`; returns report.json.
 
@@ -205,7 +180,7 @@ def prepare_cine_dataset(input_dir: str, output_dir: str, config: Optional[CineC
     FileExistsError: output_dir holds another finished preparation or unrelated files.
   """
   try:
-    split_seed, split_fractions = tfds_builders.check_split_arguments(split_seed,
+    split_seed, split_fractions = subject_splits.check_split_arguments(split_seed,
                                                                       split_fractions)
     builder_config = make_builder_config(dataset, config or CineConfig(), split_seed,
                                          split_fractions)
@@ -218,9 +193,7 @@ def prepare_cine_dataset(input_dir: str, output_dir: str, config: Optional[CineC
   def find():
     found, rejected = find_cine_subjects(input_dir, dataset)
     subjects, duplicates = tfds_builders.unique_subjects(found)
-    return subjects, duplicates + [tfds_builders.SubjectOutcome(
-        subject=name, directory=directory, status="skipped", reason=reason)
-        for name, directory, reason in rejected]
+    return subjects, duplicates + _skipped(rejected)
 
   def make_builder(data_dir, subject_cache_dir, previous, inputs):
     return CardiacCine(config=builder_config, data_dir=data_dir, file_format="array_record",

@@ -16,7 +16,8 @@ import numpy as np
 
 from data_pipelines import cache
 from data_pipelines import plausibility
-from data_pipelines import tfds_builders
+from data_pipelines import preprocess
+from data_pipelines import subject_splits
 
 DATASETS = ("synthetic", "ukbb")
 VIEWS = ("la_4ch", "sa_mid")
@@ -76,11 +77,8 @@ class CineConfig:
       raise ValueError(f"spacing_mm must be positive, got {self.spacing_mm}")
     if not self.variance_fraction > 0:
       raise ValueError(f"variance_fraction must be positive, got {self.variance_fraction}")
-    low, high = self.intensity_percentiles
-    if not 0 <= low < high <= 100:
-      raise ValueError(f"intensity_percentiles must satisfy 0 <= low < high <= 100, got "
-                       f"{self.intensity_percentiles}")
-    object.__setattr__(self, "intensity_percentiles", (float(low), float(high)))
+    object.__setattr__(self, "intensity_percentiles",
+                       preprocess.checked_percentiles(self.intensity_percentiles))
     object.__setattr__(self, "spacing_mm", float(self.spacing_mm))
 
   def to_dict(self) -> dict:
@@ -91,7 +89,7 @@ class CineConfig:
 # section) leaves them out; experiments/configs/cine_data.py defines every field.
 _OPTIONAL_FIELDS = {
     "view": "la_4ch",
-    "split": tfds_builders.DEFAULT_SPLIT_FRACTIONS,
+    "split": subject_splits.DEFAULT_SPLIT_FRACTIONS,
     "eval_split": "val",
     "prepare.long_axis": True,
     "prepare.intensity_percentiles": (1.0, 99.0),
