@@ -327,11 +327,13 @@ def cohort_correlation_table(correlation: dict[str, dict[str, float]]) -> str:
   names = list(correlation)
   lines = ["| factor | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
   for f in names:
-    lines.append(f"| {f} | " + " | ".join(format_value(correlation[f].get(g)) for g in names) + " |")
+    lines.append(f"| {f} | " + " | ".join(format_value(correlation[f].get(g)) for g in names)
+                 + " |")
   return "\n".join(lines)
 
 
 def markdown_table(rows: Sequence[dict], header: str) -> str:
+  """`header`, then one table row per direction (`summarize_scores` rows)."""
   lines = [header, "",
            "| dir | value | main factor | rho | mean abs rho | finite | range / resolution "
            "| second factor | rho | other factors that change | controls |",
@@ -340,7 +342,8 @@ def markdown_table(rows: Sequence[dict], header: str) -> str:
     lines.append(
         f"| {r['direction']} | {r['value']:.4g} | {r['main_factor'] or '-'} | "
         f"{format_value(r['main_rho'])} | {format_value(r['main_mean_abs_rho'], '.2f')} | "
-        f"{format_value(r['main_finite_fraction'], '.2f')} | {format_value(r['main_relative_range'], '.2f')} | "
+        f"{format_value(r['main_finite_fraction'], '.2f')} | "
+        f"{format_value(r['main_relative_range'], '.2f')} | "
         f"{r['second_factor'] or '-'} | {format_value(r['second_rho'])} | "
         f"{', '.join(r['changed_others'].split()) or '-'} | "
         f"{'yes' if r['controls'] else 'no'} |")

@@ -358,9 +358,9 @@ def write_method_outputs(out_dir: str, run: GeneratorRun, method: str, found, ex
       f"(value: {value_name}), {settings.num_base_latents} base latents z ~ N(0, I), "
       f"{settings.num_shifts} shifts in [-{settings.shift_range:g}, {settings.shift_range:g}] "
       f"edit units. rho: Spearman of the factor over the shift, mean over base latents; "
-      f"segmenter Dice {scoring.format_value(dice.get('mean'), '.3f')}. Range / resolution: the factor's mean "
-      f"range over the shifts in units of the larger of its spread over the cohort and the "
-      f"segmenter's measurement error. {scoring.criteria_sentence(summary)}: "
+      f"segmenter Dice {scoring.format_value(dice.get('mean'), '.3f')}. Range / resolution: the "
+      f"factor's mean range over the shifts in units of the larger of its spread over the "
+      f"cohort and the segmenter's measurement error. {scoring.criteria_sentence(summary)}: "
       f"{summary['num_controlling_directions']} directions, "
       f"{summary['num_distinct_factors_controlled']} distinct factors "
       f"({', '.join(sorted(summary['controlled_factors'])) or 'none'}).")
@@ -374,7 +374,8 @@ def write_method_outputs(out_dir: str, run: GeneratorRun, method: str, found, ex
 
   shown = scoring.grid_directions(rows, settings.grid_rows, settings.grid_by)
   images = dl.shift_grid(run.generator, base_latents[0], found.scaled()[shown], shifts)
-  labels = [f"#{k} {rows[k]['main_factor'] or '?'} {scoring.format_value(rows[k]['main_rho'])}" for k in shown]
+  labels = [f"#{k} {rows[k]['main_factor'] or '?'} {scoring.format_value(rows[k]['main_rho'])}"
+            for k in shown]
   dl.save_direction_grid(os.path.join(out_dir, "grid.png"), images, shifts, labels,
                          channel=CHANNEL,
                          title=f"{found.method} directions from the first base latent "
