@@ -50,11 +50,11 @@ Writes DIR/tcav/:
   its latents so that the concept activation moves along -/+ the CAV (Fig. 3 right), with the EF
   of every decoded sequence; interpolation_<concept>.json: those EFs and the logits.
 
-Moving latents along a CAV: the CAV lives in the concept layer, the decoder reads the per-frame
-latents M. The interpolation walks M in small minimal-norm steps, M <- M + d g / |g|^2 with
-g = grad_M (a(M) . v / |v|), each moving the projection of the concept activation on the unit CAV
-by d to first order (re-linearised at every step), to -/+ k standard deviations of that
-projection over the concept pool.
+Moving latents along a CAV (`cardiac_jax.interpret.tcav.interpolate_along_cav`): small
+minimal-norm steps of the per-frame latents, to -/+ k standard deviations (--sigmas) of the
+projection of the concept activation on the unit CAV over the concept pool. The concepts, their
+biomarkers and the analysis are `cardiac_jax.interpret.tcav`'s; this command resolves the pool
+and the data, runs the model and writes the outputs.
 """
 
 from __future__ import annotations
