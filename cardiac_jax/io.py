@@ -46,10 +46,10 @@ def read_json(path: str) -> dict | None:
   return value if isinstance(value, dict) else None
 
 
-def write_json(path: str, data: Any) -> None:
+def write_json(path: str, data: Any, sort_keys: bool = False) -> None:
   """`data` as indented JSON (numpy scalars and arrays as Python values), atomically."""
   with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as f:
-    json.dump(data, f, indent=2, default=_json_default)
+    json.dump(data, f, indent=2, sort_keys=sort_keys, default=_json_default)
 
 
 def write_csv(path: str, rows: Sequence[dict]) -> None:

@@ -9,7 +9,7 @@ no flags, so tests run it directly. The loop
 - holds an exclusive lock on the workdir (`cardiac_jax.workdir.WorkdirLock`): a second run on
   it is refused naming the holder;
 - writes the resolved config to workdir/config.json, and refuses a workdir written by a
-  different config (fields that may change on resume: `RESUMABLE_FIELDS`); every checkpoint
+  different config (`cardiac_jax.run_config`); every checkpoint
   records the config too, so a workdir whose config.json was deleted resumes only under the
   config that wrote it (and gets its config.json back), and a damaged config.json is named
   with the fix. A workdir that holds no checkpoint has no run to protect: a new config
@@ -52,38 +52,17 @@ from typing import Any, Callable, Iterable, Iterator
 import jax
 import numpy as np
 
-from cardiac_jax import (checkpointing, config_checks, distributed, families, metric_logging,
-                         parallel)
+from cardiac_jax import (checkpointing, config_checks, distributed, families, io,
+                         metric_logging, parallel, run_config)
 from cardiac_jax import workdir as workdir_lib
 from cardiac_jax.train_state import TrainState
 
-# Config fields that may differ between the run that wrote a workdir and the one resuming it.
-RESUMABLE_FIELDS = ("train.num_steps", "train.log_every", "train.eval_every",
-                    "train.checkpoint_every", "train.figure_every", "train.progress_bar",
-                    "train.max_checkpoints")
-# Config sections that training never reads (settings of later analyses, e.g. the latent DDIM
-# of a diffusion autoencoder): they may differ, or be new, when a run resumes.
-ANALYSIS_SECTIONS = ("latent.",)
-
-# Config fields added after runs were written, with the value that reproduces those runs: a
-# saved config without the field is read as having this value (when the resuming config has
-# the field), so the run still resumes.
-ADDED_FIELD_DEFAULTS = {"model.remat": "none", "diffusion.p2_gamma": 0.0,
-                        "diffusion.p2_k": 1.0, "eval.ddim_grid": "even"}
-# Added fields that choose which checkpoints are kept, not what is trained: a saved config
-# without them takes the resuming config's values (the run keeps a best checkpoint from its
-# next evaluation on). A value the run was written with may not change.
-ADOPTED_FIELDS = ("train.best_metric", "train.best_mode")
 # The best checkpoint of a run with train.best_metric: {"metric", "mode", "step", "value"}.
 BEST_FILE = "best_checkpoint.json"
 
 
 class NonFiniteError(FloatingPointError):
   """Training produced a non-finite loss or gradient."""
-
-
-class WorkdirConflictError(ValueError):
-  """The workdir belongs to a run with a different config."""
 
 
 class Preempted(Exception):
@@ -102,111 +81,12 @@ class DataSource:
   eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]]
 
 
-def flatten_config(tree: dict, prefix: str = "") -> dict[str, Any]:
-  """{"model.channels": (32, 64), ...} from a nested config dict (e.g. config.json).
-
-  JSON turns the config's tuples into lists; lists become tuples so values are hashable.
-  """
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(flatten_config(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-  return out
-
-
-def config_differences(saved: dict, current: dict) -> list[str]:
-  """"key: saved -> current" for each training field in which two config dicts differ (the
-  fields of `RESUMABLE_FIELDS` and `ANALYSIS_SECTIONS` may differ; a field of
-  `ADDED_FIELD_DEFAULTS` missing from `saved` counts at its old value, one of `ADOPTED_FIELDS`
-  at the current one)."""
-  b = flatten_config(current)
-  # An added field counts at its old value only in configs that have it (its section).
-  added = {k: v for k, v in ADDED_FIELD_DEFAULTS.items() if k in b}
-  added.update({k: b[k] for k in ADOPTED_FIELDS if k in b})
-  a = {**added, **flatten_config(saved)}
-  differing = sorted(k for k in set(a) | set(b)
-                     if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS
-                     and not k.startswith(ANALYSIS_SECTIONS))
-  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differing]
-
-
-def read_config_file(path: str) -> dict:
-  """A run's config.json as a dict; ValueError saying why when it is not a JSON object."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
-  except UnicodeDecodeError as e:
-    raise ValueError(f"not UTF-8 text ({e})") from None
-  except json.JSONDecodeError as e:
-    raise ValueError(f"not valid JSON ({e})") from None
-  if not isinstance(saved, dict):
-    raise ValueError(f"not a JSON object (a {type(saved).__name__})")
-  return saved
-
-
-def check_workdir_config(workdir: str, config,
-                         checkpointer: checkpointing.Checkpointer | None = None) -> None:
-  """Writes workdir/config.json, or checks that the run in the workdir comes from `config`.
-
-  The run's config is config.json or, when that is missing, the config recorded with the
-  checkpoints of `checkpointer` (the workdir's). Raises WorkdirConflictError naming the
-  differing keys, a damaged config.json (with the fix), or checkpoints whose config is unknown.
-  A workdir without checkpoints holds no run: its config.json is replaced.
-  """
-  path = os.path.join(workdir, "config.json")
-  current = json.loads(config.to_json_best_effort())
-  steps_saved = checkpointer.all_steps() if checkpointer is not None else []
-  recorded = checkpointer.recorded_metadata().get("config") if steps_saved else None
-  saved, source = None, path
-  if os.path.exists(path):
-    try:
-      saved = read_config_file(path)
-    except ValueError as e:
-      if steps_saved or checkpointer is None:
-        fix = ("delete it and rerun: the config recorded with the checkpoints takes its place"
-               if recorded else "restore it from a copy, or use another --workdir")
-        raise WorkdirConflictError(
-            f"{path} is damaged: {e}. It records the config of the run whose checkpoints are "
-            f"in {workdir}; {fix}.") from None
-      print(f"Replacing the damaged {path} (the workdir holds no checkpoint).", flush=True)
-  elif steps_saved:
-    if not recorded:
-      raise WorkdirConflictError(
-          f"{workdir} holds checkpoints (steps {steps_saved}) but no config.json, and the "
-          "checkpoints do not record the config that wrote them: restore config.json, or use "
-          "another --workdir.")
-    saved, source = recorded, f"the config recorded with the checkpoints in {workdir}"
-  if saved is not None:
-    differences = config_differences(saved, current)
-    if differences and (steps_saved or checkpointer is None):
-      raise WorkdirConflictError(
-          f"{workdir} holds a run with a different config ({', '.join(differences[:8])}; "
-          f"from {source}). Use another --workdir, or the same config to resume.")
-    if differences:
-      print(f"Replacing {path}: the workdir holds no checkpoint of its config.", flush=True)
-    elif source != path:
-      print(f"Re-creating {path} from {source}.", flush=True)
-  if jax.process_index() == 0:
-    _write_json(path, current)
-
-
-def _write_json(path: str, data: dict) -> None:
-  """Writes `data` as JSON atomically (a reader sees the old file or the new one)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def _record_best(workdir: str, checkpointer: checkpointing.Checkpointer) -> None:
   """Writes workdir/BEST_FILE from the checkpointer's best (removes a stale one without)."""
   path = os.path.join(workdir, BEST_FILE)
   best = checkpointer.best()
   if best is not None:
-    _write_json(path, {"metric": checkpointer.best_metric, "mode": checkpointer.best_mode,
+    io.write_json(path, {"metric": checkpointer.best_metric, "mode": checkpointer.best_mode,
                        "step": int(best[0]), "value": float(best[1])})
   elif os.path.exists(path):
     os.remove(path)
@@ -415,7 +295,7 @@ def _train(config, workdir: str, data: DataSource, mesh, family, root_key,
       step_metadata={"config": json.loads(config.to_json_best_effort())})
   writer, batches, progress = None, None, None
   try:
-    check_workdir_config(workdir, config, checkpointer)
+    run_config.check_workdir_config(workdir, config, checkpointer)
     writer = metric_logging.MetricWriter(workdir, enabled=is_chief)
     restored = checkpointer.restore_latest(abstract)
     if restored is None:

@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow is first
 import jax  # pylint: disable=g-import-not-at-top
 from absl import flags, logging
 
-from cardiac_jax import checkpointing, config_checks, metric_logging, training
+from cardiac_jax import checkpointing, config_checks, metric_logging, run_config
 from cardiac_jax import workdir as workdir_lib
 from cardiac_jax.training import DataSource
 from data_pipelines import errors as data_errors
@@ -32,7 +32,7 @@ from data_pipelines import errors as data_errors
 # one line instead of a traceback (`start_command`).
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, config_checks.ConfigError,
                checkpointing.CheckpointMismatchError, checkpointing.CorruptCheckpointError,
-               training.WorkdirConflictError, workdir_lib.WorkdirError,
+               run_config.WorkdirConflictError, workdir_lib.WorkdirError,
                workdir_lib.WorkdirLockedError, metric_logging.MetricsFileError,
                data_errors.InvalidInputError, data_errors.InvalidArgumentError)
 
@@ -169,7 +169,7 @@ def load_run_config(workdir: str):
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: {workdir} is not a training run directory")
   try:
-    return ml_collections.ConfigDict(training.read_config_file(path))
+    return ml_collections.ConfigDict(run_config.read_config_file(path))
   except ValueError as e:
     raise config_checks.ConfigError(
         f"{path} is damaged: {e}. Delete it and rerun the run's training command (it "

@@ -172,7 +172,7 @@ def _untrained_run(spec: str, workdir: str) -> str:
   generator, not a good one, and compiling the random initialisers of two models costs most of
   a minute on a loaded CPU."""
   import jax
-  from cardiac_jax import checkpointing, families, training
+  from cardiac_jax import checkpointing, families, run_config, training
   from experiments.configs import get_config
   config = get_config(spec)
   family = families.make_family(config)
@@ -190,7 +190,7 @@ def _untrained_run(spec: str, workdir: str) -> str:
     return np.full(leaf.shape, 1.0 if name in ("scale", "var") else 0.0, leaf.dtype)
 
   state = jax.tree_util.tree_map_with_path(fill, abstract)
-  training.check_workdir_config(workdir, config)
+  run_config.check_workdir_config(workdir, config)
   with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as checkpointer:
     checkpointer.save(0, state, force=True)
     checkpointer.wait()

@@ -14,7 +14,7 @@ import random
 import pytest
 from absl import flags
 
-from cardiac_jax import config_checks, families, metric_logging, training
+from cardiac_jax import config_checks, families, metric_logging, run_config, training
 from experiments import train
 from experiments.configs import get_config
 
@@ -86,7 +86,7 @@ def _override_case(config, keys, sections, rng: random.Random) -> list[str]:
 
 
 def _flat(config) -> dict:
-  return training.flatten_config(json.loads(config.to_json_best_effort()))
+  return run_config.flatten_config(json.loads(config.to_json_best_effort()))
 
 
 def test_random_config_overrides_end_in_one_line_errors_or_checked_configs():
@@ -260,7 +260,7 @@ def test_random_damage_to_config_json_is_named_or_harmless(tmp_path):
   config = get_config("vae:smoke")
   workdir = str(tmp_path)
   path = os.path.join(workdir, "config.json")
-  training.check_workdir_config(workdir, config)
+  run_config.check_workdir_config(workdir, config)
   with open(path, "rb") as f:
     pristine = f.read()
   checkpoints = _Checkpoints(config)
@@ -282,8 +282,8 @@ def test_random_damage_to_config_json_is_named_or_harmless(tmp_path):
     with open(path, "wb") as f:
       f.write(data)
     try:
-      training.check_workdir_config(workdir, config, checkpoints)
-    except training.WorkdirConflictError as e:
+      run_config.check_workdir_config(workdir, config, checkpoints)
+    except run_config.WorkdirConflictError as e:
       message = str(e)
       if "\n" in message or (path not in message and "different config" not in message):
         failures.append((kind, message))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cardiac_jax import (checkpointing, config_checks, families, metric_logging, parallel,
-                         training)
+                         run_config, training)
 from cardiac_jax import workdir as workdir_lib
 from data_pipelines import pipeline
 from experiments.configs import get_config
@@ -91,7 +91,7 @@ def test_workdir_of_another_config_is_refused(uninterrupted, disc_examples):
   config, workdir, _ = uninterrupted
   other = smoke_config(num_steps=6)
   other.model.latent_dim = 4
-  with pytest.raises(training.WorkdirConflictError, match="model.latent_dim"):
+  with pytest.raises(run_config.WorkdirConflictError, match="model.latent_dim"):
     training.train_and_evaluate(other, workdir, data_source(other, disc_examples))
 
 
@@ -269,16 +269,16 @@ def test_analysis_sections_may_change_when_a_run_resumes(tmp_path):
   """A run written before its config gained a `latent` section (read only by later analyses)
   resumes; a changed training field is still refused."""
   config = smoke_config()
-  training.check_workdir_config(str(tmp_path), config)
+  run_config.check_workdir_config(str(tmp_path), config)
   newer = smoke_config()
   with newer.unlocked():
     newer.latent = ml_collections.ConfigDict({"num_layers": 3})
-  training.check_workdir_config(str(tmp_path), newer)       # Accepted, and recorded.
+  run_config.check_workdir_config(str(tmp_path), newer)       # Accepted, and recorded.
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["latent"] == {"num_layers": 3}
   newer.optimizer.learning_rate = 123.0
-  with pytest.raises(training.WorkdirConflictError, match="optimizer.learning_rate"):
-    training.check_workdir_config(str(tmp_path), newer)
+  with pytest.raises(run_config.WorkdirConflictError, match="optimizer.learning_rate"):
+    run_config.check_workdir_config(str(tmp_path), newer)
 
 
 def test_a_run_saved_before_an_added_field_resumes_at_its_old_value(tmp_path):
@@ -290,12 +290,12 @@ def test_a_run_saved_before_an_added_field_resumes_at_its_old_value(tmp_path):
   del saved["diffusion"]["p2_gamma"], saved["diffusion"]["p2_k"]
   with open(tmp_path / "config.json", "w") as f:
     json.dump(saved, f)
-  training.check_workdir_config(str(tmp_path), config)
+  run_config.check_workdir_config(str(tmp_path), config)
   with open(tmp_path / "config.json", "w") as f:
     json.dump(saved, f)
   config.diffusion.p2_gamma = 1.0
-  with pytest.raises(training.WorkdirConflictError, match=r"diffusion\.p2_gamma: 0\.0 -> 1\.0"):
-    training.check_workdir_config(str(tmp_path), config)
+  with pytest.raises(run_config.WorkdirConflictError, match=r"diffusion\.p2_gamma: 0\.0 -> 1\.0"):
+    run_config.check_workdir_config(str(tmp_path), config)
 
 
 # ----------------------------------------------------------------------------- best checkpoint
@@ -371,12 +371,12 @@ def test_best_metric_is_adopted_by_older_runs_and_may_not_change(tmp_path):
   del saved["train"]["best_metric"], saved["train"]["best_mode"]
   with open(tmp_path / "config.json", "w") as f:
     json.dump(saved, f)
-  training.check_workdir_config(str(tmp_path), config)
+  run_config.check_workdir_config(str(tmp_path), config)
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["train"]["best_metric"] == "val/reconstruction_loss"
   config.train.best_metric = "val/ssim"
-  with pytest.raises(training.WorkdirConflictError, match="train.best_metric"):
-    training.check_workdir_config(str(tmp_path), config)
+  with pytest.raises(run_config.WorkdirConflictError, match="train.best_metric"):
+    run_config.check_workdir_config(str(tmp_path), config)
   config.train.best_metric = "ssim"
   with pytest.raises(ValueError, match="train.best_metric='ssim': must name a validation metric"):
     training.train_and_evaluate(config, str(tmp_path / "other"), None)
@@ -432,10 +432,10 @@ def test_a_workdir_without_checkpoints_takes_the_corrected_config(tmp_path):
   workdir = str(tmp_path / "run")
   failed = smoke_config()
   failed.train.batch_size = 0
-  training.check_workdir_config(workdir, failed)  # What the failed start left behind.
+  run_config.check_workdir_config(workdir, failed)  # What the failed start left behind.
   corrected = smoke_config()
   with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
-    training.check_workdir_config(workdir, corrected, ckpt)
+    run_config.check_workdir_config(workdir, corrected, ckpt)
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["train"]["batch_size"] == 4
 
@@ -468,7 +468,7 @@ def test_deleted_config_json_resumes_only_under_the_config_that_wrote_the_checkp
   os.remove(os.path.join(workdir, "config.json"))
   other = smoke_config(num_steps=6, checkpoint_every=3, eval_every=3)
   other.loss.beta_kl = 4.0
-  with pytest.raises(training.WorkdirConflictError,
+  with pytest.raises(run_config.WorkdirConflictError,
                      match=r"loss.beta_kl: 1.0 -> 4.0; from the config recorded with the "
                            r"checkpoints"):
     training.train_and_evaluate(other, workdir, None)
@@ -494,7 +494,7 @@ def test_checkpoints_without_a_recorded_config_and_no_config_json_are_refused(un
     with open(path, "w") as f:
       json.dump(metadata, f)
     os.remove(os.path.join(workdir, "checkpoints", step, checkpointing.MANIFEST_FILE))
-  with pytest.raises(training.WorkdirConflictError, match="no config.json, and the checkpoints "
+  with pytest.raises(run_config.WorkdirConflictError, match="no config.json, and the checkpoints "
                                                           "do not record"):
     training.train_and_evaluate(config, workdir, None)
 
@@ -506,7 +506,7 @@ def test_damaged_config_json_is_named_with_the_fix(uninterrupted, tmp_path):
   path = os.path.join(workdir, "config.json")
   with open(path, "r+b") as f:
     f.truncate(os.path.getsize(path) // 2)
-  with pytest.raises(training.WorkdirConflictError,
+  with pytest.raises(run_config.WorkdirConflictError,
                      match=f"{path} is damaged: not valid JSON .*delete it and rerun"):
     training.train_and_evaluate(config, workdir, None)
   with pytest.raises(config_checks.ConfigError, match=f"{path} is damaged"):
