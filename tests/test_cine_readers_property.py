@@ -28,7 +28,8 @@ from cardiac_jax import structures
 from data_pipelines import cine
 from tests.test_readers_property import PROPERTY_SETTINGS
 from tests.test_readers_property import _call
-from tests.test_readers_property import nifti_files
+from tests.test_readers_property import draw_file
+from tests.test_readers_property import write_folder
 
 FRAMES = 6
 CONFIG = cine.CineConfig(num_frames=4, image_size=16, spacing_mm=4.0, long_axis=False)
@@ -68,20 +69,8 @@ PHANTOMS = _phantom_series()
 @st.composite
 def ukbb_folders(draw):
   """{file name: bytes or None (absent)}: each file valid, random, random bytes or missing."""
-  files = {}
-  for name in (cine.UKBB_SHORT_AXIS, cine.UKBB_SEGMENTATION, cine.UKBB_LONG_AXIS):
-    choice = draw(st.integers(0, 9))
-    if choice <= 5:
-      content = PHANTOMS[name]
-    elif choice <= 7:
-      content = draw(nifti_files())[0]
-    elif choice == 8:
-      content = draw(st.binary(max_size=600))
-    else:
-      content = None
-    files[name] = None if content is None else (
-        gzip.compress(content, compresslevel=1) if draw(st.integers(0, 9)) < 9 else content)
-  return files
+  return {name: draw_file(draw, PHANTOMS[name])
+          for name in (cine.UKBB_SHORT_AXIS, cine.UKBB_SEGMENTATION, cine.UKBB_LONG_AXIS)}
 
 
 def _check_subject(subject, directory):
@@ -104,11 +93,7 @@ def test_ukbb_cine_reader_and_preparation_on_random_folders(files, long_axis):
   root = tempfile.mkdtemp()
   try:
     directory = os.path.join(root, "1000001")
-    os.makedirs(directory)
-    for name, content in files.items():
-      if content is not None:
-        with open(os.path.join(directory, name), "wb") as f:
-          f.write(content)
+    write_folder(directory, files)
     subject = _call("read_ukbb_cine: random subject folders", cine.read_ukbb_cine, directory,
                     "ukbb", long_axis, path=directory)
     if subject is not None:

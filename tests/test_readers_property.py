@@ -322,6 +322,32 @@ PHANTOM_FILES = {(kind, gt): _phantom_nifti(kind, gt) for kind in ("ed", "es")
                  for gt in (False, True)}
 
 
+def draw_file(draw, valid: bytes) -> bytes | None:
+  """`valid` (6 times in 10), a random NIfTI (2 in 10), random bytes (1 in 10) or None (the
+  file is absent); gzipped 9 times in 10. Hostile choices sit at the high end: hypothesis
+  favours small values while shrinking."""
+  choice = draw(st.integers(0, 9))
+  if choice <= 5:
+    content = valid
+  elif choice <= 7:
+    content = draw(nifti_files())[0]
+  elif choice == 8:
+    content = draw(st.binary(max_size=600))
+  else:
+    content = None
+  return None if content is None else (
+      gzip.compress(content, compresslevel=1) if draw(st.integers(0, 9)) < 9 else content)
+
+
+def write_folder(directory: str, files: dict[str, bytes | None]) -> None:
+  """Creates `directory` with the files of `files` that are not None."""
+  os.makedirs(directory)
+  for name, content in files.items():
+    if content is not None:
+      with open(os.path.join(directory, name), "wb") as f:
+        f.write(content)
+
+
 @st.composite
 def subject_folders(draw):
   """{file name: bytes or None (absent)} of a subject folder: each file valid, replaced by a
@@ -335,17 +361,7 @@ def subject_folders(draw):
   for frame, kind in ((1, "ed"), (4, "es")):
     for gt in (False, True):
       name = f"patient001_frame{frame:02d}{'_gt' if gt else ''}.nii.gz"
-      choice = draw(st.integers(0, 9))
-      if choice <= 5:
-        content = PHANTOM_FILES[(kind, gt)]
-      elif choice <= 7:
-        content = draw(nifti_files())[0]
-      elif choice == 8:
-        content = draw(st.binary(max_size=600))
-      else:
-        content = None
-      files[name] = None if content is None else (
-          gzip.compress(content, compresslevel=1) if draw(st.integers(0, 9)) < 9 else content)
+      files[name] = draw_file(draw, PHANTOM_FILES[(kind, gt)])
   return files
 
 
@@ -357,11 +373,7 @@ def test_load_and_prepare_subject_on_random_folders(files, odd_parent):
     # A parent folder whose name is not UTF-8 must not break messages or reports.
     parent = os.path.join(root, os.fsdecode(b"caf\xe9") if odd_parent else "cohort")
     directory = os.path.join(parent, "patient001")
-    os.makedirs(directory)
-    for name, content in files.items():
-      if content is not None:
-        with open(os.path.join(directory, name), "wb") as f:
-          f.write(content)
+    write_folder(directory, files)
     subject = _call("load_subject: random subject folders", acdc.load_subject, directory,
                     path=directory)
     if subject is not None:
