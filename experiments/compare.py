@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 from absl import app, flags
 
-from cardiac_jax.training import flatten_config
+from cardiac_jax.run_config import flatten_config
 
 
 @dataclasses.dataclass(frozen=True)
