@@ -204,11 +204,11 @@ class VAEFamily(FamilyBase):
     layer = self._first_layer(state)
     return jnp.maximum(z @ jnp.asarray(layer["kernel"]) + jnp.asarray(layer["bias"]), 0.0)
 
-  def evaluate_run(self, state, mesh, split_batches, out_dir, options) -> dict:
+  def evaluate_run(self, state, mesh, split_batches, out_dir, options, header) -> dict:
     """Reconstruction and interpretability metrics with their figures
     (`families.vae_evaluation`)."""
     from cardiac_jax.families import vae_evaluation  # pylint: disable=g-import-not-at-top
-    return vae_evaluation.evaluate(self, state, mesh, split_batches, out_dir, options)
+    return vae_evaluation.evaluate(self, state, mesh, split_batches, out_dir, options, header)
 
   def evaluation_summary(self, result: dict) -> str:
     from cardiac_jax.families import vae_evaluation  # pylint: disable=g-import-not-at-top
