@@ -1,7 +1,7 @@
 """Experiment configs: one module per experiment, each with `get_config(arg) -> ConfigDict`.
 
 `NAME[:variant]` names a config: `vae`, `vae:smoke`, `ar_sivae:paper`. Variants are defined in
-`base.apply_variant`. `resolve_config_argv` turns `--config=NAME[:variant]` on a command line
+`base.finalize`. `resolve_config_argv` turns `--config=NAME[:variant]` on a command line
 into the file path that ml_collections' config flag expects, so the name works from any working
 directory.
 """

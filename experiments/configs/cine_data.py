@@ -2,6 +2,8 @@
 
 `get_data_config(**overrides)` returns a ConfigDict laid out like base.py's data section plus
 the cine fields; data_pipelines.cine reads it (`make_data_source`, `prepared_cine_dir`).
+`cine_config(name, **overrides)` is base.py's config with this section; `apply_smoke` sets the
+cine sizes of the smoke variants.
 Fields:
   format:          "cine" (experiments.common dispatches on it).
   dataset:         "synthetic" (the synthetic cohort with its 4-chamber view, generated once
