@@ -2,13 +2,13 @@
 
 A subject folder holds sa.nii.gz (short-axis cine), seg_sa.nii.gz (its labels, UK Biobank
 convention) and la_4ch.nii.gz (4-chamber cine); each file is a valid phantom, a random NIfTI of
-`test_readers_property.nifti_files` (random shapes, voxel types, affines, fuzzed headers,
+`hostile_files.nifti_files` (random shapes, voxel types, affines, fuzzed headers,
 truncation), random bytes, or absent. `cine.read_ukbb_cine` and `cine.prepare_subject` must either
 accept the folder and return sane output (finite float32 cine, canonical labels on the cine grid,
 ED/ES inside the series, prepared fields of the documented shapes and ranges) or raise an
 `InvalidInputError` that names the folder or the file; `cine.run_subject` never raises and never
 records an unexpected exception. The counts join the README's reliability numbers through
-`test_readers_property.TRIED` when both modules run in one process.
+`hostile_files.TRIED` when both modules run in one process.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ import numpy as np
 
 from cardiac_jax import structures
 from data_pipelines import cine
-from tests.test_readers_property import PROPERTY_SETTINGS
-from tests.test_readers_property import _call
-from tests.test_readers_property import draw_file
-from tests.test_readers_property import write_folder
+from tests.hostile_files import PROPERTY_SETTINGS
+from tests.hostile_files import _call
+from tests.hostile_files import draw_file
+from tests.hostile_files import write_folder
 
 FRAMES = 6
 CONFIG = cine.CineConfig(num_frames=4, image_size=16, spacing_mm=4.0, long_axis=False)
