@@ -64,7 +64,6 @@ from experiments import common, short_axis_segmenter
 METHODS = ("voynov", "pca", "sefa", "ganspace")
 CRITERIA_KEYS = ("rho_threshold", "other_threshold", "min_effect", "other_range_threshold",
                  "min_finite_fraction", "main_factor_by")
-GENERATOR_FAMILIES = ("dcgan", "vae")
 CHANNEL = scoring.CHANNEL  # Image and label channel that is segmented and measured.
 
 
@@ -183,72 +182,43 @@ class GeneratorRun:
   step_selection: str = "latest"  # How --step chose the checkpoint (common.step_selection).
 
 
-def generator_from_workdir(workdir: str, step: int | None = None):
-  """(generator_fn, latent_dim, kind, family, state, config) of a dcgan or vae-family run.
-
-  generator_fn is pure, (B, latent_dim) -> (B, H, W, C) images in [0, 1], with the parameters
-  closed over (BatchNorm in inference mode): `family.generate` for "dcgan", `family.decode`
-  (clipped to [0, 1]) for "vae", whose generator input is z ~ N(0, I) like the GAN's.
-  """
-  import jax.numpy as jnp
-  kind = common.load_run_config(workdir).model.family
-  if kind not in GENERATOR_FAMILIES:
-    raise ValueError(f"{os.path.join(workdir, 'config.json')}: model.family {kind!r} has no "
-                     f"generator; directions need one of {GENERATOR_FAMILIES}")
-  config, family, state, _ = common.restore_run(workdir, step)
-  if kind == "dcgan":
-    def generator(z):
-      return family.generate(state, z)
-  else:
-    def generator(z):
-      return jnp.clip(family.decode(state, z), 0.0, 1.0)
-  return generator, int(family.latent_dim), kind, family, state, config
-
-
 def load_generator_run(workdir: str, step: int | None = None) -> GeneratorRun:
-  generator, latent_dim, kind, family, state, config = generator_from_workdir(workdir, step)
-  return GeneratorRun(generator, latent_dim, kind, family, state, config, workdir,
-                      common.step_selection(step))
+  """The run's generator (`FamilyBase.generator`: pure, (B, latent_dim) z ~ N(0, I) ->
+  (B, H, W, C) images in [0, 1], parameters closed over); ValueError naming config.json for a
+  family without one, before anything is restored."""
+  from cardiac_jax import families
+  kind = common.load_run_config(workdir).model.family
+  families.require(kind, "generator", "latent-direction discovery",
+                   os.path.join(workdir, "config.json"))
+  config, family, state, _ = common.restore_run(workdir, step)
+  return GeneratorRun(family.generator(state), int(family.latent_dim), kind, family, state,
+                      config, workdir, common.step_selection(step))
 
 
 # ------------------------------------------------------------------------------ directions
-def vae_first_layer(state) -> dict[str, Any]:
-  """The VAE decoder's first Dense layer ("from_latent": kernel (latent_dim, F), bias (F,))."""
-  decoder = state.params.get("decoder", {}) if hasattr(state.params, "get") else {}
-  if "from_latent" not in decoder:
-    raise ValueError(f"the VAE state has no decoder/from_latent layer (decoder has "
-                     f"{sorted(decoder)})")
-  return decoder["from_latent"]
-
-
 def first_linear_kernel(run: GeneratorRun):
   """(latent_dim, F) kernel of the generator's first linear map."""
   import numpy as np
-  if run.kind == "dcgan":
-    return np.asarray(run.family.first_linear_kernel(run.state))
-  return np.asarray(vae_first_layer(run.state)["kernel"])
+  return np.asarray(run.family.first_linear_kernel(run.state))
 
 
 def first_block_features(run: GeneratorRun) -> Callable:
   """z (B, d) -> (B, F) GANSpace features (module docstring)."""
-  import jax.numpy as jnp
-  if run.kind == "dcgan":
-    return lambda z: run.family.first_block_features(run.state, z)
-  layer = vae_first_layer(run.state)
-  kernel, bias = jnp.asarray(layer["kernel"]), jnp.asarray(layer["bias"])
-  return lambda z: jnp.maximum(z @ kernel + bias, 0.0)
+  return lambda z: run.family.first_block_features(run.state, z)
+
+
+def _has_encoder(run: GeneratorRun) -> bool:
+  from cardiac_jax import families
+  return families.supports(run.family, "encode")
 
 
 def posterior_means(run: GeneratorRun, split: str = "train"):
   """(N, latent_dim) posterior means of a VAE run's split (padding rows dropped)."""
   import jax
   import numpy as np
-  from data_pipelines import pipeline
-  source = common.split_source(run.config, split)
   encode = jax.jit(lambda x: run.family.encode(run.state, x)[0])
   means = []
-  for batch in pipeline.eval_batches(source, run.config.data,
-                                     batch_size=int(run.config.train.eval_batch_size)):
+  for batch in common.split_batches(run.config, run.family, split)(None):
     mu = np.asarray(encode(batch["image"]))
     means.append(mu[np.asarray(batch["mask"], bool)])
   return np.concatenate(means)
@@ -285,7 +255,7 @@ def find_directions(run: GeneratorRun, method: str, settings: Settings,
     return voynov_directions(run, k, settings, key, log)
   if method == "sefa":
     return dl.sefa_directions(first_linear_kernel(run), k), {}
-  if method == "pca" and run.kind == "vae":
+  if method == "pca" and _has_encoder(run):
     means = posterior_means(run)
     found = dl.pca_latent_directions(means, k)
     return found, {"pca_source": f"posterior means of {len(means)} training slices"}
@@ -305,7 +275,7 @@ def _directions_fingerprint(run: GeneratorRun, method: str, settings: Settings,
     out.update({k: getattr(settings, k) for k in (
         "voynov_steps", "voynov_deformator", "voynov_reconstructor", "voynov_batch_size",
         "voynov_learning_rate")})
-  if method in ("ganspace",) or (method == "pca" and run.kind == "dcgan"):
+  if method == "ganspace" or (method == "pca" and not _has_encoder(run)):
     out["ganspace_samples"] = settings.ganspace_samples
   return out
 

@@ -138,10 +138,10 @@ def load_encoder(workdir: str, step: Optional[int] = None) -> EncoderRun:
   if key in _ENCODERS:
     _ENCODERS.move_to_end(key)
     return _ENCODERS[key]
-  config = common.load_run_config(workdir)
-  if config.model.family != "diffae3d":
-    raise ValueError(f"{os.path.join(workdir, 'config.json')}: model.family is "
-                     f"{config.model.family!r}; latents need a diffae3d run")
+  from cardiac_jax import families
+  families.require(common.load_run_config(workdir).model.family, "invert",
+                   "latent inference (semantic codes of a diffusion autoencoder)",
+                   os.path.join(workdir, "config.json"))
   config, family, state, mesh = common.restore_run(workdir, step)
   run = latent_store.encoder_run(workdir, config, family, state, mesh,
                                  common.step_selection(step))

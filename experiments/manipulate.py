@@ -233,7 +233,8 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
   also brings the run's own latents to that checkpoint. Returns the content of direction.json
   plus "output_dir"."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from cardiac_jax import association, diffae_steps, viz  # pylint: disable=g-import-not-at-top
+  from cardiac_jax import association, families, viz  # pylint: disable=g-import-not-at-top
+  from cardiac_jax.families.diffae3d import to_unit_range  # pylint: disable=g-import-not-at-top
   from data_pipelines import cine  # pylint: disable=g-import-not-at-top
   from experiments import associate, common, infer_latents  # pylint: disable=g-import-not-at-top
 
@@ -251,9 +252,8 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
                      "trait column:value such as group:DCM")
   run = run or common.restore_run(workdir, checkpoint_step)
   config, family, state, _ = run
-  if not isinstance(family, diffae_steps.DiffAEFamily):
-    raise ValueError(f"{workdir}: manipulation needs a diffae3d run, this one is "
-                     f"{config.model.family!r}")
+  families.require(config.model.family, "invert", "manipulation (inversion and decoding of "
+                   "edited codes)", workdir)
   inversion_steps = int(inversion_steps or family.inversion_steps)
   decode_steps = int(decode_steps or family.decode_steps)
   family.check_ddim_steps(inversion_steps, decode_steps, family.ddim_grid)
@@ -309,8 +309,8 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
     cines.append(np.asarray(decode(state, x_T, jnp.asarray(z_edit)))[0, ..., 0])
   cines = np.stack(cines)                                   # (M, T, S, S) in [-1, 1]
   x0_np = np.asarray(x0)[0, ..., 0]
-  cines_unit = np.asarray(diffae_steps.to_unit_range(cines))
-  x0_unit = np.asarray(diffae_steps.to_unit_range(x0_np))
+  cines_unit = np.asarray(to_unit_range(cines))
+  x0_unit = np.asarray(to_unit_range(x0_np))
 
   # 3. LV segmentation, then the label-free proxy: bright (blood-pool) pixels.
   pixel_mm = float(batch["pixel_spacing_mm"][0])

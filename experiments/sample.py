@@ -52,7 +52,6 @@ from absl import app, flags
 
 from experiments import common
 
-FAMILY = "diffae3d"
 LATENT_KEY_SALT = 0x1A7E47
 OVERVIEW_ROWS = 32
 OVERVIEW_FRAMES = 8
@@ -83,16 +82,18 @@ def _log(message: str) -> None:
 
 
 def check_diffae_run(workdir: str):
-  """The run's config; ValueError unless `workdir` holds a diffae3d run."""
+  """The run's config; ValueError unless `workdir` holds a run of a diffusion autoencoder (a
+  family with `invert`)."""
+  from cardiac_jax import families
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ValueError(f"{workdir} is not a training run directory (no config.json); "
-                     f"experiments.sample needs a {FAMILY} run")
+                     f"experiments.sample needs a {' or '.join(families.supporting('invert'))} "
+                     "run")
   config = common.load_run_config(workdir)
-  family = config.get("model", {}).get("family")
-  if family != FAMILY:
-    raise ValueError(f"{path}: model.family is {family!r}; experiments.sample needs a "
-                     f"{FAMILY} run (a semantic encoder, a conditional UNet and z_sem codes)")
+  families.require(config.get("model", {}).get("family"), "invert",
+                   "experiments.sample (a semantic encoder, a DDIM decoder and their codes)",
+                   path)
   return config
 
 

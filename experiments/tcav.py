@@ -367,10 +367,8 @@ def run(workdir: str, step: int | str | None = None,
   from data_pipelines import cine, prepare
   from experiments import common
 
-  family_name = common.load_run_config(workdir).model.family
-  if family_name != "temporal_classifier":
-    raise ValueError(f"{workdir} is a {family_name!r} run; TCAV needs a "
-                     "temporal_classifier run")
+  from cardiac_jax import families
+  families.require(common.load_run_config(workdir).model.family, "concepts", "TCAV", workdir)
   config, family, state, mesh = common.restore_run(workdir, step)
   if family.input != "sa_label":
     raise ValueError("the interpolation decodes label maps: train with data.input=sa_label")

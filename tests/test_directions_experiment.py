@@ -267,7 +267,7 @@ def test_vae_methods_comparison_and_reuse(vae_run):
   assert any("reused from" in m and "directions.npz" in m for m in messages)
   # SeFa of the decoder's first Dense kernel, as the library computes it.
   from cardiac_jax import directions as dl
-  _, _, _, _, state, _ = experiment.generator_from_workdir(workdir)
+  state = experiment.load_generator_run(workdir).state
   expected = dl.sefa_directions(np.asarray(state.params["decoder"]["from_latent"]["kernel"]), 3)
   with np.load(os.path.join(root, "sefa", "directions.npz")) as data:
     np.testing.assert_allclose(data["vectors"], expected.vectors, atol=1e-6)
@@ -330,4 +330,4 @@ def test_compare_across_runs_and_errors(vae_run, dcgan_run, tmp_path):
     tc = tmp_path / "tc"
     tc.mkdir()
     (tc / "config.json").write_text(json.dumps({"model": {"family": "temporal_classifier"}}))
-    experiment.generator_from_workdir(str(tc))
+    experiment.load_generator_run(str(tc))

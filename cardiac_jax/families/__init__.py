@@ -46,6 +46,15 @@ def supporting(hook: str) -> list[str]:
   return [name for name in FAMILIES if supports(family_class(name), hook)]
 
 
+def require(name: str, hook: str, needs: str, where: str) -> None:
+  """ValueError unless the family registered as `name` implements the analysis hook `hook`;
+  the message names `where` (e.g. the run's config.json), the family and the families that
+  would do for `needs` (what the command is)."""
+  if not supports(family_class(name), hook):
+    raise ValueError(f"{where}: model.family is {name!r}, which has no {hook}; {needs} needs a "
+                     f"{' or '.join(supporting(hook))} run")
+
+
 def parameter_counts(family, seed: int = 0) -> dict[str, int]:
   """Number of trainable parameters per part of any family's state ({"encoder": n, ...}), from
   the abstract shapes of `init_state` (nothing is computed)."""
@@ -65,5 +74,5 @@ def parameter_summary(config) -> str:
 
 
 __all__ = ["EvalOptions", "FAMILIES", "FamilyBase", "FamilyCapabilityError", "ModelFamily",
-           "family_class", "make_family", "parameter_counts", "parameter_summary", "supports",
-           "supporting"]
+           "family_class", "make_family", "parameter_counts", "parameter_summary", "require",
+           "supports", "supporting"]

@@ -5,7 +5,7 @@
 which its steps average gradients and metrics so the update equals the jit one) and offers
 pure steps, its evaluation outputs and its figures. `FamilyBase` gives the defaults most
 families share and the optional analysis hooks (`evaluate_run`, `generator`, `encode`,
-`first_linear_kernel`, `first_block_features`): a family implements the ones it can, and a
+`invert`, `concepts`, `first_linear_kernel`, `first_block_features`): a family implements the ones it can, and a
 command asks `supports(family, hook)` instead of testing the family's name.
 """
 
@@ -129,6 +129,18 @@ class FamilyBase:
     """Images -> (mu, logvar) of the approximate posterior."""
     del state, images
     self._unsupported("encode")
+
+  def invert(self, state: TrainState, x0: jax.Array, code: jax.Array, num_steps: int,
+             ema: bool = True) -> jax.Array:
+    """The deterministic noise x_T that decodes to x0 under `code` (DDIM inversion): what
+    editing a subject's latent code and decoding again starts from."""
+    del state, x0, code, num_steps, ema
+    self._unsupported("invert")
+
+  def concepts(self, state: TrainState, codes: jax.Array) -> jax.Array:
+    """(B, latent_dim) codes -> (B, C) activations of the classifier's concept layer (TCAV)."""
+    del state, codes
+    self._unsupported("concepts")
 
   def first_linear_kernel(self, state: TrainState) -> jax.Array:
     """(latent_dim, F) kernel of the generator's first linear map (SeFa)."""
