@@ -57,6 +57,8 @@ from typing import Optional, Sequence
 from absl import app, flags, logging
 import numpy as np
 
+from cardiac_jax import io
+
 OUTPUT_DIR = "associate"
 DEFAULT_COVARIATES = ("height_cm", "weight_kg", "heart_rate_bpm")
 SPLITS = ("train", "val", "test")
@@ -129,10 +131,9 @@ def default_covariates_file(config) -> Optional[str]:
   folder recorded in the prepared dataset's report.json, else `cine.synthetic_raw_dir` for
   data.dataset "synthetic"."""
   from data_pipelines import cine, prepare  # pylint: disable=g-import-not-at-top
-  from experiments import common  # pylint: disable=g-import-not-at-top
   candidates = []
-  report = common.read_json(os.path.join(cine.prepared_cine_dir(config, create=False),
-                                         prepare.REPORT)) or {}
+  report = io.read_json(os.path.join(cine.prepared_cine_dir(config, create=False),
+                                    prepare.REPORT)) or {}
   recorded = report.get("config") or {}
   if recorded.get("dataset") == "synthetic" and recorded.get("input_dir"):
     candidates.append(os.path.join(recorded["input_dir"], PARAMETERS_CSV))
@@ -224,7 +225,6 @@ def _format(value) -> str:
 
 def write_summary(path: str, rows: list[dict], header: list[str], alpha: float) -> str:
   """summary.md: settings lines, then one table row per trait."""
-  from experiments import common  # pylint: disable=g-import-not-at-top
   lines = ["# Latent-trait associations", "", *header, "",
            f"| trait | kind | n | significant (q < {alpha:g}) | no P-value | top {TOP_LATENTS} "
            "latents (beta, q) |", "|---|---|---|---|---|---|"]
@@ -238,7 +238,7 @@ def write_summary(path: str, rows: list[dict], header: list[str], alpha: float) 
     lines.append(f"| {trait} | {tests[0]['kind']} | {n} | "
                  f"{sum(r['significant'] for r in tests)} | {len(tests) - len(finite)} | "
                  f"{top} |")
-  common.write_text(path, "\n".join(lines) + "\n")
+  io.write_text(path, "\n".join(lines) + "\n")
   return path
 
 
@@ -345,8 +345,8 @@ def associate(workdir: str, latents_path: Optional[str] = None,
   rows = association_rows(z, tested, matrix, inverse_normal=inverse_normal, alpha=alpha)
   threshold = association.bh_threshold([r["p"] for r in rows], alpha)
   out = output_dir or os.path.join(workdir, OUTPUT_DIR)
-  common.write_csv(os.path.join(out, "associations.csv"),
-                   [{k: _format(v) for k, v in r.items()} for r in rows])
+  io.write_csv(os.path.join(out, "associations.csv"),
+               [{k: _format(v) for k, v in r.items()} for r in rows])
   num_tests = int(sum(np.isfinite(r["p"]) for r in rows))
   header = [
       f"- run: `{os.path.abspath(workdir)}` ({config.name})",

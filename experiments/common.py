@@ -14,7 +14,6 @@ once. <cache> is data.cache_dir, else $CARDIAC_JAX_CACHE, else ~/.cache/cardiac_
 from __future__ import annotations
 
 import csv
-import json
 import os
 import sys
 
@@ -245,52 +244,6 @@ def restore_run(workdir: str, step=None):
   finally:
     checkpointer.close()
   return config, family, state, mesh
-
-
-def _json_default(value):
-  import numpy as np
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def read_json(path: str) -> dict | None:
-  """The JSON object in `path`, or None when it is absent, unreadable or not an object."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      value = json.load(f)
-  except (OSError, ValueError):
-    return None
-  return value if isinstance(value, dict) else None
-
-
-def write_json(path: str, data) -> None:
-  """Writes `data` as indented JSON atomically (numpy scalars and arrays as Python values): a
-  reader sees the old file or the new one, never half of one."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(data, f, indent=2, default=_json_default)
-  os.replace(path + ".tmp", path)
-
-
-def write_csv(path: str, rows) -> None:
-  """Writes a list of dicts as CSV atomically (the columns of the first row)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  os.replace(path + ".tmp", path)
-
-
-def write_text(path: str, text: str) -> None:
-  """Writes `text` atomically (a reader sees the old file or the new one)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
 
 
 def read_table(path: str) -> dict[str, dict[str, str]]:

@@ -59,6 +59,7 @@ from absl import app, flags
 
 from cardiac_jax import direction_scoring as scoring
 from cardiac_jax.direction_scoring import Criteria
+from cardiac_jax import io
 from experiments import common, short_axis_segmenter
 
 METHODS = ("voynov", "pca", "sefa", "ganspace")
@@ -300,7 +301,7 @@ def cached_directions(run: GeneratorRun, method: str, settings: Settings, out_di
   extra = dict(extra, seconds=round(time.time() - start, 1))
   os.makedirs(out_dir, exist_ok=True)
   dl.save_direction_set(npz, found)
-  common.write_json(meta_path, {"fingerprint": fingerprint, "extra": extra})
+  io.write_json(meta_path, {"fingerprint": fingerprint, "extra": extra})
   return found, extra
 
 
@@ -318,7 +319,7 @@ def write_method_outputs(out_dir: str, run: GeneratorRun, method: str, found, ex
   if "source_index" in extra:
     for row in rows:
       row["source_index"] = extra["source_index"][row["direction"]]
-  common.write_csv(os.path.join(out_dir, "scores.csv"), rows)
+  io.write_csv(os.path.join(out_dir, "scores.csv"), rows)
   value_name = {"voynov": "reconstructor accuracy", "sefa": "eigenvalue"}.get(
       found.method, "variance")
   dice = seg_meta.get("quality", {}).get("dice", {})
@@ -334,7 +335,7 @@ def write_method_outputs(out_dir: str, run: GeneratorRun, method: str, found, ex
       f"{summary['num_controlling_directions']} directions, "
       f"{summary['num_distinct_factors_controlled']} distinct factors "
       f"({', '.join(sorted(summary['controlled_factors'])) or 'none'}).")
-  common.write_text(os.path.join(out_dir, "scores.md"), scoring.markdown_table(rows, header))
+  io.write_text(os.path.join(out_dir, "scores.md"), scoring.markdown_table(rows, header))
   with open(os.path.join(out_dir, "factor_values.npz.tmp"), "wb") as f:
     np.savez(f, values=scores["values"], rho=scores["rho"],
              relative_range=scores["relative_range"], shifts=shifts, base_latents=base_latents,
@@ -364,7 +365,7 @@ def write_method_outputs(out_dir: str, run: GeneratorRun, method: str, found, ex
       "factor_units": dict(scoring.FACTOR_UNITS),
       **{k: v for k, v in extra.items() if k != "source_index"},
       **summary, "table": rows}
-  common.write_json(os.path.join(out_dir, "results.json"), result)
+  io.write_json(os.path.join(out_dir, "results.json"), result)
   log(f"{found.method}: {summary['num_controlling_directions']} controlling directions, "
       f"{summary['num_distinct_factors_controlled']} distinct factors; wrote {out_dir}")
   return result
@@ -389,12 +390,12 @@ def compare(result_dirs: Sequence[str], out_dir: str | None = None) -> list[dict
     out_dir = os.path.dirname(os.path.abspath(result_dirs[0]))
   rows = [scoring.comparison_row(r) for r in results]
   os.makedirs(out_dir, exist_ok=True)
-  common.write_csv(os.path.join(out_dir, "comparison.csv"), rows)
-  common.write_json(os.path.join(out_dir, "comparison.json"),
+  io.write_csv(os.path.join(out_dir, "comparison.csv"), rows)
+  io.write_json(os.path.join(out_dir, "comparison.json"),
               {"folders": [os.path.abspath(d) for d in result_dirs], "rows": rows,
                "criteria": [{k: r.get(k) for k in CRITERIA_KEYS} for r in results]})
-  common.write_text(os.path.join(out_dir, "comparison.md"),
-                    scoring.comparison_markdown(rows, results))
+  io.write_text(os.path.join(out_dir, "comparison.md"),
+                scoring.comparison_markdown(rows, results))
   return rows
 
 
@@ -415,10 +416,10 @@ def run(workdir: str, methods: Sequence[str], settings: Settings = Settings(),
   def segment_fn(images):
     return segmenter.segment(params, images, seg_config)
 
-  common.write_text(os.path.join(root, "cohort_factors.md"),
-                    "Spearman correlation of the factors over the true labels of augmented "
-                    "training batches (the cohort as the model saw it).\n\n"
-                    + scoring.cohort_correlation_table(seg_meta["cohort_correlation"]) + "\n")
+  io.write_text(os.path.join(root, "cohort_factors.md"),
+                "Spearman correlation of the factors over the true labels of augmented "
+                "training batches (the cohort as the model saw it).\n\n"
+                + scoring.cohort_correlation_table(seg_meta["cohort_correlation"]) + "\n")
   z = scoring.base_latents(generator_run.latent_dim, settings.num_base_latents,
                            settings.seed)
   resolution = scoring.factor_resolution(seg_meta)

@@ -71,6 +71,7 @@ from absl import app, flags
 
 from cardiac_jax import latent_store
 from cardiac_jax.latent_store import EncoderRun, Plan
+from cardiac_jax import io
 from experiments import common
 
 FORMATS = latent_store.FORMATS
@@ -173,7 +174,7 @@ def _training_preparation(config) -> Optional[dict]:
     directory = cine.prepared_cine_dir(config, create=False)
   except ValueError:
     return None
-  report = common.read_json(os.path.join(directory, prepare.REPORT))
+  report = io.read_json(os.path.join(directory, prepare.REPORT))
   return report.get("config") if report else None
 
 
@@ -229,7 +230,7 @@ def select_splits(directory: str, splits: Optional[Sequence[str]] = None) -> lis
   """The splits to encode: `splits` (each must hold subjects), or every non-empty split."""
   from data_pipelines import prepare
   path = os.path.join(directory, prepare.SPLITS)
-  assignment = common.read_json(path)
+  assignment = io.read_json(path)
   if assignment is None:
     raise FileNotFoundError(f"{path} is missing or unreadable: {directory} is not a prepared "
                             "cine dataset")
@@ -250,7 +251,7 @@ def select_splits(directory: str, splits: Optional[Sequence[str]] = None) -> lis
 def data_identity(directory: str, splits: Sequence[str], sizes: dict, family) -> dict:
   """What the codes were computed from (part of the partial store's manifest and the meta)."""
   from data_pipelines import prepare
-  report = common.read_json(os.path.join(directory, prepare.REPORT)) or {}
+  report = io.read_json(os.path.join(directory, prepare.REPORT)) or {}
   with open(os.path.join(directory, prepare.SPLITS), "rb") as f:
     splits_digest = hashlib.sha256(f.read()).hexdigest()
   preparation = json.dumps(report.get("config"), sort_keys=True)

@@ -73,6 +73,8 @@ from typing import Optional, Sequence
 from absl import app, flags, logging
 import numpy as np
 
+from cardiac_jax import io
+
 from experiments import long_axis_segmenter
 
 DEFAULT_STEPS = (-2.0, -1.0, 0.0, 1.0, 2.0)
@@ -391,7 +393,7 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
       "outputs": {"strip": "strip.png", "gif": "manipulation.gif",
                   "arrays": "manipulation.npz"},
   }
-  common.write_json(os.path.join(out, "direction.json"), result)
+  io.write_json(os.path.join(out, "direction.json"), result)
   return {**result, "output_dir": out}
 
 

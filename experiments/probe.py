@@ -34,6 +34,7 @@ from typing import Callable, Optional, Sequence
 
 from absl import app, flags
 
+from cardiac_jax import io
 from experiments import common
 
 DEFAULT_TRAITS = ("lv_edv_ml", "lv_ef")
@@ -119,7 +120,7 @@ def run(workdir: str, latents: Optional[str] = None, traits: Sequence[str] = DEF
   # The run's own latents are checked against the run (refresh): stale ones are recomputed.
   table = infer_latents.load_or_compute(workdir, latents, refresh=True, step=step, log=log)
   directory = cine.prepared_cine_dir(config)
-  assignment = common.read_json(os.path.join(directory, prepare.SPLITS))
+  assignment = io.read_json(os.path.join(directory, prepare.SPLITS))
   if assignment is None:
     raise FileNotFoundError(f"{os.path.join(directory, prepare.SPLITS)} is missing or "
                             "unreadable")
@@ -139,11 +140,11 @@ def run(workdir: str, latents: Optional[str] = None, traits: Sequence[str] = DEF
             "method": "standardised z (train statistics), RidgeCV (leave-one-out), R^2 and "
                       "Pearson r on the test split", "traits": rows}
   out_dir = output_dir or os.path.join(workdir, "probe")
-  common.write_json(os.path.join(out_dir, "results.json"), result)
+  io.write_json(os.path.join(out_dir, "results.json"), result)
   header = (f"Linear probe of {os.path.basename(os.path.abspath(workdir))} latents "
             f"({table.dim}-d, {os.path.basename(table.path)}): ridge fitted on {train_split}, "
             f"scored on {test_split}.")
-  common.write_text(os.path.join(out_dir, "probe.md"), markdown_table(rows, header))
+  io.write_text(os.path.join(out_dir, "probe.md"), markdown_table(rows, header))
   log(f"wrote {out_dir}")
   return result
 

@@ -36,6 +36,7 @@ from typing import Callable, Optional, Sequence
 
 from absl import app, flags
 
+from cardiac_jax import io
 from experiments import common
 
 MIN_SUBJECTS = 3
@@ -204,8 +205,8 @@ def run(workdirs: Sequence[str], threshold: float = 0.5,
             "num_subjects": len(subjects), "splits": list(splits) if splits else "all",
             "threshold": threshold, "pairs": matched["pairs"], "mean": matched["mean"]}
   out_dir = output_dir or os.path.join(workdirs[0], "reproducibility")
-  common.write_json(os.path.join(out_dir, "results.json"), result)
-  common.write_text(os.path.join(out_dir, "reproducibility.md"), markdown_table(result))
+  io.write_json(os.path.join(out_dir, "results.json"), result)
+  io.write_text(os.path.join(out_dir, "reproducibility.md"), markdown_table(result))
   save_heatmap(os.path.join(out_dir, "abs_pearson_heatmap.png"), matched["matches"], labels,
                threshold)
   log(f"wrote {out_dir}")

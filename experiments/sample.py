@@ -50,6 +50,7 @@ from typing import Any, Callable
 
 from absl import app, flags
 
+from cardiac_jax import io
 from experiments import common
 
 LATENT_KEY_SALT = 0x1A7E47
@@ -270,7 +271,7 @@ def run(workdir: str, num: int, seed: int = 0, output: str | None = None,
                   **summary},
       "overview": {"file": "overview.png", "rows": shown, "frames": frames.tolist()},
       "codes": "samples.npz", "samples": records}
-  common.write_json(os.path.join(output, "samples.json"), result)
+  io.write_json(os.path.join(output, "samples.json"), result)
   if summary["warning"]:
     log(f"WARNING: {summary['warning']}")
   log(f"wrote {num} samples to {output}; nearest-training-code distance median "

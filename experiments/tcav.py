@@ -67,6 +67,7 @@ from typing import Any, Iterable, Sequence
 from absl import app, flags
 
 from cardiac_jax.interpret import tcav
+from cardiac_jax import io
 from experiments import common
 
 _WORKDIR = common.define_workdir_flag("temporal_classifier run directory.")
@@ -105,8 +106,7 @@ def synthetic_parameters(prepared_dir: str) -> dict[str, dict[str, float]]:
   """{subject: {intensity_scale, noise_level}} of the synthetic cohort a prepared dataset was
   made from (its report.json); {} for other data or when the cohort's parameters.csv is gone."""
   from data_pipelines import prepare, synthetic
-  from experiments import common
-  recorded = (common.read_json(os.path.join(prepared_dir, prepare.REPORT)) or {}).get(
+  recorded = (io.read_json(os.path.join(prepared_dir, prepare.REPORT)) or {}).get(
       "config") or {}
   if recorded.get("dataset") != "synthetic" or not recorded.get("input_dir"):
     return {}
@@ -380,7 +380,7 @@ def run(workdir: str, step: int | str | None = None,
   frame_interval = float(tc.cycle_duration_s) / int(config.data.num_frames)
   run_dir = cine.prepared_cine_dir(config)
   splits_path = os.path.join(run_dir, prepare.SPLITS)
-  splits = common.read_json(splits_path)
+  splits = io.read_json(splits_path)
   if splits is None or not isinstance(splits.get("train"), list):
     raise ValueError(f"{splits_path}: missing or without a 'train' list; the concept pool "
                      "cannot be checked against the classifier's training subjects")
@@ -411,9 +411,9 @@ def run(workdir: str, step: int | str | None = None,
   explained = outputs_of(explained_source, explained_examples)
   split_of = {r["subject"]: source.name for source, (_, part_rows) in zip(sources, pool_parts)
               for r in part_rows}
-  common.write_csv(os.path.join(out_dir, "biomarkers.csv"),
-                   [dict(r, split=split_of[r["subject"]]) for r in rows]
-                   + [dict(r, split=explain_split) for r in explained_rows])
+  io.write_csv(os.path.join(out_dir, "biomarkers.csv"),
+               [dict(r, split=split_of[r["subject"]]) for r in rows]
+               + [dict(r, split=explain_split) for r in explained_rows])
   excluded = {r["subject"]: r[tcav.QC_FAILED] for r in rows if r[tcav.QC_FAILED]}
 
   analysis = tcav.analyse(family, state, pool, explained, rows, fraction=fraction,
@@ -438,15 +438,15 @@ def run(workdir: str, step: int | str | None = None,
                               if 0 <= r["group"] < len(structures.GROUPS) else "unknown"),
                     "excluded_by_qc": r[tcav.QC_FAILED]} for r in rows],
   }
-  common.write_json(os.path.join(out_dir, "protocol.json"), protocol)
+  io.write_json(os.path.join(out_dir, "protocol.json"), protocol)
   header = (f"TCAV of the concept layer, {config.name} step {int(state.step)}: "
             f"{len(explained['logit'])} {explain_split} subjects explained (AUC "
             f"{analysis['auc']:.3f}); {pool_text}; {len(excluded)} excluded by QC; concept "
             f"sets of {analysis['set_size']} or more subjects, {num_random} random sets of "
             f"{analysis['set_size']}; Bonferroni over {len(table)} concepts at alpha "
             f"{float(tc.alpha)}.")
-  common.write_text(os.path.join(out_dir, "table1.md"), markdown_table(table, header))
-  common.write_csv(os.path.join(out_dir, "table1.csv"), table)
+  io.write_text(os.path.join(out_dir, "table1.md"), markdown_table(table, header))
+  io.write_csv(os.path.join(out_dir, "table1.csv"), table)
 
   # Figures: PCA with gradients and the CAV, and the decoded interpolation.
   if interpolate not in analysis["results"]:
@@ -479,7 +479,7 @@ def run(workdir: str, step: int | str | None = None,
                    "targets_sigma": targets, "achieved_sigma": achieved.tolist(),
                    "decoded_ef_percent": [float(e) for e in efs],
                    "logit": logits.tolist()}
-  common.write_json(os.path.join(out_dir, f"interpolation_{interpolate}.json"), interpolation)
+  io.write_json(os.path.join(out_dir, f"interpolation_{interpolate}.json"), interpolation)
 
   result = {"workdir": os.path.abspath(workdir), "step": int(state.step),
             "step_selection": common.step_selection(step),
@@ -493,7 +493,7 @@ def run(workdir: str, step: int | str | None = None,
             "random_baseline_scores": next(iter(
                 analysis["results"].values())).random_baseline_scores.tolist(),
             "interpolation": interpolation}
-  common.write_json(os.path.join(out_dir, "results.json"), result)
+  io.write_json(os.path.join(out_dir, "results.json"), result)
   for source in [*sources, explained_source]:
     shutil.rmtree(_partial_dir(out_dir, source, int(state.step)), ignore_errors=True)
   return result
