@@ -63,8 +63,7 @@ from cardiac_jax import io
 from experiments import common, short_axis_segmenter
 
 METHODS = ("voynov", "pca", "sefa", "ganspace")
-CRITERIA_KEYS = ("rho_threshold", "other_threshold", "min_effect", "other_range_threshold",
-                 "min_finite_fraction", "main_factor_by")
+CRITERIA_KEYS = tuple(f.name for f in dataclasses.fields(Criteria) if f.name != "joint_position")
 CHANNEL = scoring.CHANNEL  # Image and label channel that is segmented and measured.
 
 
@@ -137,13 +136,7 @@ class Settings:
   voynov_batch_size: int = 32
   voynov_learning_rate: float = 1e-4
   ganspace_samples: int = 4096
-  rho_threshold: float = 0.8
-  other_threshold: float = 0.5
-  min_effect: float = 0.5
-  other_range_threshold: float = 0.5
-  min_finite_fraction: float = 0.5
-  main_factor_by: str = "rho"
-  joint_position: bool = True
+  criteria: Criteria = Criteria()  # When a direction controls a factor (the flags of its fields).
   grid_rows: int = 8
   grid_by: str = "rank"
   recompute_directions: bool = False
@@ -161,8 +154,10 @@ class Settings:
     import numpy as np
     return np.linspace(-self.shift_range, self.shift_range, self.num_shifts)
 
-  def criteria(self) -> Criteria:
-    return Criteria(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Criteria)})
+  def flat(self) -> dict:
+    """The settings as one flat dict, the criteria's fields among them (results.json)."""
+    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "criteria"}
+    return {**dataclasses.asdict(self.criteria), **out}
 
 
 def _log(message: str) -> None:
@@ -356,7 +351,7 @@ def write_method_outputs(out_dir: str, run: GeneratorRun, method: str, found, ex
       "method": found.method, "requested_method": method, "step": int(run.state.step),
       "step_selection": run.step_selection,
       "latent_dim": run.latent_dim, "image_size": int(run.config.data.image_size),
-      "settings": dataclasses.asdict(settings), "shifts": shifts.tolist(),
+      "settings": settings.flat(), "shifts": shifts.tolist(),
       "segmenter": {"dice": dice, "split": seg_meta.get("quality", {}).get("split"),
                     "factor_agreement": seg_meta.get("quality", {}).get("factor_agreement"),
                     "mm_per_pixel": seg_meta.get("mm_per_pixel")},
@@ -392,8 +387,8 @@ def compare(result_dirs: Sequence[str], out_dir: str | None = None) -> list[dict
   os.makedirs(out_dir, exist_ok=True)
   io.write_csv(os.path.join(out_dir, "comparison.csv"), rows)
   io.write_json(os.path.join(out_dir, "comparison.json"),
-              {"folders": [os.path.abspath(d) for d in result_dirs], "rows": rows,
-               "criteria": [{k: r.get(k) for k in CRITERIA_KEYS} for r in results]})
+                {"folders": [os.path.abspath(d) for d in result_dirs], "rows": rows,
+                 "criteria": [{k: r.get(k) for k in CRITERIA_KEYS} for r in results]})
   io.write_text(os.path.join(out_dir, "comparison.md"),
                 scoring.comparison_markdown(rows, results))
   return rows
@@ -431,7 +426,7 @@ def run(workdir: str, methods: Sequence[str], settings: Settings = Settings(),
     scores = scoring.score_directions(
         generator_run.generator, found.scaled(), segment_fn, settings.shifts(), z,
         values_ranking=found.values, scales=found.scales,
-        spread=resolution, criteria=settings.criteria(),
+        spread=resolution, criteria=settings.criteria,
         batch_size=settings.generate_batch_size)
     results[method] = write_method_outputs(out_dir, generator_run, method, found, extra, scores,
                                            settings, z, seg_meta, log)
@@ -447,8 +442,10 @@ def settings_from_flags() -> Settings:
   except ValueError as e:
     raise app.UsageError(f"--segmenter_channels must be integers: {e}")
   names = [field.name for field in dataclasses.fields(Settings)
-           if field.name not in ("segmenter_channels", "generate_batch_size")]
-  return Settings(segmenter_channels=channels, **{name: f[name].value for name in names})
+           if field.name not in ("segmenter_channels", "generate_batch_size", "criteria")]
+  criteria = Criteria(**{field.name: f[field.name].value for field in dataclasses.fields(Criteria)})
+  return Settings(segmenter_channels=channels, criteria=criteria,
+                  **{name: f[name].value for name in names})
 
 
 def main(argv):
