@@ -374,8 +374,7 @@ def define_flags() -> None:
   common.define_workdir_flag("diffae3d run directory.")
   common.define_step_flag("Checkpoint of computed latents: a step, best (the best validation "
                           "checkpoint) or latest (default).")
-  flags.DEFINE_string("latents", None, "Latents CSV (default: DIR/latents/latents.csv, "
-                      "computed when missing).")
+  common.define_latents_flag()
   flags.DEFINE_list("traits", None, "Continuous attributes.csv columns (default: every "
                     "attribute).")
   flags.DEFINE_list("binary_traits", None, "column:value binary traits (default: group:<g> for "

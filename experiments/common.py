@@ -290,6 +290,12 @@ def define_splits_flag(help_text: str, default=None,
   return flags.DEFINE_list("splits", default, help_text, flag_values=flag_values)
 
 
+def define_latents_flag(flag_values: flags.FlagValues = flags.FLAGS):
+  """--latents, the latents file of a diffae3d run an analysis reads (`infer_latents`)."""
+  return flags.DEFINE_string("latents", None, "Latents file (default: DIR/latents/latents.csv, "
+                             "computed when missing).", flag_values=flag_values)
+
+
 def define_output_dir_flag(help_text: str, flag_values: flags.FlagValues = flags.FLAGS):
   """--output_dir, the folder of a command's outputs (default: one inside the run directory,
   which the help names)."""

@@ -416,8 +416,7 @@ def define_flags() -> None:
                        "config.eval.inversion_steps).")
   flags.DEFINE_integer("decode_steps", None, "DDIM decoding steps (default: "
                        "config.eval.decode_steps).")
-  flags.DEFINE_string("latents", None, "Latents CSV (default: DIR/latents/latents.csv, "
-                      "computed when missing).")
+  common.define_latents_flag()
   common.define_output_dir_flag("Output folder (default: DIR/manipulate/<trait>).")
   flags.DEFINE_float("blood_threshold", DEFAULT_BLOOD_THRESHOLD, "Threshold on [0, 1] of the "
                      "blood-pool area proxy.")

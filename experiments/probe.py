@@ -45,8 +45,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   FlagValues)."""
   fv = {"flag_values": flag_values}
   common.define_workdir_flag("diffae3d run directory.", flag_values)
-  flags.DEFINE_string("latents", None, "Latents file (default: DIR/latents/latents.csv, "
-                      "computed when absent).", **fv)
+  common.define_latents_flag(flag_values)
   flags.DEFINE_list("traits", list(DEFAULT_TRAITS), "attributes.csv columns to probe.", **fv)
   flags.DEFINE_string("train_split", "train", "Split the probe is fitted on.", **fv)
   flags.DEFINE_string("test_split", "test", "Split the probe is scored on.", **fv)
