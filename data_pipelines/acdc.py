@@ -1,6 +1,6 @@
 """Reader for cohorts in the ACDC layout (Automated Cardiac Diagnosis Challenge, MICCAI 2017).
 
-Layout (see /specs/data_formats.md):
+Layout (the ACDC challenge distribution):
 ```
 <root>/training/patient001/Info.cfg                  ED, ES, Group, Height, NbFrame, Weight
 <root>/training/patient001/patient001_4d.nii.gz      (X, Y, Z, T) cine stack

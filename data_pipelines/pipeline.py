@@ -15,9 +15,9 @@ positions directly (`train_batch_indices`), it never replays the first k batches
 
 Augmentation (training only): a random integer translation of up to `max_shift_px` pixels per
 axis with zero fill, a random zoom about the image centre with probability `zoom_prob` and factor
-in `zoom_range` (the AR-SIVAE ACDC code: 0.9-1.1, p 0.1), and an optional horizontal flip. All random numbers of global batch k come from
-`numpy.random.default_rng([seed, 1, k])` as (B, ...) arrays; row r of those arrays belongs to
-position r of the global batch. Each process computes the whole global batch's draws and keeps
+in `zoom_range` (the AR-SIVAE ACDC code: 0.9-1.1, p 0.1), and an optional horizontal flip.
+All random numbers of global batch k come from `numpy.random.default_rng([seed, 1, k])` as
+(B, ...) arrays; row r of those arrays belongs to position r of the global batch. Each process computes the whole global batch's draws and keeps
 its own rows, so the P per-process batches concatenated are bit-for-bit the single-process
 batch. Image and label are warped by the same affine map in one op (bilinear for the image,
 nearest for the label), so they stay aligned; integer shifts and flips are exact.
@@ -26,9 +26,8 @@ Pipeline stages (all on the host CPU; TensorFlow is kept off accelerators):
   counter of batch numbers -> parallel map: fetch the rows of one batch from the source through
   `tf.numpy_function` (a batched `__getitems__` where the source has one) -> parallel map:
   resize, augment, mask background (TF image ops on the whole batch) -> prefetch -> numpy.
-Fetching whole index batches is faster than a per-example parallel map followed by batching:
-with a tfds array_record source on 2 shared CPU cores, batch 16, 1.2-1.7x at 128x128 and 2-4x at
-64x64 over repeated runs (`measure_throughput` measures the pipeline as built here).
+Fetching whole index batches is faster than a per-example parallel map followed by batching
+(measured with `measure_throughput`: docs/implementation_notes.md).
 
 Data config fields read (an `ml_collections.ConfigDict`, attribute access):
   image_size:      int, side of the square output images. Stored examples of another size are

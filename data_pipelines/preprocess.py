@@ -1,7 +1,7 @@
 """Preprocessing of short-axis cardiac MRI into aligned 2D crops (pure numpy/scipy).
 
-Follows the ACDC preparation of the AR-SIVAE paper (Di Folco et al., MICCAI 2024; see
-/specs/ar_sivae.md, "Data as the references used it"):
+Follows the ACDC preparation of the AR-SIVAE paper (Di Folco et al., MICCAI 2024) and its
+public code:
 1. slice choice on the ED labels: among slices where every structure (RV, MYO, LV) has more
    than `min_label_pixels` pixels, the basal end, i.e. the end of that range with the larger
    heart foreground (rule "acdc_basal"); alternatives "mid" (middle of that range) and

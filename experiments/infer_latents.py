@@ -4,7 +4,7 @@
       [--output=FILE] [--format=csv|plink] [--inverse_normal] [--batch_size=B] [--step=N]
       [--overwrite]
 
-z_sem = Enc_EMA(x_0) for every subject (spec /specs/diffae3d.md "Latents": the EMA encoder,
+z_sem = Enc_EMA(x_0) for every subject (Ometto et al. 2024's latents: the EMA encoder,
 deterministic, one z_sem_dim-vector per subject), x_0 the run's cine field (data.view) as the
 run's evaluation batches present it (`data_pipelines.cine.eval_batches`: no augmentation,
 resized to data.image_size).

@@ -6,7 +6,7 @@
       [--decode_steps=N] [--latents=FILE] [--output_dir=DIR/manipulate/<trait>]
       [--blood_threshold=0.7] [--segment] [--segmenter_steps=1500]
 
-Spec /specs/diffae3d.md "Manipulation":
+Latent manipulation as in Ometto et al. 2024:
 1. Direction. The latents z (N, D) of the training split (DIR/latents/latents.csv, computed
    when missing: `experiments.infer_latents.load_or_compute`) of the subjects with a
    trait value are standardised per dimension, z_std = (z - mean) / std (`association.
@@ -29,10 +29,8 @@ Spec /specs/diffae3d.md "Manipulation":
      subjects, along the direction in which the codes of subjects with a larger trait lie,
      the shortest such shift in Mahalanobis distance (one unit per m).
    - "filter": u = sqrt(D) beta, the reference's z' = z + m sqrt(D) beta. With correlated
-     latents the filter can point where the codes hardly vary: for the default diffae3d run
-     (seed 0, 1,500 steps) the codes' variance along beta of LV EDV was 0.24 against 42 along
-     its pattern, and m = 1 moved the prediction by 1,470 ml at a Mahalanobis distance of
-     830 from the subject (the pattern: 64 ml at 1), far outside what the decoder saw.
+     latents the filter can point where the codes hardly vary, far outside what the decoder
+     saw (measured on the default run: README, 3D diffusion autoencoder).
    direction.json reports, for both kinds, the model's prediction at every m and the shift's
    Mahalanobis length (pseudo-inverse of the training codes' covariance).
 3. Check. (a) The LV blood pool segmented (`experiments.long_axis_segmenter`, trained once

@@ -4,7 +4,7 @@
   python -m experiments.reproducibility DIR_a DIR_b [DIR_c ...] [--threshold=0.5]
       [--splits=train,val,test] [--output_dir=DIR_a/reproducibility] [--batch_size=B]
 
-Spec /specs/diffae3d.md "Reproducibility across seeds": for each latent of one seed, its best
+Reproducibility across seeds (Ometto et al. 2024): for each latent of one seed, its best
 |cosine| or |Pearson r| match among another seed's latents across subjects; the latent is
 reproduced when that is above the threshold (0.5).
 

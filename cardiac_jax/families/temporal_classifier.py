@@ -1,7 +1,7 @@
 """Pure train and eval steps of the temporal VAE-classifier (Clough et al. 2019).
 
 Model: `cardiac_jax.models.temporal_classifier`. Input: the cine batch of
-data_pipelines/cine.py, "sa_label" (B, T, S, S, 3) int labels (default, one-hot per slice) or
+`data_pipelines.cine`, "sa_label" (B, T, S, S, 3) int labels (default, one-hot per slice) or
 "sa_image" (B, T, S, S, 3) floats in [0, 1] (config.data.input), and "group" (B,) int32; the
 disease target is y = group in config.data.positive_groups.
 

@@ -1,9 +1,9 @@
 """Cine data path: raw cine series -> prepared tfds dataset -> deterministic (B, T, ...) batches.
 
-The input of the temporal VAE-classifier (Clough et al.; /specs/interpretability.md: T frames of
-the 3 central short-axis slices, LV blood-pool volume curve) and of the 3D diffusion
-autoencoder (/specs/diffae3d.md "Input": a cine as a (T, H, W) volume, long-axis 4-chamber view
-cropped around the heart from the temporal-variance mask, per-volume min-max to [-1, 1]).
+The input of the temporal VAE-classifier (Clough et al., section 3: T frames of the 3 central
+short-axis slices, LV blood-pool volume curve) and of the 3D diffusion autoencoder (Ometto et
+al. 2024, input: a cine as a (T, H, W) volume, long-axis 4-chamber view cropped around the
+heart from the temporal-variance mask, per-volume min-max to [-1, 1]).
 
 Raw layouts (`DATASETS`):
 - "synthetic": the ACDC layout of `data_pipelines.synthetic` (Info.cfg, <s>_4d.nii.gz, labels of
@@ -17,7 +17,7 @@ Raw layouts (`DATASETS`):
 Every file is read by `nifti.read_nifti` (defensive decoding); every problem of a subject raises
 `InvalidInputError` naming the file, which the preparation records as that subject's reason.
 
-Prepared example (one per subject; batch fields in /briefs/cine_format.md), T = num_frames,
+Prepared example (one per subject; array fields `config.ARRAY_FIELDS`), T = num_frames,
 S = image_size:
 - subject (str), group (int32 index into structures.GROUPS, -1 when unknown, e.g. UK Biobank);
 - sa_image (T, S, S, 3) in [0, 1]: the 3 central short-axis slices (middle of the

@@ -1,7 +1,7 @@
 """The synthetic short-axis cine MRI cohort: the default data of every model.
 
 Each subject is a 2D+time stack of short-axis balanced-SSFP (bSSFP) cine images in the ACDC
-layout (see /specs/data_formats.md), with labels for every frame and the parameters that
+layout (`data_pipelines.acdc`), with labels for every frame and the parameters that
 generated it. The generator has two separate halves so other renderers (e.g. a long-axis
 4-chamber view) can reuse the same subjects:
 
