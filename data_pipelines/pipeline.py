@@ -13,14 +13,14 @@ infinite stream and global batch k is positions [k*B, (k+1)*B) of that stream, s
 epoch boundaries seamlessly and nothing is dropped. A run restarted at step k computes these
 positions directly (`train_batch_indices`), it never replays the first k batches.
 
-Augmentation (training only): a random integer translation of up to `max_shift_px` pixels per
-axis with zero fill, a random zoom about the image centre with probability `zoom_prob` and factor
-in `zoom_range` (the AR-SIVAE ACDC code: 0.9-1.1, p 0.1), and an optional horizontal flip.
-All random numbers of global batch k come from `numpy.random.default_rng([seed, 1, k])` as
-(B, ...) arrays; row r of those arrays belongs to position r of the global batch. Each process computes the whole global batch's draws and keeps
-its own rows, so the P per-process batches concatenated are bit-for-bit the single-process
-batch. Image and label are warped by the same affine map in one op (bilinear for the image,
-nearest for the label), so they stay aligned; integer shifts and flips are exact.
+Augmentation (training only): a random integer translation of up to `max_shift_px` pixels per axis
+with zero fill, a random zoom about the image centre with probability `zoom_prob` and factor in
+`zoom_range` (the AR-SIVAE ACDC code: 0.9-1.1, p 0.1), and an optional horizontal flip. All random
+numbers of global batch k come from `numpy.random.default_rng([seed, 1, k])` as (B, ...) arrays; row
+r of those arrays belongs to position r of the global batch. Each process computes the whole global
+batch's draws and keeps its own rows, so the P per-process batches concatenated are bit-for-bit the
+single-process batch. Image and label are warped by the same affine map in one op (bilinear for the
+image, nearest for the label), so they stay aligned; integer shifts and flips are exact.
 
 Pipeline stages (all on the host CPU; TensorFlow is kept off accelerators):
   counter of batch numbers -> parallel map: fetch the rows of one batch from the source through
