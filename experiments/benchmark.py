@@ -57,6 +57,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from cardiac_jax import runtime
 from experiments import configs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: NAME[:variant].",
@@ -441,6 +442,8 @@ def main(argv, spec: str = ""):
 
 
 def run():
+  # Flag parsing checks the config by tracing its model, which starts JAX's backend.
+  runtime.configure_xla_cpu()
   if any(_argv_values(sys.argv, "profile_dir")):
     from experiments import step_profile
     step_profile.enable_traceme()  # Before JAX starts its backend.

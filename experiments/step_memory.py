@@ -24,6 +24,7 @@ import time
 
 from absl import app, flags
 
+from cardiac_jax import runtime
 from experiments import benchmark  # Its --config flag and synthetic batch layout.
 from experiments import configs
 
@@ -143,6 +144,8 @@ def main(argv):
 
 
 def run():
+  # Flag parsing checks the config by tracing its model, which starts JAX's backend.
+  runtime.configure_xla_cpu()
   sys.argv = configs.resolve_config_argv(sys.argv)
   app.run(main)
 

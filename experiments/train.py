@@ -17,6 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from cardiac_jax import runtime
 from experiments import configs
 
 
@@ -161,6 +162,8 @@ def main(argv):
 def run():
   # Flags are defined only when the command runs, so importing this module beside another
   # command's (tests, tools) defines no second --config.
+  # Flag parsing checks the config by tracing its model, which starts JAX's backend.
+  runtime.configure_xla_cpu()
   define_flags()
   sys.argv = configs.resolve_config_argv(sys.argv)  # Where ml_collections reads overrides.
   app.run(main, flags_parser=_parse_flags_or_exit)

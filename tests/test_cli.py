@@ -14,8 +14,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(args, cwd, check=True):
+def run(args, cwd, check=True, without_cpu_flag=False):
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  if without_cpu_flag:  # As a user's shell: the command has to set it itself.
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if "ynn_fusion_type" not in f)
   result = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
   if check and result.returncode != 0:
@@ -29,8 +32,10 @@ def trained_run(tmp_path_factory):
   """`python -m experiments.train --config=ar_sivae:smoke` from a directory outside the repo."""
   cwd = tmp_path_factory.mktemp("user")
   workdir = str(cwd / "run")
-  run(["experiments.train", "--config=ar_sivae:smoke", f"--workdir={workdir}",
-       "--config.train.num_steps=3"], cwd=cwd)
+  result = run(["experiments.train", "--config=ar_sivae:smoke", f"--workdir={workdir}",
+                "--config.train.num_steps=3"], cwd=cwd, without_cpu_flag=True)
+  # The XLA:CPU setting is applied before the config checks start JAX's backend.
+  assert "started its backend before" not in result.stderr, result.stderr[-2000:]
   return cwd, workdir
 
 
