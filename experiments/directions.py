@@ -5,7 +5,7 @@
   python -m experiments.directions --compare=DIR/directions/pca,OTHER/directions/voynov
 
 The generator is the DCGAN generator of a `dcgan` run or the decoder of a `vae`-family run,
-both fed z ~ N(0, I) (`generator_from_workdir`).
+both fed z ~ N(0, I) (`load_generator_run`, the family's `generator` hook).
 
 1. Segmenter (DIR/directions/segmenter/, `experiments.short_axis_segmenter`): a small
    U-Net trained on the run's prepared training split (image and label channel 0, the run's
