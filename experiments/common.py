@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow is first
 import jax  # pylint: disable=g-import-not-at-top
 from absl import flags, logging
 
-from cardiac_jax import checkpointing, config_checks, metric_logging, run_config
+from cardiac_jax import checkpointing, config_checks, families, metric_logging, run_config
 from cardiac_jax import workdir as workdir_lib
 from cardiac_jax.training import DataSource
 from data_pipelines import errors as data_errors
@@ -33,7 +33,8 @@ USER_ERRORS = (FileNotFoundError, NotADirectoryError, config_checks.ConfigError,
                checkpointing.CheckpointMismatchError, checkpointing.CorruptCheckpointError,
                run_config.WorkdirConflictError, workdir_lib.WorkdirError,
                workdir_lib.WorkdirLockedError, metric_logging.MetricsFileError,
-               data_errors.InvalidInputError, data_errors.InvalidArgumentError)
+               data_errors.InvalidInputError, data_errors.InvalidArgumentError,
+               families.FamilyCapabilityError)
 
 
 def _report_user_errors(previous_hook):

@@ -51,8 +51,8 @@ def require(name: str, hook: str, needs: str, where: str) -> None:
   the message names `where` (e.g. the run's config.json), the family and the families that
   would do for `needs` (what the command is)."""
   if not supports(family_class(name), hook):
-    raise ValueError(f"{where}: model.family is {name!r}, which has no {hook}; {needs} needs a "
-                     f"{' or '.join(supporting(hook))} run")
+    raise FamilyCapabilityError(f"{where}: model.family is {name!r}, which has no {hook}; "
+                                f"{needs} needs a {' or '.join(supporting(hook))} run")
 
 
 def parameter_counts(family, seed: int = 0) -> dict[str, int]:
