@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cardiac_jax import factors, segmenter
+from cardiac_jax import factors, io, segmenter
 
 CHANNEL = 0  # Image and label channel that is segmented and measured.
 FACTOR_UNITS = {"lv_area": "px", "rv_area": "px", "myo_thickness": "px", "rotation": "deg",
@@ -334,20 +334,15 @@ def cohort_correlation_table(correlation: dict[str, dict[str, float]]) -> str:
 
 def markdown_table(rows: Sequence[dict], header: str) -> str:
   """`header`, then one table row per direction (`summarize_scores` rows)."""
-  lines = [header, "",
-           "| dir | value | main factor | rho | mean abs rho | finite | range / resolution "
-           "| second factor | rho | other factors that change | controls |",
-           "|---:|---:|---|---:|---:|---:|---:|---|---:|---|---|"]
-  for r in rows:
-    lines.append(
-        f"| {r['direction']} | {r['value']:.4g} | {r['main_factor'] or '-'} | "
-        f"{format_value(r['main_rho'])} | {format_value(r['main_mean_abs_rho'], '.2f')} | "
-        f"{format_value(r['main_finite_fraction'], '.2f')} | "
-        f"{format_value(r['main_relative_range'], '.2f')} | "
-        f"{r['second_factor'] or '-'} | {format_value(r['second_rho'])} | "
-        f"{', '.join(r['changed_others'].split()) or '-'} | "
-        f"{'yes' if r['controls'] else 'no'} |")
-  return "\n".join(lines) + "\n"
+  cells = [[r["direction"], f"{r['value']:.4g}", r["main_factor"] or "-",
+            format_value(r["main_rho"]), format_value(r["main_mean_abs_rho"], ".2f"),
+            format_value(r["main_finite_fraction"], ".2f"),
+            format_value(r["main_relative_range"], ".2f"), r["second_factor"] or "-",
+            format_value(r["second_rho"]), ", ".join(r["changed_others"].split()) or "-",
+            "yes" if r["controls"] else "no"] for r in rows]
+  return f"{header}\n\n" + io.markdown_table(
+      ["dir", "value", "main factor", "rho", "mean abs rho", "finite", "range / resolution",
+       "second factor", "rho", "other factors that change", "controls"], cells, "rrlrrrrlrll")
 
 def grid_directions(rows: Sequence[dict], count: int, by: str) -> list[int]:
   """The `count` directions of a grid figure: the first rows (the method's ranking, by="rank")

@@ -72,11 +72,16 @@ def write_npz(path: str, **arrays) -> None:
     np.savez(temporary, **arrays)
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]],
-                   align: Sequence[str] | None = None) -> str:
-  """A Markdown table: `header` cells, one list of cells per row (str() of each), and per
-  column "l" (left, the default) or "r" (right-aligned, for numbers)."""
-  align = align or ["l"] * len(header)
-  rule = ["---:" if a == "r" else "---" for a in align]
-  lines = [header, rule, *[[str(cell) for cell in row] for row in rows]]
-  return "\n".join("| " + " | ".join(line) + " |" for line in lines) + "\n"
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> str:
+  """A GitHub-flavoured Markdown table with a trailing newline: `header` cells, one list of
+  cells per row (str() of each), and `align` one letter per column, "l" (left, the default)
+  or "r" (right-aligned, for numbers)."""
+  align = align or "l" * len(header)
+  if len(align) != len(header) or any(len(row) != len(header) for row in rows):
+    raise ValueError(f"a table of {len(header)} columns got alignment {align!r} and rows of "
+                     f"{sorted({len(row) for row in rows})} cells")
+  def line(cells):
+    return "|" + "|".join(f" {cell} " if str(cell) else " " for cell in cells) + "|"
+
+  rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
+  return "\n".join([line(header), rule, *(line(row) for row in rows)]) + "\n"

@@ -278,18 +278,14 @@ def _format_seeds(seeds: Sequence[Any]) -> str:
 
 def markdown_table(rows: Sequence[dict], group_by_config: bool = False) -> str:
   """The rows as a GitHub-flavoured markdown table (one line per row, trailing newline)."""
+  from cardiac_jax import io
   headers = (["Run"] + (["Seeds"] if group_by_config else []) + [c.header for c in COLUMNS]
              + ["Codes"])
-  lines = ["| " + " | ".join(headers) + " |",
-           "|" + "|".join(["---"] + ["---:"] * (len(headers) - 2) + ["---"]) + "|"]
-  for row in rows:
-    cells = [row["name"].replace("|", "\\|")]
-    if group_by_config:
-      cells.append(_format_seeds(row["seeds"]))
-    cells += [_format_cell(row[c.key], row[f"{c.key}_std"], c.digits) for c in COLUMNS]
-    cells.append(row["codes"] or "-")
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
+  cells = [[row["name"].replace("|", "\\|")]
+           + ([_format_seeds(row["seeds"])] if group_by_config else [])
+           + [_format_cell(row[c.key], row[f"{c.key}_std"], c.digits) for c in COLUMNS]
+           + [row["codes"] or "-"] for row in rows]
+  return io.markdown_table(headers, cells, "l" + "r" * (len(headers) - 2) + "l")
 
 
 def comparison_table(workdirs: Sequence[str], group_by_config: bool = False,

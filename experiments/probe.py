@@ -95,12 +95,11 @@ def _fmt(value: Optional[float], spec: str = ".3f") -> str:
 
 
 def markdown_table(rows: Sequence[dict], header: str) -> str:
-  lines = [header, "", "| trait | n_train | n_test | R^2 | r | alpha |",
-           "|---|---:|---:|---:|---:|---:|"]
-  for r in rows:
-    lines.append(f"| {r['trait']} | {r['n_train']} | {r['n_test']} | {_fmt(r['r2'])} | "
-                 f"{_fmt(r['pearson_r'])} | {r['alpha']:.3g} |")
-  return "\n".join(lines) + "\n"
+  """`header`, then one row per probed trait."""
+  cells = [[r["trait"], r["n_train"], r["n_test"], _fmt(r["r2"]), _fmt(r["pearson_r"]),
+            f"{r['alpha']:.3g}"] for r in rows]
+  return f"{header}\n\n" + io.markdown_table(
+      ["trait", "n_train", "n_test", "R^2", "r", "alpha"], cells, "lrrrrr")
 
 
 def run(workdir: str, latents: Optional[str] = None, traits: Sequence[str] = DEFAULT_TRAITS,

@@ -160,18 +160,17 @@ def markdown_table(result: dict) -> str:
   lines = [f"Latent reproducibility across {len(result['runs'])} runs on "
            f"{result['num_subjects']} common subjects: a latent of the reference run is "
            f"reproduced when its best |Pearson r| (|cosine|) with any latent of the other run "
-           f"is above {result['threshold']:g}.", "",
-           "| reference | other | D | by \\|r\\| | by \\|cos\\| | either | distinct partners "
-           "(\\|r\\|) | mean best \\|r\\| |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-  for p in result["pairs"]:
-    lines.append(f"| {p['reference']} | {p['other']} | {p['dim']} | {p['pearson']} | "
-                 f"{p['cosine']} | {p['either']} | {p['pearson_distinct_partners']} | "
-                 f"{p['mean_best_abs_pearson']:.3f} |")
+           f"is above {result['threshold']:g}.", ""]
+  cells = [[p["reference"], p["other"], p["dim"], p["pearson"], p["cosine"], p["either"],
+            p["pearson_distinct_partners"], f"{p['mean_best_abs_pearson']:.3f}"]
+           for p in result["pairs"]]
   m = result["mean"]
-  lines.append(f"| mean | | {m['dim']:g} | {m['pearson']:.1f} | {m['cosine']:.1f} | "
-               f"{m['either']:.1f} | {m['pearson_distinct_partners']:.1f} | "
-               f"{m['mean_best_abs_pearson']:.3f} |")
-  return "\n".join(lines) + "\n"
+  cells.append(["mean", "", f"{m['dim']:g}", f"{m['pearson']:.1f}", f"{m['cosine']:.1f}",
+                f"{m['either']:.1f}", f"{m['pearson_distinct_partners']:.1f}",
+                f"{m['mean_best_abs_pearson']:.3f}"])
+  return "\n".join(lines) + "\n" + io.markdown_table(
+      ["reference", "other", "D", "by \\|r\\|", "by \\|cos\\|", "either",
+       "distinct partners (\\|r\\|)", "mean best \\|r\\|"], cells, "llrrrrrr")
 
 
 def run(workdirs: Sequence[str], threshold: float = 0.5,

@@ -151,14 +151,13 @@ def table_rows(analysis: dict) -> list[dict]:
 
 
 def markdown_table(rows: Sequence[dict], header: str) -> str:
-  lines = [header, "",
-           "| Concept | Description | TCAV score (S > 0) | mean S | spread | CAV acc. | p-value "
-           "| significant |", "|---|---|---:|---:|---:|---:|---:|---|"]
-  for r in rows:
-    lines.append(f"| {r['concept']} | {r['description']} | {r['tcav_score']:.3f} | "
-                 f"{r['mean_derivative']:.3g} | {r['spread']:.3f} | {r['cav_accuracy']:.2f} | "
-                 f"{r['p_value']:.2g} | {'yes' if r['significant'] else 'no'} |")
-  return "\n".join(lines) + "\n"
+  """`header`, then Table 1: one row per concept."""
+  cells = [[r["concept"], r["description"], f"{r['tcav_score']:.3f}",
+            f"{r['mean_derivative']:.3g}", f"{r['spread']:.3f}", f"{r['cav_accuracy']:.2f}",
+            f"{r['p_value']:.2g}", "yes" if r["significant"] else "no"] for r in rows]
+  return f"{header}\n\n" + io.markdown_table(
+      ["Concept", "Description", "TCAV score (S > 0)", "mean S", "spread", "CAV acc.",
+       "p-value", "significant"], cells, "llrrrrrl")
 
 
 
