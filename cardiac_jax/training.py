@@ -365,8 +365,12 @@ def _train(config, workdir: str, data: DataSource, mesh, family, root_key,
         step += 1
         # The previous step's metrics are read while this one runs.
         late.push(step, metrics, batch.get("subject"))
-        log_now = step % tc.log_every == 0 or step == tc.num_steps
-        if log_now or _uses_state(tc, step, figure_examples is not None):
+        last = step == tc.num_steps
+        log_now = step % tc.log_every == 0 or last
+        eval_now = bool(tc.eval_every) and (step % tc.eval_every == 0 or last)
+        save_now = bool(tc.checkpoint_every) and step % tc.checkpoint_every == 0
+        figures_now = figure_examples is not None and (step % tc.figure_every == 0 or last)
+        if log_now or eval_now or save_now or figures_now:
           late.flush()  # Nothing reads or saves a state whose step has not been checked.
         if log_now:
           means = late.take_means(time.perf_counter() - interval_start)
@@ -375,16 +379,12 @@ def _train(config, workdir: str, data: DataSource, mesh, family, root_key,
             progress.set_postfix(loss=f"{means['loss']:.4g}",
                                  steps_s=f"{means['steps_per_sec']:.2f}")
           interval_start = time.perf_counter()
-        evaluated = None
-        if tc.eval_every and (step % tc.eval_every == 0 or step == tc.num_steps):
-          evaluated = run_eval(step)
+        evaluated = run_eval(step) if eval_now else None
         # An improving evaluation is saved at once: it becomes the best checkpoint.
-        if ((tc.checkpoint_every and step % tc.checkpoint_every == 0)
-            or checkpointer.improves(evaluated)):
+        if save_now or checkpointer.improves(evaluated):
           save(step, evaluated)
         checkpointer.poll()  # Seals a save that finished in the background.
-        if figure_examples is not None and (step % tc.figure_every == 0
-                                            or step == tc.num_steps):
+        if figures_now:
           os.makedirs(figures_dir, exist_ok=True)
           family.save_figures(state, figure_examples, figures_dir, step, figure_key)
         # Every process stops after the same step, or the collective save would hang.
@@ -412,13 +412,6 @@ def _train(config, workdir: str, data: DataSource, mesh, family, root_key,
     if progress is not None:
       progress.close()
   return state
-
-
-def _uses_state(tc, step: int, figures: bool) -> bool:
-  """Whether the loop evaluates, saves or draws the state after `step`."""
-  return bool((tc.eval_every and (step % tc.eval_every == 0 or step == tc.num_steps))
-              or (tc.checkpoint_every and step % tc.checkpoint_every == 0)
-              or (figures and (step % tc.figure_every == 0 or step == tc.num_steps)))
 
 
 class _LateMetrics:
