@@ -36,9 +36,7 @@ def family_class(name: str) -> type:
 
 def make_family(config, axis_name: str | None = None) -> ModelFamily:
   """The model family named by config.model.family (`axis_name`: replica axis under pmap)."""
-  family = family_class(config.model.family)(config, axis_name=axis_name)
-  family.name = config.model.family
-  return family
+  return family_class(config.model.family)(config, axis_name=axis_name)
 
 
 def supporting(hook: str) -> list[str]:

@@ -86,11 +86,16 @@ class FamilyBase:
   """Defaults of `ModelFamily` and the optional analysis hooks, which raise
   `FamilyCapabilityError` unless a family implements them."""
 
-  name = ""                      # config.model.family; set by `families.make_family`.
   eval_keep_keys: tuple[str, ...] = ()
   batch_fields: Optional[tuple[str, ...]] = None
   warmup_train_step: Optional[Step] = None
   warmup_steps = 0               # Steps of the first stage, when warmup_train_step is set.
+  config: Any                    # The run's config; every family keeps it.
+
+  @property
+  def name(self) -> str:
+    """The family's name in `families.FAMILIES` (config.model.family)."""
+    return str(self.config.model.family)
 
   def uses_warmup(self, step: int) -> bool:
     return self.warmup_train_step is not None and step < self.warmup_steps
