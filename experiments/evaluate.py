@@ -47,14 +47,19 @@ def evaluate(workdir: str, split: str = "test", step=None, options=None,
   """Evaluates the checkpoint `step` (see `common.parse_step`) of a run on `split` with
   `options` (`families.EvalOptions`); writes and returns `output_dir`/metrics.json (default
   DIR/eval)."""
+  return _evaluate(workdir, split, step, options, output_dir)[1]
+
+
+def _evaluate(workdir, split, step, options, output_dir):
+  """(the run's family, `evaluate`'s metrics)."""
   from cardiac_jax import families
   from experiments import common
   config, family, state, mesh = common.restore_run(workdir, step)
   header = {"workdir": os.path.abspath(workdir), "config": config.name, "split": split,
             "step": int(state.step), "step_selection": common.step_selection(step)}
-  return family.evaluate_run(state, mesh, common.split_batches(config, family, split),
-                             output_dir or os.path.join(workdir, "eval"),
-                             options or families.EvalOptions(), header)
+  return family, family.evaluate_run(state, mesh, common.split_batches(config, family, split),
+                                     output_dir or os.path.join(workdir, "eval"),
+                                     options or families.EvalOptions(), header)
 
 
 def main(argv):
@@ -66,8 +71,8 @@ def main(argv):
       codes=FLAGS.codes, code_seed=FLAGS.code_seed, traversal_steps=FLAGS.traversal_steps,
       traversal_range=FLAGS.traversal_range, inversion_steps=FLAGS.inversion_steps,
       decode_steps=FLAGS.decode_steps, ddim_grid=FLAGS.ddim_grid)
-  result = evaluate(FLAGS.workdir, FLAGS.split, FLAGS.step, options, FLAGS.output_dir)
-  print(families.make_family(common.load_run_config(FLAGS.workdir)).evaluation_summary(result))
+  family, result = _evaluate(FLAGS.workdir, FLAGS.split, FLAGS.step, options, FLAGS.output_dir)
+  print(family.evaluation_summary(result))
   output_dir = FLAGS.output_dir or os.path.join(FLAGS.workdir, "eval")
   print(f"Wrote {os.path.join(output_dir, 'metrics.json')}", file=sys.stderr)
 
