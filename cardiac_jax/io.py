@@ -8,6 +8,7 @@ import contextlib
 import csv
 import json
 import os
+import uuid
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -17,9 +18,10 @@ import numpy as np
 def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
   """Yields a temporary path beside `path` (ending in `suffix`, for writers that infer the
   format from the name, e.g. ".npz" or ".png"); moved onto `path` when the block succeeds,
-  removed when it fails. Creates the parent folder."""
+  removed when it fails. Creates the parent folder. The temporary name is unique to the
+  writer (process id and a random tag), so two processes writing one file never share it."""
   os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-  temporary = f"{path}.tmp{suffix}"
+  temporary = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{suffix}"
   try:
     yield temporary
     os.replace(temporary, path)

@@ -168,11 +168,8 @@ def read_batch(path: str, rows: int, dim: int):
 
 
 def write_batch(path: str, subjects, splits, z) -> None:
-  temporary = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-  with open(temporary, "wb") as f:
-    np.savez(f, subjects=np.asarray(subjects, dtype=str), splits=np.asarray(splits, dtype=str),
-             z=np.asarray(z, np.float32))
-  os.replace(temporary, path)
+  io.write_npz(path, subjects=np.asarray(subjects, dtype=str),
+               splits=np.asarray(splits, dtype=str), z=np.asarray(z, np.float32))
 
 
 def open_store(store: str, manifest: dict) -> None:

@@ -46,12 +46,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-import uuid
 from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
 from scipy import stats
+
+from cardiac_jax import io
 
 BLOM_OFFSET = 3.0 / 8.0
 LATENT_PREFIX = "z"
@@ -311,37 +312,16 @@ def _format_value(value: float) -> str:
   return MISSING if np.isnan(value) else f"{value:.9g}"
 
 
-def _atomic_writer(path: str):
-  """(temporary path, final path): write the first, then os.replace it onto the second."""
-  path = os.path.abspath(path)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  return f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp", path
-
-
-def _replace(temporary: str, path: str) -> None:
-  try:
-    os.replace(temporary, path)
-  finally:
-    if os.path.exists(temporary):
-      os.remove(temporary)
-
-
 def write_latents_csv(path: str, subjects: Sequence[str], splits: Sequence[str], z) -> None:
   """Writes the latents CSV (module docstring) atomically: a reader sees the old file or the
   complete new one, never a part."""
   z = _check_table(subjects, z, splits, path)
-  temporary, path = _atomic_writer(path)
-  try:
-    with open(temporary, "w", newline="", encoding="utf-8") as f:
-      writer = csv.writer(f, lineterminator="\n")
-      writer.writerow([*CSV_ID_COLUMNS, *latent_names(z.shape[1])])
-      for subject, split, row in zip(subjects, splits, z):
-        writer.writerow([subject, split, *(_format_value(v) for v in row)])
-  except BaseException:
-    if os.path.exists(temporary):
-      os.remove(temporary)
-    raise
-  _replace(temporary, path)
+  with io.atomic_path(path) as temporary, open(temporary, "w", newline="",
+                                               encoding="utf-8") as f:
+    writer = csv.writer(f, lineterminator="\n")
+    writer.writerow([*CSV_ID_COLUMNS, *latent_names(z.shape[1])])
+    for subject, split, row in zip(subjects, splits, z):
+      writer.writerow([subject, split, *(_format_value(v) for v in row)])
 
 
 def write_plink_phenotypes(path: str, subjects: Sequence[str], z) -> None:
@@ -353,17 +333,10 @@ def write_plink_phenotypes(path: str, subjects: Sequence[str], z) -> None:
   if bad:
     raise ValueError(f"{path}: subject ids with whitespace cannot be PLINK FID/IID, e.g. "
                      f"{bad[:3]}")
-  temporary, path = _atomic_writer(path)
-  try:
-    with open(temporary, "w", encoding="utf-8") as f:
-      f.write(" ".join([*PLINK_ID_COLUMNS, *latent_names(z.shape[1])]) + "\n")
-      for subject, row in zip(subjects, z):
-        f.write(" ".join([subject, subject, *(_format_value(v) for v in row)]) + "\n")
-  except BaseException:
-    if os.path.exists(temporary):
-      os.remove(temporary)
-    raise
-  _replace(temporary, path)
+  with io.atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as f:
+    f.write(" ".join([*PLINK_ID_COLUMNS, *latent_names(z.shape[1])]) + "\n")
+    for subject, row in zip(subjects, z):
+      f.write(" ".join([subject, subject, *(_format_value(v) for v in row)]) + "\n")
 
 
 def parse_number(text: Optional[str], where: str) -> float:

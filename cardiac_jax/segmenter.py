@@ -47,7 +47,7 @@ import optax
 from flax import linen as nn
 from flax import traverse_util
 
-from cardiac_jax import layers, structures
+from cardiac_jax import io, layers, structures
 
 Params = Any
 PARAMS_FILE = "params.npz"
@@ -301,14 +301,10 @@ def save_segmenter(directory: str, params: Params, config: SegmenterConfig,
   """Writes DIR/params.npz and DIR/segmenter.json (atomically); returns DIR."""
   os.makedirs(directory, exist_ok=True)
   flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
-  path = os.path.join(directory, PARAMS_FILE)
-  with open(path + ".tmp", "wb") as f:
-    np.savez(f, **{k: np.asarray(v) for k, v in flat.items()})
-  os.replace(path + ".tmp", path)
-  meta_path = os.path.join(directory, META_FILE)
-  with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump({"config": dataclasses.asdict(config), **(meta or {})}, f, indent=2)
-  os.replace(meta_path + ".tmp", meta_path)
+  io.write_npz(os.path.join(directory, PARAMS_FILE),
+               **{k: np.asarray(v) for k, v in flat.items()})
+  io.write_json(os.path.join(directory, META_FILE),
+                {"config": dataclasses.asdict(config), **(meta or {})})
   return directory
 
 

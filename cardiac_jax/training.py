@@ -168,9 +168,7 @@ def evaluate(family, state: TrainState, batches: Iterable[dict], mesh,
           rows[k] = _host(np.asarray(batch[k]))[mask] if jax.process_count() > 1 else (
               np.asarray(batch[k])[mask])
       if path:
-        with open(path + ".tmp", "wb") as f:
-          np.savez(f, **rows)
-        os.replace(path + ".tmp", path)
+        io.write_npz(path, **rows)
     for k in family.eval_metric_keys:
       sums[k] = sums.get(k, 0.0) + rows[k].sum(axis=0)
     count += len(rows[family.eval_metric_keys[0]])
