@@ -261,3 +261,206 @@ def test_activation_pattern_follows_the_codes_not_the_filter():
     association.activation_pattern(z_std, np.zeros(3))
   with pytest.raises(ValueError, match="D = 2"):
     association.activation_pattern(z_std, np.ones(2))
+
+
+# ----------------------------------------------------------------------------- frozen numbers
+# The values below were computed by the hand-written least squares, Newton-Raphson and BH of
+# this module before they were replaced by statsmodels; the tests fail if the library code
+# drifts from them. Rows: (beta, se, stat, p, n, converged, iterations, note).
+
+NAN = float("nan")
+_RANK_NOTE = ("rank-deficient design: the latent is constant or collinear with the "
+              "covariates")
+# Under separation the estimate does not exist: beta and the iteration count are where a
+# diverging path was stopped, so only the sign of beta and the note's start are frozen.
+_SEPARATION_NOTE = "separation: fitted logits reach"
+_SEPARATED = ("complete_separation", "quasi_separation")
+
+
+def _ols_cases() -> dict:
+  """name -> (y, x, covariates) of the frozen OLS comparisons."""
+  cases = {}
+  for seed, effect in [(0, 0.0), (1, 0.3), (2, 1.5), (3, -0.8)]:
+    rng = np.random.default_rng(100 + seed)
+    x = rng.normal(size=40)
+    cases[f"plain_seed{seed}"] = (effect * x + rng.normal(size=40) + 3.0, x, None)
+  for seed in (4, 5, 6):
+    rng = np.random.default_rng(100 + seed)
+    c = rng.normal(size=(60, 2))
+    x = 0.5 * c[:, 0] + rng.normal(size=60)
+    y = 0.25 * x + c @ np.array([1.0, -2.0]) + rng.normal(size=60)
+    cases[f"covariates_seed{seed}"] = (y, x, c)
+  rng = np.random.default_rng(107)
+  c = rng.normal(size=30)
+  x = rng.normal(size=30)
+  cases["vector_covariate"] = (x - c + rng.normal(size=30), x, c)
+  cases["tiny_n3"] = (np.array([1.0, 2.5, 2.0]), np.array([0.0, 1.0, 2.0]), None)
+  cases["tiny_n4_covariate"] = (np.array([1.0, 2.5, 2.0, 4.0]), np.array([0.0, 1.0, 2.0, 3.5]),
+                                np.array([1.0, -1.0, 0.5, 0.0]))
+  cases["too_few"] = (np.array([1.0, 2.0]), np.array([0.0, 1.0]), None)
+  rng = np.random.default_rng(108)
+  y = rng.normal(size=20)
+  c = rng.normal(size=20)
+  cases["constant_latent"] = (y, np.ones(20), None)
+  cases["collinear_latent"] = (y, 2.0 * c + 1.0, c)
+  cases["zero_covariate"] = (y, c, np.zeros(20))
+  cases["perfect_fit"] = (np.array([1.0, 3.0, 5.0, 7.0]), np.array([0.0, 1.0, 2.0, 3.0]), None)
+  return cases
+
+
+def _logistic_cases() -> dict:
+  """name -> (y, x, covariates) of the frozen logistic comparisons."""
+  cases = {}
+  for seed, effect in [(0, 0.0), (1, 0.5), (2, 1.2), (3, -0.7)]:
+    rng = np.random.default_rng(200 + seed)
+    x = rng.normal(size=200)
+    y = (rng.random(200) < 1.0 / (1.0 + np.exp(-(0.3 + effect * x)))).astype(float)
+    cases[f"plain_seed{seed}"] = (y, x, None)
+  for seed in (4, 5, 6):
+    rng = np.random.default_rng(200 + seed)
+    c = rng.normal(size=(150, 2))
+    x = 0.4 * c[:, 1] + rng.normal(size=150)
+    logit = -0.5 + 0.6 * x + c @ np.array([0.6, -0.3])
+    y = (rng.random(150) < 1.0 / (1.0 + np.exp(-logit))).astype(float)
+    cases[f"covariates_seed{seed}"] = (y, x, c)
+  cases["tiny_n6"] = (np.array([0.0, 1.0, 0.0, 1.0, 1.0, 0.0]),
+                      np.array([0.1, 0.4, 0.5, 0.9, 1.3, 1.1]), None)
+  x = np.arange(12, dtype=float)
+  cases["complete_separation"] = ((x > 5.5).astype(float), x, None)
+  cases["quasi_separation"] = (np.r_[(x > 5.0).astype(float), 1.0], np.r_[x, 5.0], None)
+  cases["one_class"] = (np.ones(12), x, None)
+  cases["too_few"] = (np.array([0.0, 1.0]), np.array([0.0, 1.0]), None)
+  rng = np.random.default_rng(207)
+  c = rng.normal(size=30)
+  y = (rng.random(30) < 0.5).astype(float)
+  cases["constant_latent"] = (y, np.full(30, 2.0), None)
+  cases["collinear_latent"] = (y, 3.0 * c - 1.0, c)
+  return cases
+
+
+_FROZEN_OLS = {
+    "plain_seed0": (0.09276995422180406, 0.16225860953173357,
+        0.5717413361887628, 0.5708640011508406, 40, True, 0, ''),
+    "plain_seed1": (0.13400083890443543, 0.18225068145388146,
+        0.7352556261269417, 0.46669773929336233, 40, True, 0, ''),
+    "plain_seed2": (1.4413367951396723, 0.12448248452803576,
+        11.578631327968527, 4.989956593549237e-14, 40, True, 0, ''),
+    "plain_seed3": (-0.6950799685867342, 0.16798372951737542,
+        -4.137781501718822, 0.00018723149782845687, 40, True, 0, ''),
+    "covariates_seed4": (0.048384169245921156, 0.1627156375498919,
+        0.2973541447796349, 0.7672964288549, 60, True, 0, ''),
+    "covariates_seed5": (0.02721310306767631, 0.12009892886911296,
+        0.22658905723742034, 0.8215683856352893, 60, True, 0, ''),
+    "covariates_seed6": (0.5691686227052024, 0.16645242532066967,
+        3.4194072066459964, 0.0011771224253198408, 60, True, 0, ''),
+    "vector_covariate": (0.8683294270653472, 0.1549287206743938,
+        5.604702751598092, 6.031351700904924e-06, 30, True, 0, ''),
+    "tiny_n3": (0.5, 0.5773502691896258,
+        0.8660254037844385, 0.5456289483429901, 3, True, 0, ''),
+    "tiny_n4_covariate": (0.6946308724832215, 0.21837878393991877,
+        3.1808532859782344, 0.19391288495980277, 4, True, 0, ''),
+    "too_few": (NAN, NAN,
+        NAN, NAN, 2, True, 0, '2 subjects for 2 coefficients: no residual degrees of freedom'),
+    "constant_latent": (NAN, NAN,
+        NAN, NAN, 20, True, 0, _RANK_NOTE),
+    "collinear_latent": (NAN, NAN,
+        NAN, NAN, 20, True, 0, _RANK_NOTE),
+    "zero_covariate": (NAN, NAN,
+        NAN, NAN, 20, True, 0, _RANK_NOTE),
+    "perfect_fit": (2.0, NAN,
+        NAN, NAN, 4, True, 0, 'perfect fit: zero residual variance'),
+}
+
+_FROZEN_LOGISTIC = {
+    "plain_seed0": (-0.14923813291750895, 0.13570798320388086,
+        -1.099700470040153, 0.27146264990068814, 200, True, 3, ''),
+    "plain_seed1": (0.5832221365294424, 0.15485682724808186,
+        3.7662022843533784, 0.000165749517575175, 200, True, 4, ''),
+    "plain_seed2": (1.5595927899626243, 0.23580015715718175,
+        6.614044743502936, 3.739586286830874e-11, 200, True, 5, ''),
+    "plain_seed3": (-0.8885299638905736, 0.17922618126632786,
+        -4.957590222659652, 7.137290077828578e-07, 200, True, 4, ''),
+    "covariates_seed4": (0.2156451890316355, 0.17553925379562854,
+        1.2284727453763717, 0.21926955445675222, 150, True, 4, ''),
+    "covariates_seed5": (1.10313253348844, 0.2293742090421884,
+        4.8093137327638384, 1.5144934679044948e-06, 150, True, 5, ''),
+    "covariates_seed6": (0.6700984221130598, 0.2023682068155864,
+        3.311283094600455, 0.0009286920520816072, 150, True, 4, ''),
+    "tiny_n6": (1.8506677345447873, 2.186702824150115,
+        0.8463279573730228, 0.3973698157387656, 6, True, 4, ''),
+    "complete_separation": (7.123530717200769, NAN,
+        NAN, NAN, 12, False, 7, _SEPARATION_NOTE),
+    "quasi_separation": (5.607788084613047, NAN,
+        NAN, NAN, 13, False, 8, _SEPARATION_NOTE),
+    "one_class": (NAN, NAN,
+        NAN, NAN, 12, True, 0, 'only one class (12 cases of 12): nothing to test'),
+    "too_few": (NAN, NAN,
+        NAN, NAN, 2, True, 0, _RANK_NOTE),
+    "constant_latent": (NAN, NAN,
+        NAN, NAN, 30, True, 0, _RANK_NOTE),
+    "collinear_latent": (NAN, NAN,
+        NAN, NAN, 30, True, 0, _RANK_NOTE),
+}
+
+_FROZEN_BH_P = [
+    0.6369616873214543, 0.2697867137638703, 0.04097352393619469, 0.016527635528529094,
+    0.8132702392002724, 0.9127555772777217, 0.6066357757671799, 0.7294965609839984,
+    0.5436249914654229, 0.9350724237877682, 0.8158535541215322, 0.002738500170148095,
+    0.39729570692344424, 1.4352142963366408e-09, 0.15090616114364183, 2.9374623240489504e-05,
+    0.4136232679474252, 0.02520020919363657, NAN, 0.02, 0.02, 0.0, 1.0]
+_FROZEN_BH_Q = [
+    0.8758223200669997, 0.5395734275277406, 0.10015750295514257, 0.06285714285714286,
+    0.9446725363512477, 0.9795996820633762, 0.8758223200669997, 0.9440543730381156,
+    0.8542678437313789, 0.9795996820633762, 0.9446725363512477, 0.015061750935814522,
+    0.6999778380648733, 1.578735725970305e-08, 0.33199355451601203, 0.0002154139037635897,
+    0.6999778380648733, 0.06930057528250057, NAN, 0.06285714285714286, 0.06285714285714286, 0.0,
+    1.0]
+
+
+def _assert_matches(result, expected, rtol):
+  beta, se, stat, p, n, converged, iterations, note = expected
+  assert (result.n, result.converged, result.iterations) == (n, converged, iterations)
+  assert result.note == note
+  np.testing.assert_allclose([result.beta, result.se, result.stat, result.p],
+                             [beta, se, stat, p], rtol=rtol, atol=0.0, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", sorted(_FROZEN_OLS))
+def test_ols_matches_the_frozen_numbers(name):
+  y, x, covariates = _ols_cases()[name]
+  _assert_matches(association.ols_association(y, x, covariates), _FROZEN_OLS[name], rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(_FROZEN_LOGISTIC))
+def test_logistic_matches_the_frozen_numbers(name):
+  y, x, covariates = _logistic_cases()[name]
+  result = association.logistic_association(y, x, covariates)
+  expected = _FROZEN_LOGISTIC[name]
+  if name in _SEPARATED:
+    assert result.note.startswith(_SEPARATION_NOTE) and not result.converged
+    assert np.sign(result.beta) == np.sign(expected[0]) and result.iterations >= 1
+    assert np.all(np.isnan([result.se, result.stat, result.p])) and result.n == expected[4]
+    return
+  # The old Newton stopped at a relative deviance change of 1e-10: its estimates are exact to
+  # about 1e-9, so that is the tolerance of the comparison.
+  _assert_matches(result, expected, rtol=1e-7)
+
+
+def test_benjamini_hochberg_matches_the_frozen_numbers():
+  q = association.benjamini_hochberg(_FROZEN_BH_P)
+  np.testing.assert_allclose(q, _FROZEN_BH_Q, rtol=1e-12, atol=0.0, equal_nan=True)
+  # Any shape: the same q-values, in the shape of p.
+  grid = association.benjamini_hochberg(np.reshape(_FROZEN_BH_P[:22], (2, 11)))
+  assert grid.shape == (2, 11)
+  np.testing.assert_allclose(grid.ravel(), association.benjamini_hochberg(_FROZEN_BH_P[:22]),
+                             rtol=0.0, atol=0.0, equal_nan=True)
+
+
+@pytest.mark.parametrize("test", [association.ols_association, association.logistic_association])
+def test_non_finite_values_are_refused(test):
+  y = np.array([0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+  x = np.array([0.1, 0.4, 0.5, 0.9, 1.3, 1.1])
+  for bad_y, bad_x, bad_c in [(np.r_[y[:-1], np.nan], x, None), (y, np.r_[x[:-1], np.inf], None),
+                              (y, x, np.r_[x[:-1], np.nan])]:
+    with pytest.raises(ValueError, match="non-finite"):
+      test(bad_y, bad_x, bad_c)
