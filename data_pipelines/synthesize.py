@@ -4,8 +4,9 @@
       [--num_workers=W] [--preview_png=P]
 
 Writes D/training/patientXXX/ (4D image and labels, ED/ES frames, Info.cfg) and
-D/parameters.csv (see `data_pipelines.synthetic`), skipping subjects already complete, then
-prints a per-group summary of the target volumes, ejection fractions and wall thicknesses.
+D/parameters.csv (see `data_pipelines.synthetic`) with one worker process per core (default),
+skipping subjects already complete, with a bar of the subjects done; then prints a per-group
+summary of the target volumes, ejection fractions and wall thicknesses.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Root of the cohort to wri
                                   required=True)
 _NUM_SUBJECTS = flags.DEFINE_integer("num_subjects", 100, "Number of subjects.")
 _SEED = flags.DEFINE_integer("seed", 0, "Cohort seed.")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Parallel worker processes.")
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", 0, "Parallel worker processes (0: one per "
+                                    "CPU core, at most 8).")
 _PREVIEW_PNG = flags.DEFINE_string(
     "preview_png", None, "If set, also write a montage of one subject per group to this PNG.")
 
@@ -52,8 +54,9 @@ def summary_lines(subjects) -> list[str]:
 def main(argv):
   del argv
   start = time.time()
+  num_workers = _NUM_WORKERS.value or min(os.cpu_count() or 1, 8)
   subjects = synthetic.synthesize_cohort(_OUTPUT_DIR.value, _NUM_SUBJECTS.value, _SEED.value,
-                                         num_workers=_NUM_WORKERS.value)
+                                         num_workers=num_workers)
   elapsed = time.time() - start
   print(f"Synthetic cohort in {os.path.abspath(_OUTPUT_DIR.value)} "
         f"({elapsed:.1f} s, {elapsed / len(subjects):.2f} s per subject)")

@@ -124,8 +124,28 @@ def _slab_halves(radius, pixel):
   return np.stack(radii), np.stack(edges)
 
 
+# The last geometry computed, keyed by its parameters without the heart's in-plane position
+# (which the boundaries do not depend on): sampling places the heart from its extent and
+# rendering draws it, so every subject needs the same tables twice.
+_LAST_GEOMETRY: list = [None, None]
+
+
 def short_axis_geometry(params: SubjectParameters) -> ShortAxisGeometry:
-  """The heart's boundaries on the short-axis stack of `params` (see the module docstring)."""
+  """The heart's boundaries on the short-axis stack of `params` (see the module docstring).
+
+  The tables are read-only: the last result is reused for parameters that differ only in
+  lv_centre_x_mm / lv_centre_y_mm.
+  """
+  key = repr(dataclasses.replace(params, lv_centre_x_mm=0.0, lv_centre_y_mm=0.0))
+  if _LAST_GEOMETRY[0] != key:
+    geometry = _compute_short_axis_geometry(params)
+    for field in dataclasses.fields(geometry):
+      getattr(geometry, field.name).setflags(write=False)
+    _LAST_GEOMETRY[:] = [key, geometry]
+  return _LAST_GEOMETRY[1]
+
+
+def _compute_short_axis_geometry(params: SubjectParameters) -> ShortAxisGeometry:
   p = params
   h = p.slice_thickness_mm
   theta = np.arange(NUM_ANGLES) * (_TWO_PI / NUM_ANGLES)

@@ -51,6 +51,16 @@ def _nifti(data: np.ndarray, affine: np.ndarray, params: SubjectParameters,
   return image
 
 
+def stored_intensities(image: np.ndarray) -> np.ndarray:
+  """The int16 voxels of a float image as stored: rounded, clipped to [0, int16 max], in
+  Fortran order, the NIfTI order, so the writer copies contiguous slabs instead of transposing
+  the volume slice by slice (same values and bytes)."""
+  rounded = np.rint(image)
+  np.maximum(rounded, 0, out=rounded)
+  np.minimum(rounded, np.iinfo(np.int16).max, out=rounded)
+  return np.asfortranarray(rounded.astype(np.int16))
+
+
 def info_cfg_text(params: SubjectParameters) -> str:
   """Contents of the subject's Info.cfg, ACDC key names."""
   return (f"ED: {params.ed_frame}\nES: {params.es_frame}\nGroup: {params.group}\n"
@@ -74,16 +84,16 @@ def write_acdc_subject(root: str, params: SubjectParameters, image: np.ndarray,
   staging = os.path.join(root, STAGING_DIR, f"{params.subject}-{uuid.uuid4().hex[:8]}")
   os.makedirs(staging)
   try:
-    stored = np.clip(np.rint(image), 0, np.iinfo(np.int16).max).astype(np.int16)
-    labels = labels.astype(np.uint8)
+    stored = stored_intensities(image)
+    labels = np.asfortranarray(labels.astype(np.uint8))
     s = params.subject
     nib.save(_nifti(stored, affine, params), os.path.join(staging, f"{s}_4d.nii.gz"))
     nib.save(_nifti(labels, affine, params), os.path.join(staging, f"{s}_4d_gt.nii.gz"))
     for frame in sorted({params.ed_frame, params.es_frame}):
       t = frame - 1
-      nib.save(_nifti(np.ascontiguousarray(stored[..., t]), affine, params),
+      nib.save(_nifti(stored[..., t], affine, params),
                os.path.join(staging, f"{s}_frame{frame:02d}.nii.gz"))
-      nib.save(_nifti(np.ascontiguousarray(labels[..., t]), affine, params),
+      nib.save(_nifti(labels[..., t], affine, params),
                os.path.join(staging, f"{s}_frame{frame:02d}_gt.nii.gz"))
     with open(os.path.join(staging, "Info.cfg"), "w", encoding="utf-8") as f:
       f.write(info_cfg_text(params))
@@ -132,10 +142,11 @@ def write_long_axis_subject(root: str, params: SubjectParameters, image: np.ndar
   directory = os.path.join(root, PARTITION, params.subject)
   os.makedirs(directory, exist_ok=True)
   spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
-  stored = np.clip(np.rint(image), 0, np.iinfo(np.int16).max).astype(np.int16)
+  stored = stored_intensities(image)
   image_name, labels_name = long_axis_files(params)
   paths = []
-  for name, data in ((labels_name, labels.astype(np.uint8)), (image_name, stored)):
+  labels = np.asfortranarray(labels.astype(np.uint8))
+  for name, data in ((labels_name, labels), (image_name, stored)):
     final = os.path.join(directory, name)
     temporary = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:8]}.nii.gz")
     try:
