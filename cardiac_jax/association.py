@@ -1,27 +1,33 @@
 """Association tests of latent phenotypes with traits, and sparse trait directions in latent
 space (the analyses of the UK Biobank DiffAE latent-phenotype study, Ometto et al. 2024).
-numpy / scipy / scikit-learn only.
+The regressions and the false-discovery control are statsmodels', the sparse models
+scikit-learn's; this module adds the checks and the NaN-with-a-note reporting around them.
 
 Per-latent tests (one latent x, one trait y, n subjects, covariates C (n, c)):
 - `ols_association` (continuous trait): y = b0 + b x + C g + e by least squares with the
-  design X = [1, x, C] (k = 2 + c columns);
+  design X = [1, x, C] (k = 2 + c columns) (statsmodels OLS);
     sigma^2 = RSS / (n - k),  se(b) = sqrt(sigma^2 [(X'X)^-1]_xx),  t = b / se(b),
     p = 2 P(T_{n-k} > |t|)  (Student t, two-sided).
   Without covariates this is the P-value of the Pearson correlation (scipy.stats.linregress).
+  `cov_type="HC3"` (or HC0..HC2) replaces sigma^2 (X'X)^-1 by a heteroscedasticity-consistent
+  sandwich, keeping the t reference distribution.
 - `logistic_association` (binary trait y in {0, 1}): logit P(y = 1) = b0 + b x + C g, maximum
-  likelihood by Newton-Raphson (IRLS) with step halving when the deviance
-  D = -2 sum [y log pi + (1 - y) log(1 - pi)] would increase; converged when
-  |D_old - D| / (|D| + 0.1) < tol (R's glm rule). Wald test: se(b) = sqrt([(X' W X)^-1]_xx),
-  W = diag(pi (1 - pi)), z = b / se(b), p = 2 P(N(0, 1) > |z|).
+  likelihood by IRLS (Newton-Raphson for this canonical link; statsmodels GLM, Binomial)
+  from the intercept-only optimum; converged when |D_old - D| < tol (|D| + 0.1) with the
+  deviance D = -2 sum [y log pi + (1 - y) log(1 - pi)] (R's glm rule). Wald test:
+  se(b) = sqrt([(X' W X)^-1]_xx), W = diag(pi (1 - pi)), z = b / se(b), p = 2 P(N(0, 1) > |z|)
+  (`cov_type="HC0"`: the sandwich instead).
   Separation (some linear combination of the columns splits the classes, so the likelihood
   has no maximum and b runs to infinity) shows as fitted logits beyond +-`SEPARATION_LOGIT`
   or as no convergence within `max_iter` iterations: the test is then reported with
-  converged = False and se, z and p NaN (a Wald P-value at a diverging b is meaningless).
-- A latent that is constant or collinear with the covariates (rank-deficient design) gives
-  NaN statistics, never an exception.
+  converged = False and se, z and p NaN (a Wald P-value at a diverging b is meaningless); its
+  beta is the last iterate's, a point on a diverging path (only its sign means something).
+- A latent that is constant or collinear with the covariates (rank-deficient design), too
+  few subjects (n <= k) or a perfect fit give NaN statistics with a note, never an exception
+  (statsmodels would fit a rank-deficient design through a pseudo-inverse and report numbers).
 
-Multiple testing: `benjamini_hochberg` adjusts P-values over all tests (NaN P-values are not
-tests: they keep q = NaN and do not count in m),
+Multiple testing: `benjamini_hochberg` adjusts P-values over all tests (statsmodels
+multipletests, fdr_bh; NaN P-values are not tests: they keep q = NaN and do not count in m),
   q_(i) = min_{j >= i} min(1, m p_(j) / j)   (p sorted ascending, i = 1..m),
 so q is monotone in p and q >= p; test i is a discovery at level alpha when q_i < alpha.
 `bh_threshold` is the P-value line of those discoveries (for Manhattan plots).
@@ -62,7 +68,6 @@ import dataclasses
 import warnings
 
 import numpy as np
-from scipy import linalg, special, stats
 
 # |logit| beyond which a fitted probability is numerically 0 or 1 (1 - sigmoid(30) ~ 1e-13):
 # a sign of (quasi-)complete separation.
@@ -70,6 +75,8 @@ SEPARATION_LOGIT = 30.0
 DEFAULT_FOLDS = 5
 LOGISTIC_NUM_CS = 12
 KINDS = ("linear", "logistic")
+OLS_COV_TYPES = ("nonrobust", "HC0", "HC1", "HC2", "HC3")
+LOGISTIC_COV_TYPES = ("nonrobust", "HC0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,18 +136,25 @@ def _nan_test(n: int, note: str, beta: float = np.nan, converged: bool = True,
                          converged=converged, iterations=iterations, note=note)
 
 
-def ols_association(y, x, covariates=None) -> AssociationTest:
-  """t-test of the coefficient of `x` in the least-squares fit y ~ 1 + x + covariates.
+def ols_association(y, x, covariates=None, cov_type: str = "nonrobust") -> AssociationTest:
+  """t-test of the coefficient of `x` in the least-squares fit y ~ 1 + x + covariates
+  (statsmodels OLS).
 
   Args:
     y: (n,) trait values.
     x: (n,) latent values.
     covariates: optional (n, c) or (n,) covariates (intercept added here).
+    cov_type: covariance of the coefficients: "nonrobust" (sigma^2 (X'X)^-1, the classical
+      test) or a heteroscedasticity-consistent sandwich "HC0".."HC3" (HC3, MacKinnon & White
+      1985, for small n); the t distribution with n - k degrees of freedom either way.
 
   Returns:
-    AssociationTest (module docstring); NaN statistics when n <= k or the design is rank
-    deficient (x constant or collinear with the covariates).
+    AssociationTest (module docstring); NaN statistics when n <= k, the design is rank
+    deficient (x constant or collinear with the covariates) or the fit is perfect.
   """
+  import statsmodels.api as sm  # pylint: disable=g-import-not-at-top
+  if cov_type not in OLS_COV_TYPES:
+    raise ValueError(f"cov_type must be one of {OLS_COV_TYPES}, got {cov_type!r}")
   y, design = _design(y, x, covariates)
   n, k = design.shape
   if n <= k:
@@ -148,43 +162,41 @@ def ols_association(y, x, covariates=None) -> AssociationTest:
   if not _full_rank(design):
     return _nan_test(n, "rank-deficient design: the latent is constant or collinear with the "
                      "covariates")
-  q, r = np.linalg.qr(design)
-  coef = linalg.solve_triangular(r, q.T @ y)
-  residual = y - design @ coef
-  dof = n - k
-  sigma2 = float(residual @ residual) / dof
-  r_inv = linalg.solve_triangular(r, np.eye(k))
-  # (X'X)^-1 = R^-1 R^-T; its x-x entry is the squared norm of row 1 of R^-1.
-  se = float(np.sqrt(sigma2 * np.sum(r_inv[1] ** 2)))
-  beta = float(coef[1])
-  if se == 0.0:
+  fit = sm.OLS(y, design).fit(cov_type=cov_type, use_t=True)
+  beta = float(fit.params[1])
+  # Residuals at rounding level (|e_i| ~ eps |y_i|): the standard error would be rounding noise.
+  if fit.ssr <= (n * np.finfo(np.float64).eps) ** 2 * float(y @ y):
     return _nan_test(n, "perfect fit: zero residual variance", beta)
-  t = beta / se
-  return AssociationTest(beta=beta, se=se, stat=float(t), p=float(2.0 * stats.t.sf(abs(t), dof)),
+  se = float(fit.bse[1])
+  if not (np.isfinite(se) and se > 0.0):
+    return _nan_test(n, f"{cov_type} standard error undefined (a subject with leverage 1)", beta)
+  return AssociationTest(beta=beta, se=se, stat=float(fit.tvalues[1]), p=float(fit.pvalues[1]),
                          n=n)
 
 
-def _deviance(y: np.ndarray, eta: np.ndarray) -> float:
-  # -2 log-likelihood with log(sigmoid) evaluated stably: log pi = -log(1 + e^-eta).
-  return float(2.0 * np.sum(np.logaddexp(0.0, -eta) * y + np.logaddexp(0.0, eta) * (1.0 - y)))
-
-
-def logistic_association(y, x, covariates=None, max_iter: int = 50,
-                         tol: float = 1e-10) -> AssociationTest:
-  """Wald test of the coefficient of `x` in the logistic regression y ~ 1 + x + covariates.
+def logistic_association(y, x, covariates=None, max_iter: int = 50, tol: float = 1e-10,
+                         cov_type: str = "nonrobust") -> AssociationTest:
+  """Wald test of the coefficient of `x` in the logistic regression y ~ 1 + x + covariates
+  (statsmodels GLM, Binomial family, IRLS).
 
   Args:
     y: (n,) binary trait in {0, 1}.
     x: (n,) latent values.
     covariates: optional (n, c) or (n,) covariates (intercept added here).
-    max_iter: Newton iterations before the fit is reported as not converged.
+    max_iter: IRLS iterations before the fit is reported as not converged.
     tol: relative deviance change of convergence.
+    cov_type: "nonrobust" (inverse Fisher information) or "HC0" (the sandwich; statsmodels'
+      GLM gives HC1..HC3 the HC0 value, so they are not offered).
 
   Returns:
     AssociationTest; converged = False with NaN se, stat and p (and the last beta) when the
-    classes are separated or Newton did not converge; NaN statistics when y has one class only
+    classes are separated or IRLS did not converge; NaN statistics when y has one class only
     or the design is rank deficient.
   """
+  import statsmodels.api as sm  # pylint: disable=g-import-not-at-top
+  from statsmodels.tools import sm_exceptions  # pylint: disable=g-import-not-at-top
+  if cov_type not in LOGISTIC_COV_TYPES:
+    raise ValueError(f"cov_type must be one of {LOGISTIC_COV_TYPES}, got {cov_type!r}")
   y, design = _design(y, x, covariates)
   n, k = design.shape
   if not np.all((y == 0) | (y == 1)):
@@ -195,63 +207,47 @@ def logistic_association(y, x, covariates=None, max_iter: int = 50,
   if n <= k or not _full_rank(design):
     return _nan_test(n, "rank-deficient design: the latent is constant or collinear with the "
                      "covariates")
-  coef = np.zeros(k)
-  # Start at the intercept-only maximum: the log odds of the case fraction.
-  coef[0] = np.log(cases / (n - cases))
-  eta = design @ coef
-  deviance = _deviance(y, eta)
-  converged, separated = False, False
-  iteration = 0
-  for iteration in range(1, max_iter + 1):
-    mu = special.expit(eta)
-    weights = mu * (1.0 - mu)
-    hessian = design.T @ (design * weights[:, None])
-    try:
-      step = np.linalg.solve(hessian, design.T @ (y - mu))
-    except np.linalg.LinAlgError:
-      break
-    # Step halving keeps every accepted iterate at a lower deviance.
-    scale = 1.0
-    for _ in range(30):
-      candidate = coef + scale * step
-      new_eta = design @ candidate
-      new_deviance = _deviance(y, new_eta)
-      if new_deviance <= deviance + 1e-12 * (abs(deviance) + 1.0):
-        break
-      scale /= 2.0
-    coef, eta = candidate, new_eta
-    change = abs(deviance - new_deviance) / (abs(new_deviance) + 0.1)
-    deviance = new_deviance
-    if np.max(np.abs(eta)) > SEPARATION_LOGIT:
-      separated = True
-      break
-    if change < tol:
-      converged = True
-      break
-  beta = float(coef[1])
-  if separated:
+  # Start at the intercept-only maximum (the log odds of the case fraction), and stop on R's
+  # glm rule |D_old - D| < tol (|D| + 0.1), i.e. atol = 0.1 tol and rtol = tol.
+  start = np.zeros(k)
+  start[0] = np.log(cases / (n - cases))
+  model = sm.GLM(y, design, family=sm.families.Binomial())
+  with warnings.catch_warnings(), np.errstate(over="ignore"):
+    # Separation (diverging logits, exp overflowing in the link) is detected below from the
+    # fitted logits and reported in the note.
+    warnings.simplefilter("ignore", sm_exceptions.PerfectSeparationWarning)
+    warnings.simplefilter("ignore", sm_exceptions.ConvergenceWarning)
+    fit = model.fit(start_params=start, maxiter=max_iter, tol=tol, atol=0.1 * tol, rtol=tol,
+                    cov_type=cov_type)
+  iterations = int(fit.fit_history["iteration"])
+  beta = float(fit.params[1])
+  eta = design @ fit.params
+  if np.max(np.abs(eta)) > SEPARATION_LOGIT:
     return _nan_test(n, f"separation: fitted logits reach {np.max(np.abs(eta)):.0f} (fitted "
                      "probabilities numerically 0 or 1); the maximum-likelihood estimate does "
-                     "not exist", beta, converged=False, iterations=iteration)
-  if not converged:
+                     "not exist", beta, converged=False, iterations=iterations)
+  if not fit.converged:
     return _nan_test(n, f"Newton did not converge in {max_iter} iterations", beta,
-                     converged=False, iterations=iteration)
-  mu = special.expit(eta)
-  hessian = design.T @ (design * (mu * (1.0 - mu))[:, None])
-  try:
-    covariance = np.linalg.inv(hessian)
-  except np.linalg.LinAlgError:
+                     converged=False, iterations=iterations)
+  # statsmodels (like R's glm) takes the covariance from the last IRLS step, whose weights
+  # pi (1 - pi) are those of the step's start, not of the optimum; at tol = 1e-10 that moved se
+  # by up to 2e-4 relative. One more step from the optimum puts them at the optimum.
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", sm_exceptions.ConvergenceWarning)
+    fit = model.fit(start_params=fit.params, maxiter=1, cov_type=cov_type)
+  beta = float(fit.params[1])
+  se = float(fit.bse[1])
+  if not (np.isfinite(se) and se > 0.0):
     return _nan_test(n, "singular information matrix at the optimum", beta, converged=False,
-                     iterations=iteration)
-  se = float(np.sqrt(covariance[1, 1]))
-  z = beta / se
-  return AssociationTest(beta=beta, se=se, stat=float(z), p=float(2.0 * stats.norm.sf(abs(z))),
-                         n=n, converged=True, iterations=iteration)
+                     iterations=iterations)
+  return AssociationTest(beta=beta, se=se, stat=float(fit.tvalues[1]), p=float(fit.pvalues[1]),
+                         n=n, converged=True, iterations=iterations)
 
 
 def benjamini_hochberg(p) -> np.ndarray:
-  """Benjamini-Hochberg adjusted P-values (q-values) of any shape; NaN stays NaN and is not
-  counted among the m tests (module docstring)."""
+  """Benjamini-Hochberg adjusted P-values (q-values) of any shape (statsmodels multipletests,
+  fdr_bh); NaN stays NaN and is not counted among the m tests (module docstring)."""
+  from statsmodels.stats import multitest  # pylint: disable=g-import-not-at-top
   p = np.asarray(p, dtype=np.float64)
   flat = p.ravel()
   q = np.full(flat.shape, np.nan)
@@ -261,12 +257,7 @@ def benjamini_hochberg(p) -> np.ndarray:
   values = flat[tested]
   if np.any((values < 0) | (values > 1)):
     raise ValueError(f"P-values must be in [0, 1], got range [{values.min()}, {values.max()}]")
-  m = values.size
-  order = np.argsort(values, kind="stable")
-  scaled = values[order] * m / np.arange(1, m + 1)
-  # Running minimum from the largest P-value down: q_(i) = min_{j >= i} m p_(j) / j.
-  adjusted = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
-  q[tested[order]] = adjusted
+  q[tested] = multitest.multipletests(values, method="fdr_bh")[1]
   return q.reshape(p.shape)
 
 

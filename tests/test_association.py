@@ -464,3 +464,57 @@ def test_non_finite_values_are_refused(test):
                               (y, x, np.r_[x[:-1], np.nan])]:
     with pytest.raises(ValueError, match="non-finite"):
       test(bad_y, bad_x, bad_c)
+
+
+def test_a_fit_exact_to_rounding_is_a_perfect_fit():
+  # y = x on a design whose least-squares residuals are rounding noise (about 1e-16), not zero.
+  x = np.array([0.0, 1.0, 0.0, 1.0])
+  result = association.ols_association(x, x)
+  assert np.isnan(result.p) and np.isnan(result.se) and "perfect fit" in result.note
+  assert result.beta == pytest.approx(1.0)
+
+
+def test_ols_hc3_is_the_sandwich_with_leverage_correction():
+  """HC3 (MacKinnon & White 1985): (X'X)^-1 X' diag(e_i^2 / (1 - h_i)^2) X (X'X)^-1, with the
+  t distribution on n - k degrees of freedom."""
+  rng = np.random.default_rng(14)
+  n = 50
+  c = rng.normal(size=(n, 2))
+  x = rng.normal(size=n)
+  y = 0.3 * x + c[:, 0] + (0.5 + np.abs(x)) * rng.normal(size=n)   # Heteroscedastic.
+  design = np.column_stack([np.ones(n), x, c])
+  bread = np.linalg.inv(design.T @ design)
+  coef = bread @ design.T @ y
+  residual = y - design @ coef
+  leverage = np.einsum("ij,jk,ik->i", design, bread, design)
+  meat = design.T @ (design * (residual ** 2 / (1.0 - leverage) ** 2)[:, None])
+  se = float(np.sqrt((bread @ meat @ bread)[1, 1]))
+  robust = association.ols_association(y, x, c, cov_type="HC3")
+  classical = association.ols_association(y, x, c)
+  np.testing.assert_allclose(robust.beta, coef[1], rtol=1e-10)
+  np.testing.assert_allclose(robust.se, se, rtol=1e-10)
+  np.testing.assert_allclose(robust.p, 2 * stats.t.sf(abs(coef[1] / se), n - 4), rtol=1e-8)
+  assert robust.beta == classical.beta and abs(robust.se - classical.se) > 1e-3 * classical.se
+  with pytest.raises(ValueError, match="cov_type"):
+    association.ols_association(y, x, c, cov_type="HC4")
+
+
+def test_logistic_sandwich_covariance():
+  """HC0 for the logistic fit: (X'WX)^-1 X' diag((y - pi)^2) X (X'WX)^-1 at the optimum."""
+  y, x, c = _logistic_cases()["covariates_seed5"]
+  result = association.logistic_association(y, x, c, cov_type="HC0")
+  classical = association.logistic_association(y, x, c)
+  assert result.beta == pytest.approx(classical.beta, rel=1e-12)
+  assert abs(result.se - classical.se) > 1e-3 * classical.se
+  # The sandwich at the unpenalised maximum-likelihood fit of scikit-learn.
+  from sklearn.linear_model import LogisticRegression
+  design = np.column_stack([np.ones(len(y)), x, c])
+  fit = LogisticRegression(C=np.inf, tol=1e-12, max_iter=10000).fit(np.column_stack([x, c]), y)
+  pi = fit.predict_proba(np.column_stack([x, c]))[:, 1]
+  bread = np.linalg.inv(design.T @ (design * (pi * (1 - pi))[:, None]))
+  meat = design.T @ (design * ((y - pi) ** 2)[:, None])
+  se = float(np.sqrt((bread @ meat @ bread)[1, 1]))
+  np.testing.assert_allclose(result.se, se, rtol=1e-5)
+  np.testing.assert_allclose(result.p, 2 * stats.norm.sf(abs(result.beta / se)), rtol=1e-4)
+  with pytest.raises(ValueError, match="cov_type"):
+    association.logistic_association(y, x, c, cov_type="HC3")
