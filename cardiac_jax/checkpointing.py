@@ -22,7 +22,9 @@ silently. Once a save has finished, `MANIFEST_FILE` in the step directory record
 and SHA-256 of every file of the step; `restore` checks them first, and a step whose files
 differ (cut short, changed, missing, or an unreadable manifest) is damaged and moved aside like
 an incomplete one. A step without a manifest (written before manifests existed, or by a run
-killed between the end of a save and its manifest) is restored as it is. Each step also carries
+killed between the end of a save and its manifest) is checked for what can be checked without
+one (its JSON metadata parses, its arrays restore) and restored with a warning that its bytes
+are unverified (`unverified_steps`). Each step also carries
 `step_metadata` (the run's config) in orbax's step metadata, so a run directory that lost its
 config.json still knows which config wrote its checkpoints.
 """
@@ -164,6 +166,28 @@ def manifest_problem(step_dir: str) -> str | None:
   return None
 
 
+def _metadata_problem(step_dir: str) -> str | None:
+  """What is wrong with the JSON metadata files of a step directory (each must parse when
+  present), or None: the checks a step without a manifest still allows."""
+  for relative in ("_CHECKPOINT_METADATA", os.path.join("metrics", "metrics")):
+    try:
+      with open(os.path.join(step_dir, relative), encoding="utf-8") as f:
+        json.load(f)
+    except FileNotFoundError:
+      pass
+    except (OSError, ValueError) as e:
+      return f"{relative} is unreadable ({e})"
+  return None
+
+
+def step_problem(step_dir: str) -> str | None:
+  """What is wrong with a step directory: `manifest_problem` when it has a manifest, else
+  `_metadata_problem` (its array bytes cannot be checked then), or None."""
+  if os.path.exists(os.path.join(step_dir, MANIFEST_FILE)):
+    return manifest_problem(step_dir)
+  return _metadata_problem(step_dir)
+
+
 def _ranking_value(metrics: Mapping[str, Any] | None, *, name: str, worst: float) -> float:
   """The saved value of `name` in a step's metrics, or `worst` when it has none (steps saved
   without an improving evaluation carry empty metrics)."""
@@ -191,6 +215,8 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self.step_metadata = dict(step_metadata) if step_metadata else None
     self._unsealed: list[int] = []  # Steps saved here whose manifest is not written yet.
+    # Steps restored without a manifest: their bytes are unverified (warned once each).
+    self.unverified_steps: list[int] = []
     self.best_metric, self.best_mode = best_metric, best_mode
     if best_metric:
       rank = functools.partial(_ranking_value, name=best_metric,
@@ -240,17 +266,7 @@ class Checkpointer:
       step_dir = os.path.join(self.directory, name)
       if not name.isdigit() or not os.path.isdir(step_dir):
         continue
-      problem = manifest_problem(step_dir)
-      if problem is None and not os.path.exists(os.path.join(step_dir, MANIFEST_FILE)):
-        for relative in ("_CHECKPOINT_METADATA", os.path.join("metrics", "metrics")):
-          try:
-            with open(os.path.join(step_dir, relative), encoding="utf-8") as f:
-              json.load(f)
-          except FileNotFoundError:
-            pass
-          except (OSError, ValueError) as e:
-            problem = f"{relative} is unreadable ({e})"
-            break
+      problem = step_problem(step_dir)
       if problem:
         damaged.append((int(name), problem))
     return damaged
@@ -354,7 +370,8 @@ class Checkpointer:
 
     Raises CheckpointMismatchError naming the mismatching fields when the checkpoint was written
     by a model of another shape (e.g. a different config in the same workdir), and
-    CorruptCheckpointError when the step directory is incomplete or damaged.
+    CorruptCheckpointError when the step directory is incomplete or damaged. A step without a
+    manifest is restored with a warning on stderr and listed in `unverified_steps`.
     """
     step = self.latest_step() if step is None else step
     if step is None:
@@ -367,7 +384,7 @@ class Checkpointer:
       raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} is damaged: "
                                    f"{problem}")
     try:
-      return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except Exception as e:  # pylint: disable=broad-except (orbax/tensorstore raise many types)
       try:
         saved = self._manager.item_metadata(step)
@@ -384,10 +401,19 @@ class Checkpointer:
       raise CheckpointMismatchError(
           f"checkpoint step {step} in {self.directory} does not match the current model "
           f"({detail}); use another --workdir or the config that wrote it") from e
+    if (not os.path.exists(os.path.join(self.directory, str(step), MANIFEST_FILE))
+        and step not in self.unverified_steps):
+      self.unverified_steps.append(step)
+      if jax.process_index() == 0:
+        print(f"WARNING: checkpoint step {step} in {self.directory} has no {MANIFEST_FILE} "
+              "(saved before manifests existed, or its run stopped before writing it): its "
+              "metadata was checked and its arrays restored, but their bytes cannot be "
+              "verified.", file=sys.stderr, flush=True)
+    return state
 
   def _verified_problem(self, step: int) -> str | None:
-    """`manifest_problem` of a step as process 0 sees it, on every process."""
-    problem = (manifest_problem(os.path.join(self.directory, str(step)))
+    """`step_problem` of a step as process 0 sees it, on every process."""
+    problem = (step_problem(os.path.join(self.directory, str(step)))
                if jax.process_index() == 0 else None)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils

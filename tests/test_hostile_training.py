@@ -298,3 +298,38 @@ def test_random_damage_to_config_json_is_named_or_harmless(tmp_path):
     outcomes["accepted"] += 1
   assert not failures, failures[:5]
   assert outcomes["refused"] > CONFIG_FILE_CASES // 2
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_a_step_without_a_manifest_is_checked_as_far_as_possible_and_said_unverified(
+    tmp_path, capsys):
+  """Steps saved before manifests existed: their JSON metadata must still parse, and a step
+  restored without a manifest says that its bytes are unverified (it used to restore
+  silently); a step with its manifest restores without a word."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from cardiac_jax import checkpointing
+  directory = str(tmp_path / "checkpoints")
+  state = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+  with checkpointing.Checkpointer(directory) as checkpointer:
+    checkpointer.save(1, state)
+    checkpointer.save(2, state)
+  abstract = jax.eval_shape(lambda: state)
+  os.remove(os.path.join(directory, "2", checkpointing.MANIFEST_FILE))
+  capsys.readouterr()
+  with checkpointing.Checkpointer(directory) as checkpointer:
+    restored = checkpointer.restore(abstract, 1)
+    assert checkpointer.unverified_steps == [] and "WARNING" not in capsys.readouterr().err
+    restored = checkpointer.restore(abstract, 2)
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert checkpointer.unverified_steps == [2]
+    err = capsys.readouterr().err
+    assert f"step 2 in {directory} has no {checkpointing.MANIFEST_FILE}" in err
+    assert "cannot be verified" in err
+  assert checkpointing.step_problem(os.path.join(directory, "2")) is None
+  with open(os.path.join(directory, "2", "_CHECKPOINT_METADATA"), "r+", encoding="utf-8") as f:
+    f.truncate(10)
+  problem = checkpointing.step_problem(os.path.join(directory, "2"))
+  assert problem and "_CHECKPOINT_METADATA is unreadable" in problem
