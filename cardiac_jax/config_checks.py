@@ -104,6 +104,23 @@ def _fraction() -> Check:
   return number(0.0, 1.0)
 
 
+def plausibility_bounds() -> Check:
+  """A tuple of `name=low:high` strings that `data_pipelines.plausibility.parse_bounds` takes
+  (the prepare flag --plausibility's entries)."""
+  def check(value):
+    entries = (value,) if isinstance(value, str) else value
+    if not isinstance(entries, (tuple, list)) or not all(isinstance(v, str) for v in entries):
+      return "must be a tuple of 'name=low:high' strings, e.g. ('lv_ef=1:95',)"
+    from data_pipelines import plausibility  # pylint: disable=g-import-not-at-top
+    try:
+      plausibility.parse_bounds(entries)
+    except ValueError as e:
+      message = str(e)
+      return message.split("--plausibility", 1)[-1].lstrip(": ") or message
+    return None
+  return check
+
+
 # Rules by dotted key: what the loop and the model builders need of each value. Values that
 # name a family, network or layer are checked against the modules that define them
 # (`_named_choices`), the optimizer's by `train_state.check_optimizer_config`, and what else a
@@ -181,6 +198,7 @@ RULES: dict[str, Check] = {
     "data.prepare.image_size": integer(1),
     "data.prepare.spacing_mm": number(0.0, lo_open=True),
     "data.prepare.split_seed": integer(0),
+    "data.prepare.plausibility": plausibility_bounds(),
     "data.augment.max_shift_px": integer(0),
     "data.augment.zoom_prob": _fraction(),
     "data.augment.flip_prob": _fraction(),

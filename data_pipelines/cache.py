@@ -44,10 +44,12 @@ def synthetic_raw_dir(root: str, num_subjects: int, seed: int) -> str:
 
 def preparation_key(prepare_config) -> str:
   """Name of a slice preparation from data.prepare (image size, spacing, slices, labels,
-  split seed)."""
+  split seed, and plausibility bounds other than the defaults: `plausibility.bounds_suffix`,
+  empty for the defaults, so default preparations keep their names)."""
+  from data_pipelines import plausibility  # pylint: disable=g-import-not-at-top
   p = prepare_config
   return (f"s{p.image_size}_sp{p.spacing_mm:g}_{p.slice_rule}_{p.label_convention}"
-          f"_split{p.split_seed}")
+          f"_split{p.split_seed}{plausibility.bounds_suffix(plausibility.bounds_of(p))}")
 
 
 def prepared_slice_dir(data_config) -> str:

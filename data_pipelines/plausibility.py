@@ -5,7 +5,8 @@ misread gives voxels of 0.0014 mm or 1400 mm, ED and ES exchanged in Info.cfg gi
 ejection fraction, a one-voxel ES blood pool an ejection fraction of 99.99 %, a blank frame a
 blank training image. A preparation refuses such a subject with the reason instead of
 accepting a wrong measurement. The bounds are configurable (`PlausibilityBounds`, the prepare
-flag --plausibility) and recorded with the preparation.
+flag --plausibility, a training config's data.prepare.plausibility: `bounds_of`) and recorded
+with the preparation; bounds other than the defaults name the cached dataset apart.
 
 The defaults are wide, from infants' hearts to severe dilatation (DCM with an EF below 10 %,
 HCM with small cavities and a high EF), so that every ACDC group passes while the examples
@@ -15,6 +16,7 @@ above are refused; each bound is named in the reason of a subject it refuses.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from typing import Mapping, Optional
 
@@ -98,6 +100,32 @@ def parse_bounds(overrides) -> PlausibilityBounds:
       raise ValueError(f"--plausibility entry {item!r}: {low!r} and {high!r} must be "
                        "numbers") from None
   return PlausibilityBounds(**values)
+
+
+CONFIG_FIELD = "plausibility"  # data.prepare.<CONFIG_FIELD>: the --plausibility strings.
+
+
+def bounds_of(prepare_config) -> PlausibilityBounds:
+  """The bounds of a training config's data.prepare section: its `plausibility` field, a tuple
+  of `name=low:high` strings as the prepare flag takes them (absent or empty: the defaults)."""
+  overrides = (prepare_config.get(CONFIG_FIELD, ()) if hasattr(prepare_config, "get")
+               else getattr(prepare_config, CONFIG_FIELD, ()))
+  if isinstance(overrides, str):  # One entry given without the tuple around it.
+    overrides = (overrides,)
+  return parse_bounds(overrides)
+
+
+def bounds_suffix(bounds: PlausibilityBounds) -> str:
+  """"" for the default bounds, else "_plaus<digest>" of the changed ones: the part of a
+  cached dataset's name that keeps preparations with other bounds apart (and leaves the names
+  of every default preparation as they were)."""
+  default = PlausibilityBounds()
+  changed = {k: v for k, v in bounds.to_dict().items()
+             if tuple(map(float, v)) != tuple(map(float, getattr(default, k)))}
+  if not changed:
+    return ""
+  text = ",".join(f"{k}={float(v[0]):g}:{float(v[1]):g}" for k, v in sorted(changed.items()))
+  return "_plaus" + hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def check_spacing(spacing_mm, bounds: PlausibilityBounds) -> None:

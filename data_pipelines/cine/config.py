@@ -94,6 +94,7 @@ _OPTIONAL_FIELDS = {
     "prepare.long_axis": True,
     "prepare.intensity_percentiles": (1.0, 99.0),
     "prepare.heart_variance_fraction": 0.5,
+    "prepare.plausibility": (),
 }
 
 
@@ -115,7 +116,8 @@ def data_field(data_config, dotted_name: str) -> Any:
 
 
 def cine_config_from(data_config) -> CineConfig:
-  """The CineConfig of a data config (prepare.* fields and num_frames)."""
+  """The CineConfig of a data config (prepare.* fields, the plausibility bounds among them, and
+  num_frames)."""
   view = data_field(data_config, "view")
   if view not in VIEWS:
     raise ValueError(f"data.view must be one of {VIEWS}, got {view!r}")
@@ -128,7 +130,9 @@ def cine_config_from(data_config) -> CineConfig:
       spacing_mm=float(data_field(data_config, "prepare.spacing_mm")),
       long_axis=long_axis,
       intensity_percentiles=tuple(data_field(data_config, "prepare.intensity_percentiles")),
-      variance_fraction=float(data_field(data_config, "prepare.heart_variance_fraction")))
+      variance_fraction=float(data_field(data_config, "prepare.heart_variance_fraction")),
+      bounds=plausibility.bounds_of(
+          {plausibility.CONFIG_FIELD: data_field(data_config, "prepare.plausibility")}))
 
 
 def cache_root(data_config) -> str:
