@@ -6,11 +6,17 @@ slower than XLA's own convolution (benchmarks/README.md). Every command calls it
 (`experiments.common.start_command`, and the test session's conftest); a library user calls it
 before the first computation, or sets the flag; `CARDIAC_JAX_XLA_CPU_FLAGS=0` leaves XLA_FLAGS
 untouched.
+
+`quiet_library_logs()` silences what TensorFlow, absl and tensorflow-datasets print on their
+own (C++ notices, config dumps, dataset-building progress bars), each at its source, so that a
+command's output is its own phase lines and progress bar; `CARDIAC_JAX_VERBOSE=1` (or a
+command's --verbosity) keeps all of it (`verbose_requested`).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 import warnings
 
@@ -77,3 +83,76 @@ def configure_xla_cpu() -> bool:
                   "process: CPU training is several times slower. Call it first or set "
                   "XLA_FLAGS.")
   return applied
+
+
+# ------------------------------------------------------------------------------ library logs
+VERBOSE_ENV = "CARDIAC_JAX_VERBOSE"
+
+# What an entry point sets before TensorFlow is imported. TF_CPP_MIN_LOG_LEVEL=2 drops TF's C++
+# INFO and WARNING lines (CPU feature notices); TensorFlow 2.21 prints its oneDNN notice through
+# absl's C++ log before that level applies, so it is silenced by not enabling TensorFlow's
+# oneDNN custom operations, which the input pipeline does not rely on: its ops (resize,
+# projective warp, casts) give the same batches bit for bit either way (the smoke config's
+# augmented training batches and its validation batches, compared with and without).
+TENSORFLOW_QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
+
+_quiet = False
+
+
+def verbose_requested(verbosity_flag_present: bool = False, environ=None) -> bool:
+  """Whether a command keeps the libraries' own logs: --verbosity was given or
+  CARDIAC_JAX_VERBOSE is set to anything but "" or "0"."""
+  environ = os.environ if environ is None else environ
+  return verbosity_flag_present or environ.get(VERBOSE_ENV, "0").strip() not in ("", "0")
+
+
+def quiet_tensorflow_environment(environ=None) -> None:
+  """Sets TENSORFLOW_QUIET_ENV in environ (os.environ by default) where not set already; has
+  effect only before TensorFlow is first imported."""
+  environ = os.environ if environ is None else environ
+  for name, value in TENSORFLOW_QUIET_ENV.items():
+    environ.setdefault(name, value)
+
+
+class _DropTfdsLogs(logging.Filter):
+  """Drops tensorflow-datasets' records below ERROR from absl's logger (tfds logs through absl,
+  which our commands share: a builder's config dump is a WARNING there)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return (record.levelno >= logging.ERROR or
+            f"{os.sep}tensorflow_datasets{os.sep}" not in (record.pathname or ""))
+
+
+def quiet_library_logs() -> None:
+  """Silences the libraries' own output in this process (module docstring): TensorFlow's C++
+  notices (`quiet_tensorflow_environment`, before TensorFlow is imported), the 'tensorflow'
+  Python logger below ERROR, and tensorflow-datasets' absl records below ERROR; and marks the
+  process quiet for `quiet_tensorflow_datasets`. Idempotent."""
+  global _quiet
+  quiet_tensorflow_environment()
+  logging.getLogger("tensorflow").setLevel(logging.ERROR)
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _DropTfdsLogs) for f in absl_logger.filters):
+    absl_logger.addFilter(_DropTfdsLogs())
+  _quiet = True
+
+
+def quiet_tensorflow_datasets() -> None:
+  """In a process quieted by `quiet_library_logs`: no tensorflow-datasets progress bars
+  (generating, shuffling) and none of the lines it prints when it builds a dataset
+  ("Downloading and preparing dataset ...", "... Subsequent calls will reuse this data."),
+  which a preparation replaces with its own summary. Imports tensorflow-datasets; call it where
+  a dataset is about to be built or read."""
+  if not _quiet:
+    return
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()
+  # tfds prints these two with termcolor, not through a logger: its builder's own hooks.
+  builder = tfds.core.DatasetBuilder
+  for name in ("_log_download_bytes", "_log_download_done"):
+    if hasattr(builder, name):
+      setattr(builder, name, _say_nothing)
+
+
+def _say_nothing(*args, **kwargs) -> None:
+  del args, kwargs

@@ -27,8 +27,10 @@ no flags, so tests run it directly. The loop
   (or, with train.skip_nonfinite, skips such updates and counts them);
 - on SIGTERM/SIGINT (reaching any process) finishes the current step, saves a checkpoint and
   exits cleanly, every process after the same step;
-- logs scalars (metrics.jsonl + TensorBoard), a progress bar, periodic validation metrics and
-  the family's figures from process 0 only;
+- logs scalars (metrics.jsonl + TensorBoard), a progress bar (latest loss, steps/s, time left),
+  periodic validation metrics (val/...) and the family's figures (PNG files, and the same images
+  in TensorBoard as figures/<name>) from process 0 only, and the resolved config once as
+  TensorBoard text (`CONFIG_TAG`);
 - with config.train.best_metric (a logged validation metric, e.g. "val/reconstruction_loss",
   better when lower for train.best_mode "min"), keeps the checkpoint of the best evaluation
   besides the latest train.max_checkpoints ones: an evaluation that improves on the best saves
@@ -59,6 +61,9 @@ from cardiac_jax.train_state import TrainState
 
 # The best checkpoint of a run with train.best_metric: {"metric", "mode", "step", "value"}.
 BEST_FILE = "best_checkpoint.json"
+# TensorBoard tags: the resolved config (text, step 0) and the prefix of the figures (images).
+CONFIG_TAG = "config"
+FIGURE_TAG_PREFIX = "figures/"
 
 
 class NonFiniteError(FloatingPointError):
@@ -309,6 +314,11 @@ def _train(config, workdir: str, data: DataSource, mesh, family, root_key,
     if start_step >= tc.num_steps:
       print(f"{workdir} is at step {start_step} and train.num_steps is {tc.num_steps}: nothing "
             "to train.", flush=True)
+    elif is_chief:
+      print(_training_plan(config, workdir, start_step), flush=True)
+    if start_step == 0:
+      writer.write_text(0, CONFIG_TAG,
+                        metric_logging.config_markdown(config.to_json_best_effort()))
 
     compile_step = lambda name: parallel.compile_train_step(
         lambda axis: getattr(families.make_family(config, axis_name=axis), name), mesh,
@@ -348,7 +358,7 @@ def _train(config, workdir: str, data: DataSource, mesh, family, root_key,
     if is_chief and tc.progress_bar and start_step < tc.num_steps:
       from tqdm import auto as tqdm
       progress = tqdm.tqdm(total=tc.num_steps, initial=start_step, desc=config.name or "train",
-                           dynamic_ncols=True)
+                           unit="step", dynamic_ncols=True)
     batches = data.train_batches(start_step) if start_step < tc.num_steps else iter(())
     late = _LateMetrics(workdir, family.skip_nonfinite, is_chief, progress)
     interval_start = time.perf_counter()
@@ -373,9 +383,7 @@ def _train(config, workdir: str, data: DataSource, mesh, family, root_key,
         if log_now:
           means = late.take_means(time.perf_counter() - interval_start)
           writer.write(step, means, prefix="train/")
-          if progress is not None:
-            progress.set_postfix(loss=f"{means['loss']:.4g}",
-                                 steps_s=f"{means['steps_per_sec']:.2f}")
+          late.steps_per_sec = means["steps_per_sec"]
           interval_start = time.perf_counter()
         evaluated = run_eval(step) if eval_now else None
         # An improving evaluation is saved at once: it becomes the best checkpoint.
@@ -384,7 +392,9 @@ def _train(config, workdir: str, data: DataSource, mesh, family, root_key,
         checkpointer.poll()  # Seals a save that finished in the background.
         if figures_now:
           os.makedirs(figures_dir, exist_ok=True)
+          before = _png_stamps(figures_dir)
           family.save_figures(state, figure_examples, figures_dir, step, figure_key)
+          _log_figures(writer, figures_dir, before, step)
         # Every process stops after the same step, or the collective save would hang.
         if parallel.any_process(flag.received is not None):
           late.flush()
@@ -412,6 +422,44 @@ def _train(config, workdir: str, data: DataSource, mesh, family, root_key,
   return state
 
 
+def _training_plan(config, workdir: str, start_step: int) -> str:
+  """The line announcing the training phase: steps, where, and what is done when."""
+  tc = config.train
+  every = [f"{what} every {n}" for what, n in (("validation", tc.eval_every),
+                                               ("checkpoint", tc.checkpoint_every),
+                                               ("figures", tc.figure_every)) if n]
+  first = "resuming at" if start_step else "starting at"
+  return (f"Training {config.name or 'the model'} for {tc.num_steps} steps of "
+          f"{tc.batch_size} examples into {workdir} ({first} step {start_step}"
+          + (f"; {', '.join(every)} steps" if every else "") + "; the first step compiles "
+          "the model). Watch it with: tensorboard --logdir "
+          f"{os.path.join(workdir, 'tensorboard')}")
+
+
+def _png_stamps(directory: str) -> dict[str, tuple[int, int]]:
+  """{name: (modification time in ns, size)} of the PNG files in `directory`."""
+  stamps = {}
+  for entry in os.scandir(directory):
+    if entry.name.endswith(".png") and entry.is_file():
+      stat = entry.stat()
+      stamps[entry.name] = (stat.st_mtime_ns, stat.st_size)
+  return stamps
+
+
+def _log_figures(writer: metric_logging.MetricWriter, directory: str,
+                 before: dict[str, tuple[int, int]], step: int) -> None:
+  """Logs every PNG the family's figure hook wrote (new or changed since `before`) as the
+  TensorBoard image figures/<name> of `step`, <name> being the file's name without the step
+  ("reconstructions_0000250.png" -> figures/reconstructions)."""
+  suffix = f"_{step:07d}"
+  for name, stamp in sorted(_png_stamps(directory).items()):
+    if before.get(name) == stamp:
+      continue
+    stem = name[:-len(".png")]
+    with open(os.path.join(directory, name), "rb") as f:
+      writer.write_png(step, FIGURE_TAG_PREFIX + stem.removesuffix(suffix), f.read())
+
+
 class _LateMetrics:
   """Train metrics read one step late: step N's metrics are fetched after step N + 1 has been
   dispatched, so the host never makes the device wait (nanodo). `flush()` reads the pending
@@ -421,6 +469,7 @@ class _LateMetrics:
   def __init__(self, workdir: str, skip_nonfinite: bool, is_chief: bool, progress):
     self.workdir, self.skip_nonfinite, self.is_chief = workdir, skip_nonfinite, is_chief
     self.progress = progress
+    self.steps_per_sec: float | None = None  # Of the last logged interval (progress bar).
     self.pending = None
     self.sums: dict[str, float] = {}
     self.count = 0
@@ -445,6 +494,10 @@ class _LateMetrics:
     self.count += 1
     self.last = metrics
     if self.progress is not None:
+      postfix = {"loss": f"{float(metrics['loss']):.4g}"}
+      if self.steps_per_sec is not None:
+        postfix["steps_s"] = f"{self.steps_per_sec:.2f}"
+      self.progress.set_postfix(postfix, refresh=False)  # Drawn by update's refresh.
       self.progress.update(1)
 
   def take_means(self, elapsed: float) -> dict[str, float]:

@@ -8,7 +8,8 @@ Data resolution (config.data.dataset):
 - "acdc": data.source_dir (ACDC layout) is prepared into <cache>/acdc/<hash of path>/<key>.
 - "prepared": data.prepared_dir is used as it is.
 Both generation and preparation skip work already done, so every run after the first starts at
-once. <cache> is data.cache_dir, else $CARDIAC_JAX_CACHE, else ~/.cache/cardiac_jax.
+once; the first announces each phase in one line (what, where, how many subjects) and says how
+long it took. <cache> is data.cache_dir, else $CARDIAC_JAX_CACHE, else ~/.cache/cardiac_jax.
 """
 
 from __future__ import annotations
@@ -16,8 +17,13 @@ from __future__ import annotations
 import csv
 import os
 import sys
+import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow is first imported.
+from cardiac_jax import runtime
+
+# Before TensorFlow is first imported: the modules of some commands import it before main().
+if not runtime.verbose_requested():
+  runtime.quiet_tensorflow_environment()
 
 import jax  # pylint: disable=g-import-not-at-top
 from absl import flags, logging
@@ -48,10 +54,20 @@ def _report_user_errors(previous_hook):
   return hook
 
 
+def verbose() -> bool:
+  """Whether this command keeps every library's logs: --verbosity (-v) was given or
+  CARDIAC_JAX_VERBOSE=1 (`cardiac_jax.runtime.verbose_requested`)."""
+  return runtime.verbose_requested(flags.FLAGS["verbosity"].present)
+
+
 def quiet_logs() -> None:
-  """INFO logs of orbax/TensorFlow drown the progress bar: show warnings unless -v was given."""
-  if not flags.FLAGS["verbosity"].present:
+  """INFO logs of orbax/TensorFlow and the notices, config dumps and progress bars of
+  TensorFlow and tensorflow-datasets drown a command's own lines and its progress bar: absl
+  shows warnings and the libraries are silenced (`runtime.quiet_library_logs`), unless
+  `verbose()`."""
+  if not verbose():
     logging.set_verbosity(logging.WARNING)
+    runtime.quiet_library_logs()
 
 
 def start_command(argv, quiet: bool = True, **required) -> None:
@@ -60,7 +76,6 @@ def start_command(argv, quiet: bool = True, **required) -> None:
   in `required` (name=value) set, and quiet logs (`quiet_logs`; off for in-process calls with
   their own flag values). Raises absl's UsageError otherwise."""
   from absl import app  # pylint: disable=g-import-not-at-top
-  from cardiac_jax import runtime  # pylint: disable=g-import-not-at-top
   runtime.configure_xla_cpu()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -98,19 +113,47 @@ def prepared_dir(config, *, create: bool = True) -> str:
   if dataset == "prepared" or not create:
     return out
   from data_pipelines import prepare
+  runtime.quiet_tensorflow_datasets()
   if dataset == "synthetic":
     from data_pipelines import synthetic
     s = config.data.synthetic
     raw = cache.synthetic_raw_dir(cache_root(config), s.num_subjects, s.seed)
+    generate = not os.path.isfile(os.path.join(raw, synthetic.PARAMETERS_CSV))
+    if generate:  # The cohort's parameters.csv is written last.
+      print(f"Generating the synthetic cine cohort: {s.num_subjects} subjects (seed {s.seed}) "
+            f"into {raw} (once; later runs reuse it) ...", flush=True)
+    start = time.perf_counter()
     synthetic.synthesize_cohort(raw, s.num_subjects, s.seed,
                                 num_workers=min(os.cpu_count() or 1, 8))
+    if generate:
+      print(f"Generated {s.num_subjects} subjects in {_duration(start)}.", flush=True)
     source = raw
   else:
     source = os.path.abspath(config.data.source_dir)
+  if not _prepared(out):
+    p = config.data.prepare
+    print(f"Preparing the {p.slice_rule} slices of {source} ({p.image_size} px at "
+          f"{p.spacing_mm} mm) into {out} (once; later runs reuse it) ...", flush=True)
   prepare.prepare_dataset(source, out, _preprocess_config(config), dataset="acdc",
                           label_convention=config.data.prepare.label_convention,
                           split_seed=config.data.prepare.split_seed)
   return out
+
+
+def _prepared(directory: str) -> bool:
+  """Whether `directory` holds a finished preparation (its report)."""
+  from data_pipelines import prepare
+  try:
+    prepare.read_report(directory)
+  except (data_errors.InvalidInputError, OSError, ValueError):
+    return False
+  return True
+
+
+def _duration(start: float) -> str:
+  """The time since `start` (time.perf_counter()) as "12 s" or "3.4 min"."""
+  seconds = time.perf_counter() - start
+  return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def split_source(config, split: str, directory: str | None = None):
@@ -123,6 +166,7 @@ def split_source(config, split: str, directory: str | None = None):
 def make_data_source(config, eval_split: str = "val") -> DataSource:
   """Training and evaluation iterators of this process for the training loop (cine configs,
   data.format == "cine", are served by data_pipelines.cine)."""
+  runtime.quiet_tensorflow_datasets()
   if config.data.get("format", "slices") == "cine":
     from cardiac_jax import families
     from data_pipelines import cine

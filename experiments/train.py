@@ -156,7 +156,7 @@ def main(argv):
   except common.USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(f"Done: {workdir}")
+  print(f"Done: {workdir}", flush=True)
 
 
 def run():
