@@ -439,6 +439,20 @@ def _write_manifest(root: str, config_spec: str, axes: Sequence[SweepAxis],
   os.replace(path + ".tmp", path)
 
 
+def write_hparams(root: str, axes: Sequence[SweepAxis], jobs: Sequence[Job]) -> None:
+  """TensorBoard's HParams summaries, for `tensorboard --logdir <root>`: the grid (each swept
+  field's values and the seeds; the metrics its runs have logged so far) at the root, and each
+  job's values beside its training events in DIR/tensorboard."""
+  from cardiac_jax import metric_logging as ml  # pylint: disable=g-import-not-at-top
+  domains = {a.path: [ml.hparam_value(v) for v in a.values] for a in axes}
+  domains["seed"] = list(dict.fromkeys(j.seed for j in jobs))
+  ml.write_hparams_config(root, domains, ml.comparable_metrics([j.workdir for j in jobs]))
+  for job in jobs:  # overrides: (--config.seed=S, then one --config.<path>=<value> per axis).
+    values = {a.path: ml.hparam_value(o.split("=", 1)[1]) for a, o in zip(axes, job.overrides[1:])}
+    ml.write_run_hparams(os.path.join(job.workdir, ml.TENSORBOARD_DIR),
+                         {**values, "seed": job.seed}, trial_id=job.name)
+
+
 def run_sweep(config_spec: str, axes: Sequence[SweepAxis], seeds: Sequence[int], root: str,
               extra: Sequence[str] = (), dry_run: bool = False,
               out: TextIO = sys.stdout,
@@ -460,6 +474,7 @@ def run_sweep(config_spec: str, axes: Sequence[SweepAxis], seeds: Sequence[int],
     return []
   os.makedirs(root, exist_ok=True)
   _write_manifest(root, config_spec, axes, seeds, extra, jobs, eval_steps)
+  write_hparams(root, axes, jobs)
   results = []
   with _SignalForwarder() as forwarder:
     for index, job in enumerate(jobs, 1):
@@ -477,6 +492,7 @@ def run_sweep(config_spec: str, axes: Sequence[SweepAxis], seeds: Sequence[int],
         print(f"interrupted ({result.message}); rerun the same command to continue the sweep",
               file=out, flush=True)
         break
+  write_hparams(root, axes, jobs)  # Now with the metrics the jobs logged.
   _summarize(results, jobs, root, out, eval_steps)
   return results
 
