@@ -60,7 +60,7 @@ def test_every_program_of_every_family_lowers_for_gpu_and_tpu(spec):
 @pytest.mark.parametrize("spec", sorted(PAPER_PROGRAMS))
 def test_paper_size_programs_lower_for_gpu_and_tpu(spec):
   """The reference sizes (DiffAE: 50 x 128 x 128 cines, batch 9; AR-SIVAE: 128 x 128, zdim
-  256): about 30 s and 7 s of tracing on the 2-core machine."""
+  256): 40 s of CPU for the two on the 2-core machine."""
   assert_lowers(spec, PAPER_PROGRAMS[spec])
 
 
