@@ -1,8 +1,9 @@
 """A run directory's guards: a usable path, and one run at a time.
 
 `check_path` refuses a workdir that names a file (or lies under one) before anything is
-prepared or written. `WorkdirLock` holds an exclusive `fcntl.flock` on workdir/.lock while a run
-trains, with the holder (host, process id, start time, command) written into the file: a second
+prepared or written; `check_output_dir` refuses such an output folder flag of a command.
+`WorkdirLock` holds an exclusive `fcntl.flock` on workdir/.lock while a run trains, with the
+holder (host, process id, start time, command) written into the file: a second
 run on the same workdir is refused naming the holder, instead of both writing checkpoints and
 interleaving metrics.jsonl. The kernel drops the lock when its process dies, so the record a
 killed run leaves behind is stale and the next run takes the lock over (and says so).
@@ -28,17 +29,26 @@ class WorkdirLockedError(RuntimeError):
   """Another run holds the workdir."""
 
 
-def check_path(workdir: str) -> None:
-  """Raises WorkdirError when `workdir` is an existing non-directory or lies under a file."""
+def check_path(workdir: str, flag: str = "workdir", what: str = "run directory") -> None:
+  """Raises WorkdirError when `workdir` is an existing non-directory or lies under a file; the
+  message names the flag (`--<flag>=...`) and what it must name (a run directory, an output
+  folder)."""
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
-    raise WorkdirError(f"--workdir={workdir} is a file, not a run directory: name a directory "
-                       "(new or a run's)")
+    hint = " (new or a run's)" if what == "run directory" else ""
+    raise WorkdirError(f"--{flag}={workdir} is a file, not a {what}: name a directory{hint}")
   parent = path
   while parent and not os.path.exists(parent):
     parent = os.path.dirname(parent)
   if parent and not os.path.isdir(parent):
-    raise WorkdirError(f"--workdir={workdir} lies under {parent}, which is a file")
+    raise WorkdirError(f"--{flag}={workdir} lies under {parent}, which is a file")
+
+
+def check_output_dir(path: str | None, flag: str = "output_dir") -> None:
+  """`check_path` of an output folder flag (nothing to check when it is unset): refused before
+  any work instead of when the first output is written."""
+  if path:
+    check_path(path, flag, "folder")
 
 
 def _holder_text(record: dict) -> str:

@@ -58,6 +58,7 @@ from absl import app, flags, logging
 import numpy as np
 
 from cardiac_jax import io
+from data_pipelines.errors import InvalidArgumentError, InvalidInputError
 
 OUTPUT_DIR = "associate"
 DEFAULT_COVARIATES = ("height_cm", "weight_kg", "heart_rate_bpm")
@@ -97,7 +98,8 @@ def parse_binary_trait(spec: str) -> tuple[str, str]:
   """"column:value" -> (column, value)."""
   column, sep, value = spec.partition(":")
   if not sep or not column or not value:
-    raise ValueError(f"a binary trait is column:value (e.g. group:DCM), got {spec!r}")
+    raise InvalidArgumentError(f"--binary_traits: a binary trait is column:value (e.g. "
+                               f"group:DCM), got {spec!r}")
   return column, value
 
 
@@ -113,13 +115,14 @@ def trait_values(table: dict[str, dict[str, str]], subjects: Sequence[str], name
   if ":" in name:
     column, value = parse_binary_trait(name)
     if column not in columns:
-      raise ValueError(f"{path}: binary trait {name!r}: no column {column!r} (columns: "
-                       f"{sorted(columns)})")
+      raise InvalidArgumentError(f"{path}: binary trait {name!r}: no column {column!r} "
+                                 f"(columns: {sorted(columns)})")
     cells = [table.get(s, {}).get(column) for s in subjects]
     values = np.asarray([math.nan if c in (None, "") else float(c == value) for c in cells])
     return Trait(name=name, kind="logistic", values=values)
   if name not in columns:
-    raise ValueError(f"{path}: no column {name!r} for the trait (columns: {sorted(columns)})")
+    raise InvalidArgumentError(f"{path}: no column {name!r} for the trait (columns: "
+                               f"{sorted(columns)})")
   values = np.asarray([phenotypes.parse_number(table.get(s, {}).get(name),
                                                f"{path}: subject {s}, {name}")
                        for s in subjects], dtype=np.float64).reshape(len(subjects))
@@ -150,18 +153,18 @@ def covariate_matrix(path: str, names: Sequence[str], subjects: Sequence[str]) -
   table = common.read_table(path)
   absent = [n for n in names if n not in _columns(table)]
   if absent:
-    raise ValueError(f"{path}: no covariate columns {absent} (columns: "
-                     f"{sorted(_columns(table))})")
+    raise InvalidArgumentError(f"{path}: no covariate columns {absent} (columns: "
+                               f"{sorted(_columns(table))})")
   missing = [s for s in subjects if s not in table]
   if missing:
-    raise ValueError(f"{path}: {len(missing)} subject(s) have no covariate row: "
-                     f"{missing[:20]}{' ...' if len(missing) > 20 else ''}")
+    raise InvalidInputError(f"{path}: {len(missing)} subject(s) have no covariate row: "
+                            f"{missing[:20]}{' ...' if len(missing) > 20 else ''}")
   values = np.asarray([[phenotypes.parse_number(table[s][n], f"{path}: subject {s}, {n}")
                         for n in names] for s in subjects],
                       dtype=np.float64).reshape(len(subjects), len(names))
   bad = [f"{subjects[i]} ({names[j]})" for i, j in zip(*np.nonzero(~np.isfinite(values)))]
   if bad:
-    raise ValueError(f"{path}: missing or non-finite covariate values: {bad[:20]}")
+    raise InvalidInputError(f"{path}: missing or non-finite covariate values: {bad[:20]}")
   return values
 
 
@@ -305,17 +308,24 @@ def associate(workdir: str, latents_path: Optional[str] = None,
   from cardiac_jax import association, structures  # pylint: disable=g-import-not-at-top
   from data_pipelines import cine  # pylint: disable=g-import-not-at-top
   from experiments import common, infer_latents  # pylint: disable=g-import-not-at-top
+  # The arguments are checked before any latent is computed.
+  unknown = [s for s in splits if s not in SPLITS]
+  if unknown or not splits:
+    raise InvalidArgumentError(f"--splits: unknown splits {unknown} (train, val, test)" if unknown
+                               else "--splits is empty: name the splits whose subjects are "
+                               "tested (train, val, test)")
+  if not 0.0 < alpha < 1.0:
+    raise InvalidArgumentError(f"--alpha must be in (0, 1), got {alpha}")
+  for spec in binary_traits or ():
+    parse_binary_trait(spec)
   config = common.load_run_config(workdir)
   latents = infer_latents.load_or_compute(workdir, latents_path, refresh=step is not None,
                                           step=step)
-  unknown = [s for s in splits if s not in SPLITS]
-  if unknown:
-    raise ValueError(f"unknown splits {unknown} (train, val, test)")
   tested_latents = latents.in_splits(splits).require_finite()
   subjects, z = tested_latents.subjects, tested_latents.z
   if len(subjects) < 3:
-    raise ValueError(f"{latents.path}: {len(subjects)} subjects in splits {list(splits)}; "
-                     "association needs at least 3")
+    raise InvalidInputError(f"{latents.path}: {len(subjects)} subjects in splits "
+                            f"{list(splits)}; association needs at least 3")
 
   attributes_path, table = read_attributes(cine.prepared_cine_dir(config, create=False))
   if traits is None:
@@ -328,16 +338,16 @@ def associate(workdir: str, latents_path: Optional[str] = None,
   tested = [trait_values(table, subjects, name, attributes_path)
             for name in list(traits) + list(binary_traits)]
   if not tested:
-    raise ValueError("no traits to test (--traits and --binary_traits are both empty)")
+    raise InvalidArgumentError("no traits to test (--traits and --binary_traits are both empty)")
 
   explicit = covariates is not None
   names = list(DEFAULT_COVARIATES) if covariates is None else [c for c in covariates if c]
   source = covariates_file or (default_covariates_file(config) if names else None)
   if names and source is None:
     if explicit:
-      raise ValueError(f"covariates {names} were asked for, but the run's dataset has no "
-                       "generating parameters.csv: give --covariates_file=CSV (with a subject "
-                       "column)")
+      raise InvalidArgumentError(f"covariates {names} were asked for, but the run's dataset has "
+                                 "no generating parameters.csv: give --covariates_file=CSV "
+                                 "(with a subject column)")
     logging.warning("no covariates file for this dataset: testing without covariates")
     names = []
   matrix = covariate_matrix(source, names, subjects) if names else None
@@ -388,12 +398,16 @@ def define_flags() -> None:
   common.define_splits_flag("Splits whose subjects are tested.", list(SPLITS))
   flags.DEFINE_float("alpha", 0.05, "Benjamini-Hochberg level.")
   common.define_output_dir_flag("Output folder (default: DIR/associate).")
+  # Flags defined by experiments.common are this command's: --help lists them.
+  flags.adopt_module_key_flags(common)
 
 
 def main(argv):
   from experiments import common  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   common.start_command(argv, workdir=f.workdir)
+  from cardiac_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir_lib.check_output_dir(f.output_dir)
   result = associate(f.workdir, latents_path=f.latents, traits=f.traits,
                      binary_traits=f.binary_traits, covariates=f.covariates,
                      covariates_file=f.covariates_file, inverse_normal=f.inverse_normal,

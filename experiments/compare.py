@@ -121,6 +121,10 @@ def evaluate_hint(workdir: str, eval_name: str = "eval") -> str:
 def load_run(workdir: str, eval_name: str = "eval") -> Run:
   """Reads DIR/config.json (optional) and DIR/<eval_name>/metrics.json (required)."""
   metrics_path = os.path.join(workdir, eval_name, "metrics.json")
+  if not os.path.isdir(workdir):
+    raise MissingEvaluationError(
+        f"run {workdir} {'is a file' if os.path.exists(workdir) else 'does not exist'}: name "
+        "the run directories of experiments.train")
   if not os.path.isfile(metrics_path):
     raise MissingEvaluationError(
         f"run {workdir} has no {metrics_path}: evaluate it first with "
@@ -354,6 +358,10 @@ def main(argv):
       argv, "give the run directories to compare: python -m experiments.compare DIR1 DIR2 ...",
       quiet=False)
   output = flags.FLAGS.output
+  if not output or os.path.isdir(output) or output.endswith(os.sep):
+    print(f"error: --output={output!r} must name a markdown file (its CSV goes beside it), "
+          "not a folder", file=sys.stderr)
+    sys.exit(1)
   try:
     markdown, _ = write_comparison(workdirs, output, flags.FLAGS.group_by_config,
                                    flags.FLAGS.eval_name)

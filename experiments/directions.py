@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -78,24 +79,25 @@ def define_flags() -> None:
                       "folders' common parent; DIR/directions for --methods).")
   common.define_step_flag()
   flags.DEFINE_integer("num_directions", 16, "Directions found and scored (at most latent_dim "
-                       "but for voynov; 0: latent_dim).")
-  flags.DEFINE_integer("num_base_latents", 32, "Base latents z ~ N(0, I).")
-  flags.DEFINE_integer("num_shifts", 9, "Shifts per direction (grid columns).")
+                       "but for voynov; 0: latent_dim).", lower_bound=0)
+  flags.DEFINE_integer("num_base_latents", 32, "Base latents z ~ N(0, I).", lower_bound=1)
+  flags.DEFINE_integer("num_shifts", 9, "Shifts per direction (grid columns; at least 3 for a "
+                       "Spearman over the shifts).", lower_bound=3)
   flags.DEFINE_float("shift_range", 3.0, "Shifts span [-R, R] edit units.")
-  flags.DEFINE_integer("segmenter_steps", 1000, "Segmenter training steps.")
-  flags.DEFINE_integer("segmenter_batch_size", 16, "Segmenter batch size.")
+  flags.DEFINE_integer("segmenter_steps", 1000, "Segmenter training steps.", lower_bound=1)
+  flags.DEFINE_integer("segmenter_batch_size", 16, "Segmenter batch size.", lower_bound=1)
   flags.DEFINE_list("segmenter_channels", ["8", "16", "32"], "U-Net channels per level.")
   flags.DEFINE_bool("segmenter_augment", True, "Segmenter training with random 90-degree "
                     "rotations, reflections, intensity scales and noise.")
   flags.DEFINE_bool("retrain_segmenter", False, "Train a new segmenter even if one is saved.")
-  flags.DEFINE_integer("voynov_steps", 3000, "Voynov training steps.")
+  flags.DEFINE_integer("voynov_steps", 3000, "Voynov training steps.", lower_bound=1)
   flags.DEFINE_enum("voynov_deformator", "proj", ["linear", "proj", "ortho", "identity",
                                                   "random"], "Voynov deformator.")
   flags.DEFINE_enum("voynov_reconstructor", "lenet", ["lenet", "resnet"],
                     "Voynov reconstructor.")
-  flags.DEFINE_integer("voynov_batch_size", 32, "Voynov batch size.")
+  flags.DEFINE_integer("voynov_batch_size", 32, "Voynov batch size.", lower_bound=1)
   flags.DEFINE_float("voynov_learning_rate", 1e-4, "Voynov Adam learning rate.")
-  flags.DEFINE_integer("ganspace_samples", 4096, "GANSpace samples of z.")
+  flags.DEFINE_integer("ganspace_samples", 4096, "GANSpace samples of z.", lower_bound=1)
   flags.DEFINE_float("rho_threshold", 0.8,
                      "|rho| of the main factor for a direction to control it.")
   flags.DEFINE_float("other_threshold", 0.5, "To control, every other factor needs |rho| "
@@ -110,12 +112,17 @@ def define_flags() -> None:
                     "or largest |rho| * min(1, relative range).")
   flags.DEFINE_float("min_finite_fraction", 0.5, "A factor needs a finite rho for this share "
                      "of base latents to be a direction's main factor.")
-  flags.DEFINE_integer("grid_rows", 8, "Directions drawn in grid.png.")
+  flags.DEFINE_integer("grid_rows", 8, "Directions drawn in grid.png.", lower_bound=1)
   flags.DEFINE_enum("grid_by", "rank", ["rank", "rho"],
                     "grid.png rows: the method's top directions or the largest |rho|.")
   flags.DEFINE_bool("recompute_directions", False,
                     "Find the directions again even if saved ones match.")
   common.define_seed_flag("Seed of base latents, segmenter and discovery.")
+  # Flags defined by experiments.common are this command's: --help lists them.
+  flags.adopt_module_key_flags(common)
+  for name in ("shift_range", "voynov_learning_rate"):
+    flags.register_validator(name, lambda value: 0.0 < value < float("inf"),
+                             f"--{name} must be a finite number > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,11 +151,13 @@ class Settings:
   generate_batch_size: int = 144
 
   def __post_init__(self):
+    from data_pipelines.errors import InvalidArgumentError
     if self.num_base_latents < 1 or self.num_shifts < 3:
-      raise ValueError(f"need num_base_latents >= 1 and num_shifts >= 3 (a Spearman over the "
-                       f"shifts), got {self.num_base_latents} and {self.num_shifts}")
-    if self.shift_range <= 0:
-      raise ValueError(f"shift_range must be positive, got {self.shift_range}")
+      raise InvalidArgumentError(f"need num_base_latents >= 1 and num_shifts >= 3 (a Spearman "
+                                 f"over the shifts), got {self.num_base_latents} and "
+                                 f"{self.num_shifts}")
+    if not 0.0 < self.shift_range < math.inf:
+      raise InvalidArgumentError(f"shift_range must be positive, got {self.shift_range}")
 
   def shifts(self):
     import numpy as np

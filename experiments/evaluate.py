@@ -18,14 +18,15 @@ from absl import app, flags
 
 def define_flags() -> None:
   """The command-line flags; defined only when run as a program (so that importing the module
-  next to other commands defines nothing)."""
-  flags.DEFINE_string("workdir", None, "Run directory written by experiments.train.")
+  next to other commands defines nothing). Counts and the traversal width are checked when the
+  flags are parsed, before the run is restored."""
+  from experiments import common
+  common.define_workdir_flag("Run directory written by experiments.train.")
   flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to evaluate.")
-  flags.DEFINE_string("step", None, "Checkpoint: a step, best (the best validation "
-                      "checkpoint) or latest (default).")
-  flags.DEFINE_string("output_dir", None, "Where metrics.json and the figures go (default: "
-                      "DIR/eval); e.g. DIR/eval_best for --step=best beside the final step's.")
-  flags.DEFINE_integer("traversal_steps", 9, "Columns of the traversal grid.")
+  common.define_step_flag()
+  common.define_output_dir_flag("Where metrics.json and the figures go (default: DIR/eval); "
+                                "e.g. DIR/eval_best for --step=best beside the final step's.")
+  flags.DEFINE_integer("traversal_steps", 9, "Columns of the traversal grid.", lower_bound=1)
   flags.DEFINE_float("traversal_range", 2.5,
                      "Traversal half-width in standard deviations of the test codes.")
   flags.DEFINE_enum("codes", "sampled", ["sampled", "mean"],
@@ -34,12 +35,16 @@ def define_flags() -> None:
                     "reported beside them.")
   flags.DEFINE_integer("code_seed", 0, "Seed of the draws of --codes=sampled.")
   flags.DEFINE_integer("inversion_steps", None,
-                       "diffae3d: DDIM inversion steps (default: config.eval).")
+                       "diffae3d: DDIM inversion steps (default: config.eval).", lower_bound=1)
   flags.DEFINE_integer("decode_steps", None,
-                       "diffae3d: DDIM decoding steps (default: config.eval).")
+                       "diffae3d: DDIM decoding steps (default: config.eval).", lower_bound=1)
   flags.DEFINE_enum("ddim_grid", None, ["stride", "even"],
                     "diffae3d: DDIM step grid (default: config.eval.ddim_grid; runs without "
                     "the field: even).")
+  # Flags defined by experiments.common are this command's: --help lists them.
+  flags.adopt_module_key_flags(common)
+  flags.register_validator("traversal_range", lambda value: value > 0 and value != float("inf"),
+                           "--traversal_range must be a finite number > 0")
 
 
 def evaluate(workdir: str, split: str = "test", step=None, options=None,
@@ -67,6 +72,8 @@ def main(argv):
   from experiments import common
   FLAGS = flags.FLAGS
   common.start_command(argv, workdir=FLAGS.workdir)
+  from cardiac_jax import workdir as workdir_lib
+  workdir_lib.check_output_dir(FLAGS.output_dir)
   options = families.EvalOptions(
       codes=FLAGS.codes, code_seed=FLAGS.code_seed, traversal_steps=FLAGS.traversal_steps,
       traversal_range=FLAGS.traversal_range, inversion_steps=FLAGS.inversion_steps,

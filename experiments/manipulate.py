@@ -72,6 +72,7 @@ from absl import app, flags, logging
 import numpy as np
 
 from cardiac_jax import io
+from data_pipelines.errors import InvalidArgumentError, InvalidInputError
 
 from experiments import long_axis_segmenter
 
@@ -103,7 +104,8 @@ def load_subject_batch(config, directory: str, subject: str, split: str) -> dict
     name = name.decode("utf-8") if isinstance(name, bytes) else str(name)
     if name == subject:
       return next(iter(cine.eval_batches([example], config.data, batch_size=1)))
-  raise ValueError(f"{directory}: subject {subject!r} is not in the prepared {split} split")
+  raise InvalidArgumentError(f"{directory}: --subject={subject} is not in the prepared {split} "
+                             "split")
 
 
 def subject_split(directory: str, subject: Optional[str]) -> tuple[str, str]:
@@ -114,12 +116,12 @@ def subject_split(directory: str, subject: Optional[str]) -> tuple[str, str]:
     assignment = json.load(f)
   if subject is None:
     if not assignment.get("test"):
-      raise ValueError(f"{path}: the test split is empty; give --subject=ID")
+      raise InvalidInputError(f"{path}: the test split is empty; give --subject=ID")
     return assignment["test"][0], "test"
   for split in ("train", "val", "test"):
     if subject in assignment.get(split, []):
       return subject, split
-  raise ValueError(f"{path}: subject {subject!r} is in no split")
+  raise InvalidArgumentError(f"{path}: subject {subject!r} is in no split (--subject)")
 
 
 def _label_row(labels: Sequence[str], panel: int, gap: int, height: int) -> np.ndarray:
@@ -240,16 +242,20 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
 
   steps = [float(m) for m in steps]
   if not steps:
-    raise ValueError("--steps needs at least one m value")
+    raise InvalidArgumentError("--steps needs at least one m value")
+  if not all(math.isfinite(m) for m in steps):
+    raise InvalidArgumentError(f"--steps must be finite numbers, got {steps}")
   if shift not in SHIFTS:
-    raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
+    raise InvalidArgumentError(f"shift must be one of {SHIFTS}, got {shift!r}")
+  if not 0.0 < blood_threshold < 1.0:
+    raise InvalidArgumentError(f"--blood_threshold must be in (0, 1), got {blood_threshold}")
   inferred = "logistic" if ":" in trait else "linear"
   kind = kind or inferred
   if kind not in association.KINDS:
-    raise ValueError(f"kind must be one of {association.KINDS}, got {kind!r}")
+    raise InvalidArgumentError(f"kind must be one of {association.KINDS}, got {kind!r}")
   if kind == "logistic" and inferred != "logistic":
-    raise ValueError(f"trait {trait!r} is continuous; a logistic direction needs a binary "
-                     "trait column:value such as group:DCM")
+    raise InvalidArgumentError(f"trait {trait!r} is continuous; a logistic direction needs a "
+                               "binary trait column:value such as group:DCM")
   run = run or common.restore_run(workdir, checkpoint_step)
   config, family, state, _ = run
   families.require(config.model.family, "invert", "manipulation (inversion and decoding of "
@@ -257,10 +263,11 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
   inversion_steps = int(inversion_steps or family.inversion_steps)
   decode_steps = int(decode_steps or family.decode_steps)
   family.check_ddim_steps(inversion_steps, decode_steps, family.ddim_grid)
+  directory = cine.prepared_cine_dir(config, create=False)
+  subject, split = subject_split(directory, subject)  # A wrong --subject before any latent.
   latents = infer_latents.load_or_compute(workdir, latents_path,
                                           refresh=checkpoint_step is not None,
                                           step=checkpoint_step).require_finite()
-  directory = cine.prepared_cine_dir(config, create=False)
   attributes_path, attributes = associate.read_attributes(directory)
   values = associate.trait_values(attributes, latents.subjects, trait, attributes_path).values
 
@@ -268,8 +275,8 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
   train = latents.split_indices(["train"])
   train = train[np.isfinite(values[train])]
   if len(train) < 3:
-    raise ValueError(f"{latents.path}: {len(train)} training subjects with a value of "
-                     f"{trait!r}; a direction needs at least 3")
+    raise InvalidInputError(f"{latents.path}: {len(train)} training subjects with a value of "
+                            f"{trait!r}; a direction needs at least 3")
   z_train_std, transform = association.standardise(latents.z[train])
   try:
     direction = association.trait_direction(z_train_std, values[train], kind, seed=seed)
@@ -289,7 +296,6 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
   mahalanobis_per_unit = float(np.sqrt(max(float(unit @ precision @ unit), 0.0)))
 
   # 2. The subject: encode, invert under its own z, decode for every m.
-  subject, split = subject_split(directory, subject)
   batch = load_subject_batch(config, directory, subject, split)
   x0 = jnp.asarray(batch[family.field], jnp.float32)
   encode, invert, decode = ddim_functions(family, inversion_steps, decode_steps)
@@ -298,8 +304,8 @@ def manipulate(workdir: str, trait: str = "lv_edv_ml", kind: Optional[str] = Non
   x_T = invert(state, x0, z)
   z64 = np.asarray(z, np.float64)[0]
   if z64.shape[0] != dim:
-    raise ValueError(f"{latents.path}: D = {dim} latents, the run's encoder gives "
-                     f"{z64.shape[0]}")
+    raise InvalidInputError(f"{latents.path}: D = {dim} latents, the run's encoder gives "
+                            f"{z64.shape[0]}")
   unit_shift = transform.std * unit
   score = transform.apply(z64[None])[0] @ direction.coefficients + direction.intercept
   predicted = [float(score + m * (unit @ direction.coefficients)) for m in steps]
@@ -411,9 +417,9 @@ def define_flags() -> None:
                     "of the trait model (m in SDs of its prediction) or the reference's "
                     "sqrt(D) beta.")
   flags.DEFINE_integer("inversion_steps", None, "DDIM inversion steps (default: "
-                       "config.eval.inversion_steps).")
+                       "config.eval.inversion_steps).", lower_bound=1)
   flags.DEFINE_integer("decode_steps", None, "DDIM decoding steps (default: "
-                       "config.eval.decode_steps).")
+                       "config.eval.decode_steps).", lower_bound=1)
   common.define_latents_flag()
   common.define_output_dir_flag("Output folder (default: DIR/manipulate/<trait>).")
   flags.DEFINE_float("blood_threshold", DEFAULT_BLOOD_THRESHOLD, "Threshold on [0, 1] of the "
@@ -422,13 +428,17 @@ def define_flags() -> None:
   flags.DEFINE_bool("segment", True, "Segment the LV blood pool of the 4-chamber cines (trains "
                     "DIR/segmenter_la_4ch once).")
   flags.DEFINE_integer("segmenter_steps", long_axis_segmenter.DEFAULT_STEPS,
-                       "Training steps of the 4-chamber segmenter.")
+                       "Training steps of the 4-chamber segmenter.", lower_bound=1)
+  # Flags defined by experiments.common are this command's: --help lists them.
+  flags.adopt_module_key_flags(common)
 
 
 def main(argv):
   from experiments import common  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   common.start_command(argv, workdir=f.workdir)
+  from cardiac_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir_lib.check_output_dir(f.output_dir)
   try:
     steps = [float(m) for m in f.steps]
   except ValueError as e:

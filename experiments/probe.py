@@ -52,6 +52,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   common.define_output_dir_flag("Output folder (default: DIR/probe).", flag_values)
   common.define_step_flag("Checkpoint of computed latents: a step, best (the best validation "
                           "checkpoint) or latest (default).", flag_values)
+  # Flags defined by experiments.common are this command's: --help lists them.
+  flags.adopt_module_key_flags(common, flag_values)
 
 
 def _log(message: str) -> None:
@@ -109,11 +111,13 @@ def run(workdir: str, latents: Optional[str] = None, traits: Sequence[str] = DEF
   """The probe of every trait (module docstring); writes and returns results.json's content."""
   from cardiac_jax import phenotypes
   from data_pipelines import cine, prepare
+  from data_pipelines.errors import InvalidArgumentError, InvalidInputError
   from experiments import associate, infer_latents
   if not traits:
-    raise ValueError("no traits to probe")
+    raise InvalidArgumentError("--traits is empty: no traits to probe")
   if train_split == test_split:
-    raise ValueError(f"the probe needs two different splits, got {train_split!r} twice")
+    raise InvalidArgumentError(f"the probe needs two different splits, got {train_split!r} "
+                               "twice (--train_split, --test_split)")
   config = common.load_run_config(workdir)
   # The run's own latents are checked against the run (refresh): stale ones are recomputed.
   table = infer_latents.load_or_compute(workdir, latents, refresh=True, step=step, log=log)
@@ -124,8 +128,8 @@ def run(workdir: str, latents: Optional[str] = None, traits: Sequence[str] = DEF
                             "unreadable")
   for split in (train_split, test_split):
     if not assignment.get(split):
-      raise ValueError(f"{os.path.join(directory, prepare.SPLITS)}: split {split!r} holds no "
-                       "subjects")
+      raise InvalidInputError(f"{os.path.join(directory, prepare.SPLITS)}: split {split!r} holds "
+                              "no subjects")
   attributes_path, attributes = associate.read_attributes(directory)
   subjects = list(attributes)
   values = {name: dict(zip(subjects, associate.trait_values(attributes, subjects, name,
@@ -150,6 +154,8 @@ def run(workdir: str, latents: Optional[str] = None, traits: Sequence[str] = DEF
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   f = flag_values
   common.start_command(argv, quiet=f is flags.FLAGS, workdir=f.workdir)
+  from cardiac_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir_lib.check_output_dir(f.output_dir)
   run(f.workdir, f.latents, f.traits, f.train_split, f.test_split, f.output_dir, f.step)
   out_dir = f.output_dir or os.path.join(f.workdir, "probe")
   with open(os.path.join(out_dir, "probe.md"), encoding="utf-8") as fh:

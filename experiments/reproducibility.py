@@ -40,6 +40,7 @@ from cardiac_jax import io
 from experiments import common
 
 MIN_SUBJECTS = 3
+SPLITS = ("train", "val", "test")
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -53,9 +54,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   common.define_output_dir_flag("Output folder (default: the first workdir's "
                                 "reproducibility/).", flag_values)
   flags.DEFINE_integer("batch_size", None, "Batch size of latents that must be computed.",
-                       **fv)
+                       lower_bound=1, **fv)
   common.define_step_flag("Checkpoint of every run: a step, best (the best validation "
                           "checkpoint) or latest (default).", flag_values)
+  # Flags defined by experiments.common are this command's: --help lists them.
+  flags.adopt_module_key_flags(common, flag_values)
 
 
 def _log(message: str) -> None:
@@ -81,7 +84,8 @@ def align_latents(tables, labels: Sequence[str], splits: Optional[Sequence[str]]
   subjects = phenotypes.common_subjects(tables)
   if len(subjects) < MIN_SUBJECTS:
     counts = ", ".join(f"{label}: {len(t.subjects)}" for label, t in zip(labels, tables))
-    raise ValueError(f"the runs {', '.join(labels)} share {len(subjects)} subjects"
+    from data_pipelines.errors import InvalidInputError
+    raise InvalidInputError(f"the runs {', '.join(labels)} share {len(subjects)} subjects"
                      f"{f' in splits {list(splits)}' if splits else ''} (subjects per run: "
                      f"{counts}); matching latents needs at least {MIN_SUBJECTS} common "
                      "subjects")
@@ -179,11 +183,17 @@ def run(workdirs: Sequence[str], threshold: float = 0.5,
         step=None) -> dict:
   """Latents of every run (at checkpoint `step` of each, `common.parse_step`), matching of
   every ordered pair, outputs; returns results.json's content (module docstring)."""
+  from data_pipelines.errors import InvalidArgumentError
   from experiments import infer_latents
   if len(workdirs) < 2:
-    raise ValueError(f"reproducibility needs at least 2 runs, got {len(workdirs)}")
+    raise InvalidArgumentError(f"reproducibility needs at least 2 runs, got {len(workdirs)}")
   if not 0.0 <= threshold < 1.0:
-    raise ValueError(f"the threshold must be in [0, 1), got {threshold}")
+    raise InvalidArgumentError(f"--threshold must be in [0, 1), got {threshold}")
+  unknown = sorted(set(splits or ()) - set(SPLITS))
+  if unknown:
+    raise InvalidArgumentError(f"--splits: unknown splits {unknown} (of {', '.join(SPLITS)})")
+  for workdir in workdirs:  # Every run directory before any latent is computed.
+    common.load_run_config(workdir)
   labels = run_labels(workdirs)
   tables, paths = [], []
   for workdir in workdirs:
@@ -217,6 +227,8 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   workdirs = common.start_command_with_arguments(
       argv, "give at least two run directories: python -m experiments.reproducibility "
       "DIR_seed1 DIR_seed2 ...", min_count=2, quiet=f is flags.FLAGS)
+  from cardiac_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir_lib.check_output_dir(f.output_dir)
   result = run(workdirs, f.threshold, f.splits, f.output_dir, f.batch_size, step=f.step)
   print(markdown_table(result))
 

@@ -1,6 +1,6 @@
 """Synthetic cines from a trained 3D diffusion autoencoder and its latent DDIM.
 
-  python -m experiments.sample --workdir=DIR --num=N [--seed=0] [--output=DIR/samples]
+  python -m experiments.sample --workdir=DIR --num=N [--seed=0] [--output_dir=DIR/samples]
       [--decode_steps=K] [--latent_steps=M]
 
 Sampling as in Diffusion Autoencoders (Preechakul et al. 2022, Sec. 3.3) for a `diffae3d` run:
@@ -26,7 +26,7 @@ Sampling as in Diffusion Autoencoders (Preechakul et al. 2022, Sec. 3.3) for a `
    samples.json and the log carry a warning. Also the mean |mean| and mean std over dimensions
    of the sampled u (0 and 1 for the training codes).
 
-Writes to --output (default DIR/samples):
+Writes to --output_dir (default DIR/samples):
 - sample_XXX.gif: all T frames of sample XXX on [0, 1] (T frames per second, at most 25,
   upscaled to about 128 px);
 - sample_XXX.nii.gz: float32 (S, S, 1, T) on [0, 1], the layout of the 4-chamber NIfTI files
@@ -65,17 +65,19 @@ def define_flags() -> None:
   """The command-line flags; defined only when run as a program, so that importing this module
   (tests, other entry points) never collides with another entry point's flags."""
   common.define_workdir_flag("diffae3d run directory.")
-  flags.DEFINE_integer("num", 8, "Number of synthetic cines.")
+  flags.DEFINE_integer("num", 8, "Number of synthetic cines.", lower_bound=1)
   common.define_seed_flag("Seed of the sampled codes and of x_T.")
-  flags.DEFINE_string("output", None, "Output folder (default: WORKDIR/samples).")
+  common.define_output_dir_flag("Output folder (default: WORKDIR/samples).")
   flags.DEFINE_integer("decode_steps", None, "DDIM steps of the cine decoding (default: the "
-                       "run's latent.image_decode_steps).")
+                       "run's latent.image_decode_steps).", lower_bound=1)
   flags.DEFINE_integer("latent_steps", None, "DDIM steps of the z_sem sampling (default: the "
-                       "run's latent.sample_steps).")
+                       "run's latent.sample_steps).", lower_bound=1)
   common.define_step_flag()
   flags.DEFINE_integer("batch_size", None, "Cines encoded / decoded per call (default: the "
-                       "run's train.eval_batch_size).")
+                       "run's train.eval_batch_size).", lower_bound=1)
   flags.DEFINE_string("latent_dir", None, "Latent DDIM folder (default: WORKDIR/latent_ddim).")
+  # Flags defined by experiments.common are this command's: --help lists them.
+  flags.adopt_module_key_flags(common)
 
 
 def _log(message: str) -> None:
@@ -194,8 +196,9 @@ def run(workdir: str, num: int, seed: int = 0, output: str | None = None,
   import jax
   import numpy as np
   from cardiac_jax import diffusion, latent_diffusion, viz
+  from data_pipelines.errors import InvalidArgumentError
   if num < 1:
-    raise ValueError(f"--num must be >= 1, got {num}")
+    raise InvalidArgumentError(f"--num must be >= 1, got {num}")
   check_diffae_run(workdir)
   config, family, state, _ = common.restore_run(workdir, step)
   settings = latent_diffusion.LatentSettings.from_config(latent_config_of(config, log))
@@ -203,13 +206,14 @@ def run(workdir: str, num: int, seed: int = 0, output: str | None = None,
   latent_steps = int(latent_steps or settings.sample_steps)
   for name, value in (("decode_steps", decode_steps), ("latent_steps", latent_steps)):
     if not 1 <= value <= settings.num_timesteps:
-      raise ValueError(f"--{name} must be in [1, {settings.num_timesteps}], got {value}")
+      raise InvalidArgumentError(f"--{name} must be in [1, {settings.num_timesteps}], got "
+                                 f"{value}")
   for name, value, grid in (("decode_steps", decode_steps, family.ddim_grid),
                             ("latent_steps", latent_steps, settings.ddim_grid)):
     try:
       diffusion.ddim_timesteps(settings.num_timesteps, value, grid)
     except ValueError as e:
-      raise ValueError(f"--{name}={value} on the {grid!r} DDIM grid: {e}") from None
+      raise InvalidArgumentError(f"--{name}={value} on the {grid!r} DDIM grid: {e}") from None
   batch_size = int(batch_size or config.train.eval_batch_size)
   output = output or os.path.join(workdir, "samples")
   latent_dir = latent_dir or os.path.join(workdir, "latent_ddim")
@@ -284,13 +288,14 @@ def run(workdir: str, num: int, seed: int = 0, output: str | None = None,
 def main(argv):
   f = flags.FLAGS
   common.start_command(argv, workdir=f.workdir)
-  if f.num < 1:
-    raise app.UsageError(f"--num must be >= 1, got {f.num}")
+  from cardiac_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir_lib.check_output_dir(f.output_dir)
+  workdir_lib.check_output_dir(f.latent_dir, "latent_dir")
   try:
     check_diffae_run(f.workdir)
   except ValueError as e:
     raise app.UsageError(str(e))
-  run(f.workdir, f.num, seed=f.seed, output=f.output, decode_steps=f.decode_steps,
+  run(f.workdir, f.num, seed=f.seed, output=f.output_dir, decode_steps=f.decode_steps,
       latent_steps=f.latent_steps, step=f.step, batch_size=f.batch_size,
       latent_dir=f.latent_dir)
 

@@ -47,7 +47,8 @@ def slice_information(data_dir: str) -> tuple[int, dict[str, list[tuple[float, f
     for rule, z in selected.items():
       areas[rule].append([np.sum(labels[:, :, z] == v) * dx * dy for _, v in STRUCTURES])
   if len(volumes) < 10:
-    raise ValueError(f"{data_dir}: only {len(volumes)} readable subjects; need at least 10")
+    raise acdc.InvalidInputError(f"{data_dir}: only {len(volumes)} readable subjects; need at "
+                                 "least 10")
   volumes = np.asarray(volumes)
   result = {}
   for rule, rows in areas.items():
@@ -74,7 +75,8 @@ def markdown(num_subjects: int, result: dict) -> str:
 
 def main(argv):
   from experiments import common  # pylint: disable=g-import-not-at-top
-  common.start_command(argv, quiet=False, data_dir=_DATA_DIR.value)
+  # Quiet: a missing or unreadable cohort is one line, not a traceback.
+  common.start_command(argv, data_dir=_DATA_DIR.value)
   text = markdown(*slice_information(_DATA_DIR.value))
   print(text)
   if _OUTPUT.value:

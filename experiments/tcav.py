@@ -68,6 +68,7 @@ from absl import app, flags
 
 from cardiac_jax.interpret import tcav
 from cardiac_jax import io
+from data_pipelines.errors import InvalidArgumentError
 from experiments import common
 
 _WORKDIR = common.define_workdir_flag("temporal_classifier run directory.")
@@ -83,16 +84,20 @@ _CONCEPT_SPLIT = flags.DEFINE_string(
 _CONCEPT_DIR = flags.DEFINE_string(
     "concept_dir", None, "Prepared cine dataset holding --concept_split (default: the run's).")
 _CONCEPT_SUBJECTS = flags.DEFINE_integer(
-    "concept_subjects", 500, "Subjects of the generated held-out NOR cohort (synthetic data).")
+    "concept_subjects", 500, "Subjects of the generated held-out NOR cohort (synthetic data).",
+    lower_bound=2)
 _ALLOW_OVERLAP = flags.DEFINE_bool(
     "allow_overlap", False, "Run even when the concept pool shares subjects with the "
     "classifier's training split or the explained split (the table header says so).")
 _EXPLAIN_SPLIT = flags.DEFINE_enum("explain_split", "test", ["train", "val", "test"],
                                    "Split whose subjects are explained (TCAV scores, AUC).")
 _NUM_RANDOM = flags.DEFINE_integer("num_random_sets", None,
-                                   "Random concepts (default: the run's tcav.num_random_sets).")
+                                   "Random concepts (default: the run's tcav.num_random_sets).",
+                                   lower_bound=1)
 _FRACTION = flags.DEFINE_float("concept_fraction", None,
                                "Concept-set share (default: the run's tcav.concept_fraction).")
+flags.register_validator("concept_fraction", lambda value: value is None or 0.0 < value < 1.0,
+                         "--concept_fraction must be in (0, 1)")
 _INTERPOLATE = flags.DEFINE_string("interpolate", "low_ef", "Concept of the interpolation.")
 _SUBJECT = flags.DEFINE_string("subject", None,
                                "Subject of the interpolation (default: the first positive "
@@ -100,6 +105,8 @@ _SUBJECT = flags.DEFINE_string("subject", None,
 _SIGMAS = flags.DEFINE_list("sigmas", ["-2", "-1", "0", "1", "2"],
                             "Interpolation targets in standard deviations of the projection.")
 _SEED = common.define_seed_flag("Seed of the CAV splits and random sets.")
+# Flags defined by experiments.common are this command's: --help lists them.
+flags.adopt_module_key_flags(common)
 
 # ------------------------------------------------------------------------------ biomarkers
 def synthetic_parameters(prepared_dir: str) -> dict[str, dict[str, float]]:
@@ -268,21 +275,21 @@ def concept_pool_sources(config, run_dir: str, concept_pool: str, concept_split:
   from data_pipelines import cine
   if concept_pool == POOLED_TRAIN_VAL:
     if concept_split or concept_dir:
-      raise ValueError(f"--concept_split and --concept_dir name a held-out pool; they do not "
-                       f"apply to --concept_pool={POOLED_TRAIN_VAL}")
+      raise InvalidArgumentError(f"--concept_split and --concept_dir name a held-out pool; they "
+                                 f"do not apply to --concept_pool={POOLED_TRAIN_VAL}")
     return [PoolSource("train", run_dir, "train"), PoolSource("val", run_dir, "val")]
   if concept_pool != HELD_OUT_NEGATIVES:
-    raise ValueError(f"--concept_pool={concept_pool!r}: expected {HELD_OUT_NEGATIVES} or "
-                     f"{POOLED_TRAIN_VAL}")
+    raise InvalidArgumentError(f"--concept_pool={concept_pool!r}: expected "
+                               f"{HELD_OUT_NEGATIVES} or {POOLED_TRAIN_VAL}")
   if concept_split:
     directory = os.path.abspath(concept_dir) if concept_dir else run_dir
     return [PoolSource(concept_split, directory, concept_split)]
   if concept_dir:
-    raise ValueError(f"--concept_dir={concept_dir} needs --concept_split, the split of "
-                     "held-out negative subjects in it")
+    raise InvalidArgumentError(f"--concept_dir={concept_dir} needs --concept_split, the split "
+                               "of held-out negative subjects in it")
   if concept_subjects < 2:
-    raise ValueError(f"--concept_subjects={concept_subjects}: the generated concept pool needs "
-                     "at least 2 subjects")
+    raise InvalidArgumentError(f"--concept_subjects={concept_subjects}: the generated concept "
+                               "pool needs at least 2 subjects")
   try:
     directory = cine.held_out_cine_dir(config, concept_subjects)
   except ValueError as e:
@@ -449,8 +456,8 @@ def run(workdir: str, step: int | str | None = None,
 
   # Figures: PCA with gradients and the CAV, and the decoded interpolation.
   if interpolate not in analysis["results"]:
-    raise ValueError(f"--interpolate={interpolate!r} is not a measured concept; measured: "
-                     f"{sorted(analysis['results'])}")
+    raise InvalidArgumentError(f"--interpolate={interpolate!r} is not a measured concept; "
+                               f"measured: {sorted(analysis['results'])}")
   cav = analysis["results"][interpolate].cav.vector
   save_pca_figure(os.path.join(out_dir, "pca.png"), explained["concepts"], explained["label"],
                   analysis["gradients"], cav, interpolate,
@@ -463,7 +470,7 @@ def run(workdir: str, step: int | str | None = None,
   elif subject in subjects:
     index = subjects.index(subject)
   else:
-    raise ValueError(f"subject {subject!r} is not in the {explain_split} split")
+    raise InvalidArgumentError(f"--subject={subject} is not in the {explain_split} split")
   unit = cav / np.linalg.norm(cav)
   sigma = float(np.std(pool["concepts"] @ unit)) or 1.0
   targets = [float(s) for s in sigmas]
@@ -501,12 +508,16 @@ def run(workdir: str, step: int | str | None = None,
 def main(argv):
   from experiments import common
   common.start_command(argv, workdir=_WORKDIR.value)
+  try:
+    sigmas = [float(s) for s in _SIGMAS.value]
+  except ValueError as e:
+    raise app.UsageError(f"--sigmas must be numbers: {e}")
   result = run(_WORKDIR.value, _STEP.value, concept_pool=_CONCEPT_POOL.value,
                concept_split=_CONCEPT_SPLIT.value, concept_dir=_CONCEPT_DIR.value,
                concept_subjects=_CONCEPT_SUBJECTS.value, allow_overlap=_ALLOW_OVERLAP.value,
                explain_split=_EXPLAIN_SPLIT.value, num_random_sets=_NUM_RANDOM.value,
                concept_fraction=_FRACTION.value, interpolate=_INTERPOLATE.value,
-               subject=_SUBJECT.value, sigmas=[float(s) for s in _SIGMAS.value],
+               subject=_SUBJECT.value, sigmas=sigmas,
                seed=_SEED.value)
   with open(os.path.join(_WORKDIR.value, "tcav", "table1.md"), encoding="utf-8") as f:
     print(f.read())
