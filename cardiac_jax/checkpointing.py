@@ -188,6 +188,19 @@ def step_problem(step_dir: str) -> str | None:
   return _metadata_problem(step_dir)
 
 
+def step_identity(step_dir: str) -> str:
+  """A digest that differs between two saves of a step (orbax's _CHECKPOINT_METADATA records
+  the save's time, the manifest every file's SHA-256): what a cache of a checkpoint's outputs
+  is keyed by, so that a run trained again to the same step never reuses the old outputs."""
+  digest = hashlib.sha256()
+  for name in (MANIFEST_FILE, "_CHECKPOINT_METADATA"):
+    path = os.path.join(step_dir, name)
+    if os.path.isfile(path):
+      with open(path, "rb") as f:
+        digest.update(name.encode() + b"\0" + f.read())
+  return digest.hexdigest()[:16]
+
+
 def _ranking_value(metrics: Mapping[str, Any] | None, *, name: str, worst: float) -> float:
   """The saved value of `name` in a step's metrics, or `worst` when it has none (steps saved
   without an improving evaluation carry empty metrics)."""

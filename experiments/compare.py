@@ -124,7 +124,8 @@ def load_run(workdir: str, eval_name: str = "eval") -> Run:
   if not os.path.isdir(workdir):
     raise MissingEvaluationError(
         f"run {workdir} {'is a file' if os.path.exists(workdir) else 'does not exist'}: name "
-        "the run directories of experiments.train")
+        f"a run directory of experiments.train, evaluated with "
+        f"`{evaluate_hint(workdir, eval_name)}`")
   if not os.path.isfile(metrics_path):
     raise MissingEvaluationError(
         f"run {workdir} has no {metrics_path}: evaluate it first with "

@@ -6,7 +6,8 @@ with traversals (`cardiac_jax.families.vae_evaluation`), diffae3d runs DDIM reco
 (`cardiac_jax.families.diffae3d`). DIR/eval/metrics.json (or --output_dir) starts with the run,
 split and checkpoint; the figures go beside it. Resumable: batches finished before an
 interruption are kept in a partial folder there and not recomputed; the folder is removed once
-metrics.json is written.
+metrics.json is written. The folder is only resumed by the same run, checkpoint and split
+(`clear_stale_partials`): batches of another model are never read back.
 """
 
 from __future__ import annotations
@@ -55,16 +56,51 @@ def evaluate(workdir: str, split: str = "test", step=None, options=None,
   return _evaluate(workdir, split, step, options, output_dir)[1]
 
 
+PARTIAL_OWNER = ".partial_owner.json"
+
+
+def clear_stale_partials(out_dir: str, owner: dict) -> list[str]:
+  """Removes the partial_* folders of an interrupted evaluation in out_dir unless they belong
+  to `owner` (the run, the checkpoint's `checkpointing.step_identity`, the split): the folders
+  are named by split and step only, so another run at the same step (a shared --output_dir) or
+  the run trained again to that step would otherwise resume from batches of another model and
+  report their metrics. Then records `owner` for a later resume. Returns the removed names."""
+  import shutil
+  from cardiac_jax import io
+  recorded = io.read_json(os.path.join(out_dir, PARTIAL_OWNER))
+  removed = []
+  if recorded != owner and os.path.isdir(out_dir):
+    for name in sorted(os.listdir(out_dir)):
+      if name.startswith("partial_") and os.path.isdir(os.path.join(out_dir, name)):
+        shutil.rmtree(os.path.join(out_dir, name))
+        removed.append(name)
+  if removed:
+    print(f"Removed {', '.join(removed)} from {out_dir}: batches of another checkpoint or run.",
+          file=sys.stderr, flush=True)
+  io.write_json(os.path.join(out_dir, PARTIAL_OWNER), owner)
+  return removed
+
+
 def _evaluate(workdir, split, step, options, output_dir):
   """(the run's family, `evaluate`'s metrics)."""
-  from cardiac_jax import families
+  import jax
+  from cardiac_jax import checkpointing, families
   from experiments import common
   config, family, state, mesh = common.restore_run(workdir, step)
   header = {"workdir": os.path.abspath(workdir), "config": config.name, "split": split,
             "step": int(state.step), "step_selection": common.step_selection(step)}
-  return family, family.evaluate_run(state, mesh, common.split_batches(config, family, split),
-                                     output_dir or os.path.join(workdir, "eval"),
-                                     options or families.EvalOptions(), header)
+  out_dir = output_dir or os.path.join(workdir, "eval")
+  step_dir = os.path.join(workdir, "checkpoints", str(int(state.step)))
+  owner = {"workdir": header["workdir"], "step": header["step"], "split": split,
+           "checkpoint": checkpointing.step_identity(step_dir)}
+  single = jax.process_count() == 1  # Only single-process evaluations keep partial batches.
+  if single:
+    clear_stale_partials(out_dir, owner)
+  result = family.evaluate_run(state, mesh, common.split_batches(config, family, split),
+                               out_dir, options or families.EvalOptions(), header)
+  if single:  # Finished: nothing left to resume.
+    os.remove(os.path.join(out_dir, PARTIAL_OWNER))
+  return family, result
 
 
 def main(argv):

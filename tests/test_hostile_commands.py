@@ -188,3 +188,32 @@ def test_plausibility_bounds_reach_the_cine_preparation():
   with data.unlocked():
     data.prepare.plausibility = ("rv_ef=1:95",)
   assert cine_config.cine_config_from(data).bounds.rv_ef == (1.0, 95.0)
+
+
+def test_partial_batches_of_another_checkpoint_are_never_resumed(tmp_path):
+  """The partial folders of an interrupted evaluation are named by split and step only: a
+  second run evaluated into the same --output_dir at the same step, or the run trained again
+  to that step, read the first one's batches back and reported their metrics. They are now
+  kept only for the run, checkpoint and split that wrote them."""
+  from cardiac_jax import checkpointing
+  from experiments import evaluate
+  out = tmp_path / "eval"
+  step = tmp_path / "run" / "checkpoints" / "3"
+  step.mkdir(parents=True)
+  (step / "_CHECKPOINT_METADATA").write_text('{"init_timestamp_nsecs": 1}')
+  owner = {"workdir": str(tmp_path / "run"), "step": 3, "split": "test",
+           "checkpoint": checkpointing.step_identity(str(step))}
+  partial = out / "partial_test_step3"
+  partial.mkdir(parents=True)
+  (partial / "batch_000000.npz").write_bytes(b"rows of an unknown model")
+  assert evaluate.clear_stale_partials(str(out), owner) == ["partial_test_step3"]
+  assert not partial.exists()
+  partial.mkdir()  # The interrupted evaluation of this checkpoint: resumed.
+  assert evaluate.clear_stale_partials(str(out), owner) == [] and partial.exists()
+  (step / "_CHECKPOINT_METADATA").write_text('{"init_timestamp_nsecs": 2}')  # Trained again.
+  retrained = {**owner, "checkpoint": checkpointing.step_identity(str(step))}
+  assert retrained != owner
+  assert evaluate.clear_stale_partials(str(out), retrained) == ["partial_test_step3"]
+  partial.mkdir()
+  other_run = {**retrained, "workdir": str(tmp_path / "other")}
+  assert evaluate.clear_stale_partials(str(out), other_run) == ["partial_test_step3"]
