@@ -17,6 +17,10 @@ Otherwise the run is a single process and nothing is initialised. With several p
 CPU backend's cross-process collectives use gloo (what the fake-device tests and CPU-only
 multi-process runs need; GPU and TPU collectives are unaffected). After initialisation
 `jax.devices()` lists every process's devices and `jax.process_index()` says which process this is.
+
+`process_slot` reads the same launch (explicit arguments, CARDIAC_JAX_* variables, SLURM)
+without joining a runtime, for commands whose processes share their work through files only
+(`experiments.infer_latents`).
 """
 
 from __future__ import annotations
@@ -108,3 +112,33 @@ def initialize_from_environment(coordinator_address: str | None = None,
     jax.distributed.initialize()  # JAX's Cloud TPU detection via the VM metadata.
     return True
   return False
+
+
+def process_slot(num_processes: int | None = None,
+                 process_id: int | None = None) -> tuple[int, int]:
+  """(process id, number of processes) of this process as its launch declares them, without
+  joining a JAX runtime: the explicit arguments, else CARDIAC_JAX_NUM_PROCESSES and
+  CARDIAC_JAX_PROCESS_ID, else a SLURM step with several tasks (SLURM_PROCID, SLURM_NTASKS),
+  else (0, 1).
+
+  Raises:
+    ValueError: only one of the two given, or an id outside [0, number of processes).
+  """
+  source = "arguments"
+  if num_processes is None and process_id is None:
+    source = f"{NUM_PROCESSES_ENV}/{PROCESS_ID_ENV}"
+    num_processes = _int_from(os.environ.get(NUM_PROCESSES_ENV), NUM_PROCESSES_ENV)
+    process_id = _int_from(os.environ.get(PROCESS_ID_ENV), PROCESS_ID_ENV)
+  if num_processes is None and process_id is None and _on_slurm_with_several_tasks():
+    source = "SLURM_NTASKS/SLURM_PROCID"
+    num_processes = _int_from(os.environ["SLURM_NTASKS"], "SLURM_NTASKS")
+    process_id = _int_from(os.environ.get("SLURM_PROCID"), "SLURM_PROCID")
+  if num_processes is None and process_id is None:
+    return 0, 1
+  if num_processes is None or process_id is None:
+    raise ValueError(f"a multi-process launch from {source} needs both the number of processes "
+                     f"and the process id; got num_processes={num_processes!r}, "
+                     f"process_id={process_id!r}")
+  if num_processes < 1 or not 0 <= process_id < num_processes:
+    raise ValueError(f"process_id={process_id} is outside [0, num_processes={num_processes})")
+  return int(process_id), int(num_processes)

@@ -15,6 +15,12 @@ the same run (`write_latents`: up to date with the same data and options, else r
 another run's output is refused unless `overwrite`, except while this run's partial store
 exists).
 
+Several processes (`write_latents_part`): each encodes a contiguous share of the batches of the
+one-process pass into its own part directory OUTPUT.partial/part_<i>_of_<n>/ (resumable as
+above) and marks it complete; process 0 waits for every part and writes the file the one-process
+pass writes, byte for byte. The processes share files only (no collective), so one that dies
+cannot hang the others.
+
 The data side is given: a `Plan` (random-access sources of the splits, the data identity) and
 `make_batches(source, batch_size)`, the evaluation batches of a source (the data pipeline).
 """
@@ -202,7 +208,13 @@ def open_store(store: str, manifest: dict) -> None:
   try:
     with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as f:
       json.dump(manifest, f, indent=2)
-    os.rename(staging, store)
+    try:
+      os.rename(staging, store)
+    except OSError:
+      if not os.path.isdir(store):
+        raise
+      # Another process of the same pass created it first: check that one instead.
+      open_store(store, manifest)
   finally:
     if os.path.exists(staging):
       shutil.rmtree(staging, ignore_errors=True)
@@ -222,6 +234,12 @@ class Plan:
     return [(split, i) for split in self.splits for i in range(self.sizes[split])]
 
 
+def batch_sizes(num_rows: int, batch_size: int) -> list[int]:
+  """Rows of each batch of a pass over `num_rows` rows: all full but the last."""
+  num_batches = -(-num_rows // batch_size)
+  return [min(batch_size, num_rows - k * batch_size) for k in range(num_batches)]
+
+
 def encode_plan(encoder: EncoderRun, plan: Plan, batch_size: int,
                 store: Optional[str] = None, progress: bool = False,
                 log: Callable[[str], None] = _no_log, *,
@@ -231,27 +249,54 @@ def encode_plan(encoder: EncoderRun, plan: Plan, batch_size: int,
   is computed and batches already there are not computed again. make_batches(source,
   batch_size): the evaluation batches of a random-access source (with "mask", "subject" and
   the encoder's input field)."""
+  num_batches = len(batch_sizes(len(plan.rows), max(batch_size, 1)))
+  done = encode_batches(encoder, plan, batch_size, range(num_batches), store, progress, log,
+                        make_batches=make_batches)
+  return _concatenate(done, num_batches, encoder.family.z_sem_dim, store)
+
+
+def _concatenate(done: dict[int, tuple], num_batches: int, dim: int,
+                 store: Optional[str]) -> tuple[list[str], list[str], Any]:
+  """(subjects, splits, z) of batches 0 .. num_batches - 1 in order."""
+  subjects = [s for k in range(num_batches) for s in done[k][0]]
+  splits = [s for k in range(num_batches) for s in done[k][1]]
+  z = (np.concatenate([done[k][2] for k in range(num_batches)]) if num_batches
+       else np.zeros((0, dim), np.float32))
+  if len(set(subjects)) != len(subjects):
+    raise RuntimeError(f"duplicate subjects in the computed latents"
+                       f"{f' (partial store {store})' if store else ''}; delete the store and "
+                       "rerun")
+  return subjects, splits, z
+
+
+def encode_batches(encoder: EncoderRun, plan: Plan, batch_size: int, indices: Sequence[int],
+                   store: Optional[str] = None, progress: bool = False,
+                   log: Callable[[str], None] = _no_log, *,
+                   make_batches: Callable[[Any, int], Any]) -> dict[int, tuple]:
+  """{k: (subjects, splits, z)} of the batches `indices` (a contiguous range) of the pass over
+  `plan` in batches of `batch_size`; batch k holds the same rows, and so the same codes, whichever
+  other batches are computed with it. Store and make_batches as in `encode_plan`."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   parallel.check_batch_size(batch_size, encoder.mesh)
   rows = plan.rows
-  total, dim = len(rows), encoder.family.z_sem_dim
-  num_batches = -(-total // batch_size)
-  sizes = [min(batch_size, total - k * batch_size) for k in range(num_batches)]
+  dim = encoder.family.z_sem_dim
+  sizes = batch_sizes(len(rows), batch_size)
+  indices = list(indices)
   done: dict[int, tuple] = {}
   if store is not None:
-    for k in range(num_batches):
+    for k in indices:
       finished = read_batch(batch_path(store, k), sizes[k], dim)
       if finished is not None:
         done[k] = finished
-  missing = [k for k in range(num_batches) if k not in done]
+  missing = [k for k in indices if k not in done]
   if done:
-    log(f"resuming: {len(done)} of {num_batches} batches were finished, computing "
+    log(f"resuming: {len(done)} of {len(indices)} batches were finished, computing "
         f"{len(missing)}")
   bar = None
   if progress:
     from tqdm import auto as tqdm
-    bar = tqdm.tqdm(total=num_batches, initial=len(done), desc="latents", unit="batch",
+    bar = tqdm.tqdm(total=len(indices), initial=len(done), desc="latents", unit="batch",
                     dynamic_ncols=True)
   batches = None
   try:
@@ -280,15 +325,7 @@ def encode_plan(encoder: EncoderRun, plan: Plan, batch_size: int,
       batches.close()
     if bar is not None:
       bar.close()
-  subjects = [s for k in range(num_batches) for s in done[k][0]]
-  splits = [s for k in range(num_batches) for s in done[k][1]]
-  z = (np.concatenate([done[k][2] for k in range(num_batches)]) if num_batches
-       else np.zeros((0, dim), np.float32))
-  if len(set(subjects)) != len(subjects):
-    raise RuntimeError(f"duplicate subjects in the computed latents"
-                       f"{f' (partial store {store})' if store else ''}; delete the store and "
-                       "rerun")
-  return subjects, splits, z
+  return done
 
 
 def output_is_ours(output: str, identity: dict) -> tuple[bool, Optional[dict]]:
@@ -299,14 +336,10 @@ def output_is_ours(output: str, identity: dict) -> tuple[bool, Optional[dict]]:
   return same_run(meta.get("run"), identity), meta
 
 
-def write_latents(encoder: EncoderRun, plan: Plan, output: str, *,
-                  make_batches: Callable[[Any, int], Any], fmt: str = "csv",
-                  inverse_normal: bool = False, batch_size: Optional[int] = None,
-                  overwrite: bool = False, progress: bool = True,
-                  log: Callable[[str], None] = _no_log) -> dict:
-  """Computes (resumably, in output + PARTIAL_SUFFIX) and writes the latents file `output`
-  (`phenotypes.write_latents_csv`, or the PLINK phenotype file for fmt="plink", of the
-  inverse-normal transformed codes with `inverse_normal`) and its meta; returns the meta."""
+def _start_pass(encoder: EncoderRun, plan: Plan, output: str, fmt: str, inverse_normal: bool,
+                batch_size: Optional[int], overwrite: bool, log: Callable[[str], None]):
+  """(meta of an up-to-date output or None, store, batch size, options, manifest): the checks
+  of an existing output (`write_latents`), then the partial store opened."""
   if fmt not in FORMATS:
     raise ValueError(f"unknown format {fmt!r} (one of {FORMATS})")
   store = output + PARTIAL_SUFFIX
@@ -319,7 +352,7 @@ def write_latents(encoder: EncoderRun, plan: Plan, output: str, *,
     ours, meta = output_is_ours(output, encoder.identity)
     if ours and meta.get("data") == plan.data and meta.get("options") == options:
       log(f"{output} is up to date (same run, data and options)")
-      return meta
+      return meta, store, batch_size, options, manifest
     store_manifest = io.read_json(os.path.join(store, MANIFEST))
     resuming = store_manifest is not None and same_run(store_manifest.get("run"),
                                                        encoder.identity)
@@ -331,10 +364,33 @@ def write_latents(encoder: EncoderRun, plan: Plan, output: str, *,
                             "another --output")
   os.makedirs(os.path.dirname(output), exist_ok=True)
   open_store(store, manifest)
+  return None, store, batch_size, options, manifest
+
+
+def write_latents(encoder: EncoderRun, plan: Plan, output: str, *,
+                  make_batches: Callable[[Any, int], Any], fmt: str = "csv",
+                  inverse_normal: bool = False, batch_size: Optional[int] = None,
+                  overwrite: bool = False, progress: bool = True,
+                  log: Callable[[str], None] = _no_log) -> dict:
+  """Computes (resumably, in output + PARTIAL_SUFFIX) and writes the latents file `output`
+  (`phenotypes.write_latents_csv`, or the PLINK phenotype file for fmt="plink", of the
+  inverse-normal transformed codes with `inverse_normal`) and its meta; returns the meta."""
+  meta, store, batch_size, options, _ = _start_pass(encoder, plan, output, fmt, inverse_normal,
+                                                    batch_size, overwrite, log)
+  if meta is not None:
+    return meta
   log(f"encoding {sum(plan.sizes.values())} subjects ({', '.join(plan.splits)}) of "
       f"{plan.directory} with {describe_run(encoder.identity)}")
   subjects, row_splits, z = encode_plan(encoder, plan, batch_size, store, progress, log,
                                         make_batches=make_batches)
+  return _write_output(encoder, plan, output, store, subjects, row_splits, z, fmt,
+                       inverse_normal, options, batch_size, log)
+
+
+def _write_output(encoder: EncoderRun, plan: Plan, output: str, store: str, subjects,
+                  row_splits, z, fmt: str, inverse_normal: bool, options: dict,
+                  batch_size: int, log: Callable[[str], None]) -> dict:
+  """Writes the latents file and its meta, then removes the partial store; returns the meta."""
   values = phenotypes.inverse_normal_transform(z) if inverse_normal else z
   if fmt == "csv":
     phenotypes.write_latents_csv(output, subjects, row_splits, values)
@@ -348,3 +404,89 @@ def write_latents(encoder: EncoderRun, plan: Plan, output: str, *,
   shutil.rmtree(store, ignore_errors=True)
   log(f"wrote {len(subjects)} subjects x {meta['z_dim']} latents to {output}")
   return meta
+
+
+# ----------------------------------------------------------------------------- several processes
+
+PART_COMPLETE = "complete.json"
+
+
+def part_batches(num_batches: int, process_id: int, num_processes: int) -> range:
+  """The contiguous batches of process `process_id` of `num_processes` (by subject order; the
+  first processes take one batch fewer when the count does not divide)."""
+  return range(process_id * num_batches // num_processes,
+               (process_id + 1) * num_batches // num_processes)
+
+
+def part_dir(store: str, process_id: int, num_processes: int) -> str:
+  return os.path.join(store, f"part_{process_id}_of_{num_processes}")
+
+
+def _part_is_complete(store: str, process_id: int, num_processes: int,
+                      batches: range) -> bool:
+  marker = io.read_json(os.path.join(part_dir(store, process_id, num_processes), PART_COMPLETE))
+  return marker is not None and marker.get("batches") == [batches.start, batches.stop]
+
+
+def write_latents_part(encoder: EncoderRun, plan: Plan, output: str, *, process_id: int,
+                       num_processes: int, make_batches: Callable[[Any, int], Any],
+                       fmt: str = "csv", inverse_normal: bool = False,
+                       batch_size: Optional[int] = None, overwrite: bool = False,
+                       progress: bool = True, merge_timeout_s: float = 86400.0,
+                       poll_s: float = 1.0,
+                       log: Callable[[str], None] = _no_log) -> Optional[dict]:
+  """One process's share of `write_latents` run by `num_processes` processes sharing `output`'s
+  file system; returns the meta on process 0, None on the others.
+
+  Every process encodes its contiguous batches (`part_batches`: the batches of a one-process
+  pass, so each code is computed exactly as there) into its own part directory of the partial
+  store, OUTPUT.partial/part_<i>_of_<n>/ (resumable batch by batch, as `encode_plan`), and marks
+  the part complete. Process 0 then waits (up to `merge_timeout_s`) until every part is
+  complete, concatenates the batches in order and writes the same file a one-process run writes.
+  A rerun of the same launch computes only the batches that are missing. TimeoutError when a
+  part is still incomplete at the deadline (rerun the launch: finished parts are kept).
+  """
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f"process_id={process_id} is outside [0, num_processes={num_processes})")
+  meta, store, batch_size, options, _ = _start_pass(encoder, plan, output, fmt, inverse_normal,
+                                                    batch_size, overwrite, log)
+  if meta is not None:
+    return meta if process_id == 0 else None
+  sizes = batch_sizes(len(plan.rows), batch_size)
+  num_batches, dim = len(sizes), encoder.family.z_sem_dim
+  mine = part_batches(num_batches, process_id, num_processes)
+  directory = part_dir(store, process_id, num_processes)
+  os.makedirs(directory, exist_ok=True)
+  if not _part_is_complete(store, process_id, num_processes, mine):
+    log(f"process {process_id} of {num_processes}: encoding batches {mine.start}.."
+        f"{mine.stop - 1} of {num_batches} ({sum(sizes[k] for k in mine)} subjects) with "
+        f"{describe_run(encoder.identity)}")
+    encode_batches(encoder, plan, batch_size, mine, directory, progress, log,
+                   make_batches=make_batches)
+    io.write_json(os.path.join(directory, PART_COMPLETE), {"batches": [mine.start, mine.stop]})
+  if process_id != 0:
+    log(f"process {process_id} of {num_processes}: part complete; process 0 writes {output}")
+    return None
+  parts = [(i, part_batches(num_batches, i, num_processes)) for i in range(num_processes)]
+  deadline = time.monotonic() + merge_timeout_s
+  waiting = [i for i, batches in parts if not _part_is_complete(store, i, num_processes,
+                                                                 batches)]
+  if waiting:
+    log(f"waiting for the parts of processes {waiting}")
+  while waiting:
+    if time.monotonic() > deadline:
+      raise TimeoutError(f"the parts of processes {waiting} of {store} were not complete "
+                         f"after {merge_timeout_s:.0f} s; rerun the same launch to finish them")
+    time.sleep(poll_s)
+    waiting = [i for i in waiting if not _part_is_complete(store, i, num_processes, parts[i][1])]
+  done = {}
+  for i, batches in parts:
+    for k in batches:
+      finished = read_batch(batch_path(part_dir(store, i, num_processes), k), sizes[k], dim)
+      if finished is None:
+        raise RuntimeError(f"{part_dir(store, i, num_processes)} is marked complete but batch "
+                           f"{k} is missing or unreadable; delete that part and rerun")
+      done[k] = finished
+  subjects, row_splits, z = _concatenate(done, num_batches, dim, store)
+  return _write_output(encoder, plan, output, store, subjects, row_splits, z, fmt,
+                       inverse_normal, options, batch_size, log)

@@ -2,7 +2,7 @@
 
   python -m experiments.infer_latents --workdir=DIR [--data_dir=FOLDER] [--splits=train,val,test]
       [--output=FILE] [--format=csv|plink] [--inverse_normal] [--batch_size=B] [--step=N]
-      [--overwrite]
+      [--overwrite] [--num_processes=N --process_id=I] [--merge_timeout=S]
 
 z_sem = Enc_EMA(x_0) for every subject (Ometto et al. 2024's latents: the EMA encoder,
 deterministic, one z_sem_dim-vector per subject), x_0 the run's cine field (data.view) as the
@@ -46,7 +46,17 @@ the same path is another run; a copied one is the same). Then a rerun with the s
 options returns at once ("up to date") and one with other options overwrites it. An OUTPUT
 without valid metadata or from another run is refused unless --overwrite, except while the
 partial store of this very run exists (an interrupted run of ours, which was allowed to write
-there). One process per output file.
+there).
+
+Several processes (hosts, GPUs): launched like a multi-process training run (--num_processes and
+--process_id, the CARDIAC_JAX_NUM_PROCESSES / CARDIAC_JAX_PROCESS_ID variables, or a SLURM step
+with several tasks; `cardiac_jax.distributed.process_slot`), the processes split the batches by
+subject order, each writes its own resumable part OUTPUT.partial/part_<i>_of_<n>/, and process 0
+waits for every part (at most --merge_timeout seconds), then writes the same file a
+one-process run writes (`latent_store.write_latents_part`). They share files only, not a JAX
+runtime: each encodes on its own devices, and the output's folder must be on a file system
+every process sees. A killed process is rerun with the same launch and computes only its
+missing batches.
 
 The encoder, the partial store and the output checks are `cardiac_jax.latent_store`; this
 command restores the run and resolves the data. Functions for analyses:
@@ -99,6 +109,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        "train.eval_batch_size).", **fv)
   common.define_step_flag(flag_values=flag_values)
   flags.DEFINE_bool("overwrite", False, "Replace an existing output of another run.", **fv)
+  flags.DEFINE_integer("num_processes", None, "Several processes: how many share the subjects "
+                       "(default: CARDIAC_JAX_NUM_PROCESSES, SLURM_NTASKS, else 1).", **fv)
+  flags.DEFINE_integer("process_id", None, "Several processes: this one's index in "
+                       "[0, num_processes) (default: CARDIAC_JAX_PROCESS_ID, SLURM_PROCID).",
+                       **fv)
+  flags.DEFINE_float("merge_timeout", 86400.0, "Several processes: seconds process 0 waits for "
+                     "the other parts before giving up (a rerun finishes the pass).", **fv)
   flags.DEFINE_bool("progress", True, "Show a progress bar.", **fv)
 
 
@@ -295,18 +312,23 @@ def run(workdir: str, output: Optional[str] = None, *, fmt: str = "csv",
         inverse_normal: bool = False, data_dir: Optional[str] = None,
         splits: Optional[Sequence[str]] = None, batch_size: Optional[int] = None,
         step: Optional[int] = None, overwrite: bool = False, progress: bool = True,
-        log: Callable[[str], None] = _log) -> dict:
+        log: Callable[[str], None] = _log, process_id: int = 0, num_processes: int = 1,
+        merge_timeout_s: float = 86400.0) -> Optional[dict]:
   """Computes (resumably) and writes the latents file; returns its meta (module docstring,
-  `latent_store.write_latents`)."""
+  `latent_store.write_latents`). With `num_processes` > 1 this is process `process_id`'s
+  share (`latent_store.write_latents_part`): the meta on process 0, None on the others."""
   if fmt not in FORMATS:
     raise ValueError(f"unknown format {fmt!r} (one of {FORMATS})")
   output = os.path.abspath(output or default_latents_path(workdir, fmt, inverse_normal))
   encoder = load_encoder(workdir, step)
   plan = make_plan(encoder, data_dir, splits)
-  return latent_store.write_latents(encoder, plan, output, make_batches=eval_batches(encoder),
-                                    fmt=fmt, inverse_normal=inverse_normal,
-                                    batch_size=batch_size, overwrite=overwrite,
-                                    progress=progress, log=log)
+  options = dict(make_batches=eval_batches(encoder), fmt=fmt, inverse_normal=inverse_normal,
+                 batch_size=batch_size, overwrite=overwrite, progress=progress, log=log)
+  if num_processes > 1:
+    return latent_store.write_latents_part(encoder, plan, output, process_id=process_id,
+                                           num_processes=num_processes,
+                                           merge_timeout_s=merge_timeout_s, **options)
+  return latent_store.write_latents(encoder, plan, output, **options)
 
 
 def load_or_compute(workdir: str, path: Optional[str] = None, *, refresh: bool = False,
@@ -333,9 +355,12 @@ def load_or_compute(workdir: str, path: Optional[str] = None, *, refresh: bool =
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   f = flag_values
   common.start_command(argv, quiet=f is flags.FLAGS, workdir=f.workdir)
+  from cardiac_jax import distributed
+  process_id, num_processes = distributed.process_slot(f.num_processes, f.process_id)
   run(f.workdir, f.output, fmt=f.format, inverse_normal=f.inverse_normal, data_dir=f.data_dir,
       splits=f.splits, batch_size=f.batch_size, step=f.step, overwrite=f.overwrite,
-      progress=f.progress)
+      progress=f.progress, process_id=process_id, num_processes=num_processes,
+      merge_timeout_s=f.merge_timeout)
 
 
 if __name__ == "__main__":
