@@ -211,24 +211,20 @@ def render_short_axis(params: SubjectParameters, rng: np.random.Generator,
   ry = ry.reshape(p.nz, 1, -1).astype(np.float32)
   rho = np.sqrt(rx * rx + ry * ry)
   angle_index = (np.round(np.arctan2(ry, rx) * (NUM_ANGLES / _TWO_PI)).astype(np.intp)
-                 % NUM_ANGLES)[:, 0]                           # (Z, P)
+                 % NUM_ANGLES)
+  # One flat index into any (Z, T, A) table gives its value at every (slab, frame, pixel).
+  rows = (np.arange(p.nz)[:, None] * p.nb_frame + np.arange(p.nb_frame)[None, :]) * NUM_ANGLES
+  flat_index = rows[..., None] + angle_index                   # (Z, T, P)
 
   def at_pixels(table):
-    """A (Z, T, A) table's value at every (slab, frame, pixel): (Z, T, P). The pixel's angle
-    depends on the slab only, so each slab gathers its (T, A) table along the angle axis."""
-    out = np.empty((p.nz, p.nb_frame, angle_index.shape[1]), table.dtype)
-    for k in range(p.nz):
-      np.take(table[k], angle_index[k], axis=1, out=out[k])
-    return out
+    return np.take(table.reshape(-1), flat_index)
 
   def ramp(radius, edge):
     """Coverage of the disc-like region inside `radius` with a linear edge of width `edge`."""
     coverage = radius - rho
     coverage /= edge
     coverage += np.float32(0.5)
-    # clip(coverage, 0, 1) without np.clip's dispatch overhead (same values, NaN kept).
-    np.maximum(coverage, np.float32(0.0), out=coverage)
-    return np.minimum(coverage, np.float32(1.0), out=coverage)
+    return np.clip(coverage, 0.0, 1.0, out=coverage)
 
   def coverage(name):
     """Slab partial-volume coverage: the mean of its two halves' coverages."""
