@@ -1,6 +1,6 @@
 """How well can one ED slice rank subjects by whole-heart volumes? One row per slice rule.
 
-`python -m experiments.slice_information --data_dir=RAW` reads every subject of an ACDC-layout
+`python -m experiments.slice_information --input_dir=RAW` reads every subject of an ACDC-layout
 cohort (the ED frame's `_gt` labels named in Info.cfg), picks the slice of each rule of
 `data_pipelines.preprocess.SLICE_RULES`, and reports for LV EDV, myocardium ED volume and RV EDV
 (counted on all slices):
@@ -17,8 +17,10 @@ import os
 
 from absl import app, flags
 
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "ACDC-layout raw cohort (training/ folder "
-                                "or its parent).")
+_INPUT_DIR = flags.DEFINE_string("input_dir", None, "ACDC-layout raw cohort (training/ folder "
+                                 "or its parent), as data_pipelines.prepare names it.")
+# The flag's earlier name, kept for the command lines written with it (deprecated).
+flags.DEFINE_alias("data_dir", "input_dir")
 _OUTPUT = flags.DEFINE_string("output", None, "Optional markdown output file.")
 
 STRUCTURES = (("LV EDV", 3), ("myocardium ED volume", 2), ("RV EDV", 1))
@@ -76,8 +78,8 @@ def markdown(num_subjects: int, result: dict) -> str:
 def main(argv):
   from experiments import common  # pylint: disable=g-import-not-at-top
   # Quiet: a missing or unreadable cohort is one line, not a traceback.
-  common.start_command(argv, data_dir=_DATA_DIR.value)
-  text = markdown(*slice_information(_DATA_DIR.value))
+  common.start_command(argv, input_dir=_INPUT_DIR.value)
+  text = markdown(*slice_information(_INPUT_DIR.value))
   print(text)
   if _OUTPUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
