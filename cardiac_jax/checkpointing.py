@@ -31,6 +31,7 @@ config.json still knows which config wrote its checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -39,6 +40,7 @@ import os
 import sys
 from typing import Any, Mapping
 
+from absl import logging as absl_logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -199,6 +201,19 @@ def step_identity(step_dir: str) -> str:
       with open(path, "rb") as f:
         digest.update(name.encode() + b"\0" + f.read())
   return digest.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _orbax_warnings_silenced():
+  """absl warnings off for a call: reading a step's metadata without restoring it makes orbax
+  warn that the item "could not be restored", a line every run that resumes printed before
+  its own messages (or before the one-line error of a workdir conflict)."""
+  previous = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(previous)
 
 
 def _ranking_value(metrics: Mapping[str, Any] | None, *, name: str, worst: float) -> float:
@@ -371,7 +386,8 @@ class Checkpointer:
     steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
     for s in steps:
       try:
-        custom = self._manager.metadata(s).custom_metadata
+        with _orbax_warnings_silenced():
+          custom = self._manager.metadata(s).custom_metadata
       except Exception:  # pylint: disable=broad-except (a damaged metadata file)
         custom = None
       if custom:

@@ -333,3 +333,19 @@ def test_a_step_without_a_manifest_is_checked_as_far_as_possible_and_said_unveri
     f.truncate(10)
   problem = checkpointing.step_problem(os.path.join(directory, "2"))
   assert problem and "_CHECKPOINT_METADATA is unreadable" in problem
+
+
+def test_reading_the_config_recorded_with_checkpoints_prints_no_orbax_warning(tmp_path,
+                                                                             caplog):
+  """Every resume (and every workdir conflict error) printed orbax's 'Item "default" ... could
+  not be restored' warning while the recorded config was read."""
+  import logging
+  import jax.numpy as jnp
+  from cardiac_jax import checkpointing
+  directory = str(tmp_path / "checkpoints")
+  with checkpointing.Checkpointer(directory, step_metadata={"config": {"seed": 3}}) as c:
+    c.save(1, {"w": jnp.ones(2)})
+  with caplog.at_level(logging.WARNING):
+    with checkpointing.Checkpointer(directory) as checkpointer:
+      assert checkpointer.recorded_metadata() == {"config": {"seed": 3}}
+  assert not [r for r in caplog.records if "could not be restored" in r.getMessage()]
