@@ -439,15 +439,19 @@ def _write_manifest(root: str, config_spec: str, axes: Sequence[SweepAxis],
   os.replace(path + ".tmp", path)
 
 
-def write_hparams(root: str, axes: Sequence[SweepAxis], jobs: Sequence[Job]) -> None:
+def write_hparams(root: str, axes: Sequence[SweepAxis], jobs: Sequence[Job],
+                  started: Sequence[Job] | None = None) -> None:
   """TensorBoard's HParams summaries, for `tensorboard --logdir <root>`: the grid (each swept
-  field's values and the seeds; the metrics its runs have logged so far) at the root, and each
-  job's values beside its training events in DIR/tensorboard."""
+  field's values and the seeds; the metrics its runs have logged so far) at the root, and the
+  values of each job in `started` (default: every job whose workdir exists) beside its training
+  events in DIR/tensorboard."""
   from cardiac_jax import metric_logging as ml  # pylint: disable=g-import-not-at-top
   domains = {a.path: [ml.hparam_value(v) for v in a.values] for a in axes}
   domains["seed"] = list(dict.fromkeys(j.seed for j in jobs))
   ml.write_hparams_config(root, domains, ml.comparable_metrics([j.workdir for j in jobs]))
-  for job in jobs:  # overrides: (--config.seed=S, then one --config.<path>=<value> per axis).
+  if started is None:
+    started = [j for j in jobs if os.path.isdir(j.workdir)]
+  for job in started:  # overrides: (--config.seed=S, then one --config.<path>=<value> per axis).
     values = {a.path: ml.hparam_value(o.split("=", 1)[1]) for a, o in zip(axes, job.overrides[1:])}
     ml.write_run_hparams(os.path.join(job.workdir, ml.TENSORBOARD_DIR),
                          {**values, "seed": job.seed}, trial_id=job.name)
@@ -479,6 +483,7 @@ def run_sweep(config_spec: str, axes: Sequence[SweepAxis], seeds: Sequence[int],
   with _SignalForwarder() as forwarder:
     for index, job in enumerate(jobs, 1):
       print(f"[{index}/{len(jobs)}] {job.name}: ", end="", file=out, flush=True)
+      write_hparams(root, axes, jobs, started=[job])
       result = run_job(job, config_spec, extra, forwarder, eval_steps)
       results.append(result)
       if result.status == "done":
