@@ -65,6 +65,11 @@ DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-3, 5, 17))
 DEFAULT_THRESHOLD = 0.5
 
 
+class LatentsFileError(ValueError):
+  """A latents table (CSV or PLINK file, or the codes written into one) that cannot be used:
+  the message names the file and the problem, and a command prints it as one line."""
+
+
 # ----------------------------------------------------------------------------- transforms
 
 def inverse_normal_transform(values, offset: float = BLOM_OFFSET) -> np.ndarray:
@@ -273,11 +278,12 @@ class LatentsTable:
                         z=self.z[index].reshape(len(index), self.z.shape[1]), path=self.path)
 
   def require_finite(self) -> "LatentsTable":
-    """The table itself; ValueError naming the file and the subjects when a code is missing
+    """The table itself; LatentsFileError naming the file and the subjects when a code is missing
     (NaN) or infinite (for analyses that cannot drop subjects)."""
     bad = [s for s, row in zip(self.subjects, self.z) if not np.all(np.isfinite(row))]
     if bad:
-      raise ValueError(f"{self.path or 'latents'}: non-finite latents for subjects {bad[:10]}")
+      raise LatentsFileError(f"{self.path or 'latents'}: non-finite latents for subjects "
+                             f"{bad[:10]}")
     return self
 
 
@@ -290,21 +296,21 @@ def _check_table(subjects: Sequence[str], z: np.ndarray, splits: Optional[Sequen
                  path: str) -> np.ndarray:
   z = np.asarray(z)
   if z.ndim != 2:
-    raise ValueError(f"{path}: codes must be (N, D), got shape {z.shape}")
+    raise LatentsFileError(f"{path}: codes must be (N, D), got shape {z.shape}")
   if len(subjects) != len(z) or (splits is not None and len(splits) != len(z)):
-    raise ValueError(f"{path}: {len(subjects)} subjects"
+    raise LatentsFileError(f"{path}: {len(subjects)} subjects"
                      f"{'' if splits is None else f', {len(splits)} splits'} for {len(z)} "
                      "code rows")
   empty = [i for i, s in enumerate(subjects) if not str(s)]
   if empty:
-    raise ValueError(f"{path}: row {empty[0]} has an empty subject id")
+    raise LatentsFileError(f"{path}: row {empty[0]} has an empty subject id")
   seen, duplicates = set(), []
   for subject in subjects:
     if subject in seen:
       duplicates.append(subject)
     seen.add(subject)
   if duplicates:
-    raise ValueError(f"{path}: duplicate subject ids, e.g. {duplicates[:3]}")
+    raise LatentsFileError(f"{path}: duplicate subject ids, e.g. {duplicates[:3]}")
   return z
 
 
@@ -326,12 +332,12 @@ def write_latents_csv(path: str, subjects: Sequence[str], splits: Sequence[str],
 
 def write_plink_phenotypes(path: str, subjects: Sequence[str], z) -> None:
   """Writes a PLINK / REGENIE phenotype file `FID IID z0 ... z{D-1}` (FID = IID = subject,
-  missing as NA) atomically. ValueError for a subject id with whitespace, which the format
+  missing as NA) atomically. LatentsFileError for a subject id with whitespace, which the format
   cannot hold."""
   z = _check_table(subjects, z, None, path)
   bad = [s for s in subjects if any(c.isspace() for c in str(s))]
   if bad:
-    raise ValueError(f"{path}: subject ids with whitespace cannot be PLINK FID/IID, e.g. "
+    raise LatentsFileError(f"{path}: subject ids with whitespace cannot be PLINK FID/IID, e.g. "
                      f"{bad[:3]}")
   with io.atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as f:
     f.write(" ".join([*PLINK_ID_COLUMNS, *latent_names(z.shape[1])]) + "\n")
@@ -341,13 +347,13 @@ def write_plink_phenotypes(path: str, subjects: Sequence[str], z) -> None:
 
 def parse_number(text: Optional[str], where: str) -> float:
   """A table cell as a number: NaN for an absent (None) or missing cell (empty, NA, nan, null,
-  none; any case), ValueError naming `where` for text that is not a number."""
+  none; any case), LatentsFileError naming `where` for text that is not a number."""
   if text is None or text.strip().lower() in _MISSING_TOKENS:
     return np.nan
   try:
     return float(text)
   except ValueError:
-    raise ValueError(f"{where} holds {text!r}, not a number (missing values are "
+    raise LatentsFileError(f"{where} holds {text!r}, not a number (missing values are "
                      f"{MISSING})") from None
 
 
@@ -357,12 +363,12 @@ def _parse_values(fields: Sequence[str], path: str, line: int, names: Sequence[s
 
 
 def _check_latent_header(header: Sequence[str], id_columns: Sequence[str], path: str) -> int:
-  """D of a header `*id_columns, z0..z{D-1}`; ValueError naming the file otherwise."""
+  """D of a header `*id_columns, z0..z{D-1}`; LatentsFileError naming the file otherwise."""
   names = list(header[len(id_columns):])
   if list(header[:len(id_columns)]) != list(id_columns) or not names or (
       names != latent_names(len(names))):
     shown = ",".join(header[:len(id_columns) + 3]) + (",..." if len(header) > 5 else "")
-    raise ValueError(f"{path}: the header must be {' '.join(id_columns)} then "
+    raise LatentsFileError(f"{path}: the header must be {' '.join(id_columns)} then "
                      f"{LATENT_PREFIX}0 .. {LATENT_PREFIX}<D-1>, got {shown!r}")
   return len(names)
 
@@ -375,21 +381,23 @@ def _check_exists(path: str) -> None:
 
 def read_latents_csv(path: str) -> LatentsTable:
   """The latents CSV (module docstring) as a LatentsTable; FileNotFoundError when absent,
-  ValueError naming the file and line for a bad header, row or value, or duplicate subjects."""
+  LatentsFileError naming the file and line for a bad header, row or value, or duplicate
+  subjects."""
   _check_exists(path)
   subjects, splits, rows = [], [], []
   with open(path, newline="", encoding="utf-8") as f:
     reader = csv.reader(f)
     header = next(reader, None)
     if header is None:
-      raise ValueError(f"{path}: empty file, expected the header subject,split,z0,...")
+      raise LatentsFileError(f"{path}: empty file, expected the header subject,split,z0,...")
     dim = _check_latent_header(header, CSV_ID_COLUMNS, path)
     names = latent_names(dim)
     for line, fields in enumerate(reader, start=2):
       if not fields:
         continue
       if len(fields) != dim + 2:
-        raise ValueError(f"{path}, line {line}: {len(fields)} fields, the header has {dim + 2}")
+        raise LatentsFileError(f"{path}, line {line}: {len(fields)} fields, the header has "
+                               f"{dim + 2}")
       subjects.append(fields[0])
       splits.append(fields[1])
       rows.append(_parse_values(fields[2:], path, line, names))
@@ -400,13 +408,13 @@ def read_latents_csv(path: str) -> LatentsTable:
 
 def read_plink_phenotypes(path: str) -> LatentsTable:
   """A phenotype file `FID IID z0 ... z{D-1}` as a LatentsTable (subjects = IID, splits
-  empty); ValueError naming the file and line for a bad header, row or value."""
+  empty); LatentsFileError naming the file and line for a bad header, row or value."""
   _check_exists(path)
   subjects, rows = [], []
   with open(path, encoding="utf-8") as f:
     header = f.readline().split()
     if not header:
-      raise ValueError(f"{path}: empty file, expected the header FID IID z0 ...")
+      raise LatentsFileError(f"{path}: empty file, expected the header FID IID z0 ...")
     dim = _check_latent_header(header, PLINK_ID_COLUMNS, path)
     names = latent_names(dim)
     for line, text in enumerate(f, start=2):
@@ -414,7 +422,8 @@ def read_plink_phenotypes(path: str) -> LatentsTable:
       if not fields:
         continue
       if len(fields) != dim + 2:
-        raise ValueError(f"{path}, line {line}: {len(fields)} fields, the header has {dim + 2}")
+        raise LatentsFileError(f"{path}, line {line}: {len(fields)} fields, the header has "
+                               f"{dim + 2}")
       subjects.append(fields[1])
       rows.append(_parse_values(fields[2:], path, line, names))
   z = np.asarray(rows, np.float64).reshape(len(rows), dim)

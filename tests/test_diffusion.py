@@ -191,5 +191,10 @@ def test_diffae_runs_use_the_reference_grid_and_old_runs_keep_theirs():
   assert families.make_family(old).ddim_grid == "even"
   bad = diffae3d.get_config("smoke")
   bad.eval.decode_steps = 333
-  with pytest.raises(ValueError, match="eval.decode_steps = 333 on the 'stride' DDIM grid"):
+  # A user error (one line from a command, no traceback), not a bare ValueError.
+  from cardiac_jax import config_checks
+  with pytest.raises(config_checks.ConfigError,
+                     match="eval.decode_steps = 333 on the 'stride' DDIM grid"):
     families.make_family(bad)
+  with pytest.raises(config_checks.ConfigError, match="--decode_steps must be in"):
+    families.make_family(diffae3d.get_config("smoke")).with_ddim(decode_steps=0)

@@ -136,16 +136,16 @@ def test_latents_csv_and_plink_round_trip(tmp_path):
   np.testing.assert_array_equal(table.z.astype(np.float32), z)
   assert table.subjects == subjects
 
-  with pytest.raises(ValueError, match="whitespace"):
+  with pytest.raises(phenotypes.LatentsFileError, match="whitespace"):
     phenotypes.write_plink_phenotypes(plink, ["a b", "c", "d", "e"], z)
-  with pytest.raises(ValueError, match="duplicate"):
+  with pytest.raises(phenotypes.LatentsFileError, match="duplicate"):
     phenotypes.write_latents_csv(path, ["s1", "s1", "s3", "s4"], splits, z)
   bad = tmp_path / "bad.csv"
   bad.write_text("subject,split,z0,z2\ns1,train,1,2\n")
-  with pytest.raises(ValueError, match="header"):
+  with pytest.raises(phenotypes.LatentsFileError, match="header"):
     phenotypes.read_latents_csv(str(bad))
   bad.write_text("subject,split,z0\ns1,train,abc\n")
-  with pytest.raises(ValueError, match="line 2.*z0"):
+  with pytest.raises(phenotypes.LatentsFileError, match="line 2.*z0"):
     phenotypes.read_latents_csv(str(bad))
   with pytest.raises(FileNotFoundError):
     phenotypes.read_latents(str(tmp_path / "absent.csv"))
@@ -167,10 +167,11 @@ def test_latents_table_splits_finiteness_and_path(tmp_path):
   np.testing.assert_array_equal(train.z, z[[0, 2]])
   assert table.in_splits(["absent"]).z.shape == (0, 2)
   assert train.require_finite() is train
-  with pytest.raises(ValueError, match=r"latents.csv: non-finite latents for subjects \['s4'\]"):
+  with pytest.raises(phenotypes.LatentsFileError,
+                      match=r"latents.csv: non-finite latents for subjects \['s4'\]"):
     table.require_finite()
   assert np.isnan(phenotypes.parse_number(" na ", "x"))
   assert np.isnan(phenotypes.parse_number(None, "x"))
   assert phenotypes.parse_number("1e3", "x") == 1000.0
-  with pytest.raises(ValueError, match="cell A holds 'one', not a number"):
+  with pytest.raises(phenotypes.LatentsFileError, match="cell A holds 'one', not a number"):
     phenotypes.parse_number("one", "cell A")

@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cardiac_jax import diffusion, io, training
+from cardiac_jax import config_checks, diffusion, io, training
 from cardiac_jax.families.base import FamilyBase
 from cardiac_jax.metrics import reconstruction as recon_metrics
 from cardiac_jax.models import diffae3d as model_lib
@@ -241,21 +241,23 @@ class DiffAEFamily(FamilyBase):
 
   # ---------------------------------------------------------------------------- inference
   def check_ddim_steps(self, inversion_steps: int, decode_steps: int, grid: str) -> None:
-    """Raises ValueError naming the setting when a step count has no grid of kind `grid`."""
+    """Raises ConfigError (a one-line user error) naming the setting when a step count has no
+    grid of kind `grid`."""
     for name, count in (("inversion_steps", inversion_steps), ("decode_steps", decode_steps)):
       try:
         diffusion.ddim_timesteps(self.num_timesteps, int(count), grid)
       except ValueError as e:
-        raise ValueError(f"eval.{name} = {count} on the {grid!r} DDIM grid of "
+        raise config_checks.ConfigError(f"eval.{name} = {count} on the {grid!r} DDIM grid of "
                          f"diffusion.num_timesteps = {self.num_timesteps}: {e}") from None
 
   def with_ddim(self, inversion_steps: int | None = None, decode_steps: int | None = None,
                 grid: str | None = None) -> "DiffAEFamily":
     """A copy of the family whose evaluation uses these DDIM settings (None: this family's);
-    ValueError naming the setting when a count is out of range or has no such grid."""
+    ConfigError naming the setting when a count is out of range or has no such grid."""
     for name, value in (("inversion_steps", inversion_steps), ("decode_steps", decode_steps)):
       if value is not None and not 1 <= int(value) <= self.num_timesteps:
-        raise ValueError(f"--{name} must be in [1, {self.num_timesteps}], got {value}")
+        raise config_checks.ConfigError(
+            f"--{name} must be in [1, {self.num_timesteps}], got {value}")
     family = copy.copy(self)
     family.inversion_steps = int(inversion_steps or self.inversion_steps)
     family.decode_steps = int(decode_steps or self.decode_steps)
