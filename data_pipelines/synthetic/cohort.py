@@ -140,8 +140,8 @@ def _write_cohort(output_dir: str, jobs: list[tuple], ranges: AcquisitionRanges,
   if progress:
     missing = _missing_subjects(output_dir, jobs)
     if missing:
-      print(f"Synthesizing the synthetic short-axis cine cohort: {missing} of {len(jobs)} "
-            f"subjects to write into {os.path.abspath(output_dir)} ({num_workers} worker"
+      print(f"Writing the synthetic short-axis cine cohort (seed {jobs[0][2]}): {missing} of "
+            f"{len(jobs)} subjects into {os.path.abspath(output_dir)} ({num_workers} worker"
             f"{'s' if num_workers > 1 else ''})", file=sys.stderr, flush=True)
       from tqdm import auto as tqdm
       bar = tqdm.tqdm(total=len(jobs), desc="subjects", unit="subject", dynamic_ncols=True)
