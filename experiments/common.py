@@ -8,8 +8,7 @@ Data resolution (config.data.dataset):
 - "acdc": data.source_dir (ACDC layout) is prepared into <cache>/acdc/<hash of path>/<key>.
 - "prepared": data.prepared_dir is used as it is.
 Both generation and preparation skip work already done, so every run after the first starts at
-once; the first announces each phase in one line (what, where, how many subjects) and says how
-long it took. <cache> is data.cache_dir, else $CARDIAC_JAX_CACHE, else ~/.cache/cardiac_jax.
+once; the first announces each phase in one line (what, where, how many subjects). <cache> is data.cache_dir, else $CARDIAC_JAX_CACHE, else ~/.cache/cardiac_jax.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from __future__ import annotations
 import csv
 import os
 import sys
-import time
 
 from cardiac_jax import runtime
 
@@ -118,15 +116,9 @@ def prepared_dir(config, *, create: bool = True) -> str:
     from data_pipelines import synthetic
     s = config.data.synthetic
     raw = cache.synthetic_raw_dir(cache_root(config), s.num_subjects, s.seed)
-    generate = not os.path.isfile(os.path.join(raw, synthetic.PARAMETERS_CSV))
-    if generate:  # The cohort's parameters.csv is written last.
-      print(f"Generating the synthetic cine cohort: {s.num_subjects} subjects (seed {s.seed}) "
-            f"into {raw} (once; later runs reuse it) ...", flush=True)
-    start = time.perf_counter()
+    # Announces the subjects it has to write, with a bar of them.
     synthetic.synthesize_cohort(raw, s.num_subjects, s.seed,
                                 num_workers=min(os.cpu_count() or 1, 8))
-    if generate:
-      print(f"Generated {s.num_subjects} subjects in {_duration(start)}.", flush=True)
     source = raw
   else:
     source = os.path.abspath(config.data.source_dir)
@@ -148,12 +140,6 @@ def _prepared(directory: str) -> bool:
   except (data_errors.InvalidInputError, OSError, ValueError):
     return False
   return True
-
-
-def _duration(start: float) -> str:
-  """The time since `start` (time.perf_counter()) as "12 s" or "3.4 min"."""
-  seconds = time.perf_counter() - start
-  return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def split_source(config, split: str, directory: str | None = None):
