@@ -19,6 +19,7 @@ import pytest
 from cardiac_jax import distributed, latent_store, phenotypes
 from experiments import infer_latents
 from tests.conftest import CINE_COHORT_SUBJECTS
+from tests.test_infer_latents import _Interrupt, _counting_encoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 4    # 12 subjects: 3 batches; with 2 processes, process 0 takes batch 0, process 1
@@ -36,25 +37,6 @@ def one_process_csv(diffae_run, tmp_path_factory):
   path = str(tmp_path_factory.mktemp("one_process") / "latents.csv")
   infer_latents.run(diffae_run, path, batch_size=BATCH, progress=False)
   return path
-
-
-class _Interrupt(Exception):
-  pass
-
-
-def _counting_encoder(monkeypatch, fail_at: int | None = None) -> list:
-  """Counts latent_store.encode_rows calls (the batches computed); raises on call `fail_at`."""
-  calls = []
-  real = latent_store.encode_rows
-
-  def wrapper(encoder, x):
-    calls.append(len(x))
-    if fail_at is not None and len(calls) == fail_at:
-      raise _Interrupt(f"killed at batch call {fail_at}")
-    return real(encoder, x)
-
-  monkeypatch.setattr(latent_store, "encode_rows", wrapper)
-  return calls
 
 
 def test_part_batches_split_the_pass_in_subject_order():
