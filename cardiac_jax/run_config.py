@@ -28,7 +28,8 @@ ANALYSIS_SECTIONS = ("latent.",)
 # saved config without the field is read as having this value (when the resuming config has
 # the field), so the run still resumes.
 ADDED_FIELD_DEFAULTS = {"model.remat": "none", "diffusion.p2_gamma": 0.0,
-                        "diffusion.p2_k": 1.0, "eval.ddim_grid": "even"}
+                        "diffusion.p2_k": 1.0, "eval.ddim_grid": "even",
+                        "data.prepare.plausibility": ()}
 # Added fields that choose which checkpoints are kept, not what is trained: a saved config
 # without them takes the resuming config's values (the run keeps a best checkpoint from its
 # next evaluation on). A value the run was written with may not change.

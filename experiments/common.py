@@ -26,7 +26,8 @@ if not runtime.verbose_requested():
 import jax  # pylint: disable=g-import-not-at-top
 from absl import flags, logging
 
-from cardiac_jax import checkpointing, config_checks, families, metric_logging, run_config
+from cardiac_jax import (checkpointing, config_checks, families, metric_logging, phenotypes,
+                         run_config)
 from cardiac_jax import workdir as workdir_lib
 from cardiac_jax.training import DataSource
 from data_pipelines import errors as data_errors
@@ -38,7 +39,7 @@ USER_ERRORS = (FileNotFoundError, NotADirectoryError, config_checks.ConfigError,
                run_config.WorkdirConflictError, workdir_lib.WorkdirError,
                workdir_lib.WorkdirLockedError, metric_logging.MetricsFileError,
                data_errors.InvalidInputError, data_errors.InvalidArgumentError,
-               families.FamilyCapabilityError)
+               families.FamilyCapabilityError, phenotypes.LatentsFileError)
 
 
 def _report_user_errors(previous_hook):
@@ -126,9 +127,11 @@ def prepared_dir(config, *, create: bool = True) -> str:
     p = config.data.prepare
     print(f"Preparing the {p.slice_rule} slices of {source} ({p.image_size} px at "
           f"{p.spacing_mm} mm) into {out} (once; later runs reuse it) ...", flush=True)
+  from data_pipelines import plausibility
   prepare.prepare_dataset(source, out, _preprocess_config(config), dataset="acdc",
                           label_convention=config.data.prepare.label_convention,
-                          split_seed=config.data.prepare.split_seed)
+                          split_seed=config.data.prepare.split_seed,
+                          bounds=plausibility.bounds_of(config.data.prepare))
   return out
 
 
@@ -213,7 +216,7 @@ STEP_CHOICES = ("latest", "best")
 def parse_step(value, workdir: str = "") -> int | str | None:
   """A --step value: None or "latest" -> None (the latest checkpoint), "best" -> "best" (the
   best validation checkpoint, train.best_metric), an integer (or its text) -> that step.
-  ValueError naming the workdir otherwise."""
+  InvalidArgumentError (a one-line user error) naming the workdir otherwise."""
   if value is None or isinstance(value, int) and not isinstance(value, bool):
     step = value
   else:
@@ -225,8 +228,9 @@ def parse_step(value, workdir: str = "") -> int | str | None:
     except ValueError:
       step = -1
   if step is not None and step < 0:
-    raise ValueError(f"--step={value!r}{f' for {workdir}' if workdir else ''}: expected a "
-                     "checkpoint step (an integer >= 0), 'best' or 'latest'")
+    raise data_errors.InvalidArgumentError(
+        f"--step={value!r}{f' for {workdir}' if workdir else ''}: expected a checkpoint step "
+        "(an integer >= 0), 'best' or 'latest'")
   return step
 
 
@@ -238,22 +242,23 @@ def step_selection(value) -> str:
 
 
 def best_step(workdir: str, config=None) -> int:
-  """The step of a run's best validation checkpoint (train.best_metric); ValueError naming the
-  workdir when the run keeps none or has not saved an evaluated one yet."""
+  """The step of a run's best validation checkpoint (train.best_metric); InvalidArgumentError
+  naming the workdir when the run keeps none or has not saved an evaluated one yet."""
   from cardiac_jax import checkpointing
   config = config or load_run_config(workdir)
   metric = config.train.get("best_metric", "")
   if not metric:
-    raise ValueError(f"--step=best: {workdir} keeps no best checkpoint (its config.json has no "
-                     "train.best_metric); use --step=latest or an integer step")
+    raise data_errors.InvalidArgumentError(
+        f"--step=best: {workdir} keeps no best checkpoint (its config.json has no "
+        "train.best_metric); use --step=latest or an integer step")
   with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), best_metric=metric,
                                   best_mode=config.train.get("best_mode", "min")) as checkpointer:
     best = checkpointer.best()
     steps = checkpointer.all_steps()
   if best is None:
-    raise ValueError(f"--step=best: {workdir} has no best checkpoint yet: no saved step carries "
-                     f"an evaluation of {metric} (train.eval_every="
-                     f"{config.train.get('eval_every')}; steps kept: {steps})")
+    raise data_errors.InvalidArgumentError(
+        f"--step=best: {workdir} has no best checkpoint yet: no saved step carries an evaluation "
+        f"of {metric} (train.eval_every={config.train.get('eval_every')}; steps kept: {steps})")
   return best[0]
 
 

@@ -174,3 +174,24 @@ def test_sizes_the_network_refuses_are_a_config_error_not_a_traceback():
   config.data.image_size = 33
   with pytest.raises(config_checks.ConfigError, match="image_size 33 must be divisible"):
     config_checks.validate(config)
+
+
+def test_plausibility_bounds_of_a_training_config_reach_the_slice_preparation(tmp_path,
+                                                                               monkeypatch):
+  """data.prepare.plausibility is prepared with (and cached under a name of) its own bounds;
+  the default config keeps the default bounds and the old dataset name."""
+  from data_pipelines import plausibility, prepare, synthetic
+  from experiments import common
+  seen = []
+  monkeypatch.setattr(synthetic, "synthesize_cohort", lambda *args, **kwargs: None)
+  monkeypatch.setattr(prepare, "prepare_dataset",
+                      lambda source, out, *args, **kwargs: seen.append((out, kwargs["bounds"])))
+  config = configs.get_config("ar_sivae:smoke")
+  config.data.cache_dir = str(tmp_path)
+  default_dir = common.prepared_dir(config)
+  config.data.prepare.plausibility = ("lv_ef=5:85",)
+  custom_dir = common.prepared_dir(config)
+  assert [out for out, _ in seen] == [default_dir, custom_dir] and default_dir != custom_dir
+  assert seen[0][1] == plausibility.PlausibilityBounds()
+  assert seen[1][1] == plausibility.parse_bounds(["lv_ef=5:85"])
+  assert seen[1][1] != seen[0][1]

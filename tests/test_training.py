@@ -298,6 +298,22 @@ def test_a_run_saved_before_an_added_field_resumes_at_its_old_value(tmp_path):
     run_config.check_workdir_config(str(tmp_path), config)
 
 
+def test_a_run_saved_before_plausibility_bounds_were_configurable_resumes(tmp_path):
+  """data.prepare.plausibility was added to the configs later: a run saved without it was
+  prepared under the default bounds, so it resumes under () and is refused under others."""
+  config = smoke_config()
+  saved = json.loads(config.to_json_best_effort())
+  del saved["data"]["prepare"]["plausibility"]
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(saved, f)
+  run_config.check_workdir_config(str(tmp_path), config)
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(saved, f)
+  config.data.prepare.plausibility = ("lv_ef=2:90",)
+  with pytest.raises(run_config.WorkdirConflictError, match=r"data\.prepare\.plausibility"):
+    run_config.check_workdir_config(str(tmp_path), config)
+
+
 # ----------------------------------------------------------------------------- best checkpoint
 
 def test_best_checkpoint_survives_rotation_and_resume(tmp_path, disc_examples, monkeypatch):

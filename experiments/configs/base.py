@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.prepare.slice_rule = "mid"
   c.data.prepare.label_convention = "acdc"
   c.data.prepare.split_seed = 0
+  # Plausibility bounds other than the defaults, as prepare's --plausibility entries
+  # ("lv_ef=2:90", ...); a non-default set prepares (and caches) its own dataset.
+  c.data.prepare.plausibility = ()
   c.data.image_size = 64           # Model input size (resized from the stored crop).
   c.data.channels = ("ed",)        # Stored channels used as image channels: "ed", "es".
   c.data.attributes = DEFAULT_ATTRIBUTES
