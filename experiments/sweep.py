@@ -56,6 +56,7 @@ from typing import Sequence, TextIO
 
 from absl import app, flags
 
+from cardiac_jax import config_checks, io
 from experiments import configs
 
 # The directory holding the `experiments` package: put on PYTHONPATH of the jobs so that
@@ -157,25 +158,24 @@ def parse_extra(values: Sequence[str]) -> list[str]:
 
 
 def check_field_path(config, path: str, source: str) -> None:
-  """Raises SweepConfigError unless `path` ("loss.gamma") is a leaf field of `config`."""
-  node, walked = config, []
+  """Raises SweepConfigError unless `path` ("loss.gamma") is a leaf field of `config` (an unknown
+  key is named with its nearest keys, as experiments.train names them)."""
+  try:
+    config_checks.check_keys(config, [path])
+  except config_checks.ConfigError as e:
+    raise SweepConfigError(f"{source}: {e}") from None
+  node = config
   for part in path.split("."):
-    children = node.keys() if hasattr(node, "keys") else None
-    if children is None or part not in children:
-      where = f"config.{'.'.join(walked)}" if walked else "the config"
-      options = ", ".join(sorted(children)) if children is not None else "(not a section)"
-      raise SweepConfigError(f"{source}: unknown config key config.{path}: {where} has no "
-                             f"field {part!r} (fields: {options})")
     node = node[part]
-    walked.append(part)
   if hasattr(node, "keys"):
     raise SweepConfigError(f"{source}: config.{path} is a section, not a field; set one of "
                            f"its fields ({', '.join(sorted(node.keys()))})")
 
 
-def check_override_values(config, overrides: Sequence[str], source: str) -> None:
-  """Parses `--config.x=v` flags with ml_collections' own config flag (as experiments.train
-  will), so a value of the wrong type is refused now rather than in every job."""
+def overridden_config(config, overrides: Sequence[str], source: str):
+  """`config` with `--config.x=v` flags applied by ml_collections' own config flag (as
+  experiments.train will), so a value of the wrong type is refused now rather than in every
+  job."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   argv = ["sweep", *overrides]
   flag_values = flags.FlagValues()
@@ -186,6 +186,7 @@ def check_override_values(config, overrides: Sequence[str], source: str) -> None
   except Exception as e:  # pylint: disable=broad-except
     raise SweepConfigError(f"{source}: {' '.join(overrides)} is not valid for this config: "
                            f"{e}") from None
+  return flag_values.config
 
 
 def validate_sweep(config_spec: str, axes: Sequence[SweepAxis], extra: Sequence[str]) -> None:
@@ -208,7 +209,7 @@ def validate_sweep(config_spec: str, axes: Sequence[SweepAxis], extra: Sequence[
     seen.add(axis.path)
     check_field_path(config, axis.path, f"--set={axis.flag.removeprefix('--')}")
     for value in axis.values:
-      check_override_values(config, [f"{axis.flag}={value}"], "--set")
+      overridden_config(config, [f"{axis.flag}={value}"], "--set")
   config_overrides = []
   for arg in extra:
     name = arg.split("=", 1)[0]
@@ -225,7 +226,16 @@ def validate_sweep(config_spec: str, axes: Sequence[SweepAxis], extra: Sequence[
       check_field_path(config, path, f"--extra={arg}")
       config_overrides.append(arg)
   if config_overrides:
-    check_override_values(config, config_overrides, "--extra")
+    overridden_config(config, config_overrides, "--extra")
+  # Every grid point's config as its jobs will train it: a value the run cannot use (a batch
+  # size of 0, a size the network cannot halve) is refused here, not in every job.
+  for point in itertools.product(*[[f"{a.flag}={v}" for v in a.values] for a in axes]):
+    overrides = [*point, *config_overrides]
+    try:
+      config_checks.validate(overridden_config(config, overrides, "--set"))
+    except config_checks.ConfigError as e:
+      where = " ".join(overrides) or f"--config={config_spec}"
+      raise SweepConfigError(f"{where}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -695,12 +705,10 @@ def write_slurm_sweep(config_spec: str, axes: Sequence[SweepAxis], seeds: Sequen
   script = slurm_script(jobs, config_spec, extra, eval_steps, root, settings)
   os.makedirs(os.path.join(root, "slurm_logs"), exist_ok=True)
   _write_manifest(root, config_spec, axes, seeds, extra, jobs, eval_steps)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    f.write(script)
-  os.chmod(path + ".tmp", 0o755)
-  os.replace(path + ".tmp", path)
+  with io.atomic_path(path) as temporary:
+    with open(temporary, "w", encoding="utf-8") as f:
+      f.write(script)
+    os.chmod(temporary, 0o755)
   print(f"Wrote {path}: {len(jobs)} array tasks (0-{len(jobs) - 1}). Submit it with "
         f"`sbatch {path}`; once the tasks have finished, rerun this command with --aggregate "
         f"instead of --slurm for the comparison table.", file=out)
@@ -721,6 +729,7 @@ def aggregate_sweep(config_spec: str, axes: Sequence[SweepAxis], seeds: Sequence
   print(f"{len(jobs) - len(unfinished)} of {len(jobs)} jobs evaluated", file=out)
   for job in unfinished:
     print(f"  not evaluated yet: {job.workdir}", file=out)
+  write_hparams(root, axes, jobs)  # As the local sweep: the grid, and every job that ran.
   write_comparisons(jobs, root, out, eval_steps)
   return unfinished
 

@@ -270,11 +270,16 @@ def test_grid_keeps_bracketed_values_whole():
 
 @pytest.mark.parametrize("args, named", [
     (["--set=config.loss.no_such_weight=1,2"], "config.loss.no_such_weight"),
+    (["--set=config.model.zdim=2,4"], "nearest: model.latent_dim"),
     (["--set=config.nosection.gamma=1"], "nosection"),
     (["--set=config.loss=1"], "config.loss is a section"),
     (["--set=config.train.batch_size=4,large"], "batch_size=large"),
     (["--set=config.loss.gamma=1", "--extra=--config.train.num_stepz=3"], "num_stepz"),
     (["--set=config.seed=1,2"], "--seeds"),
+    # A value of the right type that no run can use, in one grid point only.
+    (["--set=config.train.batch_size=4,0"], "train.batch_size=0: must be an integer >= 1"),
+    (["--set=config.loss.beta_kl=1", "--extra=--config.optimizer.learning_rate=-1"],
+     "optimizer.learning_rate"),
 ])
 def test_bad_settings_are_refused_before_any_job(tmp_path, args, named):
   root = tmp_path / "sweep"

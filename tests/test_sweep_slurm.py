@@ -133,6 +133,15 @@ def test_finished_array_tasks_aggregate_to_the_local_sweeps_table(fake_python, t
   assert sweep.aggregate_sweep("vae:smoke", axes, [0], cluster_root, eval_steps=EVAL_STEPS,
                                out=out) == []
   assert "2 of 2 jobs evaluated" in out.getvalue()
+  # TensorBoard's HParams dashboard sees the grid and each job, as after a local sweep.
+  from tensorboard.plugins.hparams import metadata as hparams_metadata
+  from tests.test_tensorboard import read_events
+  experiment = hparams_metadata.parse_experiment_plugin_data(read_events(
+      cluster_root).PluginTagToContent("hparams")[hparams_metadata.EXPERIMENT_TAG])
+  assert {h.name for h in experiment.hparam_infos} == {"loss.beta_kl", "seed"}
+  for job in sweep.make_jobs(axes, [0], cluster_root):
+    events = read_events(os.path.join(job.workdir, "tensorboard"))
+    assert hparams_metadata.SESSION_START_INFO_TAG in events.PluginTagToContent("hparams")
   for name in ("comparison.md", "comparison.csv", "comparison_best.md", "comparison_best.csv"):
     with open(os.path.join(local_root, name)) as f:
       local = f.read()
