@@ -117,6 +117,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_float("merge_timeout", 86400.0, "Several processes: seconds process 0 waits for "
                      "the other parts before giving up (a rerun finishes the pass).", **fv)
   flags.DEFINE_bool("progress", True, "Show a progress bar.", **fv)
+  flags.adopt_module_key_flags(common, flag_values)  # --help lists --workdir, --step, --splits.
 
 
 def _log(message: str) -> None:
@@ -156,10 +157,7 @@ def load_encoder(workdir: str, step: Optional[int] = None) -> EncoderRun:
   if key in _ENCODERS:
     _ENCODERS.move_to_end(key)
     return _ENCODERS[key]
-  from cardiac_jax import families
-  families.require(common.load_run_config(workdir).model.family, "invert",
-                   "latent inference (semantic codes of a diffusion autoencoder)",
-                   os.path.join(workdir, "config.json"))
+  require_encoder_run(workdir)
   config, family, state, mesh = common.restore_run(workdir, step)
   run = latent_store.encoder_run(workdir, config, family, state, mesh,
                                  common.step_selection(step))
@@ -331,6 +329,14 @@ def run(workdir: str, output: Optional[str] = None, *, fmt: str = "csv",
   return latent_store.write_latents(encoder, plan, output, **options)
 
 
+def require_encoder_run(workdir: str) -> None:
+  """FamilyCapabilityError (one line) unless the run's family can encode subjects (`invert`)."""
+  from cardiac_jax import families
+  families.require(common.load_run_config(workdir).model.family, "invert",
+                   "latent inference (semantic codes of a diffusion autoencoder)",
+                   os.path.join(workdir, "config.json"))
+
+
 def load_or_compute(workdir: str, path: Optional[str] = None, *, refresh: bool = False,
                     log: Callable[[str], None] = _log, **kwargs):
   """The latents of a run as a `phenotypes.LatentsTable` (its `path` set): those of `path`
@@ -346,6 +352,7 @@ def load_or_compute(workdir: str, path: Optional[str] = None, *, refresh: bool =
   path = default_latents_path(workdir)
   missing = not os.path.exists(path)
   if missing or refresh:
+    require_encoder_run(workdir)  # A run of another family is refused before any message.
     if missing:
       log(f"{path} is missing: encoding the run's subjects first")
     run(workdir, path, log=log, **{"overwrite": True, "progress": False, **kwargs})

@@ -66,6 +66,7 @@ def test_every_command_describes_itself_with_an_example():
 @pytest.mark.parametrize("command,shared", [
     ("experiments.evaluate", ("--workdir", "--step", "--output_dir", "--split")),
     ("experiments.tcav", ("--workdir", "--step", "--seed", "--explain_split")),
+    ("experiments.infer_latents", ("--workdir", "--step", "--splits")),
 ])
 def test_help_prints_the_description_and_the_shared_flags(tmp_path, command, shared):
   """--help lists the main module's flags only: those defined by experiments.common's helpers

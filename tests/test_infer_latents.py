@@ -272,6 +272,7 @@ def test_load_or_compute_reads_a_given_file_and_computes_the_default_when_missin
     phenotypes.write_latents_csv(output, ["s1", "s2"], ["train", "test"], np.eye(2))
 
   monkeypatch.setattr(infer_latents, "run", fake_run)
+  monkeypatch.setattr(infer_latents, "require_encoder_run", lambda workdir: None)
   workdir = str(tmp_path / "run")
   given = str(tmp_path / "given.csv")
   phenotypes.write_latents_csv(given, ["a"], ["val"], np.ones((1, 3)))
@@ -285,6 +286,20 @@ def test_load_or_compute_reads_a_given_file_and_computes_the_default_when_missin
   assert len(calls) == 1
   infer_latents.load_or_compute(workdir, refresh=True)  # Checked against the run.
   assert len(calls) == 2
+
+
+def test_load_or_compute_refuses_a_run_of_another_family_before_announcing_work(tmp_path):
+  """A VAE run has no semantic encoder: the one-line refusal comes first, not after a line
+  saying that the run's subjects are being encoded."""
+  from cardiac_jax import families
+  from experiments.configs import get_config
+  workdir = tmp_path / "vae_run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(get_config("ar_vae:smoke").to_json_best_effort())
+  messages = []
+  with pytest.raises(families.FamilyCapabilityError, match="which has no invert"):
+    infer_latents.load_or_compute(str(workdir), log=messages.append)
+  assert messages == []
 
 
 # ----------------------------------------------------------------------------- analyses
