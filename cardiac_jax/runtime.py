@@ -139,20 +139,11 @@ def quiet_library_logs() -> None:
 
 def quiet_tensorflow_datasets() -> None:
   """In a process quieted by `quiet_library_logs`: no tensorflow-datasets progress bars
-  (generating, shuffling) and none of the lines it prints when it builds a dataset
-  ("Downloading and preparing dataset ...", "... Subsequent calls will reuse this data."),
-  which a preparation replaces with its own summary. Imports tensorflow-datasets; call it where
-  a dataset is about to be built or read."""
+  (generating, shuffling), which a preparation replaces with its own. Imports
+  tensorflow-datasets; call it where a dataset is about to be built or read. (The lines tfds
+  prints when it builds a dataset are silenced by the project's builders themselves:
+  `data_pipelines.tfds_builders.SubjectBuilder`.)"""
   if not _quiet:
     return
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
-  # tfds prints these two with termcolor, not through a logger: its builder's own hooks.
-  builder = tfds.core.DatasetBuilder
-  for name in ("_log_download_bytes", "_log_download_done"):
-    if hasattr(builder, name):
-      setattr(builder, name, _say_nothing)
-
-
-def _say_nothing(*args, **kwargs) -> None:
-  del args, kwargs

@@ -409,6 +409,15 @@ class SubjectBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A builder that prepares every subject in `_split_generators` through a `SubjectLoop`
   (`Acdc` here, the cine builder of `data_pipelines.cine`); module docstring."""
 
+  # tfds prints "Downloading and preparing dataset Unknown size ..." and "... Subsequent calls
+  # will reuse this data." with termcolor around a build, not through a logger: nothing is
+  # downloaded here, and the preparation prints its own summary, so its two hooks say nothing.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def __init__(self, *, subject_cache_dir: Optional[str] = None,
                previous: Optional[PreviousPreparation] = None,
                inputs: Optional[dict[str, dict]] = None, **kwargs):
