@@ -57,7 +57,6 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from cardiac_jax import runtime
 from experiments import configs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: NAME[:variant].",
@@ -442,14 +441,10 @@ def main(argv, spec: str = ""):
 
 
 def run():
-  # Flag parsing checks the config by tracing its model, which starts JAX's backend.
-  runtime.configure_xla_cpu()
   if any(_argv_values(sys.argv, "profile_dir")):
     from experiments import step_profile
     step_profile.enable_traceme()  # Before JAX starts its backend.
-  spec = _config_spec(sys.argv)
-  sys.argv = configs.resolve_config_argv(sys.argv)
-  app.run(functools.partial(main, spec=spec))
+  configs.run_config_command(functools.partial(main, spec=_config_spec(sys.argv)))
 
 
 if __name__ == "__main__":

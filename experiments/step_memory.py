@@ -24,7 +24,6 @@ import time
 
 from absl import app, flags
 
-from cardiac_jax import runtime
 from experiments import benchmark  # Its --config flag and synthetic batch layout.
 from experiments import configs
 
@@ -144,10 +143,7 @@ def main(argv):
 
 
 def run():
-  # Flag parsing checks the config by tracing its model, which starts JAX's backend.
-  runtime.configure_xla_cpu()
-  sys.argv = configs.resolve_config_argv(sys.argv)
-  app.run(main)
+  configs.run_config_command(main)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,9 @@ import os
 import re
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from cardiac_jax import runtime
 from experiments import configs
 
 
@@ -162,11 +161,8 @@ def main(argv):
 def run():
   # Flags are defined only when the command runs, so importing this module beside another
   # command's (tests, tools) defines no second --config.
-  # Flag parsing checks the config by tracing its model, which starts JAX's backend.
-  runtime.configure_xla_cpu()
   define_flags()
-  sys.argv = configs.resolve_config_argv(sys.argv)  # Where ml_collections reads overrides.
-  app.run(main, flags_parser=_parse_flags_or_exit)
+  configs.run_config_command(main, flags_parser=_parse_flags_or_exit)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 `NAME[:variant]` names a config: `vae`, `vae:smoke`, `ar_sivae:paper`. Variants are defined in
 `base.finalize`. `resolve_config_argv` turns `--config=NAME[:variant]` on a command line
 into the file path that ml_collections' config flag expects, so the name works from any working
-directory.
+directory; `run_config_command` starts a command whose flags name a config that way.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import pathlib
+import sys
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent
 # Shared sections that experiments build on, not experiments themselves.
@@ -58,3 +59,14 @@ def resolve_config_argv(argv: list[str], flag: str = "config") -> list[str]:
     else:
       out[i + 1] = path
   return out
+
+
+def run_config_command(main, **app_run_kwargs) -> None:
+  """absl's app.run for a command with a --config=NAME[:variant] flag: the XLA:CPU setting is
+  applied first (parsing the flag checks the config by tracing its model, which starts JAX's
+  backend) and the config name resolved to its file."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from cardiac_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.configure_xla_cpu()
+  sys.argv = resolve_config_argv(sys.argv)
+  app.run(main, **app_run_kwargs)
