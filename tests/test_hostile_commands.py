@@ -30,13 +30,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _command_modules() -> dict[str, str]:
-  """{module name: docstring} of every module run as a command (`app.run` in it)."""
+  """{module name: docstring} of every module run as a command (`app.run` or
+  `run_config_command` in it)."""
   modules = {}
   for path in sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py"))
                      + glob.glob(os.path.join(ROOT, "data_pipelines", "*.py"))):
     with open(path, encoding="utf-8") as f:
       source = f.read()
-    if "app.run(" in source:
+    if "app.run(" in source or "configs.run_config_command(" in source:
       name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
       modules[name] = ast.get_docstring(ast.parse(source)) or ""
   return modules
