@@ -65,6 +65,7 @@ from absl import flags
 import tensorflow_datasets as tfds
 
 from cardiac_jax import io
+from cardiac_jax import runtime
 from cardiac_jax import structures
 from data_pipelines import acdc
 from data_pipelines import locking
@@ -328,6 +329,7 @@ def _prepare_locked(job: Preparation, previous: Optional[tfds_builders.PreviousP
   try:
     builder = job.make_builder(os.path.join(staging, TFDS_DIR), os.path.join(work, "subjects"),
                                previous, known)
+    runtime.quiet_tensorflow_datasets()  # A command's quiet mode: no tfds progress bars.
     builder.download_and_prepare(
         download_dir=os.path.join(staging, "downloads"),
         download_config=tfds.download.DownloadConfig(manual_dir=job.input_dir))

@@ -112,7 +112,6 @@ def prepared_dir(config, *, create: bool = True) -> str:
   if dataset == "prepared" or not create:
     return out
   from data_pipelines import prepare
-  runtime.quiet_tensorflow_datasets()
   if dataset == "synthetic":
     from data_pipelines import synthetic
     s = config.data.synthetic
