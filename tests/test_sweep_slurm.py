@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from experiments import sweep
+from experiments import sweep, sweep_slurm
 from tests.test_compare_sweep import FAKE_EVALUATE, FAKE_TRAIN
 
 EVAL_STEPS = ["latest", "best"]
@@ -65,9 +65,9 @@ def test_the_script_is_valid_bash_and_task_i_runs_job_i(tmp_path):
           sweep.parse_set("config.model.channels=(8,16),(16,32)")]
   root = str(tmp_path / "sweep")
   path = str(tmp_path / "array.sh")
-  settings = sweep.SlurmSettings(partition="gpu-long", time="02:00:00", gpus=2, cpus=4,
+  settings = sweep_slurm.SlurmSettings(partition="gpu-long", time="02:00:00", gpus=2, cpus=4,
                                  max_running=3)
-  jobs = sweep.write_slurm_sweep("vae:smoke", axes, [0, 1], root, path, eval_steps=EVAL_STEPS,
+  jobs = sweep_slurm.write_slurm_sweep("vae:smoke", axes, [0, 1], root, path, eval_steps=EVAL_STEPS,
                                  settings=settings, out=io.StringIO())
   assert len(jobs) == 8
   assert subprocess.run(["bash", "-n", path]).returncode == 0
@@ -90,7 +90,7 @@ def test_the_script_is_valid_bash_and_task_i_runs_job_i(tmp_path):
   assert outside.returncode == 2 and "tasks 0-7" in outside.stderr
 
   # Defaults: the cluster's partition, one GPU, no limit on running tasks.
-  default = sweep.slurm_script(jobs, "vae:smoke", [], EVAL_STEPS, root)
+  default = sweep_slurm.slurm_script(jobs, "vae:smoke", [], EVAL_STEPS, root)
   assert "--partition" not in default and "#SBATCH --gpus=1\n" in default
   assert "#SBATCH --array=0-7\n" in default
 
@@ -117,10 +117,10 @@ def test_finished_array_tasks_aggregate_to_the_local_sweeps_table(fake_python, t
   # The cluster path: every task of the array run by bash, then --aggregate.
   cluster_root = str(tmp_path / "cluster")
   path = str(tmp_path / "array.sh")
-  sweep.write_slurm_sweep("vae:smoke", axes, [0], cluster_root, path, eval_steps=EVAL_STEPS,
+  sweep_slurm.write_slurm_sweep("vae:smoke", axes, [0], cluster_root, path, eval_steps=EVAL_STEPS,
                           out=io.StringIO())
   out = io.StringIO()
-  assert sweep.aggregate_sweep("vae:smoke", axes, [0], cluster_root, eval_steps=EVAL_STEPS,
+  assert sweep_slurm.aggregate_sweep("vae:smoke", axes, [0], cluster_root, eval_steps=EVAL_STEPS,
                                out=out) != []
   assert "0 of 2 jobs evaluated" in out.getvalue()
   for index in range(2):
@@ -130,7 +130,7 @@ def test_finished_array_tasks_aggregate_to_the_local_sweeps_table(fake_python, t
   again = run_task(path, 0, env=env)  # A requeued task whose job is finished does nothing.
   assert again.returncode == 0 and "already evaluated" in again.stdout
   out = io.StringIO()
-  assert sweep.aggregate_sweep("vae:smoke", axes, [0], cluster_root, eval_steps=EVAL_STEPS,
+  assert sweep_slurm.aggregate_sweep("vae:smoke", axes, [0], cluster_root, eval_steps=EVAL_STEPS,
                                out=out) == []
   assert "2 of 2 jobs evaluated" in out.getvalue()
   # TensorBoard's HParams dashboard sees the grid and each job, as after a local sweep.
@@ -155,7 +155,7 @@ def test_a_task_whose_training_stopped_early_is_not_evaluated(fake_python, tmp_p
   root = str(tmp_path / "sweep")
   path = str(tmp_path / "array.sh")
   axes = [sweep.parse_set("loss.beta_kl=4")]  # FAKE_TRAIN's preempted run.
-  sweep.write_slurm_sweep("vae:smoke", axes, [0], root, path, out=io.StringIO())
+  sweep_slurm.write_slurm_sweep("vae:smoke", axes, [0], root, path, out=io.StringIO())
   done = run_task(path, 0, env=env)
   assert done.returncode == 1 and "stopped before its last step" in done.stderr
   assert not os.path.exists(sweep.metrics_path(os.path.join(root, "beta_kl=4,seed=0")))
@@ -180,7 +180,7 @@ def test_usr1_before_the_time_limit_stops_training_and_requeues_the_task(fake_py
   (bin_dir / "train.py").write_text(SLOW_TRAIN)
   root = str(tmp_path / "sweep")
   path = str(tmp_path / "array.sh")
-  sweep.write_slurm_sweep("vae:smoke", [sweep.parse_set("loss.beta_kl=1,2")], [0], root, path,
+  sweep_slurm.write_slurm_sweep("vae:smoke", [sweep.parse_set("loss.beta_kl=1,2")], [0], root, path,
                           out=io.StringIO())
   workdir = os.path.join(root, "beta_kl=2,seed=0")
   task = subprocess.Popen(["bash", path], env=dict(env, SLURM_ARRAY_TASK_ID="1",
