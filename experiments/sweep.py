@@ -566,7 +566,7 @@ def define_flags() -> None:
 
 def main(argv):
   from experiments import common  # pylint: disable=g-import-not-at-top
-  common.start_command(argv, quiet=False)
+  common.start_command(argv)
   f = flags.FLAGS
   if not f.config:
     raise app.UsageError(f"--config is required; available: "
