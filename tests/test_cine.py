@@ -478,3 +478,23 @@ def test_fields_keep_only_the_requested_arrays_with_the_same_values(prepared):
       next(cine.eval_batches(source, config.data, batch_size=4))["la_image"])
   with pytest.raises(ValueError, match=r"no field \['sa_images'\]"):
     cine.train_batches(source, config.data, fields=("sa_images",), **kwargs)
+
+
+def test_a_first_cine_preparation_is_announced_in_one_line(tmp_path, monkeypatch, capsys):
+  """A command that prepares cines on a first run says what it prepares before the minutes it
+  takes (the tfds bars are silenced), and says it with the dataset's own settings."""
+  from data_pipelines import synthetic
+  from data_pipelines.cine import prepared
+  from experiments.configs import get_config
+  calls = []
+  monkeypatch.setattr(synthetic, "synthesize_cohort", lambda *args, **kwargs: None)
+  monkeypatch.setattr(prepared, "prepare_cine_dataset",
+                      lambda raw, out, *args, **kwargs: calls.append((out, kwargs)))
+  config = get_config("diffae3d:smoke")
+  config.data.cache_dir = str(tmp_path)
+  out = prepared.prepared_cine_dir(config)
+  printed = capsys.readouterr().out
+  assert printed.startswith("Preparing the cines of ") and out in printed
+  settings = prepared.cine_config_from(config.data)
+  assert f"({settings.num_frames} frames, {settings.image_size} px" in printed
+  assert calls == [(out, calls[0][1])] and calls[0][1]["verbose"] is True

@@ -58,9 +58,23 @@ def prepared_cine_dir(config, *, create: bool = True, num_workers: Optional[int]
         raw, int(data_field(data, "synthetic.num_subjects")),
         int(data_field(data, "synthetic.seed")), long_axis_4ch=True,
         num_workers=num_workers or min(os.cpu_count() or 1, 8))
+  announce_preparation(raw, out, cine_config)
   prepare_cine_dataset(raw, out, cine_config, dataset=dataset, split_seed=split_seed,
-                       split_fractions=fractions)
+                       split_fractions=fractions, verbose=True)
   return out
+
+
+def announce_preparation(raw: str, out: str, cine_config: CineConfig) -> None:
+  """One line before a cine preparation that has not been done yet (minutes on a first run;
+  its summary line follows when it ends)."""
+  try:
+    prepare.read_report(out)
+    return
+  except (ValueError, OSError):
+    pass
+  print(f"Preparing the cines of {raw} ({cine_config.num_frames} frames, "
+        f"{cine_config.image_size} px at {cine_config.spacing_mm} mm) into {out} (once; later "
+        "runs reuse it) ...", flush=True)
 
 
 # The group of a held-out synthetic cohort, and the one split its prepared dataset holds.
