@@ -487,6 +487,15 @@ def read_report(output_dir: str) -> dict:
   return report
 
 
+def is_prepared(output_dir: str) -> bool:
+  """Whether `output_dir` holds a complete prepared dataset (`read_report` accepts it)."""
+  try:
+    read_report(output_dir)
+  except (InvalidInputError, OSError, ValueError):
+    return False
+  return True
+
+
 def open_prepared(output_dir: str) -> tfds.core.DatasetBuilder:
   """The tfds builder of a prepared dataset (read-only; no builder class needed)."""
   tfds_dir = read_report(output_dir)["tfds_dir"]

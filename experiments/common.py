@@ -122,7 +122,7 @@ def prepared_dir(config, *, create: bool = True) -> str:
     source = raw
   else:
     source = os.path.abspath(config.data.source_dir)
-  if not _prepared(out):
+  if not prepare.is_prepared(out):
     p = config.data.prepare
     print(f"Preparing the {p.slice_rule} slices of {source} ({p.image_size} px at "
           f"{p.spacing_mm} mm) into {out} (once; later runs reuse it) ...", flush=True)
@@ -132,16 +132,6 @@ def prepared_dir(config, *, create: bool = True) -> str:
                           split_seed=config.data.prepare.split_seed,
                           bounds=plausibility.bounds_of(config.data.prepare))
   return out
-
-
-def _prepared(directory: str) -> bool:
-  """Whether `directory` holds a finished preparation (its report)."""
-  from data_pipelines import prepare
-  try:
-    prepare.read_report(directory)
-  except (data_errors.InvalidInputError, OSError, ValueError):
-    return False
-  return True
 
 
 def split_source(config, split: str, directory: str | None = None):

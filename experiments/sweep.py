@@ -436,7 +436,7 @@ def run_job(job: Job, config_spec: str, extra: Sequence[str],
   return JobResult(job, "done", "", time.perf_counter() - start)
 
 
-def _write_manifest(root: str, config_spec: str, axes: Sequence[SweepAxis],
+def write_manifest(root: str, config_spec: str, axes: Sequence[SweepAxis],
                     seeds: Sequence[int], extra: Sequence[str], jobs: Sequence[Job],
                     eval_steps: Sequence[str]) -> None:
   """<root>/sweep.json: what the sweep was asked to do, so its table can be traced back."""
@@ -488,7 +488,7 @@ def run_sweep(config_spec: str, axes: Sequence[SweepAxis], seeds: Sequence[int],
       print(shell_line(job, config_spec, extra, eval_steps), file=out)
     return []
   os.makedirs(root, exist_ok=True)
-  _write_manifest(root, config_spec, axes, seeds, extra, jobs, eval_steps)
+  write_manifest(root, config_spec, axes, seeds, extra, jobs, eval_steps)
   write_hparams(root, axes, jobs)
   results = []
   with _SignalForwarder() as forwarder:

@@ -16,9 +16,9 @@ from typing import Sequence, TextIO
 from absl import flags
 
 from cardiac_jax import io
-from experiments.sweep import (REPO_ROOT, Job, SweepAxis, SweepConfigError, _write_manifest,
-                               evaluate_command, make_jobs, metrics_path, parse_eval_steps,
-                               train_command, validate_sweep, write_comparisons, write_hparams)
+from experiments.sweep import (REPO_ROOT, Job, SweepAxis, SweepConfigError, evaluate_command,
+                               make_jobs, metrics_path, parse_eval_steps, train_command,
+                               validate_sweep, write_comparisons, write_hparams, write_manifest)
 
 
 
@@ -177,7 +177,7 @@ def write_slurm_sweep(config_spec: str, axes: Sequence[SweepAxis], seeds: Sequen
   jobs = make_jobs(axes, seeds, root)
   script = slurm_script(jobs, config_spec, extra, eval_steps, root, settings)
   os.makedirs(os.path.join(root, "slurm_logs"), exist_ok=True)
-  _write_manifest(root, config_spec, axes, seeds, extra, jobs, eval_steps)
+  write_manifest(root, config_spec, axes, seeds, extra, jobs, eval_steps)
   with io.atomic_path(path) as temporary:
     with open(temporary, "w", encoding="utf-8") as f:
       f.write(script)

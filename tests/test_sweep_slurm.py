@@ -16,7 +16,7 @@ import time
 import pytest
 
 from experiments import sweep, sweep_slurm
-from tests.test_compare_sweep import FAKE_EVALUATE, FAKE_TRAIN
+from tests.test_compare_sweep import FAKE_EVALUATE, FAKE_TRAIN, SLOW_TRAIN
 
 EVAL_STEPS = ["latest", "best"]
 
@@ -159,19 +159,6 @@ def test_a_task_whose_training_stopped_early_is_not_evaluated(fake_python, tmp_p
   done = run_task(path, 0, env=env)
   assert done.returncode == 1 and "stopped before its last step" in done.stderr
   assert not os.path.exists(sweep.metrics_path(os.path.join(root, "beta_kl=4,seed=0")))
-
-
-SLOW_TRAIN = textwrap.dedent("""
-    import os, signal, sys, time
-    workdir = [a for a in sys.argv if a.startswith("--workdir=")][0].split("=", 1)[1]
-    os.makedirs(workdir, exist_ok=True)
-    def checkpoint_and_stop(signum, frame):
-      open(os.path.join(workdir, "stopped_by_signal"), "w").write(str(signum))
-      sys.exit(0)  # As the training loop does after saving its checkpoint.
-    signal.signal(signal.SIGTERM, checkpoint_and_stop)
-    open(os.path.join(workdir, "ready"), "w").close()
-    time.sleep(60)
-""")
 
 
 def test_usr1_before_the_time_limit_stops_training_and_requeues_the_task(fake_python,

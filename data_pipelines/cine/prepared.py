@@ -67,11 +67,8 @@ def prepared_cine_dir(config, *, create: bool = True, num_workers: Optional[int]
 def announce_preparation(raw: str, out: str, cine_config: CineConfig) -> None:
   """One line before a cine preparation that has not been done yet (minutes on a first run;
   its summary line follows when it ends)."""
-  try:
-    prepare.read_report(out)
+  if prepare.is_prepared(out):
     return
-  except (ValueError, OSError):
-    pass
   print(f"Preparing the cines of {raw} ({cine_config.num_frames} frames, "
         f"{cine_config.image_size} px at {cine_config.spacing_mm} mm) into {out} (once; later "
         "runs reuse it) ...", flush=True)
