@@ -6,6 +6,7 @@ prepared once per module; the tests read the written files and the prepared tfds
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -498,3 +499,31 @@ def test_a_first_cine_preparation_is_announced_in_one_line(tmp_path, monkeypatch
   settings = prepared.cine_config_from(config.data)
   assert f"({settings.num_frames} frames, {settings.image_size} px" in printed
   assert calls == [(out, calls[0][1])] and calls[0][1]["verbose"] is True
+
+
+def test_the_held_out_concept_pool_is_announced_once(tmp_path, monkeypatch, capsys):
+  """TCAV's first run generates and prepares its held-out negatives for minutes: it says how
+  many, of which group and seed, and where, then stays silent once they are prepared."""
+  from data_pipelines import prepare, synthetic
+  from data_pipelines.cine import prepared
+  from experiments.configs import get_config
+  calls = []
+  monkeypatch.setattr(prepared, "prepared_cine_dir", lambda config, create=True: "main")
+  monkeypatch.setattr(prepare, "read_report", lambda out: {
+      "config": {"dataset": "synthetic", "input_dir": str(tmp_path / "raw"),
+                 "cine": dataclasses.asdict(prepared.cine_config_from(config.data))},
+      "subjects": [{"subject": "patient007"}]})
+  monkeypatch.setattr(prepare, "is_prepared", lambda out: bool(calls))
+  monkeypatch.setattr(synthetic, "synthesize_held_out_cohort", lambda *args, **kwargs: None)
+  monkeypatch.setattr(prepared, "prepare_cine_dataset",
+                      lambda raw, out, *args, **kwargs: calls.append(kwargs))
+  config = get_config("temporal_classifier:smoke")
+  config.data.cache_dir = str(tmp_path)
+  out = prepared.held_out_cine_dir(config, 30)
+  printed = capsys.readouterr().out
+  seed = config.data.synthetic.seed
+  assert printed.startswith(f"Held-out concept pool: 30 NOR subjects of seed {seed} ")
+  assert out in printed and printed.count("\n") == 1
+  assert calls[0]["verbose"] is True
+  prepared.held_out_cine_dir(config, 30)
+  assert capsys.readouterr().out == ""

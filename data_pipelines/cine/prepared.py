@@ -117,11 +117,15 @@ def held_out_cine_dir(config, num_subjects: int, group: str = HELD_OUT_GROUP, *,
   if not create:
     return out
   raw = os.path.join(root, "raw")
+  if not prepare.is_prepared(out):
+    print(f"Held-out concept pool: {int(num_subjects)} {group} subjects of seed {seed} that the "
+          f"run never saw, generated into {raw} and prepared into {out} (once; later runs reuse "
+          "them) ...", flush=True)
   ranges = synthetic.read_acquisition_ranges(source) or synthetic.AcquisitionRanges()
   synthetic.synthesize_held_out_cohort(
       raw, int(num_subjects), seed, first_index=max(numbers), group=group, ranges=ranges,
       long_axis_4ch=cine_config.long_axis,
       num_workers=num_workers or min(os.cpu_count() or 1, 8))
   prepare_cine_dataset(raw, out, cine_config, dataset="synthetic", split_seed=0,
-                       split_fractions=fractions)
+                       split_fractions=fractions, verbose=True)
   return out
