@@ -379,29 +379,36 @@ def _check_exists(path: str) -> None:
                             "experiments.infer_latents --output=...`")
 
 
+def _read_rows(rows, dim: int, path: str) -> tuple[list[list[str]], np.ndarray]:
+  """The two id fields of every non-empty row after the header (rows: lists of fields, the
+  first on line 2) and their (N, dim) float64 values; LatentsFileError naming the file and
+  line for a row of the wrong length or a bad value. Shared by the CSV and PLINK readers."""
+  names = latent_names(dim)
+  ids, values = [], []
+  for line, fields in enumerate(rows, start=2):
+    if not fields:
+      continue
+    if len(fields) != dim + 2:
+      raise LatentsFileError(f"{path}, line {line}: {len(fields)} fields, the header has "
+                             f"{dim + 2}")
+    ids.append(fields[:2])
+    values.append(_parse_values(fields[2:], path, line, names))
+  return ids, np.asarray(values, np.float64).reshape(len(values), dim)
+
+
 def read_latents_csv(path: str) -> LatentsTable:
   """The latents CSV (module docstring) as a LatentsTable; FileNotFoundError when absent,
   LatentsFileError naming the file and line for a bad header, row or value, or duplicate
   subjects."""
   _check_exists(path)
-  subjects, splits, rows = [], [], []
   with open(path, newline="", encoding="utf-8") as f:
     reader = csv.reader(f)
     header = next(reader, None)
     if header is None:
       raise LatentsFileError(f"{path}: empty file, expected the header subject,split,z0,...")
     dim = _check_latent_header(header, CSV_ID_COLUMNS, path)
-    names = latent_names(dim)
-    for line, fields in enumerate(reader, start=2):
-      if not fields:
-        continue
-      if len(fields) != dim + 2:
-        raise LatentsFileError(f"{path}, line {line}: {len(fields)} fields, the header has "
-                               f"{dim + 2}")
-      subjects.append(fields[0])
-      splits.append(fields[1])
-      rows.append(_parse_values(fields[2:], path, line, names))
-  z = np.asarray(rows, np.float64).reshape(len(rows), dim)
+    ids, z = _read_rows(reader, dim, path)
+  subjects, splits = [i[0] for i in ids], [i[1] for i in ids]
   _check_table(subjects, z, splits, path)
   return LatentsTable(subjects=subjects, splits=splits, z=z, path=path)
 
@@ -410,23 +417,13 @@ def read_plink_phenotypes(path: str) -> LatentsTable:
   """A phenotype file `FID IID z0 ... z{D-1}` as a LatentsTable (subjects = IID, splits
   empty); LatentsFileError naming the file and line for a bad header, row or value."""
   _check_exists(path)
-  subjects, rows = [], []
   with open(path, encoding="utf-8") as f:
     header = f.readline().split()
     if not header:
       raise LatentsFileError(f"{path}: empty file, expected the header FID IID z0 ...")
     dim = _check_latent_header(header, PLINK_ID_COLUMNS, path)
-    names = latent_names(dim)
-    for line, text in enumerate(f, start=2):
-      fields = text.split()
-      if not fields:
-        continue
-      if len(fields) != dim + 2:
-        raise LatentsFileError(f"{path}, line {line}: {len(fields)} fields, the header has "
-                               f"{dim + 2}")
-      subjects.append(fields[1])
-      rows.append(_parse_values(fields[2:], path, line, names))
-  z = np.asarray(rows, np.float64).reshape(len(rows), dim)
+    ids, z = _read_rows((text.split() for text in f), dim, path)
+  subjects = [i[1] for i in ids]  # IID.
   _check_table(subjects, z, None, path)
   return LatentsTable(subjects=subjects, splits=[""] * len(subjects), z=z, path=path)
 
