@@ -24,13 +24,9 @@ import numpy as np
 
 from data_pipelines.errors import InvalidInputError
 
-# Attribute name -> (what the message calls it, unit).
-_MEASUREMENTS = {
-    "lv_edv_ml": ("LV EDV", "ml"), "lv_esv_ml": ("LV ESV", "ml"),
-    "rv_edv_ml": ("RV EDV", "ml"), "rv_esv_ml": ("RV ESV", "ml"),
-    "lv_ef": ("LV EF", "%"), "rv_ef": ("RV EF", "%"),
-    "myo_mass_g": ("myocardial mass", "g"),
-}
+def _measurement(label: str, unit: str, low: float, high: float):
+  """The default range of a measured attribute, with what a refusal calls it and its unit."""
+  return dataclasses.field(default=(low, high), metadata={"label": label, "unit": unit})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,16 +34,17 @@ class PlausibilityBounds:
   """Closed ranges (low, high) that a prepared subject must fall in.
 
   The measurement fields are named like the attributes they bound (`structures.
-  ATTRIBUTE_NAMES`); `voxel_spacing_mm` bounds every axis of the voxel spacing (MRI voxels
-  lie between a tenth of a millimetre and a few centimetres).
+  ATTRIBUTE_NAMES`) and carry the label and unit of the refusal's message; `voxel_spacing_mm`
+  bounds every axis of the voxel spacing (MRI voxels lie between a tenth of a millimetre and a
+  few centimetres).
   """
-  lv_edv_ml: tuple[float, float] = (5.0, 800.0)
-  lv_esv_ml: tuple[float, float] = (1.0, 700.0)
-  rv_edv_ml: tuple[float, float] = (5.0, 800.0)
-  rv_esv_ml: tuple[float, float] = (1.0, 700.0)
-  lv_ef: tuple[float, float] = (2.0, 90.0)
-  rv_ef: tuple[float, float] = (2.0, 90.0)
-  myo_mass_g: tuple[float, float] = (5.0, 1000.0)
+  lv_edv_ml: tuple[float, float] = _measurement("LV EDV", "ml", 5.0, 800.0)
+  lv_esv_ml: tuple[float, float] = _measurement("LV ESV", "ml", 1.0, 700.0)
+  rv_edv_ml: tuple[float, float] = _measurement("RV EDV", "ml", 5.0, 800.0)
+  rv_esv_ml: tuple[float, float] = _measurement("RV ESV", "ml", 1.0, 700.0)
+  lv_ef: tuple[float, float] = _measurement("LV EF", "%", 2.0, 90.0)
+  rv_ef: tuple[float, float] = _measurement("RV EF", "%", 2.0, 90.0)
+  myo_mass_g: tuple[float, float] = _measurement("myocardial mass", "g", 5.0, 1000.0)
   voxel_spacing_mm: tuple[float, float] = (0.1, 30.0)
 
   def __post_init__(self):
@@ -190,7 +187,10 @@ def check_measurements(attributes: Mapping[str, float], bounds: PlausibilityBoun
           f"the {name} is not smaller at ES{es_at} ({esv:.4g} ml) than at ED{ed_at} "
           f"({edv:.4g} ml): the ED or ES labels are implausible")
   problems = []
-  for name, (label, unit) in _MEASUREMENTS.items():
+  for field in dataclasses.fields(bounds):
+    if "label" not in field.metadata:
+      continue  # Not a measurement (the voxel spacing).
+    name, label, unit = field.name, field.metadata["label"], field.metadata["unit"]
     low, high = getattr(bounds, name)
     value = float(attributes[name])
     if not low <= value <= high:
