@@ -52,6 +52,10 @@ Metrics = dict[str, jax.Array]
 DEFORMATOR_KINDS = ("linear", "proj", "ortho", "identity", "random")
 DEFORMATOR_INITS = ("identity", "random")
 RECONSTRUCTORS = ("lenet", "resnet")
+# Voynov & Babenko's shift distribution (eps ~ 6 U[-1, 1], |eps| >= 0.5) and loss weights
+# (CE + 0.25 L1): the defaults of `sample_shifts`, `direction_losses` and `VoynovConfig`.
+SHIFT_SCALE, MIN_SHIFT = 6.0, 0.5
+LABEL_WEIGHT, SHIFT_WEIGHT = 1.0, 0.25
 
 
 # ------------------------------------------------------------------------------ deformator
@@ -178,7 +182,8 @@ def make_reconstructor(name: str, num_directions: int, width: int = 2) -> nn.Mod
 
 # --------------------------------------------------------------------------- sampling, loss
 def sample_shifts(key: jax.Array, batch_size: int, num_directions: int,
-                  shift_scale: float = 6.0, min_shift: float = 0.5) -> tuple[jax.Array, jax.Array]:
+                  shift_scale: float = SHIFT_SCALE,
+                  min_shift: float = MIN_SHIFT) -> tuple[jax.Array, jax.Array]:
   """k ~ U{0..K-1} (B,) int32 and eps ~ shift_scale * U[-1, 1] with |eps| < min_shift moved to
   +-min_shift keeping its sign (0 goes to +min_shift) (B,) float32."""
   k_key, eps_key = jax.random.split(key)
@@ -190,8 +195,8 @@ def sample_shifts(key: jax.Array, batch_size: int, num_directions: int,
 
 
 def direction_losses(logits: jax.Array, shift_prediction: jax.Array, k: jax.Array,
-                     eps: jax.Array, label_weight: float = 1.0,
-                     shift_weight: float = 0.25) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     eps: jax.Array, label_weight: float = LABEL_WEIGHT,
+                     shift_weight: float = SHIFT_WEIGHT) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(total, cross-entropy on k, mean |eps_pred - eps|): total = label_weight * CE +
   shift_weight * L1. logits (B, K), shift_prediction, k, eps (B,)."""
   ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, k))
@@ -210,10 +215,10 @@ class VoynovConfig:
   reconstructor: str = "lenet"
   reconstructor_width: int = 2
   batch_size: int = 32
-  shift_scale: float = 6.0
-  min_shift: float = 0.5
-  label_weight: float = 1.0
-  shift_weight: float = 0.25
+  shift_scale: float = SHIFT_SCALE
+  min_shift: float = MIN_SHIFT
+  label_weight: float = LABEL_WEIGHT
+  shift_weight: float = SHIFT_WEIGHT
   learning_rate: float = 1e-4
 
 

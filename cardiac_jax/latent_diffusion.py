@@ -74,14 +74,16 @@ TRAINING_FILE = "training.json"
 
 
 @dataclasses.dataclass(frozen=True)
-class LatentSettings:
-  """The `latent` section of a diffae3d config (experiments/configs/diffae3d.py), checked.
+class LatentStepSettings:
+  """What a train step reads: network, schedule, loss, optimiser and batch size.
 
-  Hashable, so it is a static argument of the jitted steps.
+  Hashable, the static argument of the jitted steps: runs that differ only in the fields
+  `LatentSettings` adds (length, logging, checkpointing, sampling) share one compilation. The
+  network's defaults are the reference MLP's (`MLPSkipNet`).
   """
-  num_layers: int = 10
-  hidden_units: int = 2048
-  time_embed_dim: int = 64
+  num_layers: int = MLPSkipNet.num_layers
+  hidden_units: int = MLPSkipNet.hidden_units
+  time_embed_dim: int = MLPSkipNet.time_embed_dim
   num_timesteps: int = 1000
   beta_start: float = 0.008
   beta_end: float = 0.008
@@ -91,6 +93,25 @@ class LatentSettings:
   grad_clip_norm: float = 1.0
   ema_decay: float = 0.9999
   batch_size: int = 256
+
+  def network(self, dim: int) -> MLPSkipNet:
+    return MLPSkipNet(dim=int(dim), num_layers=self.num_layers, hidden_units=self.hidden_units,
+                      time_embed_dim=self.time_embed_dim)
+
+  def schedule(self) -> diffusion.Schedule:
+    """The full T-step training schedule."""
+    return diffusion.linear_schedule(self.num_timesteps, self.beta_start, self.beta_end)
+
+  def optimizer(self):
+    return make_optimizer(ml_collections.ConfigDict(
+        {"name": "adamw" if self.weight_decay else "adam", "learning_rate": self.learning_rate,
+         "weight_decay": self.weight_decay, "grad_clip_norm": self.grad_clip_norm}))
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentSettings(LatentStepSettings):
+  """The `latent` section of a diffae3d config (experiments/configs/diffae3d.py), checked: the
+  step's settings, then the run's length, logging, checkpointing, normalisation and sampling."""
   num_steps: int = 10000
   log_every: int = 100
   checkpoint_every: int = 1000
@@ -147,31 +168,15 @@ class LatentSettings:
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
-  def step_settings(self) -> "LatentSettings":
-    """These settings with the fields a train step does not read set to fixed values: the
-    static argument of `train_steps`, so that runs differing only in length, logging,
-    checkpointing or sampling share one compilation."""
-    return dataclasses.replace(self, num_steps=0, log_every=1, checkpoint_every=1,
-                               std_floor=1.0, sample_steps=1, ddim_grid="even",
-                               image_decode_steps=1)
-
-  def network(self, dim: int) -> MLPSkipNet:
-    return MLPSkipNet(dim=int(dim), num_layers=self.num_layers, hidden_units=self.hidden_units,
-                      time_embed_dim=self.time_embed_dim)
-
-  def schedule(self) -> diffusion.Schedule:
-    """The full T-step training schedule."""
-    return diffusion.linear_schedule(self.num_timesteps, self.beta_start, self.beta_end)
+  def step_settings(self) -> LatentStepSettings:
+    """The fields a train step reads: the static argument of `train_steps`."""
+    return LatentStepSettings(**{f.name: getattr(self, f.name)
+                                 for f in dataclasses.fields(LatentStepSettings)})
 
   def ddim_schedule(self, num_steps: int | None = None) -> diffusion.Schedule:
     """The respaced DDIM grid of `num_steps` (default sample_steps) steps."""
     return diffusion.ddim_schedule(self.num_timesteps, int(num_steps or self.sample_steps),
                                    self.beta_start, self.beta_end, self.ddim_grid)
-
-  def optimizer(self):
-    return make_optimizer(ml_collections.ConfigDict(
-        {"name": "adamw" if self.weight_decay else "adam", "learning_rate": self.learning_rate,
-         "weight_decay": self.weight_decay, "grad_clip_norm": self.grad_clip_norm}))
 
 
 # ------------------------------------------------------------------------------ normalisation
@@ -204,7 +209,7 @@ def denormalize(u, stats: Mapping[str, Any]):
 
 # ------------------------------------------------------------------------------ state and steps
 @functools.partial(jax.jit, static_argnames=("settings", "dim"))
-def init_state(settings: LatentSettings, dim: int, key: jax.Array) -> TrainState:
+def init_state(settings: LatentStepSettings, dim: int, key: jax.Array) -> TrainState:
   """Fresh state: network parameters from fold_in(key, 0), the EMA equal to them."""
   net = settings.network(dim)
   params = net.init(jax.random.fold_in(key, 0), jnp.zeros((1, dim), jnp.float32),
@@ -215,7 +220,7 @@ def init_state(settings: LatentSettings, dim: int, key: jax.Array) -> TrainState
                     rng=key, skipped_nonfinite=jnp.zeros((), jnp.int32))
 
 
-def eps_loss(settings: LatentSettings, params, u0: jax.Array, t: jax.Array,
+def eps_loss(settings: LatentStepSettings, params, u0: jax.Array, t: jax.Array,
              noise: jax.Array) -> jax.Array:
   """Scalar L1 (or L2) eps loss of the network `params` on clean normalised codes u0 (B, D)
   at timesteps t (B,) with noise (B, D)."""
@@ -225,7 +230,7 @@ def eps_loss(settings: LatentSettings, params, u0: jax.Array, t: jax.Array,
   return jnp.mean(jnp.abs(diff)) if settings.loss == "l1" else jnp.mean(jnp.square(diff))
 
 
-def train_step(settings: LatentSettings, state: TrainState,
+def train_step(settings: LatentStepSettings, state: TrainState,
                u_train: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
   """One Adam update on a minibatch of the (N, D) normalised codes, then the EMA."""
   key = jax.random.fold_in(state.rng, state.step)
@@ -247,7 +252,7 @@ def train_step(settings: LatentSettings, state: TrainState,
 
 
 @functools.partial(jax.jit, static_argnames=("settings", "num_steps"))
-def train_steps(settings: LatentSettings, state: TrainState, u_train: jax.Array,
+def train_steps(settings: LatentStepSettings, state: TrainState, u_train: jax.Array,
                 num_steps: int) -> tuple[TrainState, dict[str, jax.Array]]:
   """`num_steps` train steps under one lax.scan; metrics averaged over them."""
   def body(s, _):
