@@ -118,14 +118,8 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
   c.data.image_size = 32
   c.model.channels = (8, 16)
   c.model.latent_dim = 8
-  c.train.batch_size = 4
-  c.train.num_steps = 4
-  c.train.log_every = 1
-  c.train.eval_every = 4
-  c.train.checkpoint_every = 2
-  c.train.figure_every = 4
-  c.train.eval_batch_size = 4
-  c.train.progress_bar = False
+  c.train.update(batch_size=4, num_steps=4, log_every=1, eval_every=4, checkpoint_every=2,
+                 figure_every=4, eval_batch_size=4, progress_bar=False)
 
 
 def attribute_regularisation(c: ml_collections.ConfigDict, gamma: float,

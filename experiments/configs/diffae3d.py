@@ -78,47 +78,29 @@ def paper(c):
   c.train.figure_every = 5000
   c.eval.inversion_steps = 20
   c.eval.decode_steps = 20
-  c.latent.hidden_units = 2048        # The original DiffAE latent DDIM (FFHQ-128 template):
-  c.latent.batch_size = 256           # 38.7M parameters, AdamW 1e-4 with weight decay 0.01,
-  c.latent.learning_rate = 1e-4       # EMA 0.9999, 101M samples (about 400k steps of 256),
-  c.latent.weight_decay = 0.01        # 20 DDIM steps per sample.
-  c.latent.ema_decay = 0.9999
-  c.latent.num_steps = 400000
-  c.latent.log_every = 1000
-  c.latent.checkpoint_every = 10000
-  c.latent.sample_steps = 20
-  c.latent.image_decode_steps = 20
+  # The original DiffAE latent DDIM (FFHQ-128 template): 38.7M parameters, AdamW 1e-4 with
+  # weight decay 0.01, EMA 0.9999, 101M samples (about 400k steps of 256), 20 DDIM steps per
+  # sample.
+  c.latent.update(hidden_units=2048, batch_size=256, learning_rate=1e-4, weight_decay=0.01,
+                  ema_decay=0.9999, num_steps=400000, log_every=1000, checkpoint_every=10000,
+                  sample_steps=20, image_decode_steps=20)
 
 
 def smoke(c):
-  """On top of base.apply_smoke: 4 frames of 16 px, base 8 (tests)."""
+  """On top of base.apply_smoke (which sets the batch sizes): 4 frames of 16 px, base 8, a
+  tiny latent DDIM (tests)."""
   cine_data.apply_smoke(c)
-  c.model.base_channels = 8
-  c.model.channel_mult = (1, 2)
-  c.model.num_res_blocks = 1
-  c.model.attention_resolutions = (8,)
-  c.model.encoder_channel_mult = (1, 2)
-  c.model.encoder_num_res_blocks = 1
-  c.model.encoder_attention_resolutions = ()
-  c.model.z_sem_dim = 8
-  c.model.dropout = 0.0
-  c.model.ema_decay = 0.9
+  c.model.update(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                 attention_resolutions=(8,), encoder_channel_mult=(1, 2),
+                 encoder_num_res_blocks=1, encoder_attention_resolutions=(), z_sem_dim=8,
+                 dropout=0.0, ema_decay=0.9)
   c.optimizer.warmup_steps = 0
-  c.train.batch_size = 4
-  c.train.eval_batch_size = 4
   c.eval.inversion_steps = 3
   c.eval.decode_steps = 3
   c.eval.loss_timesteps = (100, 600)
-  c.latent.num_layers = 3
-  c.latent.hidden_units = 16
-  c.latent.time_embed_dim = 8
-  c.latent.batch_size = 8
-  c.latent.num_steps = 20
-  c.latent.log_every = 10
-  c.latent.checkpoint_every = 10
-  c.latent.ema_decay = 0.9
-  c.latent.sample_steps = 5
-  c.latent.image_decode_steps = 3
+  c.latent.update(num_layers=3, hidden_units=16, time_embed_dim=8, batch_size=8, num_steps=20,
+                  log_every=10, checkpoint_every=10, ema_decay=0.9, sample_steps=5,
+                  image_decode_steps=3)
 
 
 def get_config(arg=None):
