@@ -80,11 +80,16 @@ def test_baseline_times_finite_steps():
   assert result["threads"] == 1 and result["torch_version"]
 
 
-def test_baseline_command_follows_the_config():
-  config = get_config("ar_sivae:paper")
+def _baseline_flags(config, script: str) -> dict[str, str]:
+  """The --name=value flags of the 2-step baseline command of `config`, once checked to run
+  `script` with the given interpreter."""
   command = benchmark.torch_baseline_command(config, "/usr/bin/python3", num_steps=2)
-  assert command[:2] == ["/usr/bin/python3", benchmark.TORCH_BASELINE]
-  flags = dict(arg[2:].split("=", 1) for arg in command[2:])
+  assert command[:2] == ["/usr/bin/python3", script]
+  return dict(arg[2:].split("=", 1) for arg in command[2:])
+
+
+def test_baseline_command_follows_the_config():
+  flags = _baseline_flags(get_config("ar_sivae:paper"), benchmark.TORCH_BASELINE)
   assert flags["image_size"] == "128" and flags["batch_size"] == "16"
   assert flags["channels"] == "64,128,256,512,512" and flags["latent_dim"] == "256"
   assert flags["image_channels"] == "1" and flags["num_attributes"] == "3"
@@ -99,8 +104,10 @@ def test_baseline_command_rejects_objectives_it_does_not_implement():
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None,
                     reason="this interpreter has PyTorch")
-def test_baseline_without_torch_says_how_to_install_it():
-  completed = subprocess.run([sys.executable, benchmark.TORCH_BASELINE, "--count_params"],
+@pytest.mark.parametrize("script", [benchmark.TORCH_BASELINE, benchmark.IMLATENT_BASELINE],
+                         ids=["torch_baseline", "imlatent_baseline"])
+def test_baseline_without_torch_says_how_to_install_it(script):
+  completed = subprocess.run([sys.executable, script, "--count_params"],
                              capture_output=True, text=True, timeout=60, check=False)
   assert completed.returncode != 0
   assert "not a project dependency" in completed.stderr
@@ -273,9 +280,7 @@ def test_imlatent_baseline_times_finite_steps():
 def test_baseline_command_follows_the_diffae_config():
   config = diffae_config("diffae3d:paper", 16, 64)
   config.train.batch_size = 1
-  command = benchmark.torch_baseline_command(config, "/usr/bin/python3", num_steps=2)
-  assert command[:2] == ["/usr/bin/python3", benchmark.IMLATENT_BASELINE]
-  flags = dict(arg[2:].split("=", 1) for arg in command[2:])
+  flags = _baseline_flags(config, benchmark.IMLATENT_BASELINE)
   assert flags["num_frames"] == "16" and flags["image_size"] == "64"
   assert flags["batch_size"] == "1" and flags["steps"] == "2"
   assert flags["base_channels"] == "32" and flags["channel_mult"] == "1,1,2,3,4"
@@ -295,12 +300,3 @@ def test_baseline_command_rejects_what_the_diffae_baseline_does_not_run():
     benchmark.torch_baseline_command(config, "python", num_steps=1)
   with pytest.raises(ValueError, match="no PyTorch baseline for model.family='dcgan'"):
     benchmark.torch_baseline_command(get_config("dcgan:smoke"), "python", num_steps=1)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("torch") is not None,
-                    reason="this interpreter has PyTorch")
-def test_imlatent_baseline_without_torch_says_how_to_install_it():
-  completed = subprocess.run([sys.executable, benchmark.IMLATENT_BASELINE, "--count_params"],
-                             capture_output=True, text=True, timeout=60, check=False)
-  assert completed.returncode != 0
-  assert "not a project" in completed.stderr and "pip install torch" in completed.stderr
