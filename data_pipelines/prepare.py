@@ -3,6 +3,7 @@
   python -m data_pipelines.prepare --dataset=acdc --input_dir=D --output_dir=O \
       [--image_size=128 --spacing_mm=1.3 --slice_rule=acdc_basal --label_convention=acdc \
        --split_seed=0 --plausibility=lv_ef=2:90,... --rehash_inputs]
+      [--beam --beam_options="--runner=DirectRunner --direct_num_workers=2 ..."]
 
 Writes into O:
 - tfds/:            the dataset (array_record, splits "train"/"val"/"test"), written by the
@@ -68,6 +69,7 @@ from cardiac_jax import io
 from cardiac_jax import runtime
 from cardiac_jax import structures
 from data_pipelines import acdc
+from data_pipelines import beam_prepare
 from data_pipelines import locking
 from data_pipelines import plausibility
 from data_pipelines import preprocess
@@ -253,6 +255,9 @@ class Preparation:
   split_seed: int
   split_fractions: tuple[float, ...]
   noun: str = "subjects"
+  # Beam PipelineOptions (`beam_prepare.optional_options`): prepare on that Beam runner; None:
+  # in this process (the default).
+  beam_options: Optional[object] = None
 
 
 def run_preparation(job: Preparation, *, verbose: bool = True, rehash: bool = False) -> dict:
@@ -332,7 +337,8 @@ def _prepare_locked(job: Preparation, previous: Optional[tfds_builders.PreviousP
     runtime.quiet_tensorflow_datasets()  # A command's quiet mode: no tfds progress bars.
     builder.download_and_prepare(
         download_dir=os.path.join(staging, "downloads"),
-        download_config=tfds.download.DownloadConfig(manual_dir=job.input_dir))
+        download_config=tfds.download.DownloadConfig(manual_dir=job.input_dir,
+                                                     beam_options=job.beam_options))
     tfds_dir = os.path.relpath(str(builder.data_dir), staging)
     outcomes = builder.outcomes
     _write_attributes_csv(os.path.join(staging, ATTRIBUTES), outcomes)
@@ -411,7 +417,8 @@ def prepare_dataset(input_dir: str, output_dir: str,
                     dataset: str = "acdc", label_convention: str = "acdc", split_seed: int = 0,
                     split_fractions=subject_splits.DEFAULT_SPLIT_FRACTIONS,
                     bounds: Optional[plausibility.PlausibilityBounds] = None,
-                    rehash: bool = False, verbose: bool = True) -> dict:
+                    rehash: bool = False, verbose: bool = True, beam: bool = False,
+                    beam_options: str = "") -> dict:
   """Prepares the cohort in `input_dir` into `output_dir` (see the module docstring).
 
   Every argument is checked before anything is written. A rerun into a complete preparation
@@ -431,6 +438,10 @@ def prepare_dataset(input_dir: str, output_dir: str,
     bounds: plausibility bounds of the subjects; defaults to `PlausibilityBounds()`.
     rehash: hash every input file again instead of trusting an unchanged size and mtime.
     verbose: print a one-line summary.
+    beam: prepare the subjects and write the splits with Apache Beam
+      (`data_pipelines.beam_prepare`; the same outputs as without it).
+    beam_options: Beam pipeline options as on a command line, e.g. "--runner=DirectRunner
+      --direct_num_workers=2 --direct_running_mode=multi_processing" (docs/cluster.md).
 
   Returns:
     The report (the contents of report.json).
@@ -450,6 +461,7 @@ def prepare_dataset(input_dir: str, output_dir: str,
                                                split_fractions, bounds)
   except ValueError as e:
     raise InvalidArgumentError(str(e)) from None
+  options = beam_prepare.optional_options(beam, beam_options)
   check_directories(input_dir, output_dir)
   requested = _requested_config(dataset, input_dir, builder_config)
 
@@ -472,7 +484,7 @@ def prepare_dataset(input_dir: str, output_dir: str,
 
   job = Preparation(input_dir=input_dir, output_dir=output_dir, requested=requested, find=find,
                     make_builder=make_builder, split_seed=builder_config.split_seed,
-                    split_fractions=builder_config.split_fractions)
+                    split_fractions=builder_config.split_fractions, beam_options=options)
   return run_preparation(job, verbose=verbose, rehash=rehash)
 
 
@@ -546,6 +558,13 @@ def _define_flags():
   flags.DEFINE_boolean("rehash_inputs", False,
                        "Hash every input file again on a rerun instead of trusting files "
                        "whose size and modification time are unchanged.")
+  flags.DEFINE_boolean("beam", False,
+                       "Prepare the subjects and write the splits with Apache Beam "
+                       f"(`{beam_prepare.INSTALL_HINT}`); same outputs as without it.")
+  flags.DEFINE_string("beam_options", "",
+                      "Beam pipeline options with --beam, e.g. \"--runner=DirectRunner "
+                      "--direct_num_workers=2 --direct_running_mode=multi_processing\" "
+                      "(Dataflow, Flink, Spark: docs/cluster.md).")
 
 
 def main(argv):
@@ -560,7 +579,8 @@ def main(argv):
     prepare_dataset(
         f.input_dir, f.output_dir, preprocess_config, dataset=f.dataset,
         label_convention=f.label_convention, split_seed=f.split_seed,
-        bounds=plausibility.parse_bounds(f.plausibility), rehash=f.rehash_inputs)
+        bounds=plausibility.parse_bounds(f.plausibility), rehash=f.rehash_inputs,
+        beam=f.beam, beam_options=f.beam_options)
   except (ValueError, FileExistsError) as e:
     raise SystemExit(f"prepare failed: {e}") from None
   except OSError as e:

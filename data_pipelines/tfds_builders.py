@@ -41,13 +41,14 @@ Usage as a tfds dataset:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import traceback
 import uuid
 import zipfile
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -55,6 +56,7 @@ import tensorflow_datasets as tfds
 from cardiac_jax import cardiac
 from cardiac_jax import structures
 from data_pipelines import acdc
+from data_pipelines import beam_prepare
 from data_pipelines import features
 from data_pipelines import fingerprints
 from data_pipelines import plausibility
@@ -374,6 +376,15 @@ class SubjectLoop:
     self.num_reused = 0
 
   def outcome(self, subject: str, directory: str) -> SubjectOutcome:
+    """The outcome of one subject (`resolve`), counted in `num_reused` / `from_previous`."""
+    outcome, source = self.resolve(subject, directory)
+    self.record(outcome, source)
+    return outcome
+
+  def resolve(self, subject: str, directory: str) -> tuple[SubjectOutcome, str]:
+    """(outcome, source) of one subject, source "previous", "resumed" or "computed"; the
+    per-subject work of every path (in this process, or on a Beam worker:
+    `data_pipelines.beam_prepare`). Changes nothing in the loop, so it may run anywhere."""
     prior = self.previous.outcomes.get(subject) if self.previous else None
     if prior is not None and prior.directory != acdc.printable_path(directory):
       prior = None
@@ -382,19 +393,25 @@ class SubjectLoop:
       known = prior.inputs if prior is not None else cached_inputs(self.cache_dir, subject)
       inputs = fingerprints.subject_inputs(directory, previous=known)
     if prior is not None and fingerprints.same_content(prior.inputs, inputs):
-      self.from_previous.add(subject)
-      return dataclasses.replace(prior, inputs=inputs)
+      return dataclasses.replace(prior, inputs=inputs), "previous"
     outcome = load_outcome(self.cache_dir, subject, self.key, directory, inputs)
     if outcome is not None:
-      self.num_reused += 1
-      return outcome
+      return outcome, "resumed"
     outcome = self.run(subject, directory)
     outcome.inputs = inputs
     if not outcome.unexpected:
       self.save(self.cache_dir, outcome, self.key)
     # The arrays now live in the work area; keep only the metadata in memory.
     outcome.example = None
-    return outcome
+    return outcome, "computed"
+
+  def record(self, outcome: SubjectOutcome, source: str) -> None:
+    """Counts where a `resolve`d outcome came from (the example of a subject taken from the
+    previous dataset is read from there)."""
+    if source == "previous":
+      self.from_previous.add(outcome.subject)
+    elif source == "resumed":
+      self.num_reused += 1
 
   def example(self, subject: str, load):
     """The example of `subject`: from the previous dataset, else `load(cache_dir, subject)`."""
@@ -433,6 +450,13 @@ class SubjectBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.split_assignment: dict[str, list[str]] = {}
     self.num_reused = 0
     self.num_unchanged = 0
+    self._download_config = None
+
+  def _generate_splits(self, dl_manager, download_config):
+    # Kept so that `_prepare_subjects` runs on the same Beam runner as the split writing when
+    # the DownloadConfig asks for Beam (`data_pipelines.beam_prepare`).
+    self._download_config = download_config
+    return super()._generate_splits(dl_manager, download_config)
 
   def _prepare_subjects(self, dl_manager: tfds.download.DownloadManager, key: str, run, save,
                         found: list[tuple[str, str]], rejected: Iterable[SubjectOutcome],
@@ -446,7 +470,17 @@ class SubjectBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     cache_dir = self.subject_cache_dir or os.path.join(str(dl_manager.download_dir), "subjects")
     self._loop = SubjectLoop(cache_dir, key, run, save, self.previous, self.inputs)
     subjects, duplicates = unique_subjects(found)
-    self.outcomes = [self._loop.outcome(s, d) for s, d in subjects] + duplicates
+    if beam_prepare.is_beam(self._download_config):
+      resolved = beam_prepare.resolve_subjects(self._loop.resolve, subjects,
+                                               self._download_config,
+                                               str(dl_manager.download_dir))
+    else:
+      resolved = (self._loop.resolve(s, d) for s, d in subjects)
+    self.outcomes = []
+    for outcome, source in resolved:
+      self._loop.record(outcome, source)
+      self.outcomes.append(outcome)
+    self.outcomes.extend(duplicates)
     self.num_reused = self._loop.num_reused
     self.num_unchanged = len(self._loop.from_previous)
     self.outcomes.extend(rejected)
@@ -461,6 +495,19 @@ class SubjectBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         config.split_seed)
     return {split: self._generate_examples(subjects)
             for split, subjects in self.split_assignment.items() if subjects}
+
+  def _example_reader(self) -> Callable[[str], dict]:
+    """subject id -> its prepared example (work area or previous dataset); picklable, since
+    Beam workers call it."""
+    raise NotImplementedError
+
+  def _generate_examples(self, subjects: Iterable[str]):
+    """The prepared examples of `subjects`, keyed by subject id: streamed from here, or a
+    Beam PTransform that reads them on the workers when the DownloadConfig asks for Beam."""
+    read = self._example_reader()
+    if beam_prepare.is_beam(self._download_config):
+      return beam_prepare.examples_transform(list(subjects), read)
+    return ((subject, read(subject)) for subject in subjects)
 
 
 @dataclasses.dataclass(eq=False)
@@ -551,8 +598,5 @@ class Acdc(SubjectBuilder):
                         reason=r.reason) for r in rejected],
         lambda outcome: outcome.group)
 
-  def _generate_examples(self, subjects: Iterable[str]):
-    """Streams the prepared examples of `subjects` (work area or previous dataset), keyed by
-    subject id."""
-    for subject in subjects:
-      yield subject, self._loop.example(subject, load_example)
+  def _example_reader(self) -> Callable[[str], dict]:
+    return functools.partial(self._loop.example, load=load_example)

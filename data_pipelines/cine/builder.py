@@ -7,6 +7,7 @@ reruns follow the input files by fingerprint, subject-level splits stratified by
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines import acdc
+from data_pipelines import beam_prepare
 from data_pipelines import prepare
 from data_pipelines import subject_splits
 from data_pipelines import tfds_builders
@@ -139,15 +141,18 @@ class CardiacCine(tfds_builders.SubjectBuilder):
     return self._prepare_subjects(dl_manager, key, run, save, found, _skipped(rejected),
                                   lambda outcome: outcome.group or "unknown")
 
-  def _generate_examples(self, subjects):
-    config: CineBuilderConfig = self.builder_config
-    for subject in subjects:
-      example = self._loop.example(
-          subject, lambda cache_dir, s: load_example(cache_dir, s, config.cine))
-      for name in IMAGE_FIELDS:
-        if name in example:
-          example[name] = example[name].astype(STORED_IMAGE_DTYPE)
-      yield subject, example
+  def _example_reader(self):
+    return functools.partial(_stored_example, self._loop, self.builder_config.cine)
+
+
+def _stored_example(loop: tfds_builders.SubjectLoop, cine_config: CineConfig,
+                    subject: str) -> dict:
+  """The example of `subject` as stored: the image fields as `STORED_IMAGE_DTYPE`."""
+  example = loop.example(subject, lambda cache_dir, s: load_example(cache_dir, s, cine_config))
+  for name in IMAGE_FIELDS:
+    if name in example:
+      example[name] = example[name].astype(STORED_IMAGE_DTYPE)
+  return example
 
 
 # ----------------------------------------------------------------------------- prepare driver
@@ -161,7 +166,8 @@ def _requested_config(input_dir: str, builder_config: CineBuilderConfig) -> dict
 def prepare_cine_dataset(input_dir: str, output_dir: str, config: Optional[CineConfig] = None,
                          *, dataset: str = "synthetic", split_seed: int = 0,
                          split_fractions=subject_splits.DEFAULT_SPLIT_FRACTIONS,
-                         rehash: bool = False, verbose: bool = False) -> dict:
+                         rehash: bool = False, verbose: bool = False, beam: bool = False,
+                         beam_options: str = "") -> dict:
   """Prepares the raw cine cohort in `input_dir` into `output_dir`; returns report.json.
 
   Same outputs and guarantees as `prepare.prepare_dataset` (`prepare.run_preparation`:
@@ -171,7 +177,7 @@ def prepare_cine_dataset(input_dir: str, output_dir: str, config: Optional[CineC
   with its split, or "skipped" with the reason, and its input fingerprint;
   `resumed_subjects` counts the outcomes taken from an interrupted run, `unchanged_subjects`
   those taken from the previous preparation; `seconds_per_subject` the preparation time of
-  the others).
+  the others). `beam`, `beam_options`: prepare with Apache Beam, as in `prepare.prepare_dataset`.
 
   Raises:
     InvalidInputError: input_dir missing, or no subject could be prepared.
@@ -188,6 +194,7 @@ def prepare_cine_dataset(input_dir: str, output_dir: str, config: Optional[CineC
     raise
   except ValueError as e:
     raise InvalidArgumentError(str(e)) from None
+  options = beam_prepare.optional_options(beam, beam_options)
   prepare.check_directories(input_dir, output_dir)
 
   def find():
@@ -203,5 +210,5 @@ def prepare_cine_dataset(input_dir: str, output_dir: str, config: Optional[CineC
       input_dir=input_dir, output_dir=output_dir,
       requested=_requested_config(input_dir, builder_config), find=find,
       make_builder=make_builder, split_seed=split_seed, split_fractions=split_fractions,
-      noun="cine subjects")
+      noun="cine subjects", beam_options=options)
   return prepare.run_preparation(job, verbose=verbose, rehash=rehash)
