@@ -41,6 +41,9 @@ training job relies on (`run_preparation`, shared with the cine preparation of
   unchanged ones from the existing dataset, and says what changed. A different finished
   configuration in O is refused, as is a non-empty O that is not a preparation; an O of an
   older format version of the same configuration is prepared again;
+- Apache Beam (`--beam`, `beam_prepare`): the builder prepares the subjects and writes the
+  splits on a Beam runner (all cores of one machine, Dataflow, Spark, Flink) through the same
+  per-subject code, so the outputs are those of the default path (docs/cluster.md);
 - concurrency (`locking`): every process of a multi-process job may call `prepare_dataset` on
   the same O. One takes an exclusive lock (flock on O/.prepare.lock) and prepares; the others
   wait for the lock, then find the complete report and return it. The kernel releases the lock
@@ -55,6 +58,7 @@ import contextlib
 import csv
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
@@ -572,6 +576,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   tfds.disable_progress_bar()
+  if f.beam:
+    # Beam logs every worker's start and stop, and relays the workers' own records, at INFO.
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
   try:
     preprocess_config = preprocess.PreprocessConfig(image_size=f.image_size,
                                                     spacing_mm=f.spacing_mm,

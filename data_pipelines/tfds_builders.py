@@ -29,7 +29,9 @@ tries those subjects again; a MemoryError is kept as the subject's reason. After
 `download_and_prepare` the builder's `outcomes`, `split_assignment`, `num_reused` and
 `num_unchanged` hold what happened to every subject; `data_pipelines.prepare` is the driver
 that turns them into attributes.csv, report.json and splits.json around an atomic write, and
-serialises concurrent runs.
+serialises concurrent runs. Given a DownloadConfig with Beam options, the builder runs the same
+per-subject function (`SubjectLoop.resolve`) and example readers on that Beam runner
+(`data_pipelines.beam_prepare`), with the same outcomes and records.
 
 Usage as a tfds dataset:
   builder = Acdc(data_dir=D, file_format="array_record")     # optional: subject_cache_dir=W
