@@ -1,5 +1,5 @@
 """Compare evaluated runs side by side: `python -m experiments.compare DIR1 DIR2 ...
-[--output=FILE.md] [--group_by_config]`.
+[--output=FILE.md] [--group_by_config] [--analysis=tcav]`.
 
 Builds the comparison table of the AR-SIVAE paper (Di Folco et al., MICCAI 2024, Table 1) from
 each run's DIR/eval/metrics.json (written by `python -m experiments.evaluate --workdir=DIR`):
@@ -20,6 +20,11 @@ config name plus the config fields that distinguish it from the other runs of th
 With `--group_by_config`, runs whose configs are equal except for the field `seed` form one
 row showing mean ± std over the seeds (std with Bessel's correction, ddof=1, the spread of a
 seed population estimated from a few seeds; a group of one run shows its value alone).
+
+With `--analysis=tcav`, the runs' TCAV tables (DIR/tcav/results.json of `experiments.tcav`)
+are pooled as seeds of one protocol (refused when their concept pool, explained split, set
+sizes or concepts differ): per concept the TCAV score, mean directional derivative and CAV
+accuracy as mean ± std, each run's p-value, and in how many runs it is significant.
 
 The markdown table is printed and written to --output (default ./comparison.md); the same
 table goes to a CSV file with the same stem (means and stds in separate columns), for plotting.
@@ -337,6 +342,98 @@ def write_comparison(workdirs: Sequence[str], output: str, group_by_config: bool
   return markdown, rows
 
 
+# ------------------------------------------------------------------------------ TCAV over seeds
+# What must be equal for TCAV tables of several runs to be pooled into one.
+TCAV_PROTOCOL_KEYS = ("concept_pool", "explain_split", "set_size", "num_random_sets",
+                      "allow_overlap", "step_selection")
+
+
+def load_tcav(workdir: str) -> tuple[dict, Any]:
+  """(DIR/tcav/results.json, the run's seed from DIR/config.json or None)."""
+  path = os.path.join(workdir, "tcav", "results.json")
+  if not os.path.isfile(path):
+    raise MissingEvaluationError(f"run {workdir} has no {path}: run "
+                                 f"`python -m experiments.tcav --workdir={workdir}` first")
+  results = _read_json(path)
+  config_path = os.path.join(workdir, "config.json")
+  seed = (flatten_config(_read_json(config_path)).get("seed")
+          if os.path.isfile(config_path) else None)
+  return results, seed
+
+
+def tcav_seed_rows(runs: Sequence[tuple[str, dict]]) -> list[dict]:
+  """One row per concept over the TCAV results of several runs (seeds) of one protocol: TCAV
+  score, mean directional derivative and CAV accuracy as mean and std (ddof=1), each run's
+  p-value and in how many runs the concept is significant (each run's own Bonferroni test).
+
+  Raises:
+    ValueError: the runs differ in a `TCAV_PROTOCOL_KEYS` value or in their concepts (the
+      first run that differs is named): their scores measure different things.
+  """
+  if not runs:
+    raise ValueError("no run directories given")
+  (first_dir, first), rest = runs[0], runs[1:]
+  concepts = [row["concept"] for row in first["table"]]
+  for workdir, results in rest:
+    for key in TCAV_PROTOCOL_KEYS:
+      if results.get(key) != first.get(key):
+        raise ValueError(f"{workdir}: TCAV {key} {results.get(key)!r} differs from "
+                         f"{first_dir}'s {first.get(key)!r}; only runs of one protocol pool")
+    if [row["concept"] for row in results["table"]] != concepts:
+      raise ValueError(f"{workdir}: its TCAV concepts differ from {first_dir}'s")
+  rows = []
+  for i, concept in enumerate(concepts):
+    per_run = [results["table"][i] for _, results in runs]
+    row: dict[str, Any] = {"concept": concept, "description": per_run[0]["description"],
+                           "control": per_run[0]["control"], "n": len(per_run),
+                           "p_values": [r["p_value"] for r in per_run],
+                           "significant": sum(bool(r["significant"]) for r in per_run)}
+    for key in ("tcav_score", "mean_derivative", "cav_accuracy"):
+      row[key], row[f"{key}_std"] = _mean_std([r[key] for r in per_run])
+    rows.append(row)
+  return rows
+
+
+def tcav_comparison(workdirs: Sequence[str]) -> tuple[str, list[dict]]:
+  """(markdown, rows) of the TCAV tables of `workdirs` pooled over seeds (`tcav_seed_rows`)."""
+  from cardiac_jax import io
+  if not workdirs:
+    raise ValueError("no run directories given")
+  loaded = [(workdir, *load_tcav(workdir)) for workdir in workdirs]
+  rows = tcav_seed_rows([(workdir, results) for workdir, results, _ in loaded])
+  first = loaded[0][1]
+  auc = _mean_std([results["auc"] for _, results, _ in loaded])
+  header = (f"TCAV over {len(loaded)} runs (seeds {_format_seeds([s for *_, s in loaded])}, "
+            f"steps {_format_seeds([r['step'] for _, r, _ in loaded])}): test AUC "
+            f"{_format_cell(*auc, 3)}; concept pool {first['concept_pool']}"
+            f"{' (overlap allowed)' if first.get('allow_overlap') else ''}; explained split "
+            f"{first['explain_split']}; concept sets of {first['set_size']}, "
+            f"{first['num_random_sets']} random sets; significance per run (Bonferroni over "
+            "its concepts), counted over the runs.\n\n")
+  cells = [[row["concept"], row["description"].replace("|", "\\|"),
+            _format_cell(row["tcav_score"], row["tcav_score_std"], 3),
+            _format_cell(row["mean_derivative"], row["mean_derivative_std"], 3),
+            _format_cell(row["cav_accuracy"], row["cav_accuracy_std"], 2),
+            ", ".join(f"{p:.2g}" for p in row["p_values"]),
+            f"{row['significant']} of {row['n']}"] for row in rows]
+  table = io.markdown_table(["Concept", "Description", "TCAV score", "mean S", "CAV acc.",
+                             "p-value per run", "significant in"], cells, "llrrrrl")
+  return header + table, rows
+
+
+def write_tcav_csv(path: str, rows: Sequence[dict]) -> None:
+  """The pooled TCAV table as CSV (means, stds, p-values joined by ';')."""
+  keys = ["tcav_score", "tcav_score_std", "mean_derivative", "mean_derivative_std",
+          "cav_accuracy", "cav_accuracy_std"]
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["concept", "control", "n", *keys, "p_values", "significant"])
+    for row in rows:
+      writer.writerow([row["concept"], row["control"], row["n"],
+                       *("" if row[k] is None else repr(row[k]) for k in keys),
+                       ";".join(repr(p) for p in row["p_values"]), row["significant"]])
+
+
 def csv_path(markdown_path: str) -> str:
   return os.path.splitext(markdown_path)[0] + ".csv"
 
@@ -348,6 +445,9 @@ def define_flags() -> None:
                       "Markdown file to write; the CSV goes next to it (same stem).")
   flags.DEFINE_bool("group_by_config", False, "One row per config (runs differing only in "
                     "`seed`), mean ± std over the seeds.")
+  flags.DEFINE_enum("analysis", "evaluation", ["evaluation", "tcav"],
+                    "What to compare: the evaluation metrics (DIR/<eval_name>/metrics.json) or "
+                    "the TCAV tables (DIR/tcav/results.json, pooled over the runs as seeds).")
   flags.DEFINE_string("eval_name", "eval", "Evaluation folder of each run to compare: eval "
                       "(experiments.evaluate's default) or e.g. eval_best (written by "
                       "`evaluate --step=best --output_dir=DIR/eval_best`).")
@@ -364,8 +464,15 @@ def main(argv):
           "not a folder", file=sys.stderr)
     sys.exit(1)
   try:
-    markdown, _ = write_comparison(workdirs, output, flags.FLAGS.group_by_config,
-                                   flags.FLAGS.eval_name)
+    if flags.FLAGS.analysis == "tcav":
+      markdown, rows = tcav_comparison(workdirs)
+      os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+      with open(output, "w") as f:
+        f.write(markdown)
+      write_tcav_csv(csv_path(output), rows)
+    else:
+      markdown, _ = write_comparison(workdirs, output, flags.FLAGS.group_by_config,
+                                     flags.FLAGS.eval_name)
   except (MissingEvaluationError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

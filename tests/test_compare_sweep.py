@@ -219,6 +219,67 @@ def test_compare_command_writes_markdown_and_csv(fake_runs, tmp_path):
   assert not os.path.exists(tmp_path / "x.md")
 
 
+def write_tcav(workdir, seed, rows, **protocol):
+  """A run directory as train + tcav leave it (only the files compare reads)."""
+  results = {"workdir": str(workdir), "step": 1200, "step_selection": "latest",
+             "explain_split": "test", "concept_pool": "held_out_negatives",
+             "allow_overlap": False, "auc": 0.9 + 0.05 * seed, "set_size": 100,
+             "num_random_sets": 10, **protocol,
+             "table": [{"concept": c, "description": f"{c} (a|b)", "control": c == "random",
+                        "tcav_score": score, "mean_derivative": score - 0.5,
+                        "cav_accuracy": 0.8, "p_value": p, "significant": p < 0.005}
+                       for c, score, p in rows]}
+  os.makedirs(os.path.join(workdir, "tcav"), exist_ok=True)
+  with open(os.path.join(workdir, "tcav", "results.json"), "w") as f:
+    json.dump(results, f)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump({"name": "temporal_classifier", "seed": seed}, f)
+  return str(workdir)
+
+
+def test_tcav_tables_pool_over_seeds_and_count_significant_runs(tmp_path):
+  runs = [write_tcav(tmp_path / f"seed={s}", s, rows) for s, rows in enumerate([
+      [("low_ef", 1.0, 0.001), ("random", 0.2, 0.5)],
+      [("low_ef", 0.8, 0.02), ("random", 0.0, 0.3)],
+      [("low_ef", 0.9, 0.004), ("random", 0.1, 0.9)]])]
+  result = run_module(["experiments.compare", "--analysis=tcav", *runs,
+                       f"--output={tmp_path / 'tcav.md'}"], cwd=tmp_path, timeout=120)
+  assert result.returncode == 0, result.stderr
+  with open(tmp_path / "tcav.md") as f:
+    written = f.read()
+  assert written in result.stdout
+  assert written.startswith("TCAV over 3 runs (seeds 0,1,2, steps 1200,1200,1200): test AUC "
+                            "0.950 ± 0.050; concept pool held_out_negatives")
+  header, *cells = table_cells(written.split("\n\n", 1)[1])
+  assert header[-2:] == ["p-value per run", "significant in"]
+  assert cells[0][0] == "low_ef" and cells[0][1] == "low_ef (a\\|b)"
+  assert cells[0][2] == f"0.900 ± {statistics.stdev([1.0, 0.8, 0.9]):.3f}"
+  assert cells[0][5:] == ["0.001, 0.02, 0.004", "2 of 3"]
+  assert cells[1][6] == "0 of 3"
+  with open(tmp_path / "tcav.csv") as f:
+    records = list(csv.DictReader(f))
+  assert [r["concept"] for r in records] == ["low_ef", "random"]
+  assert float(records[1]["tcav_score"]) == pytest.approx(0.1)
+  assert records[0]["p_values"] == "0.001;0.02;0.004" and records[0]["significant"] == "2"
+
+
+@pytest.mark.parametrize("protocol, named", [
+    ({"concept_pool": "pooled_train_val", "allow_overlap": True}, "concept_pool"),
+    ({"set_size": 50}, "set_size"),
+    ({"explain_split": "val"}, "explain_split")])
+def test_tcav_tables_of_different_protocols_are_not_pooled(tmp_path, protocol, named):
+  rows = [("low_ef", 1.0, 0.001)]
+  first = write_tcav(tmp_path / "seed=0", 0, rows)
+  other = write_tcav(tmp_path / "seed=1", 1, rows, **protocol)
+  with pytest.raises(ValueError, match=f"seed=1: TCAV {named} .* differs"):
+    compare.tcav_comparison([first, other])
+  renamed = write_tcav(tmp_path / "seed=2", 2, [("high_edv", 1.0, 0.001)])
+  with pytest.raises(ValueError, match="seed=2: its TCAV concepts differ"):
+    compare.tcav_comparison([first, renamed])
+  with pytest.raises(compare.MissingEvaluationError, match="experiments.tcav --workdir="):
+    compare.tcav_comparison([first, str(tmp_path)])
+
+
 # ------------------------------------------------------------------------------------------------
 # Sweep.
 # ------------------------------------------------------------------------------------------------
