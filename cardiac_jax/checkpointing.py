@@ -230,17 +230,23 @@ class Checkpointer:
   "val/reconstruction_loss"; lower is better for best_mode "min", higher for "max") the best
   step is kept too, however old: `save(..., metrics=...)` records the value with a step only
   when it improves strictly on the best so far, so the best step is the newest one carrying a
-  value and orbax never deletes it.
+  value and orbax never deletes it. `create=False` (the readers of a run: evaluation, analyses)
+  never creates the directory: a run without checkpoints is left as it was.
   """
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, best_metric: str = "",
-               best_mode: str = "min", step_metadata: Mapping[str, Any] | None = None):
+               best_mode: str = "min", step_metadata: Mapping[str, Any] | None = None,
+               create: bool = True):
     if best_mode not in BEST_MODES:
       raise ValueError(f"best_mode must be one of {BEST_MODES}, got {best_mode!r}")
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1 (a run keeps at least its latest step), got "
                        f"{max_to_keep}")
     self.directory = os.path.abspath(directory)
+    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+      raise NotADirectoryError(
+          f"{self.directory} is a file, not the run's checkpoints folder: move it away (a run "
+          "keeps its checkpoint steps in that folder)")
     self.step_metadata = dict(step_metadata) if step_metadata else None
     self._unsealed: list[int] = []  # Steps saved here whose manifest is not written yet.
     # Steps restored without a manifest: their bytes are unverified (warned once each).
@@ -255,10 +261,10 @@ class Checkpointer:
           policies.BestN(get_metric_fn=rank, reverse=best_mode == "min", n=1,
                          keep_checkpoints_without_metrics=False)])
       self._options = ocp.CheckpointManagerOptions(
-          best_fn=rank, best_mode=best_mode, preservation_policy=keep, create=True,
+          best_fn=rank, best_mode=best_mode, preservation_policy=keep, create=create,
           enable_async_checkpointing=True)
     else:
-      self._options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+      self._options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                                    enable_async_checkpointing=True)
     self._open()
 
@@ -487,6 +493,6 @@ class Checkpointer:
 
 
 def latest_step(directory: str) -> int | None:
-  """The newest finalised checkpoint step in `directory`, or None."""
-  with Checkpointer(directory) as checkpointer:
+  """The newest finalised checkpoint step in `directory`, or None (creates nothing)."""
+  with Checkpointer(directory, create=False) as checkpointer:
     return checkpointer.latest_step()

@@ -86,6 +86,27 @@ class DataSource:
   eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]]
 
 
+# What a run writes in its workdir, and the kind each entry must be. A hand-made entry of the
+# other kind (a folder named metrics.jsonl, a file named checkpoints) is refused before the run
+# starts: it used to end in a raw OSError after the data were prepared, or inside orbax after
+# the first steps, with metrics.jsonl already emptied.
+WORKDIR_FILES = ("config.json", "metrics.jsonl", BEST_FILE, workdir_lib.LOCK_FILE)
+WORKDIR_FOLDERS = ("checkpoints", "figures", metric_logging.TENSORBOARD_DIR)
+
+
+def check_workdir_entries(workdir: str) -> None:
+  """workdir.WorkdirError naming the first entry of a run directory that has the wrong kind
+  (`WORKDIR_FILES` must be files, `WORKDIR_FOLDERS` folders); nothing to check in a new one."""
+  for names, wanted, check in ((WORKDIR_FILES, "file", os.path.isfile),
+                               (WORKDIR_FOLDERS, "folder", os.path.isdir)):
+    for name in names:
+      path = os.path.join(workdir, name)
+      if os.path.lexists(path) and not check(path):
+        raise workdir_lib.WorkdirError(
+            f"{path} is not a {wanted}: a run keeps its {name} there; move it away (or use "
+            "another --workdir) and rerun")
+
+
 def _record_best(workdir: str, checkpointer: checkpointing.Checkpointer) -> None:
   """Writes workdir/BEST_FILE from the checkpointer's best (removes a stale one without)."""
   path = os.path.join(workdir, BEST_FILE)
@@ -260,13 +281,14 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the final state.
 
   Everything that can be checked without training is checked before the first write (config
-  values, workdir path, devices and processes, the model's shapes): config_checks.ConfigError,
+  values, workdir path and entries, devices and processes, the model's shapes): config_checks.ConfigError,
   workdir.WorkdirError or ValueError then leave the workdir as it was.
   """
   distributed.initialize_from_environment()  # Multi-host runs: before any device is touched.
   config_checks.validate(config)
   config_checks.check_process_layout(config, jax.process_count())
   workdir_lib.check_path(workdir)
+  check_workdir_entries(workdir)
   workdir = os.path.abspath(workdir)
   is_chief = jax.process_index() == 0
   tc = config.train

@@ -91,9 +91,35 @@ def start_command(argv, quiet: bool = True, **required) -> None:
       sys.excepthook = _report_user_errors(sys.excepthook)
 
 
+def check_output_file(path: str, flag: str) -> None:
+  """InvalidArgumentError when a flag naming an output file names a folder or lies under a
+  file: refused before any work instead of a raw OSError when the file is written."""
+  if os.path.isdir(path):
+    raise data_errors.InvalidArgumentError(f"--{flag}={path} is a folder: name a file")
+  parent = os.path.dirname(os.path.abspath(path))
+  while parent and not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if parent and not os.path.isdir(parent):
+    raise data_errors.InvalidArgumentError(f"--{flag}={path} lies under {parent}, which is a "
+                                           "file")
+
+
 def cache_root(config) -> str:
+  """The config's data cache (`data_pipelines.cache.cache_root`); InvalidArgumentError naming
+  where it came from (data.cache_dir or $CARDIAC_JAX_CACHE) when it is a file or lies under
+  one, before anything is generated into it."""
   from data_pipelines import cache
-  return cache.cache_root(config.data.cache_dir)
+  root = cache.cache_root(config.data.get("cache_dir"))
+  where = (f"data.cache_dir={config.data.cache_dir}" if config.data.get("cache_dir") else
+           f"${cache.CACHE_ENV}={os.environ[cache.CACHE_ENV]}"
+           if os.environ.get(cache.CACHE_ENV) else f"the default data cache {root}")
+  try:
+    workdir_lib.check_path(root, "cache", "folder")
+  except workdir_lib.WorkdirError as e:
+    problem = str(e).split(": name a", 1)[0].split(" ", 1)[1]  # "is a file, not a folder", ...
+    raise data_errors.InvalidArgumentError(
+        f"{where} {problem}: the data cache must be a folder (set it to one)") from None
+  return root
 
 
 def _preprocess_config(config):
@@ -145,6 +171,8 @@ def make_data_source(config, eval_split: str = "val") -> DataSource:
   """Training and evaluation iterators of this process for the training loop (cine configs,
   data.format == "cine", are served by data_pipelines.cine)."""
   runtime.quiet_tensorflow_datasets()
+  if config.data.dataset != "prepared":
+    cache_root(config)  # A cache that cannot be written is named before any data is made.
   if config.data.get("format", "slices") == "cine":
     from cardiac_jax import families
     from data_pipelines import cine
@@ -187,16 +215,23 @@ def load_run_config(workdir: str):
   """The resolved config a run was trained with (workdir/config.json); ConfigError naming the
   file when it is damaged."""
   import ml_collections
+  workdir_lib.check_path(workdir)
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: {workdir} is not a training run directory")
+  fix = ("Delete it and rerun the run's training command (it re-creates config.json from the "
+         "config recorded with the checkpoints), or restore it from a copy.")
+  if not os.path.isfile(path):
+    raise config_checks.ConfigError(f"{path} is not a file. {fix}")
   try:
-    return ml_collections.ConfigDict(run_config.read_config_file(path))
+    config = ml_collections.ConfigDict(run_config.read_config_file(path))
   except ValueError as e:
-    raise config_checks.ConfigError(
-        f"{path} is damaged: {e}. Delete it and rerun the run's training command (it "
-        "re-creates config.json from the config recorded with the checkpoints), or restore it "
-        "from a copy.") from None
+    raise config_checks.ConfigError(f"{path} is damaged: {e}. {fix}") from None
+  try:  # An edited value would otherwise fail deep inside the model or the data pipeline.
+    config_checks.validate(config)
+  except config_checks.ConfigError as e:
+    raise config_checks.ConfigError(f"{path} holds a value no run can have: {e}. {fix}") from None
+  return config
 
 
 STEP_CHOICES = ("latest", "best")
@@ -241,7 +276,8 @@ def best_step(workdir: str, config=None) -> int:
         f"--step=best: {workdir} keeps no best checkpoint (its config.json has no "
         "train.best_metric); use --step=latest or an integer step")
   with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), best_metric=metric,
-                                  best_mode=config.train.get("best_mode", "min")) as checkpointer:
+                                  best_mode=config.train.get("best_mode", "min"),
+                                  create=False) as checkpointer:
     best = checkpointer.best()
     steps = checkpointer.all_steps()
   if best is None:
@@ -258,12 +294,18 @@ def restore_run(workdir: str, step=None):
   from cardiac_jax import checkpointing, families, parallel
   config = load_run_config(workdir)
   step = parse_step(step, workdir)
+  if checkpointing.latest_step(os.path.join(workdir, "checkpoints")) is None:
+    raise FileNotFoundError(
+        f"{workdir} has no checkpoint yet: train it first (python -m experiments.train "
+        f"--config=NAME --workdir={workdir}, NAME being the config that its config.json "
+        f"records: {config.get('name') or config.model.family})")
   if step == "best":
     step = best_step(workdir, config)
   family = families.make_family(config)
   mesh = parallel.make_mesh(config.parallel.num_devices)
   abstract = parallel.abstract_state(family.init_state, jax.random.key(config.seed), mesh)
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  # A reader: it creates nothing in the run directory (no empty checkpoints/ folder).
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
   try:
     state = checkpointer.restore(abstract, step)
   finally:

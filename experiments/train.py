@@ -137,6 +137,7 @@ def main(argv):
   workdir = FLAGS.workdir or default_workdir(config)
   try:
     workdir_lib.check_path(workdir)  # Before the data are prepared for a run that cannot start.
+    training.check_workdir_entries(workdir)
   except workdir_lib.WorkdirError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
