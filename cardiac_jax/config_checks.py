@@ -30,15 +30,20 @@ def _is_real(value) -> bool:
   return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def integer(lo: int | None = None) -> Check:
-  """An integer >= lo."""
+def integer(lo: int | None = None, hi: int | None = None) -> Check:
+  """An integer >= lo (and <= hi)."""
   def check(value):
     if not _is_int(value):
       return "must be an integer"
-    if lo is not None and value < lo:
-      return f"must be an integer >= {lo}"
+    if lo is not None and value < lo or hi is not None and value > hi:
+      return (f"must be an integer >= {lo}" if hi is None else
+              f"must be an integer in [{lo}, {hi}]")
     return None
   return check
+
+
+# JAX's PRNG keys take the seed modulo 2**32: seed 2**32 would train seed 0's run again.
+MAX_SEED = 2**32 - 1
 
 
 def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
@@ -127,7 +132,7 @@ def plausibility_bounds() -> Check:
 # family requires by building it (`_check_family`).
 RULES: dict[str, Check] = {
     "name": text(),
-    "seed": integer(0),
+    "seed": integer(0, MAX_SEED),
     # Training loop.
     "train.batch_size": integer(1),
     "train.eval_batch_size": integer(1),
