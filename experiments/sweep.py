@@ -140,12 +140,17 @@ def parse_set(text: str) -> SweepAxis:
 
 
 def parse_seeds(values: Sequence[str]) -> list[int]:
+  """--seeds as integers, each one a config.seed can take (checked by config_checks' rule:
+  a negative seed or one beyond JAX's 32-bit keys would fail, or repeat a run, in every job)."""
   seeds = []
   for value in values:
     try:
       seeds.append(int(value))
     except ValueError:
       raise SweepConfigError(f"--seeds: {value!r} is not an integer") from None
+    problem = config_checks.RULES["seed"](seeds[-1])
+    if problem:
+      raise SweepConfigError(f"--seeds: {value} {problem} (config.seed)")
   if not seeds:
     raise SweepConfigError("--seeds: give at least one seed")
   if len(set(seeds)) != len(seeds):
@@ -188,6 +193,20 @@ def overridden_config(config, overrides: Sequence[str], source: str):
     raise SweepConfigError(f"{source}: {' '.join(overrides)} is not valid for this config: "
                            f"{e}") from None
   return flag_values.config
+
+
+def check_root(root: str, must_exist: bool = False) -> None:
+  """SweepConfigError unless --root can hold the job workdirs (not a file, nor under one) and,
+  with `must_exist` (reading a sweep's results), is an existing folder: a mistyped root is
+  named instead of being created with an empty table."""
+  from cardiac_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  try:
+    workdir_lib.check_path(root, "root", "folder")
+  except workdir_lib.WorkdirError as e:
+    raise SweepConfigError(str(e)) from None
+  if must_exist and not os.path.isdir(root):
+    raise SweepConfigError(f"--root={root} does not exist: no job of this sweep has run there "
+                           "(give the --root the sweep ran with)")
 
 
 def validate_sweep(config_spec: str, axes: Sequence[SweepAxis], extra: Sequence[str]) -> None:
@@ -481,6 +500,7 @@ def run_sweep(config_spec: str, axes: Sequence[SweepAxis], seeds: Sequence[int],
     SweepConfigError: the settings do not fit the config (before any job runs).
   """
   eval_steps = parse_eval_steps(eval_steps)
+  check_root(root)
   validate_sweep(config_spec, axes, extra)
   jobs = make_jobs(axes, seeds, root)
   if dry_run:

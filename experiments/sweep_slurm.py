@@ -18,7 +18,7 @@ from absl import flags
 from cardiac_jax import io
 from experiments.sweep import (REPO_ROOT, Job, SweepAxis, SweepConfigError, evaluate_command,
                                make_jobs, metrics_path, parse_eval_steps, train_command,
-                               validate_sweep, write_comparisons, write_hparams, write_manifest)
+                               check_root, validate_sweep, write_comparisons, write_hparams, write_manifest)
 
 
 
@@ -31,6 +31,41 @@ class SlurmSettings:
   cpus: int = 8              # tf.data input pipeline threads.
   max_running: int = 0       # Tasks running at once (the array's %N); 0: no limit.
   signal_seconds: int = 300  # USR1 this long before the time limit: checkpoint and requeue.
+
+  def __post_init__(self):
+    """SweepConfigError naming the first --slurm_* value sbatch would refuse (after the
+    script was reported written) or that would requeue a task before it trains at all."""
+    for name, value, low in (("slurm_gpus", self.gpus, 0), ("slurm_cpus", self.cpus, 1),
+                             ("slurm_max_running", self.max_running, 0)):
+      if value < low:
+        raise SweepConfigError(f"--{name}={value}: must be >= {low}")
+    if not re.fullmatch(r"[A-Za-z0-9_.,-]*", self.partition):
+      raise SweepConfigError(f"--slurm_partition={self.partition!r}: a partition name (letters, "
+                             "digits, '_', '-', '.'; several separated by ',')")
+    seconds = time_limit_seconds(self.time)
+    if seconds is None:
+      raise SweepConfigError(
+          f"--slurm_time={self.time!r}: not a SLURM time limit (MM, MM:SS, HH:MM:SS, D-HH, "
+          "D-HH:MM or D-HH:MM:SS)")
+    if seconds <= self.signal_seconds:
+      raise SweepConfigError(
+          f"--slurm_time={self.time}: a task is told to checkpoint and requeue "
+          f"{self.signal_seconds} s before its limit, so it needs more than that (it would "
+          "requeue itself before training)")
+
+
+def time_limit_seconds(text: str) -> int | None:
+  """Seconds of a SLURM time limit (sbatch --time's formats), or None when it is not one."""
+  match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+  if not match:
+    return None
+  days, first, second, third = match.groups()
+  if days is not None:  # D-HH[:MM[:SS]]
+    hours, minutes, seconds = int(first), int(second or 0), int(third or 0)
+    return ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
+  if third is not None:  # HH:MM:SS
+    return (int(first) * 60 + int(second)) * 60 + int(third)
+  return int(first) * 60 + int(second or 0)  # MM or MM:SS
 
 
 # The array task's body: `--print` prints its job as the --dry_run line; otherwise it trains
@@ -173,6 +208,9 @@ def write_slurm_sweep(config_spec: str, axes: Sequence[SweepAxis], seeds: Sequen
     SweepConfigError: the settings do not fit the config.
   """
   eval_steps = parse_eval_steps(eval_steps)
+  check_root(root)
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  common.check_output_file(path, "slurm")  # Not after the sweep's folders were made.
   validate_sweep(config_spec, axes, extra)
   jobs = make_jobs(axes, seeds, root)
   script = slurm_script(jobs, config_spec, extra, eval_steps, root, settings)
@@ -195,6 +233,7 @@ def aggregate_sweep(config_spec: str, axes: Sequence[SweepAxis], seeds: Sequence
   """The comparison tables of the sweep's jobs evaluated so far (e.g. by its SLURM array),
   written as the local sweep writes them; names the jobs not evaluated yet. Returns those."""
   eval_steps = parse_eval_steps(eval_steps)
+  check_root(root, must_exist=True)
   validate_sweep(config_spec, axes, extra)
   jobs = make_jobs(axes, seeds, root)
   unfinished = [j for j in jobs
