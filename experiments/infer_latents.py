@@ -82,6 +82,7 @@ from absl import app, flags
 from cardiac_jax import latent_store
 from cardiac_jax.latent_store import EncoderRun, Plan
 from cardiac_jax import io
+from data_pipelines import errors as data_errors
 from experiments import common
 
 FORMATS = latent_store.FORMATS
@@ -106,7 +107,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool("inverse_normal", False, "Rank-based inverse-normal transform of every "
                     "latent (Blom) before writing.", **fv)
   flags.DEFINE_integer("batch_size", None, "Subjects per batch (default: the run's "
-                       "train.eval_batch_size).", **fv)
+                       "train.eval_batch_size).", lower_bound=1, **fv)
   common.define_step_flag(flag_values=flag_values)
   flags.DEFINE_bool("overwrite", False, "Replace an existing output of another run.", **fv)
   flags.DEFINE_integer("num_processes", None, "Several processes: how many share the subjects "
@@ -255,12 +256,36 @@ def select_splits(directory: str, splits: Optional[Sequence[str]] = None) -> lis
       raise ValueError(f"{path}: no split holds any subject")
     return chosen
   chosen = list(dict.fromkeys(splits))
+  check_split_names(chosen)
   for split in chosen:
-    if split not in ALL_SPLITS:
-      raise ValueError(f"unknown split {split!r} (one of {', '.join(ALL_SPLITS)})")
     if not assignment.get(split):
       raise ValueError(f"{path}: split {split!r} holds no subjects")
   return chosen
+
+
+def check_split_names(splits: Optional[Sequence[str]]) -> None:
+  """InvalidArgumentError naming a --splits entry that is no split (before the run is
+  restored: it used to be a traceback after the restore)."""
+  unknown = [s for s in splits or () if s not in ALL_SPLITS]
+  if unknown:
+    raise data_errors.InvalidArgumentError(
+        f"--splits: unknown split{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}"
+        f" (one of {', '.join(ALL_SPLITS)})")
+
+
+def check_arguments(output: str, *, splits: Optional[Sequence[str]] = None,
+                    batch_size: Optional[int] = None, num_processes: int = 1,
+                    merge_timeout_s: float = 86400.0) -> None:
+  """InvalidArgumentError naming the first argument of `run` that cannot be used: checked
+  before the run is restored or a subject encoded. (A batch size of 0 used to fall back to the
+  run's silently; an output under a file or naming a folder ended in a raw OSError.)"""
+  common.check_output_file(output, "output")
+  check_split_names(splits)
+  if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+    raise data_errors.InvalidArgumentError(f"--batch_size={batch_size}: must be >= 1")
+  if num_processes > 1 and not (merge_timeout_s > 0 and merge_timeout_s != float("inf")):
+    raise data_errors.InvalidArgumentError(
+        f"--merge_timeout={merge_timeout_s}: must be a finite number of seconds > 0")
 
 
 def data_identity(directory: str, splits: Sequence[str], sizes: dict, family) -> dict:
@@ -318,6 +343,8 @@ def run(workdir: str, output: Optional[str] = None, *, fmt: str = "csv",
   if fmt not in FORMATS:
     raise ValueError(f"unknown format {fmt!r} (one of {FORMATS})")
   output = os.path.abspath(output or default_latents_path(workdir, fmt, inverse_normal))
+  check_arguments(output, splits=splits, batch_size=batch_size, num_processes=num_processes,
+                  merge_timeout_s=merge_timeout_s)
   encoder = load_encoder(workdir, step)
   plan = make_plan(encoder, data_dir, splits)
   options = dict(make_batches=eval_batches(encoder), fmt=fmt, inverse_normal=inverse_normal,
@@ -363,7 +390,10 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   f = flag_values
   common.start_command(argv, quiet=f is flags.FLAGS, workdir=f.workdir)
   from cardiac_jax import distributed
-  process_id, num_processes = distributed.process_slot(f.num_processes, f.process_id)
+  try:
+    process_id, num_processes = distributed.process_slot(f.num_processes, f.process_id)
+  except ValueError as e:  # One line naming the flags (or the variables they came from).
+    raise data_errors.InvalidArgumentError(f"--num_processes/--process_id: {e}") from None
   run(f.workdir, f.output, fmt=f.format, inverse_normal=f.inverse_normal, data_dir=f.data_dir,
       splits=f.splits, batch_size=f.batch_size, step=f.step, overwrite=f.overwrite,
       progress=f.progress, process_id=process_id, num_processes=num_processes,
