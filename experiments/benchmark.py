@@ -62,17 +62,23 @@ from experiments import configs
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: NAME[:variant].",
                                           lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps (after one warm-up step).")
+# Lower bounds are checked when the flags are parsed: a matmul of side 0 measured a peak of
+# 0 FLOP/s and the run ended dividing by it after the whole benchmark.
 _INPUT_BATCHES = flags.DEFINE_integer(
-    "input_batches", 20, "Batches timed for the input-pipeline throughput (0 = skip it).")
+    "input_batches", 20, "Batches timed for the input-pipeline throughput (0 = skip it).",
+    lower_bound=0)
 _PEAK_MATMUL_SIZE = flags.DEFINE_integer("peak_matmul_size", 2048,
-                                         "Side of the square float32 matmul timed for the peak.")
-_PEAK_REPEATS = flags.DEFINE_integer("peak_repeats", 5, "Timed runs of the matmul (best kept).")
+                                         "Side of the square float32 matmul timed for the peak.",
+                                         lower_bound=1)
+_PEAK_REPEATS = flags.DEFINE_integer("peak_repeats", 5, "Timed runs of the matmul (best kept).",
+                                     lower_bound=1)
 _TORCH_PYTHON = flags.DEFINE_string(
     "torch_python", "", "Python interpreter with PyTorch installed: also time the PyTorch eager "
     "baseline at the same configuration (benchmarks/torch_baseline.py for soft_intro VAE "
     "configs, benchmarks/imlatent_baseline.py for diffae3d).")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0,
-                                      "torch.set_num_threads for the baseline (0 = its default).")
+                                      "torch.set_num_threads for the baseline (0 = its default).",
+                                      lower_bound=0)
 
 _PROFILE_DIR = flags.DEFINE_string(
     "profile_dir", "", "Trace one more step with jax.profiler into this folder and add "
@@ -431,6 +437,8 @@ def main(argv, spec: str = ""):
   config = _CONFIG.value
   from experiments import common  # Heavy imports after flag parsing.
   common.start_command(argv, config=config)
+  from cardiac_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir_lib.check_output_dir(_PROFILE_DIR.value, "profile_dir")  # Before the measurements.
   try:
     result = run_benchmark(config, spec, _STEPS.value, _INPUT_BATCHES.value,
                            _PEAK_MATMUL_SIZE.value, _PEAK_REPEATS.value, _TORCH_PYTHON.value,

@@ -44,8 +44,25 @@ _CUSTOM_CALL = re.compile(r"custom_call\s+@([\w.$-]+)")
 _LOCATION_DEFINITION = re.compile(r"^#loc.*$\n?", re.M)
 _LOCATION_USE = re.compile(r"\s*loc\((?:[^()]|\([^()]*\))*\)")
 
+# jax.export accepts any platform name and lowers with the default rules for one it does not
+# know: a misspelt --platforms=gpu used to pass the check ("ok") without checking anything.
+PLATFORMS = ("cuda", "rocm", "tpu", "cpu")
 _PLATFORMS = flags.DEFINE_list("platforms", list(ACCELERATORS),
-                               "Platforms to export for (cuda, rocm, tpu, cpu).")
+                               f"Platforms to export for ({', '.join(PLATFORMS)}).")
+
+
+def check_platforms(values: Sequence[str]) -> list[str]:
+  """The --platforms entries, stripped; absl's UsageError when empty, unknown or repeated."""
+  platforms = [p.strip() for p in values if p.strip()]
+  if not platforms:
+    raise app.UsageError("--platforms is empty")
+  unknown = [p for p in platforms if p not in PLATFORMS]
+  if unknown:
+    raise app.UsageError(f"--platforms: unknown {', '.join(unknown)} (one of "
+                         f"{', '.join(PLATFORMS)})")
+  if len(set(platforms)) != len(platforms):
+    raise app.UsageError(f"--platforms: {','.join(platforms)} names a platform twice")
+  return platforms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,9 +208,7 @@ def main(argv):
   config = flags.FLAGS.config
   from experiments import common  # pylint: disable=g-import-not-at-top
   common.start_command(argv, config=config)
-  platforms = [p.strip() for p in _PLATFORMS.value if p.strip()]
-  if not platforms:
-    raise app.UsageError("--platforms is empty")
+  platforms = check_platforms(_PLATFORMS.value)
   try:
     results = check_config(config, platforms)
   except ValueError as error:
