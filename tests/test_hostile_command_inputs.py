@@ -306,3 +306,17 @@ def test_lowering_platforms_are_checked():
                           (["", " "], "empty")):
     with pytest.raises(app.UsageError, match=message):
       check_lowering.check_platforms(values)
+
+
+@pytest.mark.parametrize("command,override,message", [
+    ("experiments.check_lowering", "--config.model.latent_dim=0",
+     "error: config model.latent_dim=0: must be an integer >= 1"),
+    ("experiments.benchmark", "--config.train.batch_size=0",
+     "error: config train.batch_size=0: must be an integer >= 1"),
+])
+def test_benchmark_and_lowering_check_their_config_as_training_does(tmp_path, command, override,
+                                                                    message):
+  """Both ended in a ZeroDivisionError traceback from inside the model or JAX."""
+  result = _run([command, "--config=vae:smoke", override, "--steps=1"
+                 if command.endswith("benchmark") else "--platforms=cuda"], tmp_path)
+  _one_line_error(result, message)
