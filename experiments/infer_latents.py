@@ -235,11 +235,28 @@ def resolve_data(config, data_dir: Optional[str] = None) -> str:
   from data_pipelines import cine, prepare
   if not data_dir:
     return cine.prepared_cine_dir(config)
-  if not os.path.isdir(data_dir):
-    raise FileNotFoundError(f"--data_dir={data_dir} is not a directory")
+  check_data_dir(data_dir)
   if os.path.exists(os.path.join(data_dir, prepare.SPLITS)):
     return os.path.abspath(data_dir)
   return prepare_external_cohort(config, data_dir)
+
+
+def check_data_dir(data_dir: Optional[str]) -> None:
+  """FileNotFoundError when --data_dir is not a directory; InvalidArgumentError when it is a
+  prepared dataset of another format (a slice dataset: it used to fail with a traceback from
+  the batch reader after the run was restored)."""
+  from data_pipelines import prepare
+  if not data_dir:
+    return
+  if not os.path.isdir(data_dir):
+    raise FileNotFoundError(f"--data_dir={data_dir} is not a directory")
+  if os.path.exists(os.path.join(data_dir, prepare.SPLITS)):
+    report = io.read_json(os.path.join(data_dir, prepare.REPORT)) or {}
+    preparation = report.get("config") or {}
+    if preparation.get("format") != "cine" and "preprocess" in preparation:  # Slices' fields.
+      raise data_errors.InvalidArgumentError(
+          f"--data_dir={data_dir} is a prepared slice dataset, not a prepared cine dataset: "
+          "pass a cine dataset (data_pipelines.cine) or the raw cohort folder")
 
 
 def select_splits(directory: str, splits: Optional[Sequence[str]] = None) -> list[str]:
@@ -273,7 +290,8 @@ def check_split_names(splits: Optional[Sequence[str]]) -> None:
         f" (one of {', '.join(ALL_SPLITS)})")
 
 
-def check_arguments(output: str, *, splits: Optional[Sequence[str]] = None,
+def check_arguments(output: str, *, data_dir: Optional[str] = None,
+                    splits: Optional[Sequence[str]] = None,
                     batch_size: Optional[int] = None, num_processes: int = 1,
                     merge_timeout_s: float = 86400.0) -> None:
   """InvalidArgumentError naming the first argument of `run` that cannot be used: checked
@@ -281,6 +299,7 @@ def check_arguments(output: str, *, splits: Optional[Sequence[str]] = None,
   run's silently; an output under a file or naming a folder ended in a raw OSError.)"""
   common.check_output_file(output, "output")
   check_split_names(splits)
+  check_data_dir(data_dir)
   if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
     raise data_errors.InvalidArgumentError(f"--batch_size={batch_size}: must be >= 1")
   if num_processes > 1 and not (merge_timeout_s > 0 and merge_timeout_s != float("inf")):
@@ -343,8 +362,8 @@ def run(workdir: str, output: Optional[str] = None, *, fmt: str = "csv",
   if fmt not in FORMATS:
     raise ValueError(f"unknown format {fmt!r} (one of {FORMATS})")
   output = os.path.abspath(output or default_latents_path(workdir, fmt, inverse_normal))
-  check_arguments(output, splits=splits, batch_size=batch_size, num_processes=num_processes,
-                  merge_timeout_s=merge_timeout_s)
+  check_arguments(output, data_dir=data_dir, splits=splits, batch_size=batch_size,
+                  num_processes=num_processes, merge_timeout_s=merge_timeout_s)
   encoder = load_encoder(workdir, step)
   plan = make_plan(encoder, data_dir, splits)
   options = dict(make_batches=eval_batches(encoder), fmt=fmt, inverse_normal=inverse_normal,

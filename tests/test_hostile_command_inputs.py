@@ -320,3 +320,22 @@ def test_benchmark_and_lowering_check_their_config_as_training_does(tmp_path, co
   result = _run([command, "--config=vae:smoke", override, "--steps=1"
                  if command.endswith("benchmark") else "--platforms=cuda"], tmp_path)
   _one_line_error(result, message)
+
+
+def test_infer_latents_refuses_a_prepared_slice_dataset_as_data_dir(tmp_path):
+  """It was restored and planned, then failed with a ValueError traceback from the batch
+  reader."""
+  slices = tmp_path / "slices"
+  slices.mkdir()
+  (slices / "splits.json").write_text('{"train": ["patient001"]}')
+  (slices / "report.json").write_text(json.dumps({"config": {
+      "format_version": 2, "dataset": "acdc", "preprocess": {"image_size": 64}}}))
+  with pytest.raises(InvalidArgumentError, match="--data_dir=.*slices is a prepared slice "
+                                                 "dataset, not a prepared cine dataset"):
+    infer_latents.run(str(tmp_path / "nowhere"), data_dir=str(slices))
+  cine = tmp_path / "cine"
+  cine.mkdir()
+  (cine / "splits.json").write_text('{"train": ["patient001"]}')
+  (cine / "report.json").write_text(json.dumps({"config": {"format": "cine", "cine": {}}}))
+  with pytest.raises(FileNotFoundError, match="nowhere"):  # Accepted: the run is read next.
+    infer_latents.run(str(tmp_path / "nowhere"), data_dir=str(cine))
