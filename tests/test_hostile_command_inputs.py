@@ -339,3 +339,21 @@ def test_infer_latents_refuses_a_prepared_slice_dataset_as_data_dir(tmp_path):
   (cine / "report.json").write_text(json.dumps({"config": {"format": "cine", "cine": {}}}))
   with pytest.raises(FileNotFoundError, match="nowhere"):  # Accepted: the run is read next.
     infer_latents.run(str(tmp_path / "nowhere"), data_dir=str(cine))
+
+
+def test_resuming_under_a_config_json_edited_to_an_invalid_value_names_the_edit(tmp_path):
+  """It said "holds a run with a different config (model.latent_dim: -3 -> 8) ... or the same
+  config to resume", which no run can follow; the fix is to delete the file."""
+  import numpy as np
+  workdir = _untrained_run(tmp_path / "run", **{"model.latent_dim": -3})
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as checkpointer:
+    checkpointer.save(2, {"step": np.int32(2)})  # The run's checkpoint (its content unread).
+  before = _listing(workdir)
+  with pytest.raises(config_checks.ConfigError,
+                     match=r"config.json holds a value no run can have \(.*model.latent_dim=-3"
+                           r".*\): it was edited. Delete it and rerun"):
+    training.train_and_evaluate(get_config("vae:smoke"), workdir, data=None)
+  before.pop(".lock", None)
+  after = _listing(workdir)
+  after.pop(".lock", None)
+  assert after == before
