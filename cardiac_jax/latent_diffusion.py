@@ -54,7 +54,6 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Callable, Mapping
 
@@ -64,6 +63,7 @@ import ml_collections
 import numpy as np
 
 from cardiac_jax import checkpointing, diffusion
+from cardiac_jax import runtime
 from cardiac_jax.metric_logging import MetricWriter
 from cardiac_jax.models.latent_ddim import MLPSkipNet
 from cardiac_jax.train_state import TrainState, finish_step, make_optimizer, optimizer_step
@@ -308,8 +308,7 @@ class TrainedLatentDDIM:
     return u if normalized else denormalize(u, self.stats)
 
 
-def _log(message: str) -> None:
-  print(f"[latent_ddim {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+_log = runtime.phase_logger('latent_ddim')
 
 
 def _write_json(path: str, data: dict) -> None:

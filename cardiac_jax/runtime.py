@@ -18,7 +18,10 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import sys
+import time
 import warnings
+from typing import Callable
 
 # Convolutions stay with XLA's own CPU emitter instead of YNNPACK ("-" removes a fusion type
 # from XLA's default list). The flag exists in the jaxlib versions listed; others are left
@@ -147,3 +150,13 @@ def quiet_tensorflow_datasets() -> None:
     return
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
+
+
+def phase_logger(command: str) -> Callable[[str], None]:
+  """A function that prints "[command HH:MM:SS] message" on stderr: the one-line phase
+  announcements of the long commands (what they start now, on what, how many)."""
+
+  def log(message: str) -> None:
+    print(f"[{command} {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+  return log

@@ -52,7 +52,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -61,6 +60,7 @@ from absl import app, flags
 from cardiac_jax import direction_scoring as scoring
 from cardiac_jax.direction_scoring import Criteria
 from cardiac_jax import io
+from cardiac_jax import runtime
 from experiments import common, short_axis_segmenter
 
 METHODS = ("voynov", "pca", "sefa", "ganspace")
@@ -169,8 +169,7 @@ class Settings:
     return {**dataclasses.asdict(self.criteria), **out}
 
 
-def _log(message: str) -> None:
-  print(f"[directions {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+_log = runtime.phase_logger('directions')
 
 
 # ------------------------------------------------------------------------------- generator

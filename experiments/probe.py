@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-import time
 from typing import Callable, Optional, Sequence
 
 from absl import app, flags
 
 from cardiac_jax import io
+from cardiac_jax import runtime
 from experiments import common
 
 DEFAULT_TRAITS = ("lv_edv_ml", "lv_ef")
@@ -56,8 +55,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.adopt_module_key_flags(common, flag_values)
 
 
-def _log(message: str) -> None:
-  print(f"[probe {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+_log = runtime.phase_logger('probe')
 
 
 def _finite(value: float) -> Optional[float]:

@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
-import time
 from typing import Callable, Optional, Sequence
 
 from absl import app, flags
 
 from cardiac_jax import io
+from cardiac_jax import runtime
 from experiments import common
 
 MIN_SUBJECTS = 3
@@ -61,9 +60,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.adopt_module_key_flags(common, flag_values)
 
 
-def _log(message: str) -> None:
-  print(f"[reproducibility {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr,
-        flush=True)
+_log = runtime.phase_logger('reproducibility')
 
 
 def run_labels(workdirs: Sequence[str]) -> list[str]:

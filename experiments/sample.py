@@ -44,13 +44,12 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
-import time
 from typing import Any, Callable
 
 from absl import app, flags
 
 from cardiac_jax import io
+from cardiac_jax import runtime
 from experiments import common
 
 LATENT_KEY_SALT = 0x1A7E47
@@ -80,8 +79,7 @@ def define_flags() -> None:
   flags.adopt_module_key_flags(common)
 
 
-def _log(message: str) -> None:
-  print(f"[sample {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+_log = runtime.phase_logger('sample')
 
 
 def check_diffae_run(workdir: str):

@@ -67,9 +67,11 @@ from typing import Any, Iterable, Sequence
 from absl import app, flags
 
 from cardiac_jax.interpret import tcav
-from cardiac_jax import io
+from cardiac_jax import io, runtime
 from data_pipelines.errors import InvalidArgumentError
 from experiments import common
+
+_log = runtime.phase_logger("tcav")
 
 _WORKDIR = common.define_workdir_flag("temporal_classifier run directory.")
 _STEP = common.define_step_flag()
@@ -376,6 +378,7 @@ def run(workdir: str, step: int | str | None = None,
   from cardiac_jax import families
   families.require(common.load_run_config(workdir).model.family, "concepts", "TCAV", workdir)
   config, family, state, mesh = common.restore_run(workdir, step)
+  _log(f"{config.name} step {int(state.step)} of {workdir}")
   if family.input != "sa_label":
     raise ValueError("the interpolation decodes label maps: train with data.input=sa_label")
   tc = config.tcav
@@ -405,14 +408,18 @@ def run(workdir: str, step: int | str | None = None,
     return model_outputs(family, state, mesh, split_batches(config, examples),
                          cache_dir=_partial_dir(out_dir, source, int(state.step)))
 
+  _log("concept pool: biomarkers of " + ", ".join(
+      f"split {s.split!r} of {s.directory}" for s in sources))
   pool_parts = [read_rows(source) for source in sources]
   rows = [r for _, part_rows in pool_parts for r in part_rows]
   where = ", ".join(f"split {s.split!r} of {s.directory}" for s in sources)
   overlap = check_concept_pool(rows, where, concept_pool, splits["train"], explain_split,
                                splits.get(explain_split, []), allow_overlap)
+  _log(f"concept layer and logits of the {len(rows)} pool subjects")
   pool_outputs = [outputs_of(source, examples) for source, (examples, _) in
                   zip(sources, pool_parts)]
   pool = {k: np.concatenate([p[k] for p in pool_outputs]) for k in pool_outputs[0]}
+  _log(f"concept layer, logits and their gradients of the {explain_split} split")
   explained_examples, explained_rows = read_rows(explained_source)
   explained = outputs_of(explained_source, explained_examples)
   split_of = {r["subject"]: source.name for source, (_, part_rows) in zip(sources, pool_parts)
@@ -422,6 +429,8 @@ def run(workdir: str, step: int | str | None = None,
                + [dict(r, split=explain_split) for r in explained_rows])
   excluded = {r["subject"]: r[tcav.QC_FAILED] for r in rows if r[tcav.QC_FAILED]}
 
+  _log(f"CAVs of {len(tcav.CONCEPTS)} concepts and {num_random} random sets, their TCAV "
+       "scores and tests")
   analysis = tcav.analyse(family, state, pool, explained, rows, fraction=fraction,
                      num_random_sets=num_random, alpha=float(tc.alpha), seed=seed)
   table = table_rows(analysis)
@@ -458,6 +467,7 @@ def run(workdir: str, step: int | str | None = None,
   if interpolate not in analysis["results"]:
     raise InvalidArgumentError(f"--interpolate={interpolate!r} is not a measured concept; "
                                f"measured: {sorted(analysis['results'])}")
+  _log(f"figures: PCA of the concept layer, decoded interpolation along {interpolate!r}")
   cav = analysis["results"][interpolate].cav.vector
   save_pca_figure(os.path.join(out_dir, "pca.png"), explained["concepts"], explained["label"],
                   analysis["gradients"], cav, interpolate,

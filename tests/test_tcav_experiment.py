@@ -3,7 +3,9 @@ synthetic cine cohort, with concepts from held-out negatives generated for it.""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 
@@ -43,8 +45,19 @@ def trained_run(cine_cohort, tmp_path_factory):
 @pytest.fixture(scope="module")
 def default_result(trained_run):
   """The default protocol: the held-out NOR cohort is generated and prepared on first use."""
-  return tcav_experiment.run(trained_run, concept_subjects=HELD_OUT_SUBJECTS,
-                             concept_fraction=0.25, sigmas=(-2, 0, 2))
+  with contextlib.redirect_stderr(io.StringIO()) as stderr:
+    result = tcav_experiment.run(trained_run, concept_subjects=HELD_OUT_SUBJECTS,
+                                 concept_fraction=0.25, sigmas=(-2, 0, 2))
+  return dict(result, printed=stderr.getvalue())
+
+
+def test_each_phase_is_announced_in_one_line(default_result):
+  phases = [line.split("] ", 1)[1] for line in default_result["printed"].splitlines()
+            if line.startswith("[tcav ")]
+  assert [p.split(" ", 2)[:2] for p in phases] == [
+      ["temporal_classifier", "step"], ["concept", "pool:"], ["concept", "layer"],
+      ["concept", "layer,"], ["CAVs", "of"], ["figures:", "PCA"]], phases
+  assert f"of the {HELD_OUT_SUBJECTS} pool subjects" in phases[2]
 
 
 def _read(path):
