@@ -354,6 +354,28 @@ def metrics_path(workdir: str, selection: str = "latest") -> str:
   return os.path.join(workdir, eval_name(selection), "metrics.json")
 
 
+def is_evaluated(workdir: str, selection: str = "latest") -> bool:
+  """Whether the job's evaluation at `selection` is written: its metrics.json holds a JSON
+  object. A file cut short or edited into something else counts as missing, so the job's
+  evaluation runs again (it used to be skipped, and the comparison failed on every rerun)."""
+  try:
+    with open(metrics_path(workdir, selection), encoding="utf-8") as f:
+      return isinstance(json.load(f), dict)
+  except (OSError, ValueError):
+    return False
+
+
+def check_job_workdirs(jobs: Sequence[Job]) -> None:
+  """SweepConfigError naming a job whose workdir is a file (or lies under one), before any job
+  runs: the sweep used to stop at it with a raw NotADirectoryError."""
+  from cardiac_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  for job in jobs:
+    try:
+      workdir_lib.check_path(job.workdir)
+    except workdir_lib.WorkdirError as e:
+      raise SweepConfigError(f"job {job.name}: {e}") from None
+
+
 def training_complete(workdir: str) -> bool:
   """Whether the run logged its last step (train.num_steps of its config.json): the training
   loop always logs the final step, and exits cleanly without it only when it was preempted."""
@@ -430,7 +452,7 @@ def run_job(job: Job, config_spec: str, extra: Sequence[str],
             eval_steps: Sequence[str] = ("latest",)) -> JobResult:
   """Trains (or resumes) and evaluates one job at each of `eval_steps` unless every one of
   those evaluations exists (a missing one is computed; training then resumes nothing)."""
-  missing = [e for e in eval_steps if not os.path.isfile(metrics_path(job.workdir, e))]
+  missing = [e for e in eval_steps if not is_evaluated(job.workdir, e)]
   if not missing:
     return JobResult(job, "skipped", "already evaluated")
   start = time.perf_counter()
@@ -503,6 +525,7 @@ def run_sweep(config_spec: str, axes: Sequence[SweepAxis], seeds: Sequence[int],
   check_root(root)
   validate_sweep(config_spec, axes, extra)
   jobs = make_jobs(axes, seeds, root)
+  check_job_workdirs(jobs)
   if dry_run:
     for job in jobs:
       print(shell_line(job, config_spec, extra, eval_steps), file=out)
@@ -552,7 +575,7 @@ def write_comparisons(jobs: Sequence[Job], root: str, out: TextIO,
   `eval_steps`, with their CSV copies; printed to `out`."""
   from experiments import compare  # pylint: disable=g-import-not-at-top
   for selection in eval_steps:
-    evaluated = [j.workdir for j in jobs if os.path.isfile(metrics_path(j.workdir, selection))]
+    evaluated = [j.workdir for j in jobs if is_evaluated(j.workdir, selection)]
     if not evaluated:
       print(f"No job evaluated at the {selection} checkpoint to compare.", file=out)
       continue

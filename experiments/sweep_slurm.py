@@ -16,9 +16,10 @@ from typing import Sequence, TextIO
 from absl import flags
 
 from cardiac_jax import io
-from experiments.sweep import (REPO_ROOT, Job, SweepAxis, SweepConfigError, evaluate_command,
-                               make_jobs, metrics_path, parse_eval_steps, train_command,
-                               check_root, validate_sweep, write_comparisons, write_hparams, write_manifest)
+from experiments.sweep import (REPO_ROOT, Job, SweepAxis, SweepConfigError, check_job_workdirs,
+                               check_root, evaluate_command, is_evaluated, make_jobs,
+                               metrics_path, parse_eval_steps, train_command, validate_sweep,
+                               write_comparisons, write_hparams, write_manifest)
 
 
 
@@ -213,6 +214,7 @@ def write_slurm_sweep(config_spec: str, axes: Sequence[SweepAxis], seeds: Sequen
   common.check_output_file(path, "slurm")  # Not after the sweep's folders were made.
   validate_sweep(config_spec, axes, extra)
   jobs = make_jobs(axes, seeds, root)
+  check_job_workdirs(jobs)
   script = slurm_script(jobs, config_spec, extra, eval_steps, root, settings)
   os.makedirs(os.path.join(root, "slurm_logs"), exist_ok=True)
   write_manifest(root, config_spec, axes, seeds, extra, jobs, eval_steps)
@@ -237,7 +239,7 @@ def aggregate_sweep(config_spec: str, axes: Sequence[SweepAxis], seeds: Sequence
   validate_sweep(config_spec, axes, extra)
   jobs = make_jobs(axes, seeds, root)
   unfinished = [j for j in jobs
-                if not all(os.path.isfile(metrics_path(j.workdir, e)) for e in eval_steps)]
+                if not all(is_evaluated(j.workdir, e) for e in eval_steps)]
   print(f"{len(jobs) - len(unfinished)} of {len(jobs)} jobs evaluated", file=out)
   for job in unfinished:
     print(f"  not evaluated yet: {job.workdir}", file=out)

@@ -11,6 +11,7 @@ suite may run as root, which writes anywhere.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -357,3 +358,34 @@ def test_resuming_under_a_config_json_edited_to_an_invalid_value_names_the_edit(
   after = _listing(workdir)
   after.pop(".lock", None)
   assert after == before
+
+
+def test_a_damaged_evaluation_of_a_sweep_job_counts_as_missing(tmp_path):
+  """A metrics.json cut short counted as evaluated: the sweep skipped the job and its
+  comparison (and --aggregate) failed with a traceback on every rerun."""
+  root = tmp_path / "sweep"
+  job = sweep.make_jobs([], [0], str(root))[0]
+  os.makedirs(os.path.join(job.workdir, "eval"))
+  with open(sweep.metrics_path(job.workdir), "w") as f:
+    f.write('{"split": "te')
+  assert not sweep.is_evaluated(job.workdir)
+  with open(sweep.metrics_path(job.workdir), "w") as f:
+    f.write("[]")
+  assert not sweep.is_evaluated(job.workdir)
+  out = io.StringIO()
+  assert sweep_slurm.aggregate_sweep("vae:smoke", [], [0], str(root), out=out) == [job]
+  assert "0 of 1 jobs evaluated" in out.getvalue()
+  with open(sweep.metrics_path(job.workdir), "w") as f:
+    f.write("{}")
+  assert sweep.is_evaluated(job.workdir)
+
+
+def test_a_sweep_job_workdir_that_is_a_file_is_refused_before_any_job(tmp_path):
+  root = tmp_path / "sweep"
+  root.mkdir()
+  (root / "seed=1").write_text("x")
+  with pytest.raises(sweep.SweepConfigError, match="job seed=1: --workdir=.*seed=1 is a file"):
+    sweep.run_sweep("vae:smoke", [], [0, 1], str(root))
+  with pytest.raises(sweep.SweepConfigError, match="job seed=1"):
+    sweep_slurm.write_slurm_sweep("vae:smoke", [], [0, 1], str(root), str(tmp_path / "a.sh"))
+  assert sorted(os.listdir(root)) == ["seed=1"]
