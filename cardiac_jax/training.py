@@ -300,8 +300,9 @@ def train_and_evaluate(config, workdir: str, data: DataSource) -> TrainState:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the final state.
 
   Everything that can be checked without training is checked before the first write (config
-  values, workdir path and entries, devices and processes, the model's shapes): config_checks.ConfigError,
-  workdir.WorkdirError or ValueError then leave the workdir as it was.
+  values, workdir path and entries, devices and processes, the model's shapes):
+  config_checks.ConfigError, workdir.WorkdirError or ValueError then leave the workdir as it
+  was.
   """
   distributed.initialize_from_environment()  # Multi-host runs: before any device is touched.
   config_checks.validate(config)
