@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cardiac_jax.families import diffae3d as diffae3d_family
+from cardiac_jax import attention
 from cardiac_jax import diffusion
 from cardiac_jax import families
 from cardiac_jax.models import diffae3d
@@ -176,10 +177,10 @@ def test_chunked_attention_equals_naive_attention():
   loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
 
   def compare(q, k, v):
-    chunked = lambda *a: diffae3d.chunked_attention(*a, 8)
-    return (diffae3d.naive_attention(q, k, v), chunked(q, k, v),
-            diffae3d.chunked_attention(q, k, v, 64),
-            jax.grad(loss(diffae3d.naive_attention), (0, 1, 2))(q, k, v),
+    chunked = lambda *a: attention.chunked_attention(*a, 8)
+    return (attention.naive_attention(q, k, v), chunked(q, k, v),
+            attention.chunked_attention(q, k, v, 64),
+            jax.grad(loss(attention.naive_attention), (0, 1, 2))(q, k, v),
             jax.grad(loss(chunked), (0, 1, 2))(q, k, v))
 
   naive, chunked, single_block, naive_grads, chunked_grads = compiled(compare, q, k, v)(q, k, v)
@@ -187,6 +188,23 @@ def test_chunked_attention_equals_naive_attention():
   np.testing.assert_allclose(single_block, naive, atol=1e-5, rtol=1e-5)
   for got, want in zip(chunked_grads, naive_grads):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_attention_in_bfloat16_keeps_the_dtype_and_the_values():
+  """bfloat16 queries, keys and values: outputs and gradients in bfloat16, within bfloat16's
+  precision of the float32 attention (logits and softmax are float32 inside)."""
+  rng = np.random.default_rng(4)
+  q, k, v = (jnp.asarray(rng.normal(size=(1, 45, 1, 8)), jnp.float32) for _ in range(3))
+  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) ** 2)
+  chunked = lambda *a: attention.chunked_attention(*a, 16)
+  low = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+  out = jax.jit(chunked)(*low)
+  grads = jax.jit(jax.grad(loss(chunked), (0, 1, 2)))(*low)
+  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+  np.testing.assert_allclose(np.asarray(out, np.float32), attention.naive_attention(q, k, v),
+                             atol=0.05, rtol=0.05)
+  for got, want in zip(grads, jax.grad(loss(attention.naive_attention), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.1, rtol=0.05)
 
 
 def test_chunked_attention_backward_never_holds_the_full_logit_matrix():
@@ -202,8 +220,8 @@ def test_chunked_attention_backward_never_holds_the_full_logit_matrix():
     grad = jax.grad(loss, (0, 1, 2))
     return jax.jit(grad).lower(shape, shape, shape).compile().memory_analysis().temp_size_in_bytes
 
-  assert temporaries(lambda q, k, v: diffae3d.chunked_attention(q, k, v, block)) < full_matrix / 2
-  assert temporaries(diffae3d.naive_attention) > 2 * full_matrix
+  assert temporaries(lambda q, k, v: attention.chunked_attention(q, k, v, block)) < full_matrix / 2
+  assert temporaries(attention.naive_attention) > 2 * full_matrix
 
 
 def test_frames_convolution_equals_3d_convolution():

@@ -25,9 +25,9 @@ computed in float32; SiLU(x) = x sigmoid(x)):
 - Self-attention over the N = T h w tokens of a level (one token per voxel, every frame attends
   to every frame): h = GN(x); [q, k, v] = Dense(3C)(h) split into `num_heads` heads;
   a = softmax(q k^T / sqrt(C / heads)) v; out = x + Dense_0(C)(a), Dense_0 zero-initialised.
-  `chunked_attention` computes a in blocks of `attention_block_size` queries with `lax.map`
-  over the blocks and `jax.checkpoint` around each block, so at most one (block x N) logit
-  matrix per example and head exists at a time, in the forward and in the backward pass
+  `cardiac_jax.attention.chunked_attention` computes a in blocks of `attention_block_size`
+  queries with a custom VJP that keeps each query's log-sum-exp, so at most one (block x N)
+  logit matrix per example and head exists at a time, in the forward and in the backward pass
   (12,800 tokens at the reference size: 1024 x 12,800 float32 logits = 52 MB per example and
   head instead of 655 MB for the full matrix). The result is the plain softmax attention.
 
@@ -85,6 +85,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cardiac_jax import layers
+from cardiac_jax.attention import chunked_attention
 
 Dtype = Any
 
@@ -117,49 +118,6 @@ def upsample_inplane(x: jax.Array) -> jax.Array:
   b, t, h, w, c = x.shape
   x = jnp.broadcast_to(x[:, :, :, None, :, None, :], (b, t, h, 2, w, 2, c))
   return x.reshape(b, t, 2 * h, 2 * w, c)
-
-
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """softmax(q k^T / sqrt(D)) v for q (B, Q, H, D), k and v (B, N, H, D): (B, Q, H, D).
-
-  Logits and softmax in float32, the two matmuls in the inputs' dtype."""
-  scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k,
-                      preferred_element_type=jnp.float32)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-
-
-def naive_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """The full softmax attention (one N x N logit matrix per example and head)."""
-  return _attend(q, k, v)
-
-
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: int) -> jax.Array:
-  """Softmax attention computed `block_size` queries at a time (module docstring).
-
-  Args:
-    q, k, v: (B, N, H, D) queries, keys and values.
-    block_size: queries per block; N is padded to a multiple of it (the padded queries are
-      dropped from the result, keys are never padded).
-
-  Returns:
-    (B, N, H, D), equal to `naive_attention(q, k, v)`. Blocks run sequentially under
-    `lax.map` with `jax.checkpoint` around each, so the forward and the backward pass hold one
-    (B, H, block_size, N) logit matrix at a time.
-  """
-  if block_size < 1:
-    raise ValueError(f"attention block_size must be >= 1, got {block_size}")
-  b, n, h, d = q.shape
-  if n <= block_size:
-    return _attend(q, k, v)
-  num_blocks = -(-n // block_size)
-  pad = num_blocks * block_size - n
-  q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  blocks = jnp.moveaxis(q.reshape(b, num_blocks, block_size, h, d), 1, 0)
-  out = jax.lax.map(jax.checkpoint(lambda qb: _attend(qb, k, v)), blocks)
-  out = jnp.moveaxis(out, 0, 1).reshape(b, num_blocks * block_size, h, d)
-  return out[:, :n]
 
 
 def flat_normal(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
