@@ -329,5 +329,6 @@ def test_compare_across_runs_and_errors(vae_run, dcgan_run, tmp_path):
   with pytest.raises(ValueError, match="no generator"):
     tc = tmp_path / "tc"
     tc.mkdir()
-    (tc / "config.json").write_text(json.dumps({"model": {"family": "temporal_classifier"}}))
+    from experiments.configs import get_config
+    (tc / "config.json").write_text(get_config("temporal_classifier:smoke").to_json())
     experiment.load_generator_run(str(tc))
