@@ -16,10 +16,11 @@ from typing import Sequence, TextIO
 from absl import flags
 
 from cardiac_jax import io
-from experiments.sweep import (REPO_ROOT, Job, SweepAxis, SweepConfigError, check_job_workdirs,
-                               check_root, evaluate_command, is_evaluated, make_jobs,
-                               metrics_path, parse_eval_steps, train_command, validate_sweep,
-                               write_comparisons, write_hparams, write_manifest)
+from experiments.sweep import (REPO_ROOT, Job, check_job_workdirs, evaluate_command, is_evaluated,
+                               make_jobs, metrics_path, train_command, write_comparisons,
+                               write_hparams, write_manifest)
+from experiments.sweep_settings import (SweepAxis, SweepConfigError, check_root, parse_eval_steps,
+                                        validate_sweep)
 
 
 
