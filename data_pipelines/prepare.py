@@ -30,7 +30,7 @@ training job relies on (`run_preparation`, shared with the cine preparation of
 - atomicity: the dataset is written under O/.staging-<id>/ and renamed into place, report.json
   last, so an interrupted run never leaves a dataset that looks complete;
 - resumption: each subject's outcome is kept in the work area O/.subjects/ (one file per
-  subject, see `tfds_builders`) as soon as it is computed; a run that is killed or interrupted
+  subject, `subject_cache`) as soon as it is computed; a run that is killed or interrupted
   in the per-subject loop is finished by rerunning the same command, which reuses those files
   and processes only the remaining subjects. The work area records the configuration it belongs
   to and is deleted once report.json is in place; a run of another configuration takes it over
@@ -78,6 +78,7 @@ from data_pipelines import locking
 from data_pipelines import plausibility
 from data_pipelines import preprocess
 from data_pipelines import reruns
+from data_pipelines import subject_cache
 from data_pipelines import subject_splits
 from data_pipelines import tfds_builders
 from data_pipelines.errors import InvalidArgumentError
@@ -137,11 +138,7 @@ def _clear_own_leftovers(output_dir: str, keep_outputs: bool = False) -> None:
     path = os.path.join(output_dir, name)
     if (name in _OUTPUT_NAMES and not keep_outputs) or name.startswith(_STAGING_PREFIX):
       shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-  subjects = os.path.join(output_dir, WORK_DIR, "subjects")
-  if os.path.isdir(subjects):
-    for name in os.listdir(subjects):
-      if tfds_builders.is_cache_temporary(name):
-        os.remove(os.path.join(subjects, name))
+  subject_cache.remove_temporaries(os.path.join(output_dir, WORK_DIR, "subjects"))
 
 
 def _refuse_foreign(output_dir: str) -> None:
@@ -386,7 +383,7 @@ def _prepare_locked(job: Preparation, previous: Optional[tfds_builders.PreviousP
   return report
 
 
-def _report_entry(outcome: tfds_builders.SubjectOutcome, split_of: dict[str, str]) -> dict:
+def _report_entry(outcome: subject_cache.SubjectOutcome, split_of: dict[str, str]) -> dict:
   entry = {"subject": outcome.subject, "directory": outcome.directory, "status": outcome.status}
   if outcome.status == "prepared":
     entry.update(split=split_of[outcome.subject], group=outcome.group)
@@ -474,7 +471,7 @@ def prepare_dataset(input_dir: str, output_dir: str,
     subjects, duplicates = tfds_builders.unique_subjects([(r.subject, r.directory)
                                                           for r in refs])
     return subjects, duplicates + [
-        tfds_builders.SubjectOutcome(subject=r.name, directory=r.directory, status="skipped",
+        subject_cache.SubjectOutcome(subject=r.name, directory=r.directory, status="skipped",
                                      reason=r.reason) for r in rejected]
 
   def make_builder(data_dir, subject_cache_dir, previous, inputs):

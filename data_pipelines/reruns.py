@@ -13,6 +13,7 @@ import os
 from cardiac_jax import structures
 from data_pipelines import acdc
 from data_pipelines import fingerprints
+from data_pipelines import subject_cache
 from data_pipelines import tfds_builders
 
 
@@ -28,7 +29,7 @@ def previous_preparation(output_dir: str, report: dict,
   for entry in report.get("subjects", []):
     if not isinstance(entry.get("inputs"), dict):
       continue                           # not a subject folder: judged again every run
-    outcome = tfds_builders.SubjectOutcome(
+    outcome = subject_cache.SubjectOutcome(
         subject=entry["subject"], directory=entry["directory"], status=entry["status"],
         reason=entry.get("reason"), group=entry.get("group"), inputs=entry["inputs"],
         unexpected=bool(entry.get("unexpected", False)))

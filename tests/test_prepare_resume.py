@@ -22,6 +22,7 @@ import pytest
 from data_pipelines import fingerprints
 from data_pipelines import prepare
 from data_pipelines import preprocess
+from data_pipelines import subject_cache
 from data_pipelines import subject_splits
 from data_pipelines import tfds_builders
 from tests.test_acdc_reader import write_subject
@@ -129,13 +130,13 @@ def test_resume_after_interruption_recomputes_only_the_rest(cohort, reference, t
   real_prepare_locked = prepare._prepare_locked
 
   def watching(*args, **kwargs):
-    real_save = tfds_builders.save_outcome
+    real_save = subject_cache.save_outcome
 
     def save(cache_dir, outcome, *a, **kw):
       mtimes_seen.update(_work_files(output))
       return real_save(cache_dir, outcome, *a, **kw)
 
-    monkeypatch.setattr(tfds_builders, "save_outcome", save)
+    monkeypatch.setattr(subject_cache, "save_outcome", save)
     return real_prepare_locked(*args, **kwargs)
 
   monkeypatch.setattr(prepare, "_prepare_locked", watching)
@@ -207,7 +208,7 @@ def test_changed_input_and_unexpected_errors_are_recomputed(cohort, tmp_path, mo
   # An unexpected exception (not InvalidInputError) is not cached: the next run retries it;
   # a MemoryError is the subject's reason and cached like an input problem.
   ref = tfds_builders.acdc.list_subjects(cohort)[0]
-  key = tfds_builders.subject_cache_key(SMALL, "acdc")
+  key = subject_cache.subject_cache_key(SMALL, "acdc")
   cache = str(tmp_path / "cache")
   inputs = fingerprints.subject_inputs(ref.directory)
   for error, cached in ((RuntimeError("transient"), False), (MemoryError("too big"), True)):
@@ -217,8 +218,8 @@ def test_changed_input_and_unexpected_errors_are_recomputed(cohort, tmp_path, mo
     assert outcome.unexpected != cached, outcome.reason
     outcome.inputs = inputs
     if not outcome.unexpected:
-      tfds_builders.save_outcome(cache, outcome, key)
-    reused = tfds_builders.load_outcome(cache, ref.subject, key, ref.directory, inputs)
+      subject_cache.save_outcome(cache, outcome, key)
+    reused = subject_cache.load_outcome(cache, ref.subject, key, ref.directory, inputs)
     assert (reused is not None) == cached
   assert "not enough memory to prepare this subject (MemoryError: too big" in reused.reason
 
@@ -239,8 +240,8 @@ def test_other_configuration_takes_over_unfinished_work(cohort, reference, tmp_p
   cache = os.path.join(output, prepare.WORK_DIR, "subjects")
   other = preprocess.PreprocessConfig(image_size=32, spacing_mm=2.5)
   for config, found in ((SMALL, True), (other, False)):
-    key = tfds_builders.subject_cache_key(config, "acdc")
-    assert (tfds_builders.load_outcome(cache, ref.subject, key, ref.directory,
+    key = subject_cache.subject_cache_key(config, "acdc")
+    assert (subject_cache.load_outcome(cache, ref.subject, key, ref.directory,
                                        inputs) is not None) == found
   rerun = CountingRunSubject()
   monkeypatch.setattr(tfds_builders, "run_subject", rerun)
@@ -252,9 +253,9 @@ def test_other_configuration_takes_over_unfinished_work(cohort, reference, tmp_p
   # A corrupt cache file is treated as absent, not as an error.
   broken = str(tmp_path / "broken")
   os.makedirs(broken)
-  with open(tfds_builders.cache_path(broken, ref.subject), "wb") as f:
+  with open(subject_cache.cache_path(broken, ref.subject), "wb") as f:
     f.write(b"PK\x03\x04 broken")
-  assert tfds_builders.load_outcome(broken, ref.subject, tfds_builders.subject_cache_key(
+  assert subject_cache.load_outcome(broken, ref.subject, subject_cache.subject_cache_key(
       SMALL, "acdc"), ref.directory, inputs) is None
 
 

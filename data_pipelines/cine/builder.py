@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 from data_pipelines import acdc
 from data_pipelines import beam_prepare
 from data_pipelines import prepare
+from data_pipelines import subject_cache
 from data_pipelines import subject_splits
 from data_pipelines import tfds_builders
 from data_pipelines.cine.config import (CineConfig, DATASETS, FORMAT_VERSION, IMAGE_FIELDS,
@@ -88,9 +89,9 @@ def cine_features(config: CineConfig) -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict(features)
 
 
-def _skipped(rejected: list[tuple[str, str, str]]) -> list[tfds_builders.SubjectOutcome]:
+def _skipped(rejected: list[tuple[str, str, str]]) -> list[subject_cache.SubjectOutcome]:
   """The outcomes of the (name, directory, reason) folders `find_cine_subjects` rejected."""
-  return [tfds_builders.SubjectOutcome(subject=name, directory=directory, status="skipped",
+  return [subject_cache.SubjectOutcome(subject=name, directory=directory, status="skipped",
                                        reason=reason) for name, directory, reason in rejected]
 
 
@@ -132,7 +133,7 @@ class CardiacCine(tfds_builders.SubjectBuilder):
                               f"for the {config.dataset!r} layout")
     key = hashlib.sha256(config.description.encode()).hexdigest()[:16]
 
-    def run(subject: str, directory: str) -> tfds_builders.SubjectOutcome:
+    def run(subject: str, directory: str) -> subject_cache.SubjectOutcome:
       return run_subject(subject, directory, config.dataset, config.cine)
 
     def save(cache_dir: str, outcome, key: str) -> None:

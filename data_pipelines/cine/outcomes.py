@@ -15,6 +15,7 @@ from cardiac_jax import structures
 from data_pipelines import acdc
 from data_pipelines import plausibility
 from data_pipelines import preprocess
+from data_pipelines import subject_cache
 from data_pipelines import tfds_builders
 from data_pipelines.cine.config import CineConfig, SCALAR_FIELDS
 from data_pipelines.cine.reading import CineSubject, read_cine_subject
@@ -56,7 +57,7 @@ def _check_short_axis_crop(example: dict[str, Any], subject: CineSubject) -> Non
 
 
 def prepare_subject(directory: str, dataset: str,
-                    config: CineConfig) -> tfds_builders.SubjectOutcome:
+                    config: CineConfig) -> subject_cache.SubjectOutcome:
   """Reads and preprocesses one subject; InvalidInputError names the folder or file."""
   subject = read_cine_subject(directory, dataset, long_axis=config.long_axis)
   shown = acdc.printable_path(directory)
@@ -69,7 +70,7 @@ def prepare_subject(directory: str, dataset: str,
     _check_short_axis_crop(example, subject)
   except InvalidInputError as e:
     raise InvalidInputError(f"{shown}: {e}") from None
-  return tfds_builders.SubjectOutcome(
+  return subject_cache.SubjectOutcome(
       subject=subject.subject, directory=shown, status="prepared",
       group=subject.group, ed_frame=subject.ed_frame + 1,
       es_frame=None if subject.es_frame is None else subject.es_frame + 1,
@@ -77,7 +78,7 @@ def prepare_subject(directory: str, dataset: str,
 
 
 def run_subject(subject: str, directory: str, dataset: str,
-                config: CineConfig) -> tfds_builders.SubjectOutcome:
+                config: CineConfig) -> subject_cache.SubjectOutcome:
   """`prepare_subject` that never raises: a failure is a "skipped" outcome with the reason
   (`tfds_builders.failure_reason`: unexpected exceptions are not cached, a rerun tries
   again). KeyboardInterrupt still stops."""
@@ -85,7 +86,7 @@ def run_subject(subject: str, directory: str, dataset: str,
     return prepare_subject(directory, dataset, config)
   except Exception as e:  # pylint: disable=broad-except
     reason, unexpected = tfds_builders.failure_reason(directory, e)
-  return tfds_builders.SubjectOutcome(
+  return subject_cache.SubjectOutcome(
       subject=subject, directory=acdc.printable_path(directory), status="skipped",
       reason=acdc.printable_path(reason), unexpected=unexpected)
 
@@ -97,22 +98,22 @@ def _array_fields(config: CineConfig) -> tuple[str, ...]:
   return names + (("la_image", "la_label") if config.long_axis else ())
 
 
-def save_outcome(cache_dir: str, outcome: tfds_builders.SubjectOutcome, config: CineConfig,
+def save_outcome(cache_dir: str, outcome: subject_cache.SubjectOutcome, config: CineConfig,
                  key: str) -> None:
   """Writes one outcome to cache_dir/<subject>.npz (temporary name, then rename); its metadata
-  is what `tfds_builders.load_outcome` reads back."""
-  arrays = {"meta": np.array(json.dumps(tfds_builders.outcome_meta(outcome, key)))}
+  is what `subject_cache.load_outcome` reads back."""
+  arrays = {"meta": np.array(json.dumps(subject_cache.outcome_meta(outcome, key)))}
   if outcome.status == "prepared":
     example = outcome.example
     arrays.update({name: example[name] for name in _array_fields(config)})
     arrays.update(group_index=np.int32(example["group"]),
                   **{name: np.float32(example[name]) for name in SCALAR_FIELDS})
-  tfds_builders.write_cache_file(cache_dir, outcome.subject, arrays)
+  subject_cache.write_cache_file(cache_dir, outcome.subject, arrays)
 
 
 def load_example(cache_dir: str, subject: str, config: CineConfig) -> dict[str, Any]:
   """The prepared example of `subject` from the work area."""
-  path = tfds_builders.cache_path(cache_dir, subject)
+  path = subject_cache.cache_path(cache_dir, subject)
   try:
     with np.load(path, allow_pickle=False) as cached:
       example = {name: cached[name] for name in _array_fields(config)}
