@@ -437,9 +437,6 @@ def main(argv, spec: str = ""):
   config = _CONFIG.value
   from experiments import common  # Heavy imports after flag parsing.
   common.start_command(argv, config=config)
-  from cardiac_jax import config_checks  # pylint: disable=g-import-not-at-top
-  # As experiments.train checks it: a bad value is one line, not a traceback from the model.
-  config_checks.validate(config)
   from cardiac_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   workdir_lib.check_output_dir(_PROFILE_DIR.value, "profile_dir")  # Before the measurements.
   try:

@@ -208,9 +208,6 @@ def main(argv):
   config = flags.FLAGS.config
   from experiments import common  # pylint: disable=g-import-not-at-top
   common.start_command(argv, config=config)
-  from cardiac_jax import config_checks  # pylint: disable=g-import-not-at-top
-  # As experiments.train checks it: a bad value is one line, not a traceback from the model.
-  config_checks.validate(config)
   platforms = check_platforms(_PLATFORMS.value)
   try:
     results = check_config(config, platforms)

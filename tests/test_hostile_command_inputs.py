@@ -1,8 +1,9 @@
 """Hostile inputs of the run commands (train on resume, evaluate and the analyses' restore,
-infer_latents, sweep local / --slurm / --aggregate, benchmark, check_lowering): hand-edited or
-hand-made workdir entries, out-of-range seeds, caches and outputs that name files, flags that
-every job or the end of a measurement would trip on. Each case ends in one line naming the
-input before any work, and leaves what it read as it was, so the corrected rerun proceeds.
+infer_latents, sweep local / --slurm / --aggregate, benchmark, check_lowering, step_memory,
+compare): hand-edited or hand-made workdir entries, out-of-range seeds, caches and outputs that
+name files, flags that every job or the end of a measurement would trip on. Each case ends in
+one line naming the input before any work, and leaves what it read as it was, so the corrected
+rerun proceeds.
 
 Nothing here trains or compiles: the checks run before a model is built (the two command
 lines stop at their first check). Permission cases (a read-only parent) are not covered: the
@@ -389,3 +390,14 @@ def test_a_sweep_job_workdir_that_is_a_file_is_refused_before_any_job(tmp_path):
   with pytest.raises(sweep.SweepConfigError, match="job seed=1"):
     sweep_slurm.write_slurm_sweep("vae:smoke", [], [0, 1], str(root), str(tmp_path / "a.sh"))
   assert sorted(os.listdir(root)) == ["seed=1"]
+
+
+# ----------------------------------------------------------------------------- later leftovers
+
+def test_step_memory_checks_its_config_where_every_config_command_starts(tmp_path):
+  """model.latent_dim=0 ended in a ZeroDivisionError traceback: the check now runs in
+  configs.run_config_command, the start of every command whose --config names a config."""
+  result = _run(["experiments.step_memory", "--config=vae:smoke", "--config.model.latent_dim=0",
+                 "--batch_sizes=1"], tmp_path)
+  _one_line_error(result, "error: config model.latent_dim=0: must be an integer >= 1")
+  assert "step_buffers_mb" not in result.stdout

@@ -64,9 +64,24 @@ def resolve_config_argv(argv: list[str], flag: str = "config") -> list[str]:
 def run_config_command(main, **app_run_kwargs) -> None:
   """absl's app.run for a command with a --config=NAME[:variant] flag: the XLA:CPU setting is
   applied first (parsing the flag checks the config by tracing its model, which starts JAX's
-  backend) and the config name resolved to its file."""
+  backend), the config name resolved to its file, and the config, overrides included, checked
+  as training checks it (`config_checks`) before `main` runs: a value no run can use (a latent
+  size of 0) is one line naming it, not a traceback from inside the model or JAX."""
   from absl import app  # pylint: disable=g-import-not-at-top
   from cardiac_jax import runtime  # pylint: disable=g-import-not-at-top
   runtime.configure_xla_cpu()
   sys.argv = resolve_config_argv(sys.argv)
-  app.run(main, **app_run_kwargs)
+
+  def main_of_a_valid_config(argv):
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    from cardiac_jax import config_checks  # pylint: disable=g-import-not-at-top
+    config = flags.FLAGS.get_flag_value("config", None)
+    if config is not None:  # A missing --config is named by the command itself.
+      try:
+        config_checks.validate(config)
+      except config_checks.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return main(argv)
+
+  app.run(main_of_a_valid_config, **app_run_kwargs)
