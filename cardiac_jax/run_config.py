@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from cardiac_jax import checkpointing, io
+from cardiac_jax import checkpointing, config_checks, io
 
 # Config fields that may differ between the run that wrote a workdir and the one resuming it.
 RESUMABLE_FIELDS = ("train.num_steps", "train.log_every", "train.eval_every",
@@ -84,13 +84,28 @@ def read_config_file(path: str) -> dict:
   return saved
 
 
+def _check_saved_values(path: str, saved: dict) -> None:
+  """ConfigError when the config.json at `path` holds a value no run can have (edited by hand):
+  "resume with the same config" cannot be followed then; the fix is to delete the file, which
+  the rerun re-creates from the config recorded with the checkpoints."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  try:
+    config_checks.validate(ml_collections.ConfigDict(saved))
+  except config_checks.ConfigError as e:
+    raise config_checks.ConfigError(
+        f"{path} holds a value no run can have ({e}): it was edited. Delete it and rerun (it is "
+        "re-created from the config recorded with the checkpoints), or restore it from a "
+        "copy.") from None
+
+
 def check_workdir_config(workdir: str, config,
                          checkpointer: checkpointing.Checkpointer | None = None) -> None:
   """Writes workdir/config.json, or checks that the run in the workdir comes from `config`.
 
   The run's config is config.json or, when that is missing, the config recorded with the
   checkpoints of `checkpointer` (the workdir's). Raises WorkdirConflictError naming the
-  differing keys, a damaged config.json (with the fix), or checkpoints whose config is unknown.
+  differing keys, a damaged config.json (with the fix), or checkpoints whose config is unknown;
+  config_checks.ConfigError when a differing config.json holds a value no run can have.
   A workdir without checkpoints holds no run: its config.json is replaced.
   """
   path = os.path.join(workdir, "config.json")
@@ -119,6 +134,8 @@ def check_workdir_config(workdir: str, config,
   if saved is not None:
     differences = config_differences(saved, current)
     if differences and (steps_saved or checkpointer is None):
+      if source == path:
+        _check_saved_values(path, saved)
       raise WorkdirConflictError(
           f"{workdir} holds a run with a different config ({', '.join(differences[:8])}; "
           f"from {source}). Use another --workdir, or the same config to resume.")

@@ -107,25 +107,6 @@ def check_workdir_entries(workdir: str) -> None:
             "another --workdir) and rerun")
 
 
-def _check_saved_config(workdir: str) -> None:
-  """ConfigError when workdir/config.json holds a value no run can have (edited by hand):
-  "resume with the same config" cannot be followed then, and the fix is to let the rerun
-  re-create the file from the config recorded with the checkpoints."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "config.json")
-  try:
-    saved = ml_collections.ConfigDict(run_config.read_config_file(path))
-  except (OSError, ValueError):
-    return
-  try:
-    config_checks.validate(saved)
-  except config_checks.ConfigError as e:
-    raise config_checks.ConfigError(
-        f"{path} holds a value no run can have ({e}): it was edited. Delete it and rerun (it is "
-        "re-created from the config recorded with the checkpoints), or restore it from a "
-        "copy.") from None
-
-
 def _record_best(workdir: str, checkpointer: checkpointing.Checkpointer) -> None:
   """Writes workdir/BEST_FILE from the checkpointer's best (removes a stale one without)."""
   path = os.path.join(workdir, BEST_FILE)
@@ -340,11 +321,7 @@ def _train(config, workdir: str, data: DataSource, mesh, family, root_key,
       step_metadata={"config": json.loads(config.to_json_best_effort())})
   writer, batches, progress = None, None, None
   try:
-    try:
-      run_config.check_workdir_config(workdir, config, checkpointer)
-    except run_config.WorkdirConflictError:
-      _check_saved_config(workdir)  # A hand-edited value is named as such, with the fix.
-      raise
+    run_config.check_workdir_config(workdir, config, checkpointer)
     writer = metric_logging.MetricWriter(workdir, enabled=is_chief)
     restored = checkpointer.restore_latest(abstract)
     if restored is None:

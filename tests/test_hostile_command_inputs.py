@@ -401,3 +401,17 @@ def test_step_memory_checks_its_config_where_every_config_command_starts(tmp_pat
                  "--batch_sizes=1"], tmp_path)
   _one_line_error(result, "error: config model.latent_dim=0: must be an integer >= 1")
   assert "step_buffers_mb" not in result.stdout
+
+
+def test_the_workdir_check_names_a_config_json_edited_to_an_invalid_value(tmp_path):
+  """run_config.check_workdir_config itself (every caller, not only training) said "or the same
+  config to resume", which no run can do; the fix is to delete the file."""
+  from cardiac_jax import run_config
+  workdir = _untrained_run(tmp_path / "run", **{"model.latent_dim": -3})
+  before = _listing(workdir)
+  with pytest.raises(config_checks.ConfigError,
+                     match=r"config.json holds a value no run can have \(.*model.latent_dim=-3"
+                           r".*\): it was edited. Delete it and rerun") as raised:
+    run_config.check_workdir_config(workdir, get_config("vae:smoke"))
+  assert "the same config to resume" not in str(raised.value)
+  assert _listing(workdir) == before
