@@ -1,7 +1,7 @@
 """A run directory's guards: a usable path, and one run at a time.
 
-`check_path` refuses a workdir that names a file (or lies under one) before anything is
-prepared or written; `check_output_dir` refuses such an output folder flag of a command.
+`check_path` refuses a workdir that is blank or names a file (or lies under one) before anything
+is prepared or written; `check_output_dir` refuses such an output folder flag of a command.
 `WorkdirLock` holds an exclusive `fcntl.flock` on workdir/.lock while a run trains, with the
 holder (host, process id, start time, command) written into the file: a second
 run on the same workdir is refused naming the holder, instead of both writing checkpoints and
@@ -29,18 +29,27 @@ class WorkdirLockedError(RuntimeError):
   """Another run holds the workdir."""
 
 
+def file_above(path: str) -> str | None:
+  """The nearest existing ancestor of `path` when it is a file (so `path` cannot be created),
+  else None."""
+  parent = os.path.dirname(os.path.abspath(path))
+  while parent and not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  return parent if parent and not os.path.isdir(parent) else None
+
+
 def check_path(workdir: str, flag: str = "workdir", what: str = "run directory") -> None:
-  """Raises WorkdirError when `workdir` is an existing non-directory or lies under a file; the
-  message names the flag (`--<flag>=...`) and what it must name (a run directory, an output
-  folder)."""
+  """Raises WorkdirError when `workdir` is blank (it would name the working directory, or a
+  folder of spaces), an existing non-directory or lies under a file; the message names the flag
+  (`--<flag>=...`) and what it must name (a run directory, an output folder)."""
+  if not workdir.strip():
+    raise WorkdirError(f"--{flag}={workdir!r} is blank: name a {what}")
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     hint = " (new or a run's)" if what == "run directory" else ""
     raise WorkdirError(f"--{flag}={workdir} is a file, not a {what}: name a directory{hint}")
-  parent = path
-  while parent and not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if parent and not os.path.isdir(parent):
+  parent = file_above(path)
+  if parent:
     raise WorkdirError(f"--{flag}={workdir} lies under {parent}, which is a file")
 
 

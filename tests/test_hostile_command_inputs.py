@@ -415,3 +415,16 @@ def test_the_workdir_check_names_a_config_json_edited_to_an_invalid_value(tmp_pa
     run_config.check_workdir_config(workdir, get_config("vae:smoke"))
   assert "the same config to resume" not in str(raised.value)
   assert _listing(workdir) == before
+
+
+@pytest.mark.parametrize("blank", ["   ", "\t "])
+def test_a_workdir_of_only_spaces_is_refused(tmp_path, monkeypatch, blank):
+  """It was taken as a folder named with spaces in the working directory."""
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(workdir_lib.WorkdirError, match="is blank: name a run directory"):
+    workdir_lib.check_path(blank)
+  with pytest.raises(workdir_lib.WorkdirError, match="--root=.* is blank: name a folder"):
+    workdir_lib.check_path(blank, "root", "folder")
+  with pytest.raises(workdir_lib.WorkdirError, match="is blank"):
+    training.train_and_evaluate(get_config("vae:smoke"), blank, data=None)
+  assert not os.listdir(tmp_path)
