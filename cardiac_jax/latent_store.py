@@ -40,6 +40,7 @@ import jax
 import numpy as np
 
 from cardiac_jax import io, parallel, phenotypes
+from cardiac_jax import workdir as workdir_lib
 
 PARTIAL_SUFFIX = ".partial"
 META_SUFFIX = ".meta.json"
@@ -342,6 +343,14 @@ def _start_pass(encoder: EncoderRun, plan: Plan, output: str, fmt: str, inverse_
   of an existing output (`write_latents`), then the partial store opened."""
   if fmt not in FORMATS:
     raise ValueError(f"unknown format {fmt!r} (one of {FORMATS})")
+  # A folder was refused as "another run's output" (--overwrite could not help), and a path
+  # under a file ended in a raw FileExistsError from makedirs.
+  if os.path.isdir(output):
+    raise phenotypes.LatentsFileError(f"{output} is a folder: name a file for the latents")
+  above = workdir_lib.file_above(output)
+  if above:
+    raise phenotypes.LatentsFileError(f"{output} lies under {above}, which is a file: name a "
+                                      "file in a folder")
   store = output + PARTIAL_SUFFIX
   batch_size = batch_size or int(encoder.config.train.eval_batch_size)
   options = {"format": fmt, "inverse_normal": bool(inverse_normal)}

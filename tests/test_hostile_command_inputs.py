@@ -428,3 +428,22 @@ def test_a_workdir_of_only_spaces_is_refused(tmp_path, monkeypatch, blank):
   with pytest.raises(workdir_lib.WorkdirError, match="is blank"):
     training.train_and_evaluate(get_config("vae:smoke"), blank, data=None)
   assert not os.listdir(tmp_path)
+
+
+def test_a_latents_output_that_is_a_folder_or_under_a_file_is_one_line(tmp_path):
+  """Under a file: a raw FileExistsError from makedirs; a folder: "pass --overwrite", which
+  could not help. Both passes (one process, and one process's share) check the path before the
+  run or the data are touched, so no run is needed here."""
+  from cardiac_jax import latent_store, phenotypes
+  (tmp_path / "afile").write_text("x")
+  (tmp_path / "folder").mkdir()
+  for output, message in ((tmp_path / "folder", "folder is a folder: name a file"),
+                          (tmp_path / "afile" / "z.csv",
+                           "z.csv lies under .*afile, which is a file")):
+    with pytest.raises(phenotypes.LatentsFileError, match=message):
+      latent_store.write_latents(None, None, str(output), make_batches=None, overwrite=True)
+    with pytest.raises(phenotypes.LatentsFileError, match=message):
+      latent_store.write_latents_part(None, None, str(output), process_id=0, num_processes=2,
+                                      make_batches=None)
+  assert sorted(os.listdir(tmp_path)) == ["afile", "folder"]
+  assert not os.listdir(tmp_path / "folder")
