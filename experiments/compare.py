@@ -104,11 +104,13 @@ class Run:
 
 
 def _read_json(path: str) -> dict:
+  """The JSON object in `path`; ValueError naming the file when it is cut short, not JSON or
+  not text (bytes that are not UTF-8 were reported without the file's name)."""
   try:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
       data = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e}); rerun the job that writes it") from e
+  except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError.
+    raise ValueError(f"{path} is not valid JSON ({e}); rerun the job that writes it") from None
   if not isinstance(data, dict):
     raise ValueError(f"{path} holds a {type(data).__name__}, expected a JSON object")
   return data

@@ -447,3 +447,17 @@ def test_a_latents_output_that_is_a_folder_or_under_a_file_is_one_line(tmp_path)
                                       make_batches=None)
   assert sorted(os.listdir(tmp_path)) == ["afile", "folder"]
   assert not os.listdir(tmp_path / "folder")
+
+
+@pytest.mark.parametrize("content", [b'{"reconstruction": {"mse": 0.', b"\xff\xfe{}"])
+def test_compare_of_a_damaged_metrics_json_is_one_line_naming_it(tmp_path, content):
+  """Bytes that are not UTF-8 were reported as "'utf-8' codec can't decode ...", without the
+  file; a file cut short is named with the fix."""
+  (tmp_path / "run" / "eval").mkdir(parents=True)
+  (tmp_path / "run" / "eval" / "metrics.json").write_bytes(content)
+  result = _run(["experiments.compare", "run", "--output=table.md"], tmp_path)
+  _one_line_error(result, f"error: {os.path.join('run', 'eval', 'metrics.json')} is not valid "
+                          "JSON (")
+  assert "rerun the job that writes it" in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+  assert not (tmp_path / "table.md").exists()
