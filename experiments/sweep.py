@@ -168,15 +168,21 @@ def metrics_path(workdir: str, selection: str = "latest") -> str:
   return os.path.join(workdir, eval_name(selection), "metrics.json")
 
 
-def is_evaluated(workdir: str, selection: str = "latest") -> bool:
-  """Whether the job's evaluation at `selection` is written: its metrics.json holds a JSON
-  object. A file cut short or edited into something else counts as missing, so the job's
-  evaluation runs again (it used to be skipped, and the comparison failed on every rerun)."""
+def metrics_written(path: str) -> bool:
+  """Whether the evaluation file `path` holds a JSON object (the rule of the local sweep and of
+  its SLURM array). A file cut short or edited into something else counts as missing, so the
+  job's evaluation runs again (it used to be skipped, and the comparison failed on every
+  rerun)."""
   try:
-    with open(metrics_path(workdir, selection), encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
       return isinstance(json.load(f), dict)
   except (OSError, ValueError):
     return False
+
+
+def is_evaluated(workdir: str, selection: str = "latest") -> bool:
+  """Whether the job's evaluation at `selection` is written (`metrics_written`)."""
+  return metrics_written(metrics_path(workdir, selection))
 
 
 def check_job_workdirs(jobs: Sequence[Job]) -> None:

@@ -72,7 +72,7 @@ def time_limit_seconds(text: str) -> int | None:
 
 # The array task's body: `--print` prints its job as the --dry_run line; otherwise it trains
 # (resuming from the workdir's checkpoint), then runs the evaluations whose metrics.json is
-# missing once the training has logged its last step. USR1 before the time limit: the running
+# missing or damaged (not a JSON object) once the training has logged its last step. USR1 before the time limit: the running
 # stage gets SIGTERM (training saves a checkpoint and exits 0) and the task requeues itself.
 # Preemption: SLURM sends SIGTERM to every process of the task and requeues it (--requeue).
 _SLURM_BODY = r"""
@@ -117,8 +117,13 @@ requeue_if_asked() {
   fi
 }
 
+evaluated() {  # Whether the evaluation file $1 holds a JSON object, as for the local sweep.
+  python -c 'import sys; from experiments import sweep
+sys.exit(0 if sweep.metrics_written(sys.argv[1]) else 1)' "$1"
+}
+
 missing=0
-for path in "${METRICS[@]:1}"; do [ -e "$path" ] || missing=1; done
+for path in "${METRICS[@]:1}"; do evaluated "$path" || missing=1; done
 if [ "$missing" = 0 ]; then
   echo "task $TASK: $WORKDIR is already evaluated"
   exit 0
@@ -137,7 +142,7 @@ sys.exit(0 if sweep.training_complete(sys.argv[1]) else 1)' "$WORKDIR"; then
   exit 1
 fi
 for i in "${!STAGES[@]}"; do
-  if [ "$i" = 0 ] || [ -e "${METRICS[$i]}" ]; then continue; fi
+  if [ "$i" = 0 ] || evaluated "${METRICS[$i]}"; then continue; fi
   run_stage "${STAGES[$i]}"
   status=$?
   requeue_if_asked

@@ -27,6 +27,7 @@ from data_pipelines import cache
 from data_pipelines.errors import InvalidArgumentError
 from experiments import benchmark, check_lowering, common, infer_latents, sweep, sweep_slurm
 from experiments.configs import get_config
+from tests.test_sweep_slurm import fake_python, run_task  # pylint: disable=unused-import
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -461,3 +462,30 @@ def test_compare_of_a_damaged_metrics_json_is_one_line_naming_it(tmp_path, conte
   assert "rerun the job that writes it" in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1, result.stderr
   assert not (tmp_path / "table.md").exists()
+
+
+def test_a_slurm_task_evaluates_again_where_a_metrics_json_is_damaged(fake_python, tmp_path):
+  """The array's script took any existing metrics.json as evaluated (`[ -e ]`): a file cut
+  short was skipped on every attempt and the aggregation failed. Now the rule of the local
+  sweep (a JSON object), both when the task starts and per evaluation after training."""
+  _, env = fake_python
+  root = str(tmp_path / "sweep")
+  path = str(tmp_path / "array.sh")
+  axes = [sweep.parse_set("loss.beta_kl=1")]
+  sweep_slurm.write_slurm_sweep("vae:smoke", axes, [0], root, path,
+                                eval_steps=["latest", "best"], out=io.StringIO())
+  workdir = os.path.join(root, "beta_kl=1,seed=0")
+  os.makedirs(os.path.join(workdir, "eval"))
+  os.makedirs(os.path.join(workdir, "eval_best"))
+  with open(sweep.metrics_path(workdir), "w") as f:
+    f.write('{"kept": 1}')  # A valid evaluation: not run again.
+  with open(sweep.metrics_path(workdir, "best"), "w") as f:
+    f.write('{"reconstruction": {"mse": 0.')
+  done = run_task(path, 0, env=env)
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert "already evaluated" not in done.stdout and "task 0 done" in done.stdout
+  with open(sweep.metrics_path(workdir)) as f:
+    assert json.load(f) == {"kept": 1}
+  assert sweep.is_evaluated(workdir, "best")
+  again = run_task(path, 0, env=env)
+  assert again.returncode == 0 and "already evaluated" in again.stdout
