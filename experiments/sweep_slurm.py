@@ -72,8 +72,9 @@ def time_limit_seconds(text: str) -> int | None:
 
 # The array task's body: `--print` prints its job as the --dry_run line; otherwise it trains
 # (resuming from the workdir's checkpoint), then runs the evaluations whose metrics.json is
-# missing or damaged (not a JSON object) once the training has logged its last step. USR1 before the time limit: the running
-# stage gets SIGTERM (training saves a checkpoint and exits 0) and the task requeues itself.
+# missing or damaged (not a JSON object) once the training has logged its last step. USR1
+# before the time limit: the running stage gets SIGTERM (training saves a checkpoint and exits
+# 0) and the task requeues itself.
 # Preemption: SLURM sends SIGTERM to every process of the task and requeues it (--requeue).
 _SLURM_BODY = r"""
 if [ "${1:-}" = "--print" ]; then
