@@ -35,9 +35,15 @@ ADDED_FIELD_DEFAULTS = {"model.remat": "none", "diffusion.p2_gamma": 0.0,
 # next evaluation on). A value the run was written with may not change.
 ADOPTED_FIELDS = ("train.best_metric", "train.best_mode")
 
+
 class WorkdirConflictError(ValueError):
   """The workdir belongs to a run with a different config."""
 
+
+class EditedConfigError(WorkdirConflictError, config_checks.ConfigError):
+  """The workdir's config.json differs from the run's config by a value no run can have: it was
+  edited by hand (a conflict whose fix is to delete the file, and a config value a run cannot
+  use)."""
 
 
 def flatten_config(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -85,17 +91,19 @@ def read_config_file(path: str) -> dict:
 
 
 def _check_saved_values(path: str, saved: dict) -> None:
-  """ConfigError when the config.json at `path` holds a value no run can have (edited by hand):
+  """EditedConfigError when the config.json at `path` holds a value no run can have (by hand):
   "resume with the same config" cannot be followed then; the fix is to delete the file, which
   the rerun re-creates from the config recorded with the checkpoints."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   try:
     config_checks.validate(ml_collections.ConfigDict(saved))
   except config_checks.ConfigError as e:
-    raise config_checks.ConfigError(
+    raise EditedConfigError(
         f"{path} holds a value no run can have ({e}): it was edited. Delete it and rerun (it is "
         "re-created from the config recorded with the checkpoints), or restore it from a "
         "copy.") from None
+  except (TypeError, ValueError, KeyError, AttributeError):
+    return  # Damage the checks cannot read as a config: reported as the conflict it is.
 
 
 def check_workdir_config(workdir: str, config,
@@ -105,7 +113,7 @@ def check_workdir_config(workdir: str, config,
   The run's config is config.json or, when that is missing, the config recorded with the
   checkpoints of `checkpointer` (the workdir's). Raises WorkdirConflictError naming the
   differing keys, a damaged config.json (with the fix), or checkpoints whose config is unknown;
-  config_checks.ConfigError when a differing config.json holds a value no run can have.
+  EditedConfigError (both) when a differing config.json holds a value no run can have.
   A workdir without checkpoints holds no run: its config.json is replaced.
   """
   path = os.path.join(workdir, "config.json")
