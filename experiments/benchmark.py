@@ -245,9 +245,11 @@ def benchmark_train_step(config, num_steps: int, remat: str | None = None,
   op_profile = {}
   if profile_dir:
     from experiments import step_profile
+    # The step as timed (its wrapper drops the batch's non-array fields, e.g. the subject ids
+    # of cine batches), whose program is `compiled`'s: the trace's names are its instructions.
     op_profile["op_profile"] = step_profile.profile_call(
-        compiled, (state, batch, jax.random.fold_in(root, num_steps + 1)), compiled.as_text(),
-        profile_dir)
+        train_step, (state, batch, jax.random.fold_in(root, num_steps + 1)),
+        compiled.as_text(), profile_dir)
   return {
       "backend": backend, "devices": mesh.size, "platform": jax.default_backend(),
       "batch_size": batch_size, "image_size": int(config.data.image_size),
