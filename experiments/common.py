@@ -26,8 +26,8 @@ if not runtime.verbose_requested():
 import jax  # pylint: disable=g-import-not-at-top
 from absl import flags, logging
 
-from cardiac_jax import (checkpointing, config_checks, families, metric_logging, phenotypes,
-                         run_config)
+from cardiac_jax import (checkpointing, config_checks, families, latent_store,
+                         metric_logging, phenotypes, run_config)
 from cardiac_jax import workdir as workdir_lib
 from cardiac_jax.training import DataSource
 from data_pipelines import errors as data_errors
@@ -39,7 +39,8 @@ USER_ERRORS = (FileNotFoundError, NotADirectoryError, config_checks.ConfigError,
                run_config.WorkdirConflictError, workdir_lib.WorkdirError,
                workdir_lib.WorkdirLockedError, metric_logging.MetricsFileError,
                data_errors.InvalidInputError, data_errors.InvalidArgumentError,
-               families.FamilyCapabilityError, phenotypes.LatentsFileError)
+               families.FamilyCapabilityError, phenotypes.LatentsFileError,
+               latent_store.LatentStoreConflictError)
 
 
 def _report_user_errors(previous_hook):

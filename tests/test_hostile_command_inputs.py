@@ -107,6 +107,20 @@ def test_a_file_in_place_of_the_checkpoints_folder_is_named(tmp_path):
   assert isinstance(NotADirectoryError(), common.USER_ERRORS)
 
 
+def test_an_output_holding_another_runs_latents_is_one_line(tmp_path, capsys):
+  """infer_latents refused an output or partial store of another run with a FileExistsError
+  that no command printed as one line: a traceback for a message that names the fix."""
+  from cardiac_jax import latent_store
+  store = tmp_path / "latents.csv.partial"
+  store.mkdir()
+  with pytest.raises(latent_store.LatentStoreConflictError, match="not a partial store"):
+    latent_store.open_store(str(store), {"kind": latent_store.STORE_KIND})
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(latent_store.LatentStoreConflictError, match="is not a directory"):
+    latent_store.open_store(str(tmp_path / "file"), {})
+  assert issubclass(latent_store.LatentStoreConflictError, common.USER_ERRORS)
+
+
 def test_a_run_config_edited_to_an_invalid_value_is_named_before_the_model_is_built(tmp_path):
   """model.latent_dim=-3 in config.json ended in a JAX traceback from the initializer."""
   workdir = _untrained_run(tmp_path / "run", **{"model.latent_dim": -3})
