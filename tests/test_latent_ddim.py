@@ -195,7 +195,8 @@ def test_nearest_distances():
 def test_sample_rejects_a_run_that_is_not_a_diffae(tmp_path):
   with pytest.raises(ValueError, match="no config.json"):
     sample_experiment.check_diffae_run(str(tmp_path))
-  (tmp_path / "config.json").write_text(json.dumps({"model": {"family": "vae"}}))
+  from experiments.configs import get_config
+  (tmp_path / "config.json").write_text(get_config("vae:smoke").to_json())
   with pytest.raises(ValueError, match="model.family is 'vae'.*diffae3d"):
     sample_experiment.check_diffae_run(str(tmp_path))
   result = subprocess.run([sys.executable, "-m", "experiments.sample", f"--workdir={tmp_path}",
