@@ -307,6 +307,18 @@ class SubjectBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _log_download_done(self) -> None:
     pass
 
+  # What a subclass states about its dataset (its DatasetInfo): a description, a homepage and
+  # the features of one prepared subject.
+  DESCRIPTION = ""
+  HOMEPAGE: Optional[str] = None
+
+  def subject_features(self) -> tfds.features.FeaturesDict:
+    raise NotImplementedError
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION,
+                                 features=self.subject_features(), homepage=self.HOMEPAGE)
+
   def __init__(self, *, subject_cache_dir: Optional[str] = None,
                previous: Optional[PreviousPreparation] = None,
                inputs: Optional[dict[str, dict]] = None, **kwargs):
@@ -440,15 +452,13 @@ class Acdc(SubjectBuilder):
   by `python -m data_pipelines.synthesize` has the same layout and works the same way.
   """
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=("Short-axis cine MRI (ACDC layout): one slice per subject at ED and ES, "
-                     "resampled, LV-centred, rotated to a canonical LV->RV axis, normalised; "
-                     "with canonical labels and whole-heart measurements."),
-        features=features.prepared_features(self.builder_config.preprocess.image_size),
-        homepage="https://www.creatis.insa-lyon.fr/Challenge/acdc/",
-    )
+  DESCRIPTION = ("Short-axis cine MRI (ACDC layout): one slice per subject at ED and ES, "
+                 "resampled, LV-centred, rotated to a canonical LV->RV axis, normalised; "
+                 "with canonical labels and whole-heart measurements.")
+  HOMEPAGE = "https://www.creatis.insa-lyon.fr/Challenge/acdc/"
+
+  def subject_features(self) -> tfds.features.FeaturesDict:
+    return features.prepared_features(self.builder_config.preprocess.image_size)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     config: AcdcConfig = self.builder_config

@@ -116,13 +116,12 @@ class CardiacCine(tfds_builders.SubjectBuilder):
   converted UK Biobank subjects (<id>/sa.nii.gz, la_4ch.nii.gz, seg_sa.nii.gz).
   """
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=("Cine MRI per subject: 3 central short-axis slices with labels, the "
-                     "mid-ventricular slice and the 4-chamber view, resampled to T frames "
-                     "from ED, LV volume curve."),
-        features=cine_features(self.builder_config.cine))
+  DESCRIPTION = ("Cine MRI per subject: 3 central short-axis slices with labels, the "
+                 "mid-ventricular slice and the 4-chamber view, resampled to T frames from ED, "
+                 "LV volume curve.")
+
+  def subject_features(self) -> tfds.features.FeaturesDict:
+    return cine_features(self.builder_config.cine)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     config: CineBuilderConfig = self.builder_config
