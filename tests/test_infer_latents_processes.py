@@ -195,7 +195,7 @@ def test_two_processes_write_the_one_process_file_also_after_a_kill(diffae_run, 
   # The one-process reference and the first launch of the pair run together; process 1 of
   # the pair is killed (SIGKILL) on its second batch, and process 0 gives up waiting for it.
   launched = (_launch(common + [f"--output={reference}"], single, 1, {}) +
-              _launch(common + [f"--output={output}", "--merge_timeout=20"], pair, 2, {1: 2}))
+              _launch(common + [f"--output={output}", "--merge_timeout=6"], pair, 2, {1: 2}))
   logs = _wait(launched)
   assert launched[0].returncode == 0, logs[0][-3000:]
   assert launched[2].returncode == -9, logs[2][-3000:]
