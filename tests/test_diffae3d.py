@@ -190,6 +190,23 @@ def test_chunked_attention_equals_naive_attention():
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_chunked_attention_visits_the_heads_in_a_loop_or_at_once_with_one_result():
+  """head_loop "map" (the CPU's choice: 2D products per example and head) and "vmap" (batched
+  products, the accelerators' choice) compute the same values and gradients; "auto" is "map"
+  on this CPU."""
+  rng = np.random.default_rng(5)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 21, 3, 4)), jnp.float32) for _ in range(3))
+  loss = lambda loop: lambda q, k, v: jnp.sum(jnp.sin(attention.chunked_attention(q, k, v, 8,
+                                                                                   loop)))
+  results = {loop: jax.jit(jax.value_and_grad(loss(loop), (0, 1, 2)))(q, k, v)
+             for loop in ("map", "vmap")}
+  for got, want in zip(jax.tree.leaves(results["map"]), jax.tree.leaves(results["vmap"])):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  assert attention.resolve_head_loop("auto") == "map"
+  with pytest.raises(ValueError, match="head loop"):
+    attention.resolve_head_loop("scan")
+
+
 def test_chunked_attention_in_bfloat16_keeps_the_dtype_and_the_values():
   """bfloat16 queries, keys and values: outputs and gradients in bfloat16, within bfloat16's
   precision of the float32 attention (logits and softmax are float32 inside)."""
