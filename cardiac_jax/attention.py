@@ -16,6 +16,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from cardiac_jax import runtime
+
 F32 = jnp.float32
 
 
@@ -106,11 +108,8 @@ HEAD_LOOPS = ("auto", "map", "vmap")
 
 def resolve_head_loop(loop: str) -> str:
   """"auto" -> "map" on the CPU backend, else "vmap" (see `chunked_attention`)."""
-  if loop not in HEAD_LOOPS:
-    raise ValueError(f"attention head loop must be one of {HEAD_LOOPS}, got {loop!r}")
-  if loop != "auto":
-    return loop
-  return "map" if jax.default_backend() == "cpu" else "vmap"
+  return runtime.backend_choice(loop, HEAD_LOOPS, cpu="map", other="vmap",
+                                what="attention head loop")
 
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: int,

@@ -160,3 +160,15 @@ def phase_logger(command: str) -> Callable[[str], None]:
     print(f"[{command} {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
   return log
+
+
+def backend_choice(value: str, choices, *, cpu: str, other: str, what: str) -> str:
+  """`value` unless it is "auto": then `cpu` on the CPU backend and `other` elsewhere (settings
+  whose fastest form differs between XLA:CPU and the accelerators); a ValueError naming `what`
+  when `value` is not one of `choices`."""
+  if value not in choices:
+    raise ValueError(f"{what} must be one of {tuple(choices)}, got {value!r}")
+  if value != "auto":
+    return value
+  import jax  # pylint: disable=g-import-not-at-top
+  return cpu if jax.default_backend() == "cpu" else other

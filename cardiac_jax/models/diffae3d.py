@@ -84,7 +84,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cardiac_jax import layers
+from cardiac_jax import layers, runtime
 from cardiac_jax.attention import chunked_attention
 
 Dtype = Any
@@ -161,11 +161,8 @@ def num_groups(channels: int, group_limit: int) -> int:
 # ------------------------------------------------------------------------------ layers
 def resolve_conv_impl(impl: str) -> str:
   """"auto" -> "frames" on the CPU backend, else "xla" (module docstring, Convolutions)."""
-  if impl not in CONV_IMPLS:
-    raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
-  if impl != "auto":
-    return impl
-  return "frames" if jax.default_backend() == "cpu" else "xla"
+  return runtime.backend_choice(impl, CONV_IMPLS, cpu="frames", other="xla",
+                                what="model.conv_impl")
 
 
 def conv3d_same(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
