@@ -100,6 +100,11 @@ def test_baseline_command_follows_the_config():
 def test_baseline_command_rejects_objectives_it_does_not_implement():
   with pytest.raises(ValueError, match="Soft-IntroVAE"):
     benchmark.torch_baseline_command(get_config("vae:smoke"), "/usr/bin/python3", num_steps=1)
+  # A bfloat16 step against the float32 baseline is no like-for-like ratio.
+  config = get_config("ar_sivae:smoke")
+  config.model.compute_dtype = "bfloat16"
+  with pytest.raises(ValueError, match="float32 only"):
+    benchmark.torch_baseline_command(config, "/usr/bin/python3", num_steps=1)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None,

@@ -294,15 +294,29 @@ class VAEFamily(FamilyBase):
     holds the sampled z, the new BatchNorm statistics, scalar metrics and the intermediate
     tensors (for tests that re-evaluate the formula).
     """
-    cfg, s, stats = self.loss, self.scale, state.batch_stats
+    stats = state.batch_stats
     k_real, k_rec, k_fake = keys
-    rec_loss = lambda a, b: losses.reconstruction_per_sample(a, b, cfg.reconstruction)
-    kl = losses.kl_per_sample
     params = {"encoder": enc_params, "decoder": state.params["decoder"]}
     fake = self._decode(params, stats, z_prior, True)
-    (mu, logvar), enc_stats = self._encode(params, stats, x, True, update_stats=True)
-    z = self._reparameterize(k_real, mu, logvar)
+    posterior, enc_stats = self._encode(params, stats, x, True, update_stats=True)
+    z = self._reparameterize(k_real, *posterior)
     recon, dec_stats = self._decode(params, stats, z, True, update_stats=True)
+    loss, aux = self._soft_intro_encoder_terms(enc_params, state, x, attributes, posterior, z,
+                                               recon, fake, (k_rec, k_fake))
+    return loss, {**aux, "z": z, "stats": {"encoder": enc_stats, "decoder": dec_stats}}
+
+  def _soft_intro_encoder_terms(self, enc_params, state: TrainState, x: jax.Array,
+                                attributes: jax.Array, posterior, z: jax.Array,
+                                recon: jax.Array, fake: jax.Array, keys):
+    """L_E given the encoder's posterior (mu, logvar) of x, its sample z, x_r = D(z) and
+    x_f = D(z_p): the arguments through which the train step chains L_E's gradient to the
+    encoder, so that it decodes z and z_p once for both updates. keys: (k_rec, k_fake)."""
+    cfg, s, stats = self.loss, self.scale, state.batch_stats
+    k_rec, k_fake = keys
+    rec_loss = lambda a, b: losses.reconstruction_per_sample(a, b, cfg.reconstruction)
+    kl = losses.kl_per_sample
+    mu, logvar = posterior
+    params = {"encoder": enc_params, "decoder": state.params["decoder"]}
     mu_r, logvar_r = self._encode(params, stats, jax.lax.stop_gradient(recon), True)
     mu_f, logvar_f = self._encode(params, stats, jax.lax.stop_gradient(fake), True)
     z_r = self._reparameterize(k_rec, mu_r, logvar_r)
@@ -325,8 +339,7 @@ class VAEFamily(FamilyBase):
     tensors = {"mu": mu, "logvar": logvar, "z": z, "recon": recon, "fake": fake,
                "mu_r": mu_r, "logvar_r": logvar_r, "mu_f": mu_f, "logvar_f": logvar_f,
                "recon_rec": recon_rec, "fake_rec": fake_rec}
-    return loss, {"z": z, "stats": {"encoder": enc_stats, "decoder": dec_stats},
-                  "metrics": metrics, "tensors": tensors}
+    return loss, {"metrics": metrics, "tensors": tensors}
 
   def soft_intro_decoder_loss(self, dec_params, enc_params, state: TrainState, x: jax.Array,
                               z: jax.Array, z_prior: jax.Array, keys):
@@ -335,13 +348,20 @@ class VAEFamily(FamilyBase):
     The encoder parameters are constants, but the gradient flows through the encoder's
     activations on x_r and x_f into the decoder. keys: (k_rec, k_fake). Returns (loss, aux).
     """
+    params = {"encoder": enc_params, "decoder": dec_params}
+    recon = self._decode(params, state.batch_stats, z, True)
+    fake = self._decode(params, state.batch_stats, z_prior, True)
+    return self._soft_intro_decoder_terms(dec_params, enc_params, state, x, recon, fake, keys)
+
+  def _soft_intro_decoder_terms(self, dec_params, enc_params, state: TrainState, x: jax.Array,
+                                recon: jax.Array, fake: jax.Array, keys):
+    """L_D given x_r = D(z) and x_f = D(z_p) (the train step chains their gradients to the
+    decoder through the forward passes it shares with L_E). keys: (k_rec, k_fake)."""
     cfg, s, stats = self.loss, self.scale, state.batch_stats
     k_rec, k_fake = keys
     rec_loss = lambda a, b: losses.reconstruction_per_sample(a, b, cfg.reconstruction)
     kl = losses.kl_per_sample
     params = {"encoder": enc_params, "decoder": dec_params}
-    recon = self._decode(params, stats, z, True)
-    fake = self._decode(params, stats, z_prior, True)
     mu_r, logvar_r = self._encode(params, stats, recon, True)
     mu_f, logvar_f = self._encode(params, stats, fake, True)
     z_r = jax.lax.stop_gradient(self._reparameterize(k_rec, mu_r, logvar_r))
@@ -361,24 +381,49 @@ class VAEFamily(FamilyBase):
 
   def soft_intro_train_step(self, state: TrainState, batch: dict[str, jax.Array],
                             key: jax.Array) -> tuple[TrainState, Metrics]:
-    """One Soft-IntroVAE encoder update followed by one decoder update (module docstring)."""
+    """One Soft-IntroVAE encoder update followed by one decoder update (module docstring).
+
+    The gradients are those of `soft_intro_encoder_loss` and `soft_intro_decoder_loss`, but
+    x_r = D(z) and x_f = D(z_p) are decoded once for both: the decoder step's forward passes on
+    z and z_p see the same parameters, codes and batch statistics as the encoder step's. Each
+    pass keeps its VJP; L_E's gradient is chained through x_r, z and (mu, logvar) to the
+    encoder, L_D's through x_r and x_f to the decoder. Two of the step's thirteen network
+    passes fewer (docs/implementation_notes.md)."""
     x, attributes = batch["image"], batch["attributes"]
     k_prior, k_real, k_rec, k_fake, k_drec, k_dfake = _split(key, 6)
     z_prior = self._normal(k_prior, (x.shape[0], self.latent_dim), jnp.float32)
-    enc_grads, enc_aux = jax.grad(self.soft_intro_encoder_loss, has_aux=True)(
-        state.params["encoder"], state, x, attributes, z_prior, (k_real, k_rec, k_fake))
-    new_encoder, enc_opt, enc_grads = self._optimizer_step(state, "encoder", enc_grads,
-                                                           state.params["encoder"])
+    stats, encoder, decoder = state.batch_stats, state.params["encoder"], state.params["decoder"]
+    with_encoder = lambda dec: {"encoder": encoder, "decoder": dec}
+    posterior, posterior_vjp, enc_stats = jax.vjp(
+        lambda enc: self._encode({"encoder": enc, "decoder": decoder}, stats, x, True,
+                                 update_stats=True), encoder, has_aux=True)
+    z, z_vjp = jax.vjp(lambda mu, logvar: self._reparameterize(k_real, mu, logvar), *posterior)
+    recon, recon_vjp, dec_stats = jax.vjp(
+        lambda dec, code: self._decode(with_encoder(dec), stats, code, True, update_stats=True),
+        decoder, z, has_aux=True)
+    fake, fake_vjp = jax.vjp(lambda dec: self._decode(with_encoder(dec), stats, z_prior, True),
+                             decoder)
+
+    (g_direct, g_posterior, g_z, g_recon), enc_aux = jax.grad(
+        self._soft_intro_encoder_terms, argnums=(0, 4, 5, 6), has_aux=True)(
+            encoder, state, x, attributes, posterior, z, recon, fake, (k_rec, k_fake))
+    g_z = g_z + recon_vjp(g_recon)[1]
+    g_posterior = jax.tree.map(jnp.add, g_posterior, z_vjp(g_z))
+    enc_grads = jax.tree.map(jnp.add, g_direct, posterior_vjp(g_posterior)[0])
+    new_encoder, enc_opt, enc_grads = self._optimizer_step(state, "encoder", enc_grads, encoder)
+
     # The decoder step sees the updated encoder and the (constant) codes of the real batch.
-    z = jax.lax.stop_gradient(enc_aux["z"])
-    dec_grads, dec_aux = jax.grad(self.soft_intro_decoder_loss, has_aux=True)(
-        state.params["decoder"], new_encoder, state, x, z, z_prior, (k_drec, k_dfake))
-    new_decoder, dec_opt, dec_grads = self._optimizer_step(state, "decoder", dec_grads,
-                                                           state.params["decoder"])
+    (g_direct, g_recon, g_fake), dec_aux = jax.grad(
+        self._soft_intro_decoder_terms, argnums=(0, 4, 5), has_aux=True)(
+            decoder, new_encoder, state, x, recon, fake, (k_drec, k_dfake))
+    dec_grads = jax.tree.map(lambda a, b, c: a + b + c, g_direct, recon_vjp(g_recon)[0],
+                             fake_vjp(g_fake)[0])
+    new_decoder, dec_opt, dec_grads = self._optimizer_step(state, "decoder", dec_grads, decoder)
     metrics = {**enc_aux["metrics"], **dec_aux["metrics"],
                "loss": enc_aux["metrics"]["encoder_loss"]}
     return self._finish(state, {"encoder": new_encoder, "decoder": new_decoder},
-                        {"encoder": enc_opt, "decoder": dec_opt}, enc_aux["stats"],
+                        {"encoder": enc_opt, "decoder": dec_opt},
+                        {"encoder": enc_stats, "decoder": dec_stats},
                         {"encoder": enc_grads, "decoder": dec_grads}, metrics)
 
   @property
