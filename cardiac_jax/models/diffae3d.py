@@ -65,12 +65,13 @@ ten times slower.
 
 Precision: parameters are float32; with `dtype` = bfloat16 the convolutions, dense layers and
 attention matmuls compute in bfloat16 while GroupNorm statistics, the attention softmax and the
-returned eps_hat are float32. Rematerialisation (`remat` = "blocks"): every ResBlock and
-attention block keeps only its inputs for the backward pass, which recomputes its activations
-once the block's output cotangent exists (`layers.recompute_in_backward`; `nn.remat` alone
+returned eps_hat are float32. Rematerialisation (`remat` = "blocks"): every ResBlock keeps
+only its inputs for the backward pass, which recomputes its activations once the block's output
+cotangent exists (`layers.recompute_in_backward`; `nn.remat` alone
 saves nothing on XLA:CPU, see `cardiac_jax.layers`), and `DiffAE3D.encode` recomputes the
 whole semantic encoder the same way, since z_sem's cotangent is complete only after the UNet's
-backward pass. An up-path ResBlock concatenates the skip connection itself, so it keeps the
+backward pass. Attention blocks are not recomputed: the blockwise attention's own residuals
+are linear in the number of voxels (`_attention`). An up-path ResBlock concatenates the skip connection itself, so it keeps the
 two halves rather than a copy of both. The parameter tree is the same in every mode;
 docs/diffae3d_memory.md has the compiled memory of the reference size.
 """
@@ -359,13 +360,15 @@ class LevelNetwork(nn.Module):
 
 
 def _attention(network: LevelNetwork, group_limit: int, dtype: Dtype) -> Callable:
-  """name -> the AttentionBlock `name` of `network` (its num_heads, attention_block_size and
-  remat) as a function of h."""
+  """name -> the AttentionBlock `name` of `network` (its num_heads and attention_block_size).
+
+  Never recomputed, whatever `network.remat`: its blockwise attention keeps only q, k, v, the
+  output and one log-sum-exp per query for the backward pass, a few (N, C) arrays, and
+  recomputing the block would repeat its (block x N) products for nothing."""
 
   def attn(name: str):
-    block = AttentionBlock(network.num_heads, network.attention_block_size, group_limit, dtype,
-                           name=name)
-    return lambda h: call_block(block, network.remat, h)
+    return AttentionBlock(network.num_heads, network.attention_block_size, group_limit, dtype,
+                          name=name)
 
   return attn
 
