@@ -265,11 +265,11 @@ def comparable_metrics(workdirs: Sequence[str]) -> list[str]:
       continue
     for record in records:
       for key in record:
-        if key == "train/loss" or (key.startswith("val/") and not _is_channel_entry(key)):
+        if key == "train/loss" or (key.startswith("val/") and not is_channel_entry(key)):
           tags[key] = None
   return sorted(tags, key=lambda tag: (not tag.startswith("val/"), tag))
 
 
-def _is_channel_entry(key: str) -> bool:
+def is_channel_entry(key: str) -> bool:
   head, sep, tail = key.rpartition("_ch")
   return bool(head and sep and tail.isdigit())

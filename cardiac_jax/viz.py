@@ -416,3 +416,36 @@ def overlay_labels(image, labels, alpha: float = 0.4, vmin: float = 0.0,
     mask = labels == value
     rgb[mask] = (1.0 - alpha) * rgb[mask] + alpha * np.asarray(colour)
   return rgb
+
+
+def save_curves_figure(path: str | os.PathLike,
+                       panels: Sequence[tuple[str, Sequence[tuple[str, Sequence[float],
+                                                                  Sequence[float]]]]]) -> str:
+  """Line plots side by side: one panel per (title, [(label, steps, values), ...]), one line
+  per label in the same colour across panels. Non-finite values leave gaps. A panel whose
+  finite values are all positive and span more than a factor of 50 uses a log y axis (said in
+  its title)."""
+  if not panels:
+    raise ValueError(f"{str(path)!r}: no curves to draw")
+  fig = Figure(figsize=(4.6 * len(panels), 3.6), dpi=_DPI, layout="constrained")
+  labels = list(dict.fromkeys(label for _, lines in panels for label, _, _ in lines))
+  colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+  for i, (title, lines) in enumerate(panels):
+    ax = fig.add_subplot(1, len(panels), i + 1)
+    finite = np.concatenate([np.asarray(v, float)[np.isfinite(np.asarray(v, float))]
+                             for _, _, v in lines] or [np.zeros(0)])
+    log = finite.size > 0 and finite.min() > 0 and finite.max() / finite.min() > 50
+    for label, steps, values in lines:
+      values = np.asarray(values, float)
+      ax.plot(np.asarray(steps), np.where(np.isfinite(values), values, np.nan),
+              color=colours[label], label=label, linewidth=1.2)
+    if log:
+      ax.set_yscale("log")
+    ax.set_title(title + (" (log scale)" if log else ""), fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+  fig.axes[0].legend(fontsize=7)
+  path = _prepare_path(path)
+  fig.savefig(path, dpi=_DPI)
+  return path

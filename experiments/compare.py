@@ -1,5 +1,5 @@
 """Compare evaluated runs side by side: `python -m experiments.compare DIR1 DIR2 ...
-[--output=FILE.md] [--group_by_config] [--analysis=tcav]`.
+[--output=FILE.md] [--group_by_config] [--analysis=tcav|curves]`.
 
 Builds the comparison table of the AR-SIVAE paper (Di Folco et al., MICCAI 2024, Table 1) from
 each run's DIR/eval/metrics.json (written by `python -m experiments.evaluate --workdir=DIR`):
@@ -20,6 +20,9 @@ config name plus the config fields that distinguish it from the other runs of th
 With `--group_by_config`, runs whose configs are equal except for the field `seed` form one
 row showing mean ± std over the seeds (std with Bessel's correction, ddof=1, the spread of a
 seed population estimated from a few seeds; a group of one run shows its value alone).
+
+With `--analysis=curves`, the runs' training curves (DIR/metrics.jsonl) are drawn side by side
+and summarised (`experiments.curves`: figure, table, CSV).
 
 With `--analysis=tcav`, the runs' TCAV tables (DIR/tcav/results.json of `experiments.tcav`)
 are pooled as seeds of one protocol (refused when their concept pool, explained split, set
@@ -75,7 +78,7 @@ COLUMNS = (
 
 # Fields that change what a run logs or where it caches, not what it learns: they never name or
 # split a row.
-_BOOKKEEPING_FIELDS = frozenset({
+BOOKKEEPING_FIELDS = frozenset({
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.figure_every",
     "train.max_checkpoints", "train.progress_bar", "data.cache_dir", "parallel.num_devices"})
 # A label listing more differing fields than this is unreadable: the workdir name is used.
@@ -103,7 +106,7 @@ class Run:
     return os.path.basename(os.path.normpath(self.workdir))
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
   """The JSON object in `path`; ValueError naming the file when it is cut short, not JSON or
   not text (bytes that are not UTF-8 were reported without the file's name)."""
   try:
@@ -137,11 +140,11 @@ def load_run(workdir: str, eval_name: str = "eval") -> Run:
     raise MissingEvaluationError(
         f"run {workdir} has no {metrics_path}: evaluate it first with "
         f"`{evaluate_hint(workdir, eval_name)}`")
-  metrics = _read_json(metrics_path)
+  metrics = read_json(metrics_path)
   config_path = os.path.join(workdir, "config.json")
   fields, name = {}, None
   if os.path.isfile(config_path):
-    fields = flatten_config(_read_json(config_path))
+    fields = flatten_config(read_json(config_path))
     name = fields.get("name") or None
   return Run(workdir=workdir, config_name=name, fields=fields, metrics=metrics)
 
@@ -203,7 +206,7 @@ def _distinguishing_fields(field_sets: Sequence[dict[str, Any]],
           and len({repr(f.get(k, missing)) for f in field_sets}) > 1]
 
 
-def _labels(items: Sequence[tuple[str | None, dict[str, Any], str]],
+def config_labels(items: Sequence[tuple[str | None, dict[str, Any], str]],
             ignore: frozenset[str]) -> list[str]:
   """Row names for (config name, fields, workdir basename) items: the config name plus the
   fields that differ among the items of the same config name; unique by construction."""
@@ -234,7 +237,7 @@ def _group_runs(runs: Sequence[Run]) -> list[list[Run]]:
     if run.fields:
       key = (run.config_name, tuple(sorted(
           (k, repr(v)) for k, v in run.fields.items()
-          if k != "seed" and k not in _BOOKKEEPING_FIELDS)))
+          if k != "seed" and k not in BOOKKEEPING_FIELDS)))
     else:
       key = ("workdir", os.path.abspath(run.workdir))  # Nothing to group a config-less run by.
     groups.setdefault(key, []).append(run)
@@ -266,11 +269,11 @@ def build_rows(runs: Sequence[Run], group_by_config: bool = False) -> list[dict]
   absent) and `key_std` (None for a single run)."""
   if group_by_config:
     groups = _group_runs(runs)
-    ignore = _BOOKKEEPING_FIELDS | {"seed"}
+    ignore = BOOKKEEPING_FIELDS | {"seed"}
   else:
     groups = [[run] for run in runs]
-    ignore = _BOOKKEEPING_FIELDS
-  names = _labels([(g[0].config_name, g[0].fields, g[0].basename) for g in groups], ignore)
+    ignore = BOOKKEEPING_FIELDS
+  names = config_labels([(g[0].config_name, g[0].fields, g[0].basename) for g in groups], ignore)
   rows = []
   for name, group in zip(names, groups):
     row: dict[str, Any] = {"name": name, "workdirs": [r.workdir for r in group],
@@ -356,9 +359,9 @@ def load_tcav(workdir: str) -> tuple[dict, Any]:
   if not os.path.isfile(path):
     raise MissingEvaluationError(f"run {workdir} has no {path}: run "
                                  f"`python -m experiments.tcav --workdir={workdir}` first")
-  results = _read_json(path)
+  results = read_json(path)
   config_path = os.path.join(workdir, "config.json")
-  seed = (flatten_config(_read_json(config_path)).get("seed")
+  seed = (flatten_config(read_json(config_path)).get("seed")
           if os.path.isfile(config_path) else None)
   return results, seed
 
@@ -447,9 +450,12 @@ def define_flags() -> None:
                       "Markdown file to write; the CSV goes next to it (same stem).")
   flags.DEFINE_bool("group_by_config", False, "One row per config (runs differing only in "
                     "`seed`), mean ± std over the seeds.")
-  flags.DEFINE_enum("analysis", "evaluation", ["evaluation", "tcav"],
-                    "What to compare: the evaluation metrics (DIR/<eval_name>/metrics.json) or "
-                    "the TCAV tables (DIR/tcav/results.json, pooled over the runs as seeds).")
+  flags.DEFINE_enum("analysis", "evaluation", ["evaluation", "tcav", "curves"],
+                    "What to compare: the evaluation metrics (DIR/<eval_name>/metrics.json), "
+                    "the TCAV tables (DIR/tcav/results.json, pooled over the runs as seeds) or "
+                    "the training curves (DIR/metrics.jsonl; a figure beside the table).")
+  flags.DEFINE_list("metrics", [], "With --analysis=curves: the logged metrics to draw, e.g. "
+                    "train/loss,val/mse (default: train/loss and the runs' train.best_metric).")
   flags.DEFINE_string("eval_name", "eval", "Evaluation folder of each run to compare: eval "
                       "(experiments.evaluate's default) or e.g. eval_best (written by "
                       "`evaluate --step=best --output_dir=DIR/eval_best`).")
@@ -465,6 +471,7 @@ def main(argv):
     print(f"error: --output={output!r} must name a markdown file (its CSV goes beside it), "
           "not a folder", file=sys.stderr)
     sys.exit(1)
+  written = [output, csv_path(output)]
   try:
     if flags.FLAGS.analysis == "tcav":
       markdown, rows = tcav_comparison(workdirs)
@@ -472,6 +479,10 @@ def main(argv):
       with open(output, "w") as f:
         f.write(markdown)
       write_tcav_csv(csv_path(output), rows)
+    elif flags.FLAGS.analysis == "curves":
+      from experiments import curves
+      markdown = curves.curves_comparison(workdirs, flags.FLAGS.metrics, output)
+      written.append(curves.png_path(output))
     else:
       markdown, _ = write_comparison(workdirs, output, flags.FLAGS.group_by_config,
                                      flags.FLAGS.eval_name)
@@ -479,7 +490,7 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   print(markdown, end="")
-  print(f"Wrote {output} and {csv_path(output)}", file=sys.stderr)
+  print(f"Wrote {', '.join(written)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -524,3 +524,63 @@ def test_tiny_real_sweep_end_to_end(tmp_path, isolated_cache):
   assert config["loss"]["beta_kl"] == 2 and config["train"]["num_steps"] == 2
   rerun = run_module(args, cwd=tmp_path, timeout=120)
   assert rerun.returncode == 0 and rerun.stdout.count("skipped") == 1
+
+
+def write_curves(workdir, dtype, records):
+  """A run directory as training leaves it (only the files the curves read)."""
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump({"name": "ar_sivae", "seed": 0, "model": {"compute_dtype": dtype},
+               "train": {"best_metric": "val/mse", "log_every": 25}}, f)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    f.write("".join(json.dumps(r) + "\n" for r in records))
+  return str(workdir)
+
+
+def test_curves_of_runs_side_by_side_count_a_resumed_step_once(tmp_path):
+  from PIL import Image
+  from experiments import curves
+  val = lambda step, mse: {"step": step, "val/mse": mse, "val/mse_ch0": mse}
+  f32 = write_curves(tmp_path / "f32", "float32", [
+      {"step": 25, "train/loss": 4.0}, {"step": 50, "train/loss": 3.0}, val(50, 0.5),
+      {"step": 75, "train/loss": 2.0}, {"step": 100, "train/loss": 1.0}, val(100, 0.25)])
+  # Resumed from step 25: step 50 is logged again (the rerun's 2.5 counts, not the 0.5 the
+  # interrupted run logged); a non-finite loss is logged as the string "nan".
+  bf16 = write_curves(tmp_path / "bf16", "bfloat16", [
+      {"step": 25, "train/loss": 4.0}, {"step": 50, "train/loss": 0.5},
+      {"step": 50, "train/loss": 2.5}, val(50, 0.6), {"step": 75, "train/loss": "nan"},
+      {"step": 100, "train/loss": 1.5}, val(100, 0.3)])
+  output = str(tmp_path / "out" / "curves.md")
+  markdown = curves.curves_comparison([f32, bf16], [], output)
+  rows = {(r[0], r[1]): r[2:] for r in table_cells(markdown.split("\n\n", 1)[1])[1:]}
+  assert rows[("ar_sivae model.compute_dtype=bfloat16", "train/loss")] == [
+      "100", "1.5", "1.5", "1.5", "100"]
+  assert rows[("ar_sivae model.compute_dtype=float32", "train/loss")] == [
+      "100", "1", "1", "1", "100"]
+  assert rows[("ar_sivae model.compute_dtype=bfloat16", "val/mse")] == [
+      "100", "0.3", "0.3", "0.3", "100"]
+  with open(compare.csv_path(output)) as f:
+    points = [(r["run"], r["metric"], r["step"], r["value"]) for r in csv.DictReader(f)
+              if r["run"].endswith("bfloat16") and r["metric"] == "train/loss"]
+  assert [(p[2], p[3]) for p in points] == [("25", "4.0"), ("50", "2.5"), ("75", "nan"),
+                                            ("100", "1.5")]
+  with Image.open(curves.png_path(output)) as image:
+    assert image.size[0] > 1.8 * image.size[1]  # Two panels side by side.
+
+  with pytest.raises(ValueError) as error:
+    curves.curves_comparison([f32, bf16], ["train/loss", "val/psnr"], output)
+  message = str(error.value)
+  assert f"run {f32} never logged val/psnr; it logged: train/loss, val/mse" in message
+  assert "bf16" in message and "mse_ch0" not in message
+
+  result = run_module(["experiments.compare", "--analysis=curves", f32, bf16,
+                       "--metrics=val/mse", f"--output={tmp_path / 'cli.md'}"],
+                      cwd=tmp_path, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert "cli.png" in result.stderr and os.path.getsize(tmp_path / "cli.png") > 5000
+  with open(os.path.join(bf16, "metrics.jsonl"), "a") as f:
+    f.write("{oops\n{\"step\": 125}\n")
+  damaged = run_module(["experiments.compare", "--analysis=curves", f32, bf16,
+                        f"--output={tmp_path / 'cli.md'}"], cwd=tmp_path, timeout=120)
+  assert damaged.returncode != 0
+  assert "metrics.jsonl line 8 is damaged" in damaged.stderr and "bf16" in damaged.stderr
