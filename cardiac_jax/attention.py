@@ -123,8 +123,8 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: int,
     head_loop: how the B * H (example, head) pairs are visited: "map" one after the other, each
       with plain 2D matrix products, "vmap" all at once (batched products); "auto" takes "map"
       on the CPU, where XLA materialises a transposed copy of each (block x N) matrix that a
-      batched product contracts over its rows (a 12,800-token block: 3.4 s with batched
-      products, 1.25 s with 2D ones, value and gradient), and "vmap" elsewhere.
+      batched product contracts over its rows (about three times slower there: timings in
+      benchmarks/README.md), and "vmap" elsewhere.
 
   Returns:
     (B, N, H, D), equal to `naive_attention(q, k, v)`, with the same gradients. The forward

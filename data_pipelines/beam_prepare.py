@@ -98,10 +98,11 @@ def resolve_subjects(resolve: Callable[[str, str], tuple], subjects: Sequence[tu
   finally:
     folder.rmtree(missing_ok=True)
   position = {subject: i for i, (subject, _) in enumerate(subjects)}
+  returned = sorted(position.get(result[0].subject, -1) for result in results)
+  if returned != list(range(len(subjects))):  # Each subject once, none other.
+    raise RuntimeError(f"the Beam pipeline returned {len(results)} outcomes for the "
+                       f"{len(subjects)} subjects, not one per subject")
   results.sort(key=lambda result: position[result[0].subject])
-  if len(results) != len(subjects):
-    raise RuntimeError(f"the Beam pipeline returned {len(results)} outcomes for "
-                       f"{len(subjects)} subjects")
   return results
 
 

@@ -163,7 +163,7 @@ def run():
   # Flags are defined only when the command runs, so importing this module beside another
   # command's (tests, tools) defines no second --config.
   define_flags()
-  configs.run_config_command(main, flags_parser=_parse_flags_or_exit)
+  configs.run_config_command(main, checked_by_parser=True, flags_parser=_parse_flags_or_exit)
 
 
 if __name__ == "__main__":

@@ -204,3 +204,14 @@ def copy_run(workdir: str, destination) -> str:
   target = os.path.join(str(destination), os.path.basename(workdir.rstrip("/")) or "run")
   shutil.copytree(workdir, target)
   return target
+
+
+def tree_files(root: str) -> dict[str, bytes]:
+  """{path relative to root, '/'-separated: bytes} of every file under root."""
+  out = {}
+  for folder, _, names in os.walk(root):
+    for name in names:
+      path = os.path.join(folder, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root).replace(os.sep, "/")] = f.read()
+  return out

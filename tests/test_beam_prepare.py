@@ -9,6 +9,7 @@ error without it is tested always.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -25,6 +26,7 @@ from data_pipelines import cine
 from data_pipelines import prepare
 from data_pipelines import preprocess
 from data_pipelines.errors import InvalidArgumentError
+from tests.conftest import tree_files
 from tests.test_acdc_reader import ED_RADII_MM
 from tests.test_acdc_reader import phantom_labels
 from tests.test_acdc_reader import save_nifti
@@ -67,17 +69,6 @@ def _slice_cohort(root: str) -> dict[str, str]:
   return refused
 
 
-def _files(directory: str) -> dict[str, bytes]:
-  """{relative path: bytes} of every file under `directory`."""
-  out = {}
-  for folder, _, names in os.walk(directory):
-    for name in names:
-      path = os.path.join(folder, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, directory)] = f.read()
-  return out
-
-
 def _records(output_dir: str) -> dict[str, list[tuple[str, dict]]]:
   """{split: [(subject, decoded example)]} of a prepared dataset, in order of subject id."""
   builder = prepare.open_prepared(output_dir)
@@ -106,7 +97,7 @@ def _serialized_records(output_dir: str) -> dict[str, list[bytes]]:
 def _assert_same_preparation(default_dir: str, beam_dir: str) -> None:
   """Both prepared datasets are equal: records, report.json (but its timings), attributes.csv,
   splits.json, the dataset's features and split sizes, and every tfds file's bytes."""
-  default_files, beam_files = _files(default_dir), _files(beam_dir)
+  default_files, beam_files = tree_files(default_dir), tree_files(beam_dir)
   assert sorted(default_files) == sorted(beam_files)
   report = default_files.pop(prepare.REPORT)
   assert _TIMINGS.sub(b"", beam_files.pop(prepare.REPORT)) == _TIMINGS.sub(b"", report)
@@ -264,3 +255,24 @@ def test_beam_options_are_parsed_like_a_command_line():
   assert options["direct_running_mode"] == "multi_processing"
   with pytest.raises(InvalidArgumentError, match="beam_options"):
     beam_prepare.pipeline_options('--runner="DirectRunner')
+
+
+# What resolve_subjects reads of an outcome (pickled by the pipeline: a module-level class).
+_Outcome = collections.namedtuple("_Outcome", "subject")
+
+
+@needs_beam
+def test_outcomes_must_be_one_per_subject(tmp_path):
+  """The driver takes the Beam results only when every subject came back once: an outcome of a
+  subject not asked for, or one subject twice and another never, is refused, not split."""
+  import tensorflow_datasets as tfds
+  config = tfds.download.DownloadConfig(
+      beam_options=beam_prepare.pipeline_options("--runner=DirectRunner"))
+  subjects = [("patient001", "a"), ("patient002", "b")]
+  ok = beam_prepare.resolve_subjects(lambda s, d: (_Outcome(s), d), subjects[::-1], config,
+                                     str(tmp_path))
+  assert [(o.subject, d) for o, d in ok] == [("patient002", "b"), ("patient001", "a")]
+  for resolve in (lambda s, d: (_Outcome(s + "x"), d), lambda s, d: (_Outcome("patient001"), d)):
+    with pytest.raises(RuntimeError, match="not one per subject"):
+      beam_prepare.resolve_subjects(resolve, subjects, config, str(tmp_path))
+  assert os.listdir(tmp_path) == []  # The scratch folder is removed either way.

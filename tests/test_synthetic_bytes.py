@@ -14,6 +14,7 @@ import os
 import pytest
 
 from data_pipelines import synthetic
+from tests.conftest import tree_files
 
 # Three small subjects with their 4-chamber views: cheap enough to write in every run.
 SMALL_RANGES = synthetic.AcquisitionRanges(image_size=(144, 160), spacing_mm=(1.7, 1.8),
@@ -97,14 +98,7 @@ DEFAULT_SUBJECT_SHA256 = {
 
 def _digests(root: str) -> dict[str, str]:
   """{path relative to root: SHA-256} of every file under root."""
-  out = {}
-  for directory, _, names in os.walk(root):
-    for name in names:
-      path = os.path.join(directory, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, root).replace(os.sep, "/")] = hashlib.sha256(
-            f.read()).hexdigest()
-  return out
+  return {path: hashlib.sha256(data).hexdigest() for path, data in tree_files(root).items()}
 
 
 def _assert_same(digests: dict[str, str], expected: dict[str, str]) -> None:

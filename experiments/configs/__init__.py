@@ -61,12 +61,13 @@ def resolve_config_argv(argv: list[str], flag: str = "config") -> list[str]:
   return out
 
 
-def run_config_command(main, **app_run_kwargs) -> None:
+def run_config_command(main, checked_by_parser: bool = False, **app_run_kwargs) -> None:
   """absl's app.run for a command with a --config=NAME[:variant] flag: the XLA:CPU setting is
   applied first (parsing the flag checks the config by tracing its model, which starts JAX's
   backend), the config name resolved to its file, and the config, overrides included, checked
   as training checks it (`config_checks`) before `main` runs: a value no run can use (a latent
-  size of 0) is one line naming it, not a traceback from inside the model or JAX."""
+  size of 0) is one line naming it, not a traceback from inside the model or JAX.
+  `checked_by_parser`: the command's own flags_parser has already checked it (no second check)."""
   from absl import app  # pylint: disable=g-import-not-at-top
   from cardiac_jax import runtime  # pylint: disable=g-import-not-at-top
   runtime.configure_xla_cpu()
@@ -76,7 +77,8 @@ def run_config_command(main, **app_run_kwargs) -> None:
     from absl import flags  # pylint: disable=g-import-not-at-top
     from cardiac_jax import config_checks  # pylint: disable=g-import-not-at-top
     config = flags.FLAGS.get_flag_value("config", None)
-    if config is not None:  # A missing --config is named by the command itself.
+    # A missing --config is named by the command itself.
+    if config is not None and not checked_by_parser:
       try:
         config_checks.validate(config)
       except config_checks.ConfigError as e:
