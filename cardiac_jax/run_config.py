@@ -60,6 +60,18 @@ def flatten_config(tree: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def comparable_fields(saved: dict) -> dict[str, Any]:
+  """`flatten_config(saved)` with each `ADDED_FIELD_DEFAULTS` field it predates filled in at
+  that value (where it has the field's section): runs written before and after a field was
+  added compare equal in it."""
+  flat = flatten_config(saved)
+  sections = {key.rpartition(".")[0] for key in flat}
+  for key, value in ADDED_FIELD_DEFAULTS.items():
+    if key not in flat and key.rpartition(".")[0] in sections:
+      flat[key] = value
+  return flat
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
   """"key: saved -> current" for each training field in which two config dicts differ (the
   fields of `RESUMABLE_FIELDS` and `ANALYSIS_SECTIONS` may differ; a field of

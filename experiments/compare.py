@@ -45,7 +45,7 @@ from typing import Any, Sequence
 
 from absl import app, flags
 
-from cardiac_jax.run_config import flatten_config
+from cardiac_jax.run_config import comparable_fields, flatten_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +144,7 @@ def load_run(workdir: str, eval_name: str = "eval") -> Run:
   config_path = os.path.join(workdir, "config.json")
   fields, name = {}, None
   if os.path.isfile(config_path):
-    fields = flatten_config(read_json(config_path))
+    fields = comparable_fields(read_json(config_path))
     name = fields.get("name") or None
   return Run(workdir=workdir, config_name=name, fields=fields, metrics=metrics)
 

@@ -6,9 +6,10 @@ logged more than once (a run resumed from an earlier checkpoint logs the steps a
 its last record counts: the values the run went on from. Writes FILE.png (one panel per metric,
 one line per run), FILE.csv (every logged point: run, metric, step, value) and FILE.md, a table
 per run and metric of the last logged step and value, the mean of the last quarter of the
-logged points and the minimum with its step. Runs are named as in the evaluation table (config
-name plus the config fields that tell them apart). Default metrics: train/loss and each run's
-selection metric (train.best_metric).
+logged points, and the minimum and maximum with their steps. Runs are named as in the
+evaluation table (config name plus the config fields that tell them apart; a field added to
+the configs after a run was written counts at the value that reproduces it). Default metrics:
+train/loss and each run's selection metric (train.best_metric).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def load_curves(workdir: str) -> RunCurves:
     ValueError: a damaged metrics.jsonl line (named) or config.json.
   """
   from cardiac_jax import metric_logging
-  from cardiac_jax.run_config import flatten_config
+  from cardiac_jax.run_config import comparable_fields
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.isdir(workdir) or not os.path.isfile(path):
     raise compare.MissingEvaluationError(
@@ -69,7 +70,7 @@ def load_curves(workdir: str) -> RunCurves:
       if key != "step" and number is not None:
         by_metric.setdefault(key, {})[record["step"]] = number
   config_path = os.path.join(workdir, "config.json")
-  fields = flatten_config(compare.read_json(config_path)) if os.path.isfile(config_path) else {}
+  fields = comparable_fields(compare.read_json(config_path)) if os.path.isfile(config_path) else {}
   curves = {}
   for metric, points in by_metric.items():
     steps = np.array(sorted(points), dtype=np.int64)
@@ -104,19 +105,28 @@ def _check_logged(runs: Sequence[RunCurves], metrics: Sequence[str]) -> None:
 
 def summary(steps: np.ndarray, values: np.ndarray) -> dict[str, float | int | None]:
   """Last step and value, mean of the finite values of the last quarter of the points (at
-  least one), and the finite minimum with its step (None when no value is finite)."""
+  least one), and the finite minimum and maximum with their steps (None when no value is
+  finite). Both extremes: whether lower or higher is better depends on the metric."""
   tail = values[-max(1, math.ceil(len(values) / 4)):]
   tail = tail[np.isfinite(tail)]
   finite = np.isfinite(values)
-  best = int(np.argmin(np.where(finite, values, np.inf))) if finite.any() else None
-  return {"last_step": int(steps[-1]), "last": float(values[-1]),
-          "tail_mean": float(tail.mean()) if tail.size else None,
-          "min": None if best is None else float(values[best]),
-          "min_step": None if best is None else int(steps[best])}
+  out: dict[str, float | int | None] = {
+      "last_step": int(steps[-1]), "last": float(values[-1]),
+      "tail_mean": float(tail.mean()) if tail.size else None}
+  for name, pick, fill in (("min", np.argmin, np.inf), ("max", np.argmax, -np.inf)):
+    at = int(pick(np.where(finite, values, fill))) if finite.any() else None
+    out[name] = None if at is None else float(values[at])
+    out[f"{name}_step"] = None if at is None else int(steps[at])
+  return out
 
 
 def _format(value: float | None) -> str:
   return "-" if value is None else f"{value:.5g}"
+
+
+def _extreme(stats: dict, name: str) -> str:
+  """"value (step)" of the min or max, "-" when no value is finite."""
+  return "-" if stats[name] is None else f"{_format(stats[name])} ({stats[name + '_step']})"
 
 
 def curves_comparison(workdirs: Sequence[str], metrics: Sequence[str],
@@ -135,12 +145,12 @@ def curves_comparison(workdirs: Sequence[str], metrics: Sequence[str],
     for label, run in zip(labels, runs):
       stats = summary(*run.curves[metric])
       rows.append([label, metric, stats["last_step"], _format(stats["last"]),
-                   _format(stats["tail_mean"]), _format(stats["min"]),
-                   "-" if stats["min_step"] is None else stats["min_step"]])
+                   _format(stats["tail_mean"]), _extreme(stats, "min"),
+                   _extreme(stats, "max")])
   markdown = (f"Curves of {len(runs)} runs (metrics.jsonl; a step logged twice keeps its last "
               "record); figure: " + os.path.basename(png_path(output)) + "\n\n"
               + io.markdown_table(["Run", "Metric", "last step", "last", "mean, last quarter",
-                                   "min", "at step"], rows, "llrrrrr"))
+                                   "min (step)", "max (step)"], rows, "llrrrrr"))
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   viz.save_curves_figure(png_path(output), [
       (metric, [(label, *run.curves[metric]) for label, run in zip(labels, runs)])

@@ -526,11 +526,13 @@ def test_tiny_real_sweep_end_to_end(tmp_path, isolated_cache):
   assert rerun.returncode == 0 and rerun.stdout.count("skipped") == 1
 
 
-def write_curves(workdir, dtype, records):
-  """A run directory as training leaves it (only the files the curves read)."""
+def write_curves(workdir, dtype, records, prepare=None):
+  """A run directory as training leaves it (only the files the curves read); `prepare`: its
+  data.prepare section."""
   os.makedirs(workdir)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump({"name": "ar_sivae", "seed": 0, "model": {"compute_dtype": dtype},
+               "data": {"prepare": prepare or {"image_size": 128}},
                "train": {"best_metric": "val/mse", "log_every": 25}}, f)
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     f.write("".join(json.dumps(r) + "\n" for r in records))
@@ -549,16 +551,19 @@ def test_curves_of_runs_side_by_side_count_a_resumed_step_once(tmp_path):
   bf16 = write_curves(tmp_path / "bf16", "bfloat16", [
       {"step": 25, "train/loss": 4.0}, {"step": 50, "train/loss": 0.5},
       {"step": 50, "train/loss": 2.5}, val(50, 0.6), {"step": 75, "train/loss": "nan"},
-      {"step": 100, "train/loss": 1.5}, val(100, 0.3)])
+      {"step": 100, "train/loss": 1.5}, val(100, 0.3)],
+      # Written after data.prepare.plausibility was added (f32's config predates it): at the
+      # value that reproduces the older run, the field names neither run.
+      prepare={"image_size": 128, "plausibility": []})
   output = str(tmp_path / "out" / "curves.md")
   markdown = curves.curves_comparison([f32, bf16], [], output)
   rows = {(r[0], r[1]): r[2:] for r in table_cells(markdown.split("\n\n", 1)[1])[1:]}
   assert rows[("ar_sivae model.compute_dtype=bfloat16", "train/loss")] == [
-      "100", "1.5", "1.5", "1.5", "100"]
+      "100", "1.5", "1.5", "1.5 (100)", "4 (25)"]
   assert rows[("ar_sivae model.compute_dtype=float32", "train/loss")] == [
-      "100", "1", "1", "1", "100"]
+      "100", "1", "1", "1 (100)", "4 (25)"]
   assert rows[("ar_sivae model.compute_dtype=bfloat16", "val/mse")] == [
-      "100", "0.3", "0.3", "0.3", "100"]
+      "100", "0.3", "0.3", "0.3 (100)", "0.6 (50)"]
   with open(compare.csv_path(output)) as f:
     points = [(r["run"], r["metric"], r["step"], r["value"]) for r in csv.DictReader(f)
               if r["run"].endswith("bfloat16") and r["metric"] == "train/loss"]
