@@ -437,8 +437,10 @@ def save_curves_figure(path: str | os.PathLike,
     log = finite.size > 0 and finite.min() > 0 and finite.max() / finite.min() > 50
     for label, steps, values in lines:
       values = np.asarray(values, float)
+      # Markers where points are few (validation every few hundred steps; a single point).
       ax.plot(np.asarray(steps), np.where(np.isfinite(values), values, np.nan),
-              color=colours[label], label=label, linewidth=1.2)
+              color=colours[label], label=label, linewidth=1.2,
+              marker="o" if len(values) < 20 else None, markersize=3)
     if log:
       ax.set_yscale("log")
     ax.set_title(title + (" (log scale)" if log else ""), fontsize=9)
