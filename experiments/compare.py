@@ -471,6 +471,15 @@ def main(argv):
     print(f"error: --output={output!r} must name a markdown file (its CSV goes beside it), "
           "not a folder", file=sys.stderr)
     sys.exit(1)
+  analysis, f = flags.FLAGS.analysis, flags.FLAGS
+  # Flags of another analysis are refused, never silently ignored.
+  misplaced = [f"{name} applies to --analysis={owner} only" for name, used, owner in (
+      ("--group_by_config", f.group_by_config, "evaluation"),
+      ("--eval_name", f.eval_name != "eval", "evaluation"),
+      ("--metrics", bool(f.metrics), "curves")) if used and analysis != owner]
+  if misplaced:
+    print(f"error: {'; '.join(misplaced)} (this is --analysis={analysis})", file=sys.stderr)
+    sys.exit(1)
   written = [output, csv_path(output)]
   try:
     if flags.FLAGS.analysis == "tcav":

@@ -583,6 +583,10 @@ def test_curves_of_runs_side_by_side_count_a_resumed_step_once(tmp_path):
                       cwd=tmp_path, timeout=120)
   assert result.returncode == 0, result.stderr
   assert "cli.png" in result.stderr and os.path.getsize(tmp_path / "cli.png") > 5000
+  misplaced = run_module(["experiments.compare", "--analysis=curves", "--group_by_config", f32,
+                          bf16, f"--output={tmp_path / 'cli.md'}"], cwd=tmp_path, timeout=120)
+  assert misplaced.returncode != 0
+  assert "--group_by_config applies to --analysis=evaluation only" in misplaced.stderr
   with open(os.path.join(bf16, "metrics.jsonl"), "a") as f:
     f.write("{oops\n{\"step\": 125}\n")
   damaged = run_module(["experiments.compare", "--analysis=curves", f32, bf16,
