@@ -387,8 +387,9 @@ class VAEFamily(FamilyBase):
     x_r = D(z) and x_f = D(z_p) are decoded once for both: the decoder step's forward passes on
     z and z_p see the same parameters, codes and batch statistics as the encoder step's. Each
     pass keeps its VJP; L_E's gradient is chained through x_r, z and (mu, logvar) to the
-    encoder, L_D's through x_r and x_f to the decoder. Two of the step's thirteen network
-    passes fewer (docs/implementation_notes.md)."""
+    encoder, L_D's through x_r and x_f to the decoder. The program has two of its thirteen
+    network passes fewer (XLA had merged one of the two as identical instructions: one pass,
+    3 % of the step, docs/implementation_notes.md)."""
     x, attributes = batch["image"], batch["attributes"]
     k_prior, k_real, k_rec, k_fake, k_drec, k_dfake = _split(key, 6)
     z_prior = self._normal(k_prior, (x.shape[0], self.latent_dim), jnp.float32)
