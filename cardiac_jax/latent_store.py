@@ -179,11 +179,11 @@ def write_batch(path: str, subjects, splits, z) -> None:
                splits=np.asarray(splits, dtype=str), z=np.asarray(z, np.float32))
 
 
-
 class LatentStoreConflictError(FileExistsError):
   """An output or partial store that holds something else than this run's latents (another
   run's, other settings, not a store): the message names the path and the way out, and a
   command prints it as one line."""
+
 
 def open_store(store: str, manifest: dict) -> None:
   """Creates the partial store with its manifest (staged, then renamed, so a store always has
@@ -192,8 +192,9 @@ def open_store(store: str, manifest: dict) -> None:
   if os.path.isdir(store):
     existing = io.read_json(path)
     if existing is None or existing.get("kind") != STORE_KIND:
-      raise LatentStoreConflictError(f"{store} exists but has no readable {MANIFEST}: not a partial "
-                            "store of infer_latents; move it away or choose another --output")
+      raise LatentStoreConflictError(
+          f"{store} exists but has no readable {MANIFEST}: not a partial store of "
+          "infer_latents; move it away or choose another --output")
     if not same_run(existing.get("run"), manifest["run"]):
       raise LatentStoreConflictError(
           f"{store} holds the unfinished latents of another run, "
@@ -204,9 +205,9 @@ def open_store(store: str, manifest: dict) -> None:
     if different:
       detail = "; ".join(f"{k}: stored {existing.get(k)!r}, now {manifest[k]!r}"
                          for k in different)
-      raise LatentStoreConflictError(f"{store} holds unfinished latents of this run computed with other "
-                            f"settings ({detail}); rerun with those settings to finish it, or "
-                            "delete it")
+      raise LatentStoreConflictError(
+          f"{store} holds unfinished latents of this run computed with other settings "
+          f"({detail}); rerun with those settings to finish it, or delete it")
     return
   if os.path.exists(store):
     raise LatentStoreConflictError(f"{store} exists and is not a directory")
@@ -374,9 +375,9 @@ def _start_pass(encoder: EncoderRun, plan: Plan, output: str, fmt: str, inverse_
     if not (ours or resuming or overwrite):
       origin = (f"another run, {describe_run(meta['run'])}" if meta else
                 f"an unknown origin (no {os.path.basename(output)}{META_SUFFIX} matching it)")
-      raise LatentStoreConflictError(f"{output} exists and holds the latents of {origin}, not of "
-                            f"{describe_run(encoder.identity)}; pass --overwrite or choose "
-                            "another --output")
+      raise LatentStoreConflictError(
+          f"{output} exists and holds the latents of {origin}, not of "
+          f"{describe_run(encoder.identity)}; pass --overwrite or choose another --output")
   os.makedirs(os.path.dirname(output), exist_ok=True)
   open_store(store, manifest)
   return None, store, batch_size, options, manifest

@@ -72,8 +72,7 @@ def test_benchmark_cli_profiles_the_step(tmp_path):
   completed = subprocess.run(
       # A cine family: its batches carry subject ids, which the compiled step never sees.
       [sys.executable, "-m", "experiments.benchmark", "--config=temporal_classifier:smoke",
-       "--steps=1",
-       "--input_batches=0", "--peak_matmul_size=128", "--peak_repeats=1",
+       "--steps=1", "--input_batches=0", "--peak_matmul_size=128", "--peak_repeats=1",
        f"--profile_dir={trace_dir}"], capture_output=True, text=True, timeout=600)
   assert completed.returncode == 0, completed.stderr[-3000:]
   result = json.loads(completed.stdout.strip().splitlines()[-1])

@@ -196,10 +196,11 @@ def test_chunked_attention_visits_the_heads_in_a_loop_or_at_once_with_one_result
   on this CPU."""
   rng = np.random.default_rng(5)
   q, k, v = (jnp.asarray(rng.normal(size=(2, 21, 3, 4)), jnp.float32) for _ in range(3))
-  loss = lambda loop: lambda q, k, v: jnp.sum(jnp.sin(attention.chunked_attention(q, k, v, 8,
-                                                                                   loop)))
-  results = {loop: jax.jit(jax.value_and_grad(loss(loop), (0, 1, 2)))(q, k, v)
-             for loop in ("map", "vmap")}
+  def value_and_grads(loop):
+    loss = lambda q, k, v: jnp.sum(jnp.sin(attention.chunked_attention(q, k, v, 8, loop)))
+    return jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
+
+  results = {loop: value_and_grads(loop) for loop in ("map", "vmap")}
   for got, want in zip(jax.tree.leaves(results["map"]), jax.tree.leaves(results["vmap"])):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   assert attention.resolve_head_loop("auto") == "map"

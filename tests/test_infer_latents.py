@@ -208,21 +208,22 @@ def test_store_or_output_of_another_run_is_refused(diffae_run, second_run, csv_o
   with pytest.raises(_Interrupt):
     infer_latents.run(diffae_run, output, batch_size=BATCH, progress=False)
   monkeypatch.undo()
-  with pytest.raises(latent_store.LatentStoreConflictError, match="unfinished latents of another run"):
+  conflict = latent_store.LatentStoreConflictError
+  with pytest.raises(conflict, match="unfinished latents of another run"):
     infer_latents.run(second_run, output, batch_size=BATCH, progress=False)
   # The store of the first run is untouched and still finishes.
   assert os.path.exists(os.path.join(output + latent_store.PARTIAL_SUFFIX,
                                      "batch_000000.npz"))
-  with pytest.raises(latent_store.LatentStoreConflictError, match="other settings.*batch_size"):
+  with pytest.raises(conflict, match="other settings.*batch_size"):
     infer_latents.run(diffae_run, output, batch_size=2, progress=False)
 
   finished = str(tmp_path / "finished.csv")
   for suffix in ("", latent_store.META_SUFFIX):
     shutil.copy(csv_output + suffix, finished + suffix)
-  with pytest.raises(latent_store.LatentStoreConflictError, match="another run"):
+  with pytest.raises(conflict, match="another run"):
     infer_latents.run(second_run, finished, batch_size=BATCH, progress=False)
   os.remove(finished + latent_store.META_SUFFIX)   # Unknown origin: refused too.
-  with pytest.raises(latent_store.LatentStoreConflictError, match="unknown origin"):
+  with pytest.raises(conflict, match="unknown origin"):
     infer_latents.run(diffae_run, finished, batch_size=BATCH, progress=False)
   meta = infer_latents.run(second_run, finished, batch_size=BATCH, progress=False,
                            overwrite=True)

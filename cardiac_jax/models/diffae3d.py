@@ -65,14 +65,14 @@ ten times slower.
 
 Precision: parameters are float32; with `dtype` = bfloat16 the convolutions, dense layers and
 attention matmuls compute in bfloat16 while GroupNorm statistics, the attention softmax and the
-returned eps_hat are float32. Rematerialisation (`remat` = "blocks"): every ResBlock keeps
-only its inputs for the backward pass, which recomputes its activations once the block's output
-cotangent exists (`layers.recompute_in_backward`; `nn.remat` alone
-saves nothing on XLA:CPU, see `cardiac_jax.layers`), and `DiffAE3D.encode` recomputes the
-whole semantic encoder the same way, since z_sem's cotangent is complete only after the UNet's
-backward pass. Attention blocks are not recomputed: the blockwise attention's own residuals
-are linear in the number of voxels (`_attention`). An up-path ResBlock concatenates the skip connection itself, so it keeps the
-two halves rather than a copy of both. The parameter tree is the same in every mode;
+returned eps_hat are float32. Rematerialisation (`remat` = "blocks"): every ResBlock keeps only its
+inputs for the backward pass, which recomputes its activations once the block's output cotangent
+exists (`layers.recompute_in_backward`; `nn.remat` alone saves nothing on XLA:CPU, see
+`cardiac_jax.layers`), and `DiffAE3D.encode` recomputes the whole semantic encoder the same way,
+since z_sem's cotangent is complete only after the UNet's backward pass. Attention blocks are not
+recomputed: the blockwise attention's own residuals are linear in the number of voxels
+(`_attention`). An up-path ResBlock concatenates the skip connection itself, so it keeps the two
+halves rather than a copy of both. The parameter tree is the same in every mode;
 docs/diffae3d_memory.md has the compiled memory of the reference size.
 """
 
