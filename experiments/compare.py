@@ -471,6 +471,11 @@ def main(argv):
     print(f"error: --output={output!r} must name a markdown file (its CSV goes beside it), "
           "not a folder", file=sys.stderr)
     sys.exit(1)
+  real = [os.path.realpath(workdir) for workdir in workdirs]
+  repeated = sorted({w for w, r in zip(workdirs, real) if real.count(r) > 1})
+  if repeated:
+    print(f"error: the same run given more than once: {', '.join(repeated)}", file=sys.stderr)
+    sys.exit(1)
   analysis, f = flags.FLAGS.analysis, flags.FLAGS
   # Flags of another analysis are refused, never silently ignored.
   misplaced = [f"{name} applies to --analysis={owner} only" for name, used, owner in (
@@ -495,7 +500,9 @@ def main(argv):
     else:
       markdown, _ = write_comparison(workdirs, output, flags.FLAGS.group_by_config,
                                      flags.FLAGS.eval_name)
-  except (MissingEvaluationError, ValueError) as e:
+  # FileNotFoundError: MissingEvaluationError as raised by experiments.curves, which imports
+  # this module under its own name (a class other than __main__'s).
+  except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   print(markdown, end="")

@@ -135,6 +135,8 @@ def curves_comparison(workdirs: Sequence[str], metrics: Sequence[str],
   from cardiac_jax import io, viz
   if not workdirs:
     raise ValueError("no run directories given")
+  if any(not metric.strip() for metric in metrics):
+    raise ValueError(f"--metrics={','.join(metrics)} has an empty metric name")
   runs = [load_curves(workdir) for workdir in workdirs]
   metrics = list(metrics) or default_metrics(runs)
   _check_logged(runs, metrics)

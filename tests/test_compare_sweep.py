@@ -587,6 +587,19 @@ def test_curves_of_runs_side_by_side_count_a_resumed_step_once(tmp_path):
                           bf16, f"--output={tmp_path / 'cli.md'}"], cwd=tmp_path, timeout=120)
   assert misplaced.returncode != 0
   assert "--group_by_config applies to --analysis=evaluation only" in misplaced.stderr
+  with pytest.raises(ValueError, match="empty metric name"):
+    curves.curves_comparison([f32, bf16], ["train/loss", ""], output)
+  # A file named as a run: one line, not a traceback (the error class as curves raises it).
+  (tmp_path / "afile").write_text("x")
+  not_a_run = run_module(["experiments.compare", "--analysis=curves", str(tmp_path / "afile"),
+                          f"{f32}/", f32, f"--output={tmp_path / 'cli.md'}"], cwd=tmp_path,
+                         timeout=120)
+  assert not_a_run.returncode != 0 and "Traceback" not in not_a_run.stderr
+  assert f"error: the same run given more than once: {f32}, {f32}/" in not_a_run.stderr
+  not_a_run = run_module(["experiments.compare", "--analysis=curves", str(tmp_path / "afile"),
+                          f32, f"--output={tmp_path / 'cli.md'}"], cwd=tmp_path, timeout=120)
+  assert not_a_run.returncode != 0 and "Traceback" not in not_a_run.stderr
+  assert "afile has no" in not_a_run.stderr
   with open(os.path.join(bf16, "metrics.jsonl"), "a") as f:
     f.write("{oops\n{\"step\": 125}\n")
   damaged = run_module(["experiments.compare", "--analysis=curves", f32, bf16,
